@@ -1,0 +1,452 @@
+//! CUDA ops of the LoRA linear layer. Same arguments as [`crate::cpu::lora`]; see
+//! [`crate::lora`] for the math and layouts.
+//!
+//! Paths:
+//! - T ≤ [`SMALL_T_MAX`]: one cooperative kernel reads W once and computes the base
+//!   product, the low-rank term (h in f32, never rounded) and the bias together.
+//! - larger T: `h = drop(x) Aᵀ` by a skinny kernel (rounded to the activation type),
+//!   `y = s · h Bᵀ (+ bias)` by cuBLAS, then `y += x Wᵀ` by cuBLAS with beta = 1, whose
+//!   read of y hides under the compute-bound base GEMM.
+//! - backward: `g = dY B` by the skinny kernel; `dX = s/(1−p) · g A` (cuBLAS), masked
+//!   in place under dropout, then `dX += dY W` (cuBLAS); `dA` and `dB` by a token-split
+//!   skinny kernel and a deterministic reduction (no atomics).
+//!
+//! f32 inputs use full-precision f32 arithmetic (cuBLAS without TF32).
+
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
+
+use super::{dptr, dptr_mut, gemm_rm, lk_dropout, Gpu};
+use super::{
+    LkBiasFillParams, LkDownParams, LkMaskParams, LkMergeParams, LkReduceParams, LkSmallFwdParams,
+    LkTnParams,
+};
+use crate::lora::{check_backward_lens, check_forward_lens, check_merge_lens, BackwardLens};
+use crate::{Element, LoraGrads, LoraOptions, LoraShape, LoraWeights, Result};
+
+/// The largest T the fused single-pass forward handles; larger T uses the GEMM path.
+pub const SMALL_T_MAX: usize = 32;
+
+const SMALL_BLOCK: u32 = 256;
+
+/// Token bucket (the kernel's compile-time token count) and rows per warp for T.
+fn small_variant(tokens: usize) -> (usize, usize) {
+    let tb = tokens.next_power_of_two().max(1);
+    let rows = if tb <= 4 { 2 } else { 4 };
+    (tb, rows)
+}
+
+fn grid_1d(total: usize, block: u32, cap: u32) -> LaunchConfig {
+    let blocks = total.div_ceil(block as usize).clamp(1, cap as usize) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Forward: `y = x Wᵀ + bias + s · drop(x) Aᵀ Bᵀ`. Writes `y` [T, N] and, if given,
+/// `h = drop(x) Aᵀ` [T, r] for [`backward`]. Queued on the GPU's stream.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    x: &I,
+    weights: LoraWeights<'_, I>,
+    y: &mut O,
+    h: Option<&mut O>,
+) -> Result<()> {
+    check_forward_lens(
+        shape,
+        x.len(),
+        weights.w.len(),
+        weights.a.len(),
+        weights.b.len(),
+        weights.bias.map(|b| b.len()),
+        y.len(),
+        h.as_ref().map(|h| h.len()),
+    )?;
+    opts.validate()?;
+    let (xp, _gx) = dptr(gpu, "x", x)?;
+    let (wp, _gw) = dptr(gpu, "w", weights.w)?;
+    let (ap, _ga) = dptr(gpu, "a", weights.a)?;
+    let (bp, _gb) = dptr(gpu, "b", weights.b)?;
+    let bias = match weights.bias {
+        Some(bias) => Some(dptr(gpu, "bias", bias)?),
+        None => None,
+    };
+    let biasp = bias.as_ref().map_or(0, |b| b.0);
+    let (yp, _gy) = dptr_mut(gpu, "y", y)?;
+    let h = match h {
+        Some(h) => Some(dptr_mut(gpu, "h", h)?),
+        None => None,
+    };
+    let hp = h.as_ref().map_or(0, |h| h.0);
+    let ptrs = FwdPtrs {
+        x: xp,
+        w: wp,
+        a: ap,
+        b: bp,
+        bias: biasp,
+        y: yp,
+        h: hp,
+    };
+    if shape.tokens <= SMALL_T_MAX {
+        forward_small::<T>(gpu, shape, opts, &ptrs)
+    } else {
+        forward_large::<T>(gpu, shape, opts, &ptrs)
+    }
+}
+
+/// Validated device addresses of one forward call (0 = absent).
+struct FwdPtrs {
+    x: u64,
+    w: u64,
+    a: u64,
+    b: u64,
+    bias: u64,
+    y: u64,
+    h: u64,
+}
+
+fn forward_small<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    p: &FwdPtrs,
+) -> Result<()> {
+    let (tb, rows) = small_variant(shape.tokens);
+    let aligned = [p.x, p.w, p.a].iter().all(|&a| a % 16 == 0);
+    let vec = shape.in_features % 8 == 0 && aligned;
+    let name = format!(
+        "lk_lora_small_fwd_{}_t{tb}_{}",
+        T::DTYPE.suffix(),
+        if vec { "v" } else { "s" }
+    );
+    // SAFETY of the scratch: the kernel's A-tasks write all T·r entries of h_ws before
+    // any W-task reads them (the counter in `gpu.sync` orders the two).
+    let h_ws = gpu.scratch::<f32>(shape.h_len())?;
+    let (h_ws_p, _gh) = dptr(gpu, "h_ws", &h_ws)?;
+    let (sync_p, _gs) = dptr(gpu, "sync", &gpu.sync)?;
+    let params = LkSmallFwdParams {
+        x: p.x as *const _,
+        w: p.w as *const _,
+        a: p.a as *const _,
+        b: p.b as *const _,
+        bias: p.bias as *const _,
+        y: p.y as *mut _,
+        h_out: p.h as *mut _,
+        h_ws: h_ws_p as *mut f32,
+        sync: sync_p as *mut u32,
+        t: shape.tokens as i32,
+        k: shape.in_features as i32,
+        n: shape.out_features as i32,
+        r: shape.rank as i32,
+        scale: opts.scale,
+        dropout: lk_dropout(opts.active_dropout()),
+    };
+    let func = gpu.function(&name)?;
+    let max_grid = gpu.cooperative_grid(&name, &func, SMALL_BLOCK)?;
+    let tasks = shape.rank.div_ceil(rows) + shape.out_features.div_ceil(rows);
+    let warps_per_block = (SMALL_BLOCK / 32) as usize;
+    let cfg = grid_1d(tasks * 32, SMALL_BLOCK, max_grid);
+    debug_assert!(cfg.grid_dim.0 as usize * warps_per_block >= 1);
+    gpu.launch_cooperative(&func, cfg, &params)
+}
+
+fn forward_large<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    p: &FwdPtrs,
+) -> Result<()> {
+    let (t, k, n, r) = (
+        shape.tokens,
+        shape.in_features,
+        shape.out_features,
+        shape.rank,
+    );
+    // h in the activation type: the caller's buffer, or scratch (written in full by
+    // the down kernel before the GEMM reads it).
+    let h_scratch;
+    let hp = if p.h != 0 {
+        p.h
+    } else {
+        h_scratch = gpu.scratch::<T>(shape.h_len())?;
+        dptr(gpu, "h", &h_scratch)?.0
+    };
+    launch_down::<T>(
+        gpu,
+        p.x,
+        k as i64,
+        p.a,
+        k as i64,
+        1,
+        t,
+        k,
+        r,
+        1.0,
+        hp,
+        opts.active_dropout(),
+    )?;
+    let beta = if p.bias != 0 {
+        let params = LkBiasFillParams {
+            y: p.y as *mut _,
+            bias: p.bias as *const _,
+            t: t as i32,
+            n: n as i32,
+        };
+        gpu.launch(
+            &format!("lk_bias_fill_{}", T::DTYPE.suffix()),
+            grid_1d(t * n, 256, gpu.sm_count() * 8),
+            &params,
+        )?;
+        1.0
+    } else {
+        0.0
+    };
+    // y = s · h Bᵀ (+ y), then y += x Wᵀ.
+    gemm_rm::<T>(gpu, t, n, r, opts.scale, hp, false, p.b, true, beta, p.y)?;
+    gemm_rm::<T>(gpu, t, n, k, 1.0, p.x, false, p.w, true, 1.0, p.y)?;
+    Ok(())
+}
+
+/// `out[t, j] = alpha · Σ_c drop(x)[t, c] · V[j·v_sj + c·v_sc]` for j < r.
+#[allow(clippy::too_many_arguments)]
+fn launch_down<T: Element>(
+    gpu: &Gpu,
+    x: u64,
+    ldx: i64,
+    v: u64,
+    v_sj: i64,
+    v_sc: i64,
+    t: usize,
+    cols: usize,
+    r: usize,
+    alpha: f32,
+    out: u64,
+    dropout: Option<crate::Dropout>,
+) -> Result<()> {
+    let br = if r <= 16 { 16 } else { 64 };
+    let params = LkDownParams {
+        x: x as *const _,
+        v: v as *const _,
+        out: out as *mut _,
+        out_f32: std::ptr::null_mut(),
+        ldx,
+        v_sj,
+        v_sc,
+        t: t as i32,
+        cols: cols as i32,
+        r: r as i32,
+        alpha,
+        dropout: lk_dropout(dropout),
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (t.div_ceil(64) as u32, r.div_ceil(br) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    gpu.launch(
+        &format!("lk_down_r{br}_{}", T::DTYPE.suffix()),
+        cfg,
+        &params,
+    )
+}
+
+/// `out[c·o_sc + j·o_sj] = alpha · Σ_t drop(m)[t, c] · g[t, j]`: token-split partial
+/// sums into f32 scratch, then a deterministic reduction into `out`.
+#[allow(clippy::too_many_arguments)]
+fn launch_tn<T: Element>(
+    gpu: &Gpu,
+    m: u64,
+    g: u64,
+    t: usize,
+    cols: usize,
+    r: usize,
+    o_sc: i64,
+    o_sj: i64,
+    alpha: f32,
+    out: u64,
+    dropout: Option<crate::Dropout>,
+) -> Result<()> {
+    let br = if r <= 16 { 16 } else { 64 };
+    let tiles = cols.div_ceil(64) * r.div_ceil(br);
+    let want = (2 * gpu.sm_count() as usize).div_ceil(tiles).max(1);
+    let t_chunk = t.div_ceil(want).div_ceil(32) * 32;
+    let splits = t.div_ceil(t_chunk);
+    // SAFETY of the scratch: every (split, c, j) with c < cols, j < r is written by
+    // exactly one thread of the tn kernel before the reduction reads it.
+    let part = gpu.scratch::<f32>(splits * cols * r)?;
+    let (part_p, _gp) = dptr(gpu, "partials", &part)?;
+    let params = LkTnParams {
+        m: m as *const _,
+        g: g as *const _,
+        part: part_p as *mut f32,
+        o_sc,
+        o_sj,
+        t: t as i32,
+        cols: cols as i32,
+        r: r as i32,
+        splits: splits as i32,
+        t_chunk: t_chunk as i32,
+        dropout: lk_dropout(dropout),
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (
+            cols.div_ceil(64) as u32,
+            r.div_ceil(br) as u32,
+            splits as u32,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    gpu.launch(&format!("lk_tn_r{br}_{}", T::DTYPE.suffix()), cfg, &params)?;
+    let count = cols * r;
+    let reduce = LkReduceParams {
+        part: part_p as *const f32,
+        out: out as *mut _,
+        count: count as i64,
+        splits: splits as i32,
+        alpha,
+    };
+    gpu.launch(
+        &format!("lk_reduce_{}", T::DTYPE.suffix()),
+        grid_1d(count, 256, gpu.sm_count() * 8),
+        &reduce,
+    )
+}
+
+/// Backward from `dy` [T, N]: writes dX [T, K], dA [r, K] and dB [N, r]. `h` is what
+/// [`forward`] returned; `weights.bias` is ignored (the base layer is frozen); the
+/// dropout mask is regenerated from `opts`, never stored.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    x: &I,
+    weights: LoraWeights<'_, I>,
+    h: &I,
+    dy: &I,
+    grads: LoraGrads<'_, O>,
+) -> Result<()> {
+    check_backward_lens(
+        shape,
+        &BackwardLens {
+            x: x.len(),
+            w: weights.w.len(),
+            a: weights.a.len(),
+            b: weights.b.len(),
+            h: h.len(),
+            dy: dy.len(),
+            dx: grads.dx.len(),
+            da: grads.da.len(),
+            db: grads.db.len(),
+        },
+    )?;
+    opts.validate()?;
+    let (t, k, n, r) = (
+        shape.tokens,
+        shape.in_features,
+        shape.out_features,
+        shape.rank,
+    );
+    let dropout = opts.active_dropout();
+    let (xp, _gx) = dptr(gpu, "x", x)?;
+    let (wp, _gw) = dptr(gpu, "w", weights.w)?;
+    let (ap, _ga) = dptr(gpu, "a", weights.a)?;
+    let (bp, _gb) = dptr(gpu, "b", weights.b)?;
+    let (hp, _gh) = dptr(gpu, "h", h)?;
+    let (dyp, _gdy) = dptr(gpu, "dy", dy)?;
+    let (dxp, _gdx) = dptr_mut(gpu, "dx", grads.dx)?;
+    let (dap, _gda) = dptr_mut(gpu, "da", grads.da)?;
+    let (dbp, _gdb) = dptr_mut(gpu, "db", grads.db)?;
+
+    // g = dY B [T, r] (scratch, written in full by the down kernel).
+    let g = gpu.scratch::<T>(shape.h_len())?;
+    let (gp, _gg) = dptr(gpu, "g", &g)?;
+    launch_down::<T>(gpu, dyp, n as i64, bp, 1, r as i64, t, n, r, 1.0, gp, None)?;
+
+    // dX = s/(1-p) · g A, masked, then += dY W.
+    let keep = dropout.map_or(1.0, |d| d.keep_scale());
+    gemm_rm::<T>(
+        gpu,
+        t,
+        k,
+        r,
+        opts.scale * keep,
+        gp,
+        false,
+        ap,
+        false,
+        0.0,
+        dxp,
+    )?;
+    if let Some(d) = dropout {
+        let params = LkMaskParams {
+            data: dxp as *mut _,
+            t: t as i32,
+            cols: k as i32,
+            dropout: lk_dropout(Some(d)),
+        };
+        gpu.launch(
+            &format!("lk_dropout_zero_{}", T::DTYPE.suffix()),
+            grid_1d((t * k).div_ceil(4), 256, gpu.sm_count() * 8),
+            &params,
+        )?;
+    }
+    gemm_rm::<T>(gpu, t, k, n, 1.0, dyp, false, wp, false, 1.0, dxp)?;
+
+    // dA[j, c] = s · Σ_t g[t, j] drop(x)[t, c];  dB[o, j] = s · Σ_t dY[t, o] h[t, j].
+    launch_tn::<T>(gpu, xp, gp, t, k, r, 1, k as i64, opts.scale, dap, dropout)?;
+    launch_tn::<T>(gpu, dyp, hp, t, n, r, r as i64, 1, opts.scale, dbp, None)?;
+    Ok(())
+}
+
+/// Merge in place: `W += s · B A`, in W's type (`shape.tokens` is unused).
+pub fn merge<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    scale: f32,
+    w: &mut O,
+    a: &I,
+    b: &I,
+) -> Result<()> {
+    check_merge_lens(shape, w.len(), a.len(), b.len())?;
+    LoraOptions::new(scale).validate()?;
+    let (wp, _gw) = dptr_mut(gpu, "w", w)?;
+    let (ap, _ga) = dptr(gpu, "a", a)?;
+    let (bp, _gb) = dptr(gpu, "b", b)?;
+    let params = LkMergeParams {
+        w: wp as *mut _,
+        a: ap as *const _,
+        b: bp as *const _,
+        n: shape.out_features as i32,
+        k: shape.in_features as i32,
+        r: shape.rank as i32,
+        scale,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (
+            shape.out_features as u32,
+            shape.in_features.div_ceil(256) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: (shape.rank * 4) as u32,
+    };
+    gpu.launch(&format!("lk_merge_{}", T::DTYPE.suffix()), cfg, &params)
+}
+
+/// Unmerge in place: `W -= s · B A` (the inverse of [`merge`] up to rounding in W's type).
+pub fn unmerge<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    scale: f32,
+    w: &mut O,
+    a: &I,
+    b: &I,
+) -> Result<()> {
+    merge(gpu, shape, -scale, w, a, b)
+}

@@ -1,0 +1,386 @@
+//! The CUDA side: a [`Gpu`] context that owns the driver context, one stream, a cuBLAS
+//! handle and the kernels loaded once for the device, plus the launchers of each family.
+//!
+//! All `unsafe` of the crate lives in this module's launch code, each block with a
+//! `// SAFETY:` note.
+
+pub mod lora;
+
+#[allow(clippy::all)]
+#[rustfmt::skip]
+mod bindings;
+mod kernels {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+pub(crate) use bindings::*;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{sys as cublas_sys, CudaBlas};
+use cudarc::driver::{
+    sys::CUdevice_attribute, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream,
+    DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop,
+};
+use cudarc::nvrtc::Ptx;
+
+use crate::{DType, Element, Error, Result};
+
+/// Whether this build holds GPU code (false when nvcc was missing at build time).
+pub fn kernels_built() -> bool {
+    kernels::KERNELS_BUILT
+}
+
+/// The compute capabilities the kernels were built for (SASS), e.g. `"80,86,89,90"`.
+pub fn built_archs() -> &'static str {
+    kernels::ARCHS
+}
+
+/// The nvcc that built the kernels, as `nvcc --version` printed it.
+pub fn nvcc_version() -> &'static str {
+    kernels::NVCC_VERSION
+}
+
+// SAFETY: the parameter structs are plain C structs (bindgen, #[repr(C)]) of integers,
+// floats and device addresses, passed to kernels by value exactly as declared in
+// kernels/lk_params.h.
+unsafe impl DeviceRepr for LkSmallFwdParams {}
+unsafe impl DeviceRepr for LkDownParams {}
+unsafe impl DeviceRepr for LkTnParams {}
+unsafe impl DeviceRepr for LkReduceParams {}
+unsafe impl DeviceRepr for LkMergeParams {}
+unsafe impl DeviceRepr for LkBiasFillParams {}
+unsafe impl DeviceRepr for LkMaskParams {}
+
+/// One GPU: its context, a stream every op of this `Gpu` is queued on, a cuBLAS handle
+/// and the kernels, loaded once for the device's compute capability.
+///
+/// Ops are asynchronous on [`Gpu::stream`]; reading results back ([`Gpu::download`])
+/// synchronizes. A `Gpu` can be shared between threads; its ops are queued in call order.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    lora: Arc<CudaModule>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    coop_grid: Mutex<HashMap<String, u32>>,
+    /// Counters of the cooperative small-T kernels: zero between launches.
+    pub(crate) sync: CudaSlice<u32>,
+    name: String,
+    compute_capability: (i32, i32),
+    sm_count: u32,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("name", &self.name)
+            .field("compute_capability", &self.compute_capability)
+            .field("sm_count", &self.sm_count)
+            .finish()
+    }
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal`: checks that the kernels were built, that the driver and
+    /// cuBLAS load, that the device exists and is sm_80 or newer, and loads the kernels.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !kernels::KERNELS_BUILT {
+            return Err(Error::KernelsNotBuilt);
+        }
+        // SAFETY: only tries to dlopen libcuda; no CUDA call is made.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::NoDriver);
+        }
+        // SAFETY: as above, for libcublas.
+        if !unsafe { cublas_sys::is_culib_present() } {
+            return Err(Error::NoCublas);
+        }
+        let count = CudaContext::device_count()? as usize;
+        if ordinal >= count {
+            return Err(Error::NoDevice { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let name = ctx.name()?;
+        let (major, minor) = ctx.compute_capability()?;
+        if major < 8 {
+            return Err(Error::UnsupportedGpu { name, major, minor });
+        }
+        let sm_count =
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let stream = ctx.new_stream()?;
+        let blas = CudaBlas::new(stream.clone())?;
+        let lora = load_module(&ctx, "lora")?;
+        let sync = stream.alloc_zeros::<u32>(2)?;
+        Ok(Gpu {
+            ctx,
+            stream,
+            blas,
+            lora,
+            functions: Mutex::new(HashMap::new()),
+            coop_grid: Mutex::new(HashMap::new()),
+            sync,
+            name,
+            compute_capability: (major, minor),
+            sm_count,
+        })
+    }
+
+    /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The device's compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// The cudarc context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every op of this `Gpu` runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The cuBLAS handle bound to [`Gpu::stream`].
+    pub fn blas(&self) -> &CudaBlas {
+        &self.blas
+    }
+
+    /// Copies a host slice to a new device buffer.
+    pub fn upload<T: Element>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        Ok(self.stream.clone_htod(data)?)
+    }
+
+    /// Copies a device buffer back to the host (synchronizes the stream).
+    pub fn download<T: Element, S: DevicePtr<T>>(&self, data: &S) -> Result<Vec<T>> {
+        Ok(self.stream.clone_dtoh(data)?)
+    }
+
+    /// A zero-filled device buffer of `len` elements.
+    pub fn zeros<T: Element>(&self, len: usize) -> Result<CudaSlice<T>> {
+        Ok(self.stream.alloc_zeros::<T>(len)?)
+    }
+
+    /// Waits for everything queued on the stream.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// An uninitialized device buffer for kernel outputs or scratch.
+    pub(crate) fn scratch<T: Element>(&self, len: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: the buffer is only handed to kernels that write every element before
+        // any element is read (each caller says which kernel does).
+        Ok(unsafe { self.stream.alloc::<T>(len.max(1)) }?)
+    }
+
+    pub(crate) fn function(&self, name: &str) -> Result<CudaFunction> {
+        let mut map = self.functions.lock().unwrap();
+        if let Some(f) = map.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .lora
+            .load_function(name)
+            .map_err(|e| Error::ModuleLoad {
+                module: "lora".into(),
+                archs: kernels::ARCHS.into(),
+                detail: format!("kernel {name}: {e}"),
+            })?;
+        map.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// The largest grid of `block` threads that a cooperative launch keeps resident.
+    pub(crate) fn cooperative_grid(
+        &self,
+        name: &str,
+        func: &CudaFunction,
+        block: u32,
+    ) -> Result<u32> {
+        let mut map = self.coop_grid.lock().unwrap();
+        if let Some(&g) = map.get(name) {
+            return Ok(g);
+        }
+        let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(block, 0, None)?;
+        let g = per_sm.max(1) * self.sm_count;
+        map.insert(name.to_string(), g);
+        Ok(g)
+    }
+
+    /// Launches `name` with one parameter struct.
+    pub(crate) fn launch<P: DeviceRepr>(
+        &self,
+        name: &str,
+        cfg: LaunchConfig,
+        params: &P,
+    ) -> Result<()> {
+        let func = self.function(name)?;
+        let mut b = self.stream.launch_builder(&func);
+        b.arg(params);
+        // SAFETY: every launcher validates shapes, lengths and alignment of all buffers
+        // named in `params` before calling this, and keeps their borrows alive until the
+        // launch has been queued; the kernel reads and writes only inside those shapes.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Launches `name` cooperatively (all blocks co-resident), grid given by the caller
+    /// (at most [`Gpu::cooperative_grid`]).
+    pub(crate) fn launch_cooperative<P: DeviceRepr>(
+        &self,
+        func: &CudaFunction,
+        cfg: LaunchConfig,
+        params: &P,
+    ) -> Result<()> {
+        let mut b = self.stream.launch_builder(func);
+        b.arg(params);
+        // SAFETY: as in `launch`; the grid is at most the co-resident maximum, which the
+        // driver checks again for cooperative launches.
+        unsafe { b.launch_cooperative(cfg) }?;
+        Ok(())
+    }
+}
+
+fn load_module(ctx: &Arc<CudaContext>, name: &str) -> Result<Arc<CudaModule>> {
+    let image = kernels::MODULES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, bytes)| *bytes)
+        .ok_or(Error::KernelsNotBuilt)?;
+    ctx.load_module(Ptx::from_binary(image.to_vec()))
+        .map_err(|e| Error::ModuleLoad {
+            module: name.into(),
+            archs: kernels::ARCHS.into(),
+            detail: format!(
+                "{e} (built with {}; a PTX newer than the driver cannot be JIT-compiled: \
+                 rebuild with CUDA_COMPUTE_CAP set to this GPU's capability)",
+                kernels::NVCC_VERSION
+            ),
+        })
+}
+
+/// A device buffer's address, checked to be aligned to its element type. The guard
+/// keeps cudarc's cross-stream ordering of the buffer; hold it until the launch is queued.
+pub(crate) fn dptr<'a, T, S: DevicePtr<T> + ?Sized>(
+    gpu: &'a Gpu,
+    name: &'static str,
+    s: &'a S,
+) -> Result<(u64, SyncOnDrop<'a>)> {
+    let (ptr, guard) = s.device_ptr(&gpu.stream);
+    check_align::<T>(name, ptr)?;
+    Ok((ptr, guard))
+}
+
+/// As [`dptr`], for a buffer the op writes.
+pub(crate) fn dptr_mut<'a, T, S: DevicePtrMut<T> + ?Sized>(
+    gpu: &'a Gpu,
+    name: &'static str,
+    s: &'a mut S,
+) -> Result<(u64, SyncOnDrop<'a>)> {
+    let (ptr, guard) = s.device_ptr_mut(&gpu.stream);
+    check_align::<T>(name, ptr)?;
+    Ok((ptr, guard))
+}
+
+fn check_align<T>(name: &'static str, ptr: u64) -> Result<()> {
+    let align = std::mem::size_of::<T>();
+    if ptr % align as u64 != 0 {
+        return Err(Error::Misaligned {
+            name,
+            address: ptr,
+            align,
+        });
+    }
+    Ok(())
+}
+
+/// cuBLAS's data type for `T`.
+pub(crate) fn cublas_dtype(d: DType) -> cublas_sys::cudaDataType {
+    match d {
+        DType::F32 => cublas_sys::cudaDataType::CUDA_R_32F,
+        DType::F16 => cublas_sys::cudaDataType::CUDA_R_16F,
+        DType::BF16 => cublas_sys::cudaDataType::CUDA_R_16BF,
+    }
+}
+
+/// A row-major GEMM through cuBLAS, f32 accumulation (no TF32 for f32):
+/// `C[m, n] = alpha · op(A) op(B) + beta · C`, where `op(A)` is [m, k] (stored [m, k],
+/// or [k, m] when `a_t`) and `op(B)` is [k, n] (stored [k, n], or [n, k] when `b_t`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_rm<T: Element>(
+    gpu: &Gpu,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: u64,
+    a_t: bool,
+    b: u64,
+    b_t: bool,
+    beta: f32,
+    c: u64,
+) -> Result<()> {
+    use cublas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+    let dt = cublas_dtype(T::DTYPE);
+    // Column-major view: Cᵀ [n, m] = op(B)ᵀ op(A)ᵀ.
+    let (op_first, ld_first) = if b_t {
+        (CUBLAS_OP_T, k)
+    } else {
+        (CUBLAS_OP_N, n)
+    };
+    let (op_second, ld_second) = if a_t {
+        (CUBLAS_OP_T, m)
+    } else {
+        (CUBLAS_OP_N, k)
+    };
+    // SAFETY: callers pass addresses of buffers validated to hold op(A), op(B) and C of
+    // these shapes; alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *gpu.blas.handle(),
+            op_first,
+            op_second,
+            n as i32,
+            m as i32,
+            k as i32,
+            (&alpha) as *const f32 as *const _,
+            b as *const _,
+            dt,
+            ld_first as i32,
+            a as *const _,
+            dt,
+            ld_second as i32,
+            (&beta) as *const f32 as *const _,
+            c as *mut _,
+            dt,
+            n as i32,
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )?;
+    }
+    Ok(())
+}
+
+/// The `LkDropout` of optional dropout (threshold 0 = off).
+pub(crate) fn lk_dropout(d: Option<crate::Dropout>) -> LkDropout {
+    match d {
+        Some(d) => LkDropout {
+            seed: d.seed,
+            offset: d.offset,
+            threshold: d.threshold(),
+            keep_scale: d.keep_scale(),
+        },
+        None => LkDropout::default(),
+    }
+}
