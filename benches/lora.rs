@@ -1,1 +1,354 @@
-fn main() {}
+//! LoRA linear benches, bf16, K = 4096, N ∈ {4096, 11008}, r ∈ {16, 64},
+//! T ∈ {1, 16, 512, 4096}. In one process, on one device:
+//!
+//! - `base`: cuBLAS `y = x Wᵀ` alone (fwd+bwd: also `dX = dY W`);
+//! - `composed`: the plain cuBLAS LoRA (base, `h = x Aᵀ`, `y += s·h Bᵀ` with beta = 1;
+//!   fwd+bwd adds `g = dY B`, `dX = dY W + s·g A`, `dA = s·gᵀ x`, `dB = s·dYᵀ h`);
+//! - `ours`: `cuda::lora::forward` (and `backward`).
+//!
+//! Inputs are random and rotated over enough copies to exceed the L2 cache (≥ 128 MB per
+//! rotation). Each figure is the median of many CUDA-event-timed batches. A table of µs,
+//! TFLOP/s, GB/s and the ratios is printed at the end (and written to
+//! `$LORA_KERNELS_BENCH_OUT` if set); criterion also records each op.
+//! `LORA_KERNELS_BENCH_FILTER=T16_N4096` keeps only the shapes whose tag contains it;
+//! `LORA_KERNELS_BENCH_QUICK=1` runs r = 16 only, with fewer samples.
+//! Without a GPU the bench says so and exits.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use criterion::Criterion;
+use cudarc::driver::{sys::CUevent_flags, CudaSlice};
+use lora_kernels::cuda::{gemm, lora as cuda, Gpu};
+use lora_kernels::{bf16, LoraGrads, LoraOptions, LoraShape, LoraWeights};
+
+struct Set {
+    x: CudaSlice<bf16>,
+    w: CudaSlice<bf16>,
+    a: CudaSlice<bf16>,
+    b: CudaSlice<bf16>,
+    dy: CudaSlice<bf16>,
+    y: CudaSlice<bf16>,
+    h: CudaSlice<bf16>,
+    g: CudaSlice<bf16>,
+    dx: CudaSlice<bf16>,
+    da: CudaSlice<bf16>,
+    db: CudaSlice<bf16>,
+}
+
+fn random(gpu: &Gpu, n: usize, seed: u64, scale: f32) -> CudaSlice<bf16> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<bf16> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
+        })
+        .collect();
+    gpu.upload(&v).unwrap()
+}
+
+fn make_set(gpu: &Gpu, s: &LoraShape, seed: u64) -> Set {
+    let k = s.in_features as f32;
+    Set {
+        x: random(gpu, s.x_len(), seed, 1.0),
+        w: random(gpu, s.w_len(), seed + 1, 1.0 / k.sqrt()),
+        a: random(gpu, s.a_len(), seed + 2, 1.0 / k.sqrt()),
+        b: random(gpu, s.b_len(), seed + 3, 0.1),
+        dy: random(gpu, s.y_len(), seed + 4, 1.0),
+        y: gpu.zeros(s.y_len()).unwrap(),
+        h: gpu.zeros(s.h_len()).unwrap(),
+        g: gpu.zeros(s.h_len()).unwrap(),
+        dx: gpu.zeros(s.x_len()).unwrap(),
+        da: gpu.zeros(s.a_len()).unwrap(),
+        db: gpu.zeros(s.b_len()).unwrap(),
+    }
+}
+
+fn set_bytes(s: &LoraShape) -> usize {
+    2 * (2 * s.x_len() + s.w_len() + 2 * s.y_len() + s.a_len() + s.b_len())
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Op {
+    BaseFwd,
+    ComposedFwd,
+    OursFwd,
+    BaseFwdBwd,
+    ComposedFwdBwd,
+    OursFwdBwd,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::BaseFwd => "base_fwd",
+            Op::ComposedFwd => "composed_fwd",
+            Op::OursFwd => "ours_fwd",
+            Op::BaseFwdBwd => "base_fwdbwd",
+            Op::ComposedFwdBwd => "composed_fwdbwd",
+            Op::OursFwdBwd => "ours_fwdbwd",
+        }
+    }
+}
+
+fn run(gpu: &Gpu, s: &LoraShape, opts: &LoraOptions, op: Op, set: &mut Set) {
+    let (t, k, n, r) = (s.tokens, s.in_features, s.out_features, s.rank);
+    let sc = opts.scale;
+    match op {
+        Op::BaseFwd => gemm(
+            gpu, t, n, k, 1.0, &set.x, false, &set.w, true, 0.0, &mut set.y,
+        )
+        .unwrap(),
+        Op::BaseFwdBwd => {
+            gemm(
+                gpu, t, n, k, 1.0, &set.x, false, &set.w, true, 0.0, &mut set.y,
+            )
+            .unwrap();
+            gemm(
+                gpu,
+                t,
+                k,
+                n,
+                1.0,
+                &set.dy,
+                false,
+                &set.w,
+                false,
+                0.0,
+                &mut set.dx,
+            )
+            .unwrap();
+        }
+        Op::ComposedFwd | Op::ComposedFwdBwd => {
+            gemm(
+                gpu, t, n, k, 1.0, &set.x, false, &set.w, true, 0.0, &mut set.y,
+            )
+            .unwrap();
+            gemm(
+                gpu, t, r, k, 1.0, &set.x, false, &set.a, true, 0.0, &mut set.h,
+            )
+            .unwrap();
+            gemm(
+                gpu, t, n, r, sc, &set.h, false, &set.b, true, 1.0, &mut set.y,
+            )
+            .unwrap();
+            if op == Op::ComposedFwdBwd {
+                gemm(
+                    gpu, t, r, n, 1.0, &set.dy, false, &set.b, false, 0.0, &mut set.g,
+                )
+                .unwrap();
+                gemm(
+                    gpu,
+                    t,
+                    k,
+                    n,
+                    1.0,
+                    &set.dy,
+                    false,
+                    &set.w,
+                    false,
+                    0.0,
+                    &mut set.dx,
+                )
+                .unwrap();
+                gemm(
+                    gpu,
+                    t,
+                    k,
+                    r,
+                    sc,
+                    &set.g,
+                    false,
+                    &set.a,
+                    false,
+                    1.0,
+                    &mut set.dx,
+                )
+                .unwrap();
+                gemm(
+                    gpu,
+                    r,
+                    k,
+                    t,
+                    sc,
+                    &set.g,
+                    true,
+                    &set.x,
+                    false,
+                    0.0,
+                    &mut set.da,
+                )
+                .unwrap();
+                gemm(
+                    gpu,
+                    n,
+                    r,
+                    t,
+                    sc,
+                    &set.dy,
+                    true,
+                    &set.h,
+                    false,
+                    0.0,
+                    &mut set.db,
+                )
+                .unwrap();
+            }
+        }
+        Op::OursFwd | Op::OursFwdBwd => {
+            let wts = LoraWeights {
+                w: &set.w,
+                a: &set.a,
+                b: &set.b,
+                bias: None,
+            };
+            cuda::forward(gpu, s, opts, &set.x, wts, &mut set.y, Some(&mut set.h)).unwrap();
+            if op == Op::OursFwdBwd {
+                let grads = LoraGrads {
+                    dx: &mut set.dx,
+                    da: &mut set.da,
+                    db: &mut set.db,
+                };
+                cuda::backward(gpu, s, opts, &set.x, wts, &set.h, &set.dy, grads).unwrap();
+            }
+        }
+    }
+}
+
+/// Seconds for `iters` runs, rotating over the sets, timed with CUDA events.
+fn time_iters(
+    gpu: &Gpu,
+    s: &LoraShape,
+    opts: &LoraOptions,
+    op: Op,
+    sets: &mut [Set],
+    iters: u64,
+) -> f64 {
+    let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    let start = gpu.stream().record_event(flags).unwrap();
+    let n = sets.len();
+    for i in 0..iters as usize {
+        run(gpu, s, opts, op, &mut sets[i % n]);
+    }
+    let end = gpu.stream().record_event(flags).unwrap();
+    end.synchronize().unwrap();
+    start.elapsed_ms(&end).unwrap() as f64 * 1e-3
+}
+
+/// Median µs per run over `samples` batches.
+fn median_us(
+    gpu: &Gpu,
+    s: &LoraShape,
+    opts: &LoraOptions,
+    op: Op,
+    sets: &mut [Set],
+    samples: usize,
+) -> f64 {
+    time_iters(gpu, s, opts, op, sets, 3);
+    let once = time_iters(gpu, s, opts, op, sets, 5) / 5.0;
+    let batch = ((300e-6 / once).ceil() as u64).clamp(1, 200);
+    let mut v: Vec<f64> = (0..samples)
+        .map(|_| time_iters(gpu, s, opts, op, sets, batch) / batch as f64 * 1e6)
+        .collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let gpu = match Gpu::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("\n*** lora bench SKIPPED: no usable GPU ({e}) ***\n");
+            return;
+        }
+    };
+    let quick = std::env::var("LORA_KERNELS_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let samples = if quick { 9 } else { 31 };
+    let mut criterion = Criterion::default()
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_millis(if quick { 300 } else { 800 }))
+        .sample_size(10)
+        .configure_from_args();
+
+    let mut table = String::new();
+    writeln!(
+        table,
+        "device: {} (sm_{}{}, {} SMs)",
+        gpu.name(),
+        gpu.compute_capability().0,
+        gpu.compute_capability().1,
+        gpu.sm_count()
+    )
+    .unwrap();
+    writeln!(
+        table,
+        "bf16, K = 4096; median µs of {samples} CUDA-event batches; inputs rotated past L2"
+    )
+    .unwrap();
+    writeln!(table, "{:>6} {:>6} {:>4} | {:>9} {:>9} {:>9} | {:>7} {:>7} {:>7} | {:>9} {:>9} {:>9} | {:>7} {:>7} | {:>8} {:>8}",
+        "T", "N", "r", "base", "composed", "ours", "comp/b", "ours/b", "o/comp", "base_fb", "comp_fb", "ours_fb", "ours/b", "o/comp", "base TF", "ours GB/s").unwrap();
+
+    let ns: &[usize] = &[4096, 11008];
+    let rs: &[usize] = if quick { &[16] } else { &[16, 64] };
+    for &n in ns {
+        for &r in rs {
+            for &t in &[1usize, 16, 512, 4096] {
+                let s = LoraShape::new(t, 4096, n, r);
+                let tag = format!("T{t}_N{n}_r{r}");
+                if std::env::var("LORA_KERNELS_BENCH_FILTER").is_ok_and(|f| !tag.contains(&f)) {
+                    continue;
+                }
+                let opts = LoraOptions::new(2.0);
+                let nsets = (128usize << 20).div_ceil(set_bytes(&s)).clamp(1, 8);
+                let mut sets: Vec<Set> = (0..nsets)
+                    .map(|i| make_set(&gpu, &s, 100 * i as u64 + 1))
+                    .collect();
+                let ops = [
+                    Op::BaseFwd,
+                    Op::ComposedFwd,
+                    Op::OursFwd,
+                    Op::BaseFwdBwd,
+                    Op::ComposedFwdBwd,
+                    Op::OursFwdBwd,
+                ];
+                let us: Vec<f64> = ops
+                    .iter()
+                    .map(|&op| median_us(&gpu, &s, &opts, op, &mut sets, samples))
+                    .collect();
+                let flops = 2.0 * (t * n * 4096) as f64;
+                let w_bytes = 2.0 * (n * 4096) as f64;
+                writeln!(table, "{:>6} {:>6} {:>4} | {:>9.1} {:>9.1} {:>9.1} | {:>7.3} {:>7.3} {:>7.3} | {:>9.1} {:>9.1} {:>9.1} | {:>7.3} {:>7.3} | {:>8.1} {:>8.0}",
+                    t, n, r, us[0], us[1], us[2], us[1] / us[0], us[2] / us[0], us[2] / us[1],
+                    us[3], us[4], us[5], us[5] / us[3], us[5] / us[4],
+                    flops / us[0] * 1e-6, w_bytes / us[2] * 1e-3).unwrap();
+                eprint!(
+                    "{}",
+                    table
+                        .lines()
+                        .last()
+                        .map(|l| format!("{l}\n"))
+                        .unwrap_or_default()
+                );
+
+                let mut group = criterion.benchmark_group(format!("lora_bf16/{tag}"));
+                group.throughput(criterion::Throughput::Elements((t * n * 4096) as u64));
+                for &op in &ops {
+                    group.bench_function(op.name(), |bch| {
+                        bch.iter_custom(|iters| {
+                            Duration::from_secs_f64(time_iters(
+                                &gpu, &s, &opts, op, &mut sets, iters,
+                            ))
+                        })
+                    });
+                }
+                group.finish();
+            }
+        }
+    }
+    println!("\n{table}");
+    if let Ok(path) = std::env::var("LORA_KERNELS_BENCH_OUT") {
+        std::fs::write(path, &table).unwrap();
+    }
+}

@@ -52,6 +52,43 @@ __device__ __forceinline__ void load8(const __nv_bfloat16 *p, float (&v)[8]) {
   }
 }
 
+// Streaming variants: read once, so they skip L1 (keeping it for re-used operands).
+// Not volatile: the compiler may batch and hoist them (read-only data).
+__device__ __forceinline__ uint4 ld_stream16(const void *p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+__device__ __forceinline__ void load8_stream(const float *p, float (&v)[8]) {
+  const uint4 a = ld_stream16(p), b = ld_stream16(p + 4);
+  v[0] = __uint_as_float(a.x); v[1] = __uint_as_float(a.y);
+  v[2] = __uint_as_float(a.z); v[3] = __uint_as_float(a.w);
+  v[4] = __uint_as_float(b.x); v[5] = __uint_as_float(b.y);
+  v[6] = __uint_as_float(b.z); v[7] = __uint_as_float(b.w);
+}
+__device__ __forceinline__ void load8_stream(const __half *p, float (&v)[8]) {
+  const uint4 raw = ld_stream16(p);
+  const __half2 *h = reinterpret_cast<const __half2 *>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(h[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void load8_stream(const __nv_bfloat16 *p, float (&v)[8]) {
+  const uint4 raw = ld_stream16(p);
+  const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+
 // ---- Philox4x32-10 (Salmon et al., SC'11), the same function as src/philox.rs ----
 struct U32x4 { uint32_t v[4]; };
 

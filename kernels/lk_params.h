@@ -43,18 +43,17 @@ typedef struct LkSmallFwdParams {
   LkDropout dropout;
 } LkSmallFwdParams;
 
-/* Skinny "down" product, contraction over cols:
- *   out[t, j] = alpha * sum_c drop(x)[t, c] * V[j * v_sj + c * v_sc]    j < r
- * x is [t, cols] with row stride ldx. Writes out (activation type) and/or out_f32. */
+/* Skinny "down" product, contraction over cols, split in chunks of c_chunk columns:
+ *   part[s][t * r + j] = sum_{c in chunk s} drop(x)[t, c] * V[j * v_sj + c * v_sc]
+ * x is [t, cols] with row stride ldx; part is f32 [splits, t * r] (reduced by
+ * LkReduceParams' kernel). */
 typedef struct LkDownParams {
   const void *x;
   const void *v;
-  void *out;      /* [t, r] or NULL */
-  float *out_f32; /* [t, r] or NULL */
+  float *part;
   int64_t ldx;
   int64_t v_sj, v_sc;
-  int32_t t, cols, r;
-  float alpha;
+  int32_t t, cols, r, c_chunk;
   LkDropout dropout;
 } LkDownParams;
 

@@ -21,7 +21,9 @@ using namespace lk;
 constexpr int SMALL_WARPS = 8;
 
 // acc[i][t] += dot(row i of M, token t of x) over this lane's share of the K axis.
-// M rows are m_rows[i] (nullptr past the end). With DROP the x values are masked.
+// Every m_rows[i] is a valid row (callers clamp rows past the end to a real one and
+// discard those results), so the loads are unconditional and can be batched.
+// M is streamed past L1 (read once); x stays in L1 for the other warps.
 template <typename T, int TB, int ROWS, bool VEC, bool DROP>
 __device__ __forceinline__ void warp_rows_dot(const T *__restrict__ x, const T *const (&m_rows)[ROWS],
                                               int tokens, int K, const LkDropout &drop,
@@ -29,18 +31,11 @@ __device__ __forceinline__ void warp_rows_dot(const T *__restrict__ x, const T *
   const int lane = threadIdx.x & 31;
   if constexpr (VEC) {
     const int chunks = K >> 3;
-#pragma unroll 2
+#pragma unroll 4
     for (int c = lane; c < chunks; c += 32) {
       float wv[ROWS][8];
 #pragma unroll
-      for (int i = 0; i < ROWS; ++i) {
-        if (m_rows[i] != nullptr) {
-          load8(m_rows[i] + 8 * c, wv[i]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) wv[i][e] = 0.0f;
-        }
-      }
+      for (int i = 0; i < ROWS; ++i) load8_stream(m_rows[i] + 8 * c, wv[i]);
 #pragma unroll
       for (int t = 0; t < TB; ++t) {
         if (t < tokens) {
@@ -61,10 +56,11 @@ __device__ __forceinline__ void warp_rows_dot(const T *__restrict__ x, const T *
       }
     }
   } else {
+#pragma unroll 2
     for (int k = lane; k < K; k += 32) {
       float wv[ROWS];
 #pragma unroll
-      for (int i = 0; i < ROWS; ++i) wv[i] = m_rows[i] != nullptr ? ldg(m_rows[i] + k) : 0.0f;
+      for (int i = 0; i < ROWS; ++i) wv[i] = ldg(m_rows[i] + k);
 #pragma unroll
       for (int t = 0; t < TB; ++t) {
         if (t < tokens) {
@@ -117,7 +113,7 @@ __device__ __forceinline__ void small_fwd(const LkSmallFwdParams &p) {
       const T *rows[ROWS];
 #pragma unroll
       for (int i = 0; i < ROWS; ++i)
-        rows[i] = j0 + i < p.r ? static_cast<const T *>(p.a) + (size_t)(j0 + i) * p.k : nullptr;
+        rows[i] = static_cast<const T *>(p.a) + (size_t)min(j0 + i, p.r - 1) * p.k;
       if (drop)
         warp_rows_dot<T, TB, ROWS, VEC, true>(x, rows, p.t, p.k, p.dropout, acc);
       else
@@ -145,7 +141,7 @@ __device__ __forceinline__ void small_fwd(const LkSmallFwdParams &p) {
       const T *rows[ROWS];
 #pragma unroll
       for (int i = 0; i < ROWS; ++i)
-        rows[i] = n0 + i < p.n ? static_cast<const T *>(p.w) + (size_t)(n0 + i) * p.k : nullptr;
+        rows[i] = static_cast<const T *>(p.w) + (size_t)min(n0 + i, p.n - 1) * p.k;
       warp_rows_dot<T, TB, ROWS, VEC, false>(x, rows, p.t, p.k, p.dropout, acc);
 
       if (!h_ready) {
@@ -217,8 +213,174 @@ __device__ __forceinline__ void small_fwd(const LkSmallFwdParams &p) {
 LK_FOR_EACH_DTYPE(LK_SMALL_FWD_ALL)
 
 // =====================================================================================
-// Skinny down product: out[t, j] = alpha * sum_c drop(x)[t, c] * V(j, c), j < r (small).
-// Block tile: 64 tokens x BR ranks, K-step 32; 256 threads, each 4 tokens x BR/16 ranks.
+// Small-T fused forward on tensor cores (f16 / bf16), mma.sync m16n8k16.
+//
+// A block of 8 warps owns 16 rows (of A for h, or of W for y) and splits K between its
+// warps in 32-column chunks. For a chunk at column c0, lane (g = lane / 4, q = lane % 4)
+// loads 16 bytes of row g and of row g + 8 at c0 + 8q, and 16 bytes of token g (+ 8 per
+// n-tile) of x at the same columns. Those 8 elements feed two mma k-steps directly:
+// words 0, 1 are (k = 2q..2q+1, 2q+8..2q+9) of step one, words 2, 3 the same of step two.
+// Both operands use this same permutation of the 32 columns, so the dot product is
+// unchanged and no shared-memory staging is needed. Partial sums of the 8 warps are
+// reduced in shared memory; the low-rank term, bias and h follow as in the SIMT kernel.
+// =====================================================================================
+constexpr int MMA_WARPS = 8;
+
+template <typename T> struct MmaOp;
+template <> struct MmaOp<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct MmaOp<__half> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Zero the 16-bit elements of `v` whose dropout multiplier is 0 (kept ones stay exact;
+// the 1/(1-p) factor is applied to the f32 result).
+__device__ __forceinline__ uint4 dropout_zero8(const LkDropout &d, uint64_t e0, uint4 v) {
+  float mul[8];
+  dropout_mul8(d, e0, mul);
+  uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (mul[2 * i] == 0.0f) w[i] &= 0xFFFF0000u;
+    if (mul[2 * i + 1] == 0.0f) w[i] &= 0x0000FFFFu;
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// acc[nt][.] += rows (row0, row0 + 8) x tokens (8 nt + g) over this warp's chunks.
+template <typename T, int NT, bool DROP>
+__device__ __forceinline__ void mma_rows_dot(const T *__restrict__ x, const T *row_lo, const T *row_hi,
+                                             int tokens, int K, const LkDropout &drop,
+                                             float (&acc)[NT][4]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int chunks = (K + 31) >> 5;
+#pragma unroll 4
+  for (int ch = warp; ch < chunks; ch += MMA_WARPS) {
+    const int col = ch * 32 + 8 * q;
+    const bool in = col < K;  // K % 8 == 0: a lane's 8 columns are all in or all out
+    const uint4 wl = in ? ld_stream16(row_lo + col) : make_uint4(0, 0, 0, 0);
+    const uint4 wh = in ? ld_stream16(row_hi + col) : make_uint4(0, 0, 0, 0);
+    const uint32_t a0[4] = {wl.x, wh.x, wl.y, wh.y};
+    const uint32_t a1[4] = {wl.z, wh.z, wl.w, wh.w};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int tok = nt * 8 + g;
+      uint4 xv = make_uint4(0, 0, 0, 0);
+      if (in && tok < tokens) {
+        xv = __ldg(reinterpret_cast<const uint4 *>(x + (size_t)tok * K + col));
+        if constexpr (DROP) xv = dropout_zero8(drop, (uint64_t)tok * K + col, xv);
+      }
+      MmaOp<T>::run(acc[nt], a0, xv.x, xv.y);
+      MmaOp<T>::run(acc[nt], a1, xv.z, xv.w);
+    }
+  }
+}
+
+template <typename T, int NT>
+__device__ __forceinline__ void small_fwd_mma(const LkSmallFwdParams &p) {
+  __shared__ float red[MMA_WARPS][NT * 4][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int a_tasks = (p.r + 15) / 16;
+  const int w_tasks = (p.n + 15) / 16;
+  const T *x = static_cast<const T *>(p.x);
+  const bool drop = dropout_on(p.dropout);
+  bool h_ready = false;
+
+  for (int task = blockIdx.x; task < a_tasks + w_tasks; task += gridDim.x) {
+    const bool is_a = task < a_tasks;
+    const int row0 = (is_a ? task : task - a_tasks) * 16;
+    const int rows = is_a ? p.r : p.n;
+    const T *m = static_cast<const T *>(is_a ? p.a : p.w);
+    const T *row_lo = m + (size_t)min(row0 + (lane >> 2), rows - 1) * p.k;
+    const T *row_hi = m + (size_t)min(row0 + (lane >> 2) + 8, rows - 1) * p.k;
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[nt][c] = 0.0f;
+    if (is_a && drop)
+      mma_rows_dot<T, NT, true>(x, row_lo, row_hi, p.t, p.k, p.dropout, acc);
+    else
+      mma_rows_dot<T, NT, false>(x, row_lo, row_hi, p.t, p.k, p.dropout, acc);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) red[warp][nt * 4 + c][lane] = acc[nt][c];
+    __syncthreads();
+
+    if (!is_a && !h_ready) {
+      if (threadIdx.x == 0) {
+        while (ld_acquire(&p.sync[0]) < (uint32_t)a_tasks) __nanosleep(64);
+      }
+      __syncthreads();
+      h_ready = true;
+    }
+    // Each thread finishes values (slot, lane) of the 16 x (8 NT) output tile.
+    for (int v = threadIdx.x; v < NT * 4 * 32; v += MMA_WARPS * 32) {
+      const int slot = v >> 5, l = v & 31;
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < MMA_WARPS; ++w) sum += red[w][slot][l];
+      const int nt = slot >> 2, c = slot & 3;
+      const int row = row0 + (l >> 2) + (c >= 2 ? 8 : 0);
+      const int tok = nt * 8 + 2 * (l & 3) + (c & 1);
+      if (row >= rows || tok >= p.t) continue;
+      if (is_a) {
+        if (drop) sum *= p.dropout.keep_scale;
+        p.h_ws[(size_t)tok * p.r + row] = sum;
+        if (p.h_out != nullptr) static_cast<T *>(p.h_out)[(size_t)tok * p.r + row] = from_f32<T>(sum);
+      } else {
+        const T *brow = static_cast<const T *>(p.b) + (size_t)row * p.r;
+        const float *hrow = p.h_ws + (size_t)tok * p.r;
+        float low = 0.0f;
+        for (int j = 0; j < p.r; ++j) low = fmaf(__ldcg(hrow + j), ldg(brow + j), low);
+        sum = fmaf(p.scale, low, sum);
+        if (p.bias != nullptr) sum += ldg(static_cast<const T *>(p.bias) + row);
+        static_cast<T *>(p.y)[(size_t)tok * p.n + row] = from_f32<T>(sum);
+      }
+    }
+    if (is_a) __threadfence();
+    __syncthreads();  // red[] is reused by the next task; h writes are complete
+    if (is_a && threadIdx.x == 0) atomicAdd(&p.sync[0], 1u);
+  }
+
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const uint32_t done = atomicAdd(&p.sync[1], 1u);
+    if (done == gridDim.x - 1) {
+      atomicExch(&p.sync[0], 0u);
+      atomicExch(&p.sync[1], 0u);
+    }
+  }
+}
+
+#define LK_SMALL_MMA(DT, TYPE)                                                                  \
+  extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32)                                  \
+      lk_lora_small_mma_##DT##_n1(LkSmallFwdParams p) { small_fwd_mma<TYPE, 1>(p); }            \
+  extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32)                                  \
+      lk_lora_small_mma_##DT##_n2(LkSmallFwdParams p) { small_fwd_mma<TYPE, 2>(p); }            \
+  extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32)                                  \
+      lk_lora_small_mma_##DT##_n4(LkSmallFwdParams p) { small_fwd_mma<TYPE, 4>(p); }
+LK_SMALL_MMA(f16, __half)
+LK_SMALL_MMA(bf16, __nv_bfloat16)
+
+// =====================================================================================
+// Skinny down product, split over the contraction axis (grid z = chunks):
+//   part[s][t * r + j] = sum_{c in chunk s} drop(x)[t, c] * V(j, c)
+// Block tile: 64 tokens x BR ranks, column step 32; 256 threads, each 4 tokens x BR/16.
 // =====================================================================================
 constexpr int DN_BM = 64, DN_BK = 32;
 
@@ -230,6 +392,8 @@ __device__ __forceinline__ void down_kernel(const LkDownParams &p) {
   const int tid = threadIdx.x;
   const int ty = tid >> 4, tx = tid & 15;  // tokens ty*4.., ranks tx*RPT..
   const int t0 = blockIdx.x * DN_BM, j0 = blockIdx.y * BR;
+  const int c_begin = blockIdx.z * p.c_chunk;
+  const int c_end = min(p.cols, c_begin + p.c_chunk);
   const T *x = static_cast<const T *>(p.x);
   const T *v = static_cast<const T *>(p.v);
   const bool drop = dropout_on(p.dropout);
@@ -239,7 +403,7 @@ __device__ __forceinline__ void down_kernel(const LkDownParams &p) {
 #pragma unroll
     for (int b = 0; b < RPT; ++b) acc[a][b] = 0.0f;
 
-  for (int c0 = 0; c0 < p.cols; c0 += DN_BK) {
+  for (int c0 = c_begin; c0 < c_end; c0 += DN_BK) {
     // x tile: 64 x 32 elements, 8 per thread (consecutive c for coalescing).
 #pragma unroll
     for (int l = 0; l < (DN_BM * DN_BK) / 256; ++l) {
@@ -247,7 +411,7 @@ __device__ __forceinline__ void down_kernel(const LkDownParams &p) {
       const int tt = idx / DN_BK, cc = idx % DN_BK;
       const int t = t0 + tt, c = c0 + cc;
       float val = 0.0f;
-      if (t < p.t && c < p.cols) {
+      if (t < p.t && c < c_end) {
         val = ldg(x + (size_t)t * p.ldx + c);
         if (drop) val *= dropout_mul(p.dropout, (uint64_t)t * p.cols + c);
       }
@@ -256,7 +420,7 @@ __device__ __forceinline__ void down_kernel(const LkDownParams &p) {
     for (int idx = tid; idx < BR * DN_BK; idx += 256) {
       const int jj = idx / DN_BK, cc = idx % DN_BK;
       const int j = j0 + jj, c = c0 + cc;
-      vs[cc][jj] = (j < p.r && c < p.cols) ? ldg(v + (size_t)j * p.v_sj + (size_t)c * p.v_sc) : 0.0f;
+      vs[cc][jj] = (j < p.r && c < c_end) ? ldg(v + (size_t)j * p.v_sj + (size_t)c * p.v_sc) : 0.0f;
     }
     __syncthreads();
 #pragma unroll 8
@@ -273,6 +437,7 @@ __device__ __forceinline__ void down_kernel(const LkDownParams &p) {
     }
     __syncthreads();
   }
+  float *part = p.part + (size_t)blockIdx.z * p.t * p.r;
 #pragma unroll
   for (int a = 0; a < 4; ++a) {
     const int t = t0 + ty * 4 + a;
@@ -280,13 +445,85 @@ __device__ __forceinline__ void down_kernel(const LkDownParams &p) {
 #pragma unroll
     for (int b = 0; b < RPT; ++b) {
       const int j = j0 + tx * RPT + b;
-      if (j >= p.r) continue;
-      const float val = p.alpha * acc[a][b];
-      if (p.out_f32 != nullptr) p.out_f32[(size_t)t * p.r + j] = val;
-      if (p.out != nullptr) static_cast<T *>(p.out)[(size_t)t * p.r + j] = from_f32<T>(val);
+      if (j < p.r) part[(size_t)t * p.r + j] = acc[a][b];
     }
   }
 }
+
+// Tensor-core variant (f16 / bf16; cols % 8 == 0, rows of x and V 16-byte aligned, V
+// contiguous along c): a block of 8 warps owns 16 tokens x 8 NT ranks and splits its
+// column chunk between the warps, with the fragment mapping of mma_rows_dot (x rows as
+// the A operand, V rows as the B operand). Dropped x elements are zeroed and the
+// 1/(1-p) factor is applied to the sums.
+template <typename T, int NT>
+__device__ __forceinline__ void down_mma_kernel(const LkDownParams &p) {
+  __shared__ float red[MMA_WARPS][NT * 4][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int t0 = blockIdx.x * 16, j0 = blockIdx.y * (8 * NT);
+  const int c_begin = blockIdx.z * p.c_chunk;
+  const int c_end = min(p.cols, c_begin + p.c_chunk);
+  const T *x = static_cast<const T *>(p.x);
+  const T *v = static_cast<const T *>(p.v);
+  const bool drop = dropout_on(p.dropout);
+  const int t_lo = min(t0 + g, p.t - 1), t_hi = min(t0 + g + 8, p.t - 1);
+  const T *x_lo = x + (size_t)t_lo * p.ldx, *x_hi = x + (size_t)t_hi * p.ldx;
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[nt][c] = 0.0f;
+  const int chunks = (c_end - c_begin + 31) >> 5;
+#pragma unroll 2
+  for (int ch = warp; ch < chunks; ch += MMA_WARPS) {
+    const int col = c_begin + ch * 32 + 8 * q;
+    const bool in = col < c_end;
+    uint4 xl = in ? __ldg(reinterpret_cast<const uint4 *>(x_lo + col)) : make_uint4(0, 0, 0, 0);
+    uint4 xh = in ? __ldg(reinterpret_cast<const uint4 *>(x_hi + col)) : make_uint4(0, 0, 0, 0);
+    if (drop && in) {
+      xl = dropout_zero8(p.dropout, (uint64_t)t_lo * p.cols + col, xl);
+      xh = dropout_zero8(p.dropout, (uint64_t)t_hi * p.cols + col, xh);
+    }
+    const uint32_t a0[4] = {xl.x, xh.x, xl.y, xh.y};
+    const uint32_t a1[4] = {xl.z, xh.z, xl.w, xh.w};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int j = min(j0 + nt * 8 + g, p.r - 1);
+      const uint4 vv = in ? __ldg(reinterpret_cast<const uint4 *>(v + (size_t)j * p.v_sj + col))
+                          : make_uint4(0, 0, 0, 0);
+      MmaOp<T>::run(acc[nt], a0, vv.x, vv.y);
+      MmaOp<T>::run(acc[nt], a1, vv.z, vv.w);
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) red[warp][nt * 4 + c][lane] = acc[nt][c];
+  __syncthreads();
+  float *part = p.part + (size_t)blockIdx.z * p.t * p.r;
+  for (int e = threadIdx.x; e < NT * 4 * 32; e += MMA_WARPS * 32) {
+    const int slot = e >> 5, l = e & 31;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < MMA_WARPS; ++w) sum += red[w][slot][l];
+    const int nt = slot >> 2, c = slot & 3;
+    const int t = t0 + (l >> 2) + (c >= 2 ? 8 : 0);
+    const int j = j0 + nt * 8 + 2 * (l & 3) + (c & 1);
+    if (t < p.t && j < p.r) part[(size_t)t * p.r + j] = drop ? sum * p.dropout.keep_scale : sum;
+  }
+}
+
+#define LK_DOWN_MMA(DT, TYPE)                                                                   \
+  extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32)                                  \
+      lk_down_mma_##DT##_n1(LkDownParams p) { down_mma_kernel<TYPE, 1>(p); }                    \
+  extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32)                                  \
+      lk_down_mma_##DT##_n2(LkDownParams p) { down_mma_kernel<TYPE, 2>(p); }                    \
+  extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32)                                  \
+      lk_down_mma_##DT##_n4(LkDownParams p) { down_mma_kernel<TYPE, 4>(p); }                    \
+  extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32)                                  \
+      lk_down_mma_##DT##_n8(LkDownParams p) { down_mma_kernel<TYPE, 8>(p); }
+LK_DOWN_MMA(f16, __half)
+LK_DOWN_MMA(bf16, __nv_bfloat16)
 
 #define LK_DOWN(DT, TYPE)                                                                       \
   extern "C" __global__ void __launch_bounds__(256) lk_down_r16_##DT(LkDownParams p) {          \

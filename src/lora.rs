@@ -174,13 +174,21 @@ pub fn rslora_scale(alpha: f32, rank: usize) -> f32 {
 /// The frozen and trainable weights of one LoRA linear layer: `W` [N, K], `A` [r, K],
 /// `B` [N, r] and an optional `bias` [N]. `S` is a host slice for the CPU oracle or a
 /// device buffer for the CUDA ops.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct LoraWeights<'a, S: ?Sized> {
     pub w: &'a S,
     pub a: &'a S,
     pub b: &'a S,
     pub bias: Option<&'a S>,
 }
+
+// Manual impls: the derives would needlessly require `S: Clone`.
+impl<S: ?Sized> Clone for LoraWeights<'_, S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<S: ?Sized> Copy for LoraWeights<'_, S> {}
 
 /// The gradients backward writes: `dx` [T, K], `da` [r, K], `db` [N, r].
 #[derive(Debug)]

@@ -126,26 +126,49 @@ pub fn backward<T: Element>(
             *out = (0..n).map(|o| dyf[t * n + o] * b[o * r + j]).sum();
         }
     });
-    // dX = dY W + s · (g A) ⊙ mask / (1 − p)
+    // dX = dY W + s · (g A) ⊙ mask / (1 − p); rows accumulated as sums of W's rows.
     par_rows(grads.dx, k, |t, row| {
+        let mut acc = vec![0.0f64; k];
+        for o in 0..n {
+            let d = dyf[t * n + o];
+            for (c, v) in acc.iter_mut().enumerate() {
+                *v += d * w[o * k + c];
+            }
+        }
+        let mut low = vec![0.0f64; k];
+        for j in 0..r {
+            for (c, v) in low.iter_mut().enumerate() {
+                *v += g[t * r + j] * a[j * k + c];
+            }
+        }
         for (c, out) in row.iter_mut().enumerate() {
-            let base: f64 = (0..n).map(|o| dyf[t * n + o] * w[o * k + c]).sum();
-            let low: f64 = (0..r).map(|j| g[t * r + j] * a[j * k + c]).sum();
             let mul = dropout.map_or(1.0, |d| d.multiplier((t * k + c) as u64) as f64);
-            *out = T::from_f64(base + s * low * mul);
+            *out = T::from_f64(acc[c] + s * low[c] * mul);
         }
     });
     // dA = s · gᵀ drop(x), [r, K]
     par_rows(grads.da, k, |j, row| {
-        for (c, out) in row.iter_mut().enumerate() {
-            let v: f64 = (0..t_len).map(|t| g[t * r + j] * xd[t * k + c]).sum();
+        let mut acc = vec![0.0f64; k];
+        for t in 0..t_len {
+            let gv = g[t * r + j];
+            for (c, v) in acc.iter_mut().enumerate() {
+                *v += gv * xd[t * k + c];
+            }
+        }
+        for (out, v) in row.iter_mut().zip(acc) {
             *out = T::from_f64(s * v);
         }
     });
     // dB = s · dYᵀ h, [N, r]
+    let mut dyt = vec![0.0f64; dyf.len()];
+    for t in 0..t_len {
+        for o in 0..n {
+            dyt[o * t_len + t] = dyf[t * n + o];
+        }
+    }
     par_rows(grads.db, r, |o, row| {
         for (j, out) in row.iter_mut().enumerate() {
-            let v: f64 = (0..t_len).map(|t| dyf[t * n + o] * hf[t * r + j]).sum();
+            let v: f64 = (0..t_len).map(|t| dyt[o * t_len + t] * hf[t * r + j]).sum();
             *out = T::from_f64(s * v);
         }
     });

@@ -4,9 +4,10 @@
 //! Paths:
 //! - T ≤ [`SMALL_T_MAX`]: one cooperative kernel reads W once and computes the base
 //!   product, the low-rank term (h in f32, never rounded) and the bias together.
-//! - larger T: `h = drop(x) Aᵀ` by a skinny kernel (rounded to the activation type),
-//!   `y = s · h Bᵀ (+ bias)` by cuBLAS, then `y += x Wᵀ` by cuBLAS with beta = 1, whose
-//!   read of y hides under the compute-bound base GEMM.
+//! - larger T: `h = drop(x) Aᵀ` by a skinny kernel (tensor cores for f16/bf16, split
+//!   over K, deterministic reduction; rounded to the activation type), `y = x Wᵀ` by
+//!   cuBLAS (onto a bias-filled y with beta = 1 when there is a bias), then
+//!   `y += s · h Bᵀ` by cuBLAS with beta = 1.
 //! - backward: `g = dY B` by the skinny kernel; `dX = s/(1−p) · g A` (cuBLAS), masked
 //!   in place under dropout, then `dX += dY W` (cuBLAS); `dA` and `dB` by a token-split
 //!   skinny kernel and a deterministic reduction (no atomics).
@@ -115,14 +116,32 @@ fn forward_small<T: Element>(
     opts: &LoraOptions,
     p: &FwdPtrs,
 ) -> Result<()> {
-    let (tb, rows) = small_variant(shape.tokens);
     let aligned = [p.x, p.w, p.a].iter().all(|&a| a % 16 == 0);
     let vec = shape.in_features % 8 == 0 && aligned;
-    let name = format!(
-        "lk_lora_small_fwd_{}_t{tb}_{}",
-        T::DTYPE.suffix(),
-        if vec { "v" } else { "s" }
-    );
+    let mma = vec && T::DTYPE != crate::DType::F32 && small_kernel_override() != Some(false);
+    let (name, tasks) = if mma {
+        // Tensor-core kernel: one block per 16 rows of A or W.
+        let nt = match shape.tokens {
+            0..=8 => 1,
+            9..=16 => 2,
+            _ => 4,
+        };
+        let name = format!("lk_lora_small_mma_{}_n{nt}", T::DTYPE.suffix());
+        (
+            name,
+            shape.rank.div_ceil(16) + shape.out_features.div_ceil(16),
+        )
+    } else {
+        // SIMT kernel: one warp per `rows` rows of A or W.
+        let (tb, rows) = small_variant(shape.tokens);
+        let name = format!(
+            "lk_lora_small_fwd_{}_t{tb}_{}",
+            T::DTYPE.suffix(),
+            if vec { "v" } else { "s" }
+        );
+        let warps = shape.rank.div_ceil(rows) + shape.out_features.div_ceil(rows);
+        (name, warps.div_ceil((SMALL_BLOCK / 32) as usize))
+    };
     // SAFETY of the scratch: the kernel's A-tasks write all T·r entries of h_ws before
     // any W-task reads them (the counter in `gpu.sync` orders the two).
     let h_ws = gpu.scratch::<f32>(shape.h_len())?;
@@ -147,11 +166,17 @@ fn forward_small<T: Element>(
     };
     let func = gpu.function(&name)?;
     let max_grid = gpu.cooperative_grid(&name, &func, SMALL_BLOCK)?;
-    let tasks = shape.rank.div_ceil(rows) + shape.out_features.div_ceil(rows);
-    let warps_per_block = (SMALL_BLOCK / 32) as usize;
-    let cfg = grid_1d(tasks * 32, SMALL_BLOCK, max_grid);
-    debug_assert!(cfg.grid_dim.0 as usize * warps_per_block >= 1);
+    let cfg = grid_1d(tasks * SMALL_BLOCK as usize, SMALL_BLOCK, max_grid);
     gpu.launch_cooperative(&func, cfg, &params)
+}
+
+/// `LORA_KERNELS_SMALL_KERNEL=simt|mma` forces a small-T kernel (for experiments).
+fn small_kernel_override() -> Option<bool> {
+    match std::env::var("LORA_KERNELS_SMALL_KERNEL").as_deref() {
+        Ok("mma") => Some(true),
+        Ok("simt") => Some(false),
+        _ => None,
+    }
 }
 
 fn forward_large<T: Element>(
@@ -189,6 +214,8 @@ fn forward_large<T: Element>(
         hp,
         opts.active_dropout(),
     )?;
+    // y = x Wᵀ (+ bias), then y += s · h Bᵀ: cuBLAS's beta = 1 read of y costs least
+    // on the skinny product.
     let beta = if p.bias != 0 {
         let params = LkBiasFillParams {
             y: p.y as *mut _,
@@ -205,13 +232,13 @@ fn forward_large<T: Element>(
     } else {
         0.0
     };
-    // y = s · h Bᵀ (+ y), then y += x Wᵀ.
-    gemm_rm::<T>(gpu, t, n, r, opts.scale, hp, false, p.b, true, beta, p.y)?;
-    gemm_rm::<T>(gpu, t, n, k, 1.0, p.x, false, p.w, true, 1.0, p.y)?;
+    gemm_rm::<T>(gpu, t, n, k, 1.0, p.x, false, p.w, true, beta, p.y)?;
+    gemm_rm::<T>(gpu, t, n, r, opts.scale, hp, false, p.b, true, 1.0, p.y)?;
     Ok(())
 }
 
-/// `out[t, j] = alpha · Σ_c drop(x)[t, c] · V[j·v_sj + c·v_sc]` for j < r.
+/// `out[t, j] = alpha · Σ_c drop(x)[t, c] · V[j·v_sj + c·v_sc]` for j < r: split over
+/// the columns into f32 partials, then a deterministic reduction into `out`.
 #[allow(clippy::too_many_arguments)]
 fn launch_down<T: Element>(
     gpu: &Gpu,
@@ -227,30 +254,84 @@ fn launch_down<T: Element>(
     out: u64,
     dropout: Option<crate::Dropout>,
 ) -> Result<()> {
-    let br = if r <= 16 { 16 } else { 64 };
+    // Tensor cores for f16/bf16 when rows are 16-byte aligned and V is contiguous in c.
+    let mma = T::DTYPE != crate::DType::F32
+        && cols % 8 == 0
+        && ldx % 8 == 0
+        && v_sc == 1
+        && v_sj % 8 == 0
+        && x % 16 == 0
+        && v % 16 == 0;
+    let (name, tile_t, tile_r) = if mma {
+        let nt = match r {
+            0..=8 => 1,
+            9..=16 => 2,
+            17..=32 => 4,
+            _ => 8,
+        };
+        (
+            format!("lk_down_mma_{}_n{nt}", T::DTYPE.suffix()),
+            16,
+            8 * nt,
+        )
+    } else {
+        let br = if r <= 16 { 16 } else { 64 };
+        (format!("lk_down_r{br}_{}", T::DTYPE.suffix()), 64, br)
+    };
+    let tiles = t.div_ceil(tile_t) * r.div_ceil(tile_r);
+    let want = (2 * gpu.sm_count() as usize).div_ceil(tiles).max(1);
+    let c_chunk = cols.div_ceil(want).div_ceil(256).max(1) * 256;
+    let splits = cols.div_ceil(c_chunk);
+    // SAFETY of the scratch: every (split, t, j) with t < T, j < r is written by exactly
+    // one thread of the down kernel before the reduction reads it.
+    let part = gpu.scratch::<f32>(splits * t * r)?;
+    let (part_p, _gp) = dptr(gpu, "partials", &part)?;
     let params = LkDownParams {
         x: x as *const _,
         v: v as *const _,
-        out: out as *mut _,
-        out_f32: std::ptr::null_mut(),
+        part: part_p as *mut f32,
         ldx,
         v_sj,
         v_sc,
         t: t as i32,
         cols: cols as i32,
         r: r as i32,
-        alpha,
+        c_chunk: c_chunk as i32,
         dropout: lk_dropout(dropout),
     };
     let cfg = LaunchConfig {
-        grid_dim: (t.div_ceil(64) as u32, r.div_ceil(br) as u32, 1),
+        grid_dim: (
+            t.div_ceil(tile_t) as u32,
+            r.div_ceil(tile_r) as u32,
+            splits as u32,
+        ),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
+    gpu.launch(&name, cfg, &params)?;
+    launch_reduce::<T>(gpu, part_p, splits, t * r, alpha, out)
+}
+
+/// `out[i] = alpha · Σ_s part[s][i]`, cast to T.
+fn launch_reduce<T: Element>(
+    gpu: &Gpu,
+    part: u64,
+    splits: usize,
+    count: usize,
+    alpha: f32,
+    out: u64,
+) -> Result<()> {
+    let reduce = LkReduceParams {
+        part: part as *const f32,
+        out: out as *mut _,
+        count: count as i64,
+        splits: splits as i32,
+        alpha,
+    };
     gpu.launch(
-        &format!("lk_down_r{br}_{}", T::DTYPE.suffix()),
-        cfg,
-        &params,
+        &format!("lk_reduce_{}", T::DTYPE.suffix()),
+        grid_1d(count, 256, gpu.sm_count() * 8),
+        &reduce,
     )
 }
 
@@ -302,19 +383,7 @@ fn launch_tn<T: Element>(
         shared_mem_bytes: 0,
     };
     gpu.launch(&format!("lk_tn_r{br}_{}", T::DTYPE.suffix()), cfg, &params)?;
-    let count = cols * r;
-    let reduce = LkReduceParams {
-        part: part_p as *const f32,
-        out: out as *mut _,
-        count: count as i64,
-        splits: splits as i32,
-        alpha,
-    };
-    gpu.launch(
-        &format!("lk_reduce_{}", T::DTYPE.suffix()),
-        grid_1d(count, 256, gpu.sm_count() * 8),
-        &reduce,
-    )
+    launch_reduce::<T>(gpu, part_p, splits, cols * r, alpha, out)
 }
 
 /// Backward from `dy` [T, N]: writes dX [T, K], dA [r, K] and dB [N, r]. `h` is what

@@ -333,6 +333,7 @@ pub(crate) fn gemm_rm<T: Element>(
 ) -> Result<()> {
     use cublas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
     let dt = cublas_dtype(T::DTYPE);
+    gpu.ctx.bind_to_thread()?;
     // Column-major view: Cᵀ [n, m] = op(B)ᵀ op(A)ᵀ.
     let (op_first, ld_first) = if b_t {
         (CUBLAS_OP_T, k)
@@ -370,6 +371,42 @@ pub(crate) fn gemm_rm<T: Element>(
         )?;
     }
     Ok(())
+}
+
+/// A row-major matrix product through cuBLAS on the GPU's stream, f32 accumulation
+/// (full f32 precision for f32, no TF32): `c[m, n] = alpha · op(a) op(b) + beta · c`,
+/// where `op(a)` is [m, k] (stored [m, k], or [k, m] when `a_t`) and `op(b)` is [k, n]
+/// (stored [k, n], or [n, k] when `b_t`). The crate's baselines use it; so can callers.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &I,
+    a_t: bool,
+    b: &I,
+    b_t: bool,
+    beta: f32,
+    c: &mut O,
+) -> Result<()> {
+    for (name, v) in [("m", m), ("n", n), ("k", k)] {
+        if v == 0 || v > i32::MAX as usize {
+            return Err(Error::Dim {
+                name,
+                value: v,
+                reason: "must be in 1..2^31",
+            });
+        }
+    }
+    crate::lora::check_len("a", a.len(), m * k)?;
+    crate::lora::check_len("b", b.len(), k * n)?;
+    crate::lora::check_len("c", c.len(), m * n)?;
+    let (ap, _ga) = dptr(gpu, "a", a)?;
+    let (bp, _gb) = dptr(gpu, "b", b)?;
+    let (cp, _gc) = dptr_mut(gpu, "c", c)?;
+    gemm_rm::<T>(gpu, m, n, k, alpha, ap, a_t, bp, b_t, beta, cp)
 }
 
 /// The `LkDropout` of optional dropout (threshold 0 = off).

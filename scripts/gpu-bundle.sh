@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Builds the test and bench executables (release) into one folder that runs on a GPU
+# machine with no Rust toolchain, plus the peer fixtures and a run.sh:
+#
+#   bash scripts/gpu-bundle.sh [DIR]        # default: gpu-bundle/
+#   DIR/run.sh [all|tests|sanitize|bench]   # on the GPU machine; default: all
+#
+# run.sh runs every test executable with LORA_KERNELS_REQUIRE_GPU=1 (a missing GPU is a
+# failure there, not a skip), the GPU suite under compute-sanitizer (memcheck,
+# racecheck, synccheck), then the benches. Logs go to $OUT (or DIR/out).
+# CUDA_COMPUTE_CAP narrows the kernel archs as for any build (e.g. 90 for H100/H200).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+dir=${1:-"$repo/gpu-bundle"}
+fixtures=${LORA_KERNELS_FIXTURES:-"$repo/../shared/fixtures/peer"}
+cd "$repo"
+
+rm -rf "$dir/bin" "$dir/fixtures"
+mkdir -p "$dir/bin" "$dir/fixtures"
+list_executables() {
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["target"]["name"], m["executable"])
+'
+}
+{
+  cargo test --release --no-run --message-format=json
+  cargo bench --no-run --message-format=json
+} | list_executables | while read -r name exe; do
+  cp "$exe" "$dir/bin/$name"
+done
+cp -r "$fixtures"/. "$dir/fixtures/"
+
+cat > "$dir/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs the bundled tests, compute-sanitizer and benches on a GPU machine.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=${OUT:-"$here/out"}
+mkdir -p "$out"
+what=${1:-all}
+export LORA_KERNELS_FIXTURES="$here/fixtures" LORA_KERNELS_REQUIRE_GPU=1
+status=0
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+if [ "$what" = all ] || [ "$what" = tests ]; then
+  for t in "$here"/bin/*; do
+    name=$(basename "$t")
+    [ "$name" = lora ] && continue  # the bench
+    echo "== test $name"
+    "$t" --test-threads=4 2>&1 | tee "$out/test-$name.log" | grep -E "^test |test result|SKIPPED|running on|panicked" || true
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "FAILED: $name"; status=1; }
+  done
+fi
+if [ "$what" = all ] || [ "$what" = sanitize ]; then
+  for tool in memcheck racecheck synccheck; do
+    echo "== compute-sanitizer --tool $tool gpu_lora"
+    compute-sanitizer --tool "$tool" --error-exitcode 17 --print-limit 20 \
+      "$here/bin/gpu_lora" --test-threads=1 > "$out/sanitize-$tool.log" 2>&1
+    rc=$?
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$out/sanitize-$tool.log" | tail -3
+    [ $rc = 0 ] || { echo "FAILED: compute-sanitizer $tool (rc $rc)"; status=1; }
+  done
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  echo "== bench lora"
+  LORA_KERNELS_BENCH_OUT="$out/bench-lora.txt" "$here/bin/lora" --bench > "$out/bench-lora.log" 2>&1 \
+    || { echo "FAILED: bench"; status=1; }
+  cat "$out/bench-lora.txt" 2>/dev/null
+fi
+exit $status
+RUN
+chmod +x "$dir/run.sh"
+du -sh "$dir"
+ls -la "$dir/bin"

@@ -1,0 +1,466 @@
+//! GPU LoRA ops against the CPU oracle over odd shapes, every dtype, with and without
+//! bias and dropout. Outputs are poisoned (NaN) before each run. Without a GPU these
+//! tests print a loud SKIPPED note and return; `LORA_KERNELS_REQUIRE_GPU=1` makes them
+//! fail instead.
+
+mod common;
+
+use common::{abs, assert_close, gpu, poison, Rng};
+use lora_kernels::cpu::lora as cpu;
+use lora_kernels::cuda::{lora as cuda, Gpu};
+use lora_kernels::{
+    bf16, f16, Dropout, Element, Error, LoraGrads, LoraOptions, LoraShape, LoraWeights,
+};
+
+const TS: [usize; 5] = [1, 3, 17, 128, 1000];
+const KS: [usize; 4] = [7, 64, 200, 4096];
+const NS: [usize; 4] = [7, 64, 200, 4096];
+const RS: [usize; 5] = [1, 8, 16, 64, 256];
+
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    shape: LoraShape,
+    bias: bool,
+    dropout: bool,
+}
+
+/// Every T with every rank, K and N cycling so each value meets several others, bias
+/// and dropout alternating; plus the bench shapes.
+fn cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    for (ti, &t) in TS.iter().enumerate() {
+        for i in 0..5 {
+            v.push(Case {
+                shape: LoraShape::new(
+                    t,
+                    KS[(i + ti) % 4],
+                    NS[(i + 2 * ti + 1) % 4],
+                    RS[(i + ti) % 5],
+                ),
+                bias: (i + ti) % 2 == 0,
+                dropout: (i + ti) % 3 == 1,
+            });
+        }
+    }
+    for (t, k, n, r) in [
+        (1, 4096, 4096, 16),
+        (16, 4096, 11008, 16),
+        (32, 4096, 4096, 64),
+        (33, 96, 80, 8),
+        (2, 8, 8, 256),
+    ] {
+        v.push(Case {
+            shape: LoraShape::new(t, k, n, r),
+            bias: t % 2 == 0,
+            dropout: t == 33,
+        });
+    }
+    v
+}
+
+struct Host<T> {
+    x: Vec<T>,
+    w: Vec<T>,
+    a: Vec<T>,
+    b: Vec<T>,
+    bias: Option<Vec<T>>,
+    dy: Vec<T>,
+}
+
+fn host_data<T: Element>(rng: &mut Rng, c: &Case) -> Host<T> {
+    let s = c.shape;
+    Host {
+        x: rng.vec(s.x_len(), 1.0),
+        w: rng.vec(s.w_len(), 1.0),
+        a: rng.vec(s.a_len(), 1.0),
+        b: rng.vec(s.b_len(), 1.0),
+        bias: c.bias.then(|| rng.vec(s.out_features, 1.0)),
+        dy: rng.vec(s.y_len(), 1.0),
+    }
+}
+
+fn opts_for(c: &Case, seed: u64) -> LoraOptions {
+    let o = LoraOptions::new(1.75);
+    if c.dropout {
+        o.with_dropout(Dropout::new(0.25, seed, 12))
+    } else {
+        o
+    }
+}
+
+fn weights<'a, S: ?Sized>(w: &'a S, a: &'a S, b: &'a S, bias: Option<&'a S>) -> LoraWeights<'a, S> {
+    LoraWeights { w, a, b, bias }
+}
+
+fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
+    let s = c.shape;
+    let what = format!(
+        "{} {:?} bias={} dropout={}",
+        common::dtype_name::<T>(),
+        s,
+        c.bias,
+        c.dropout
+    );
+    let mut rng = Rng::new(seed);
+    let d = host_data::<T>(&mut rng, c);
+    let opts = opts_for(c, seed);
+    let abs_opts = LoraOptions {
+        scale: opts.scale.abs(),
+        ..opts
+    };
+
+    // Oracle forward, and the same on absolute values for the tolerance.
+    let mut y_ref = vec![T::default(); s.y_len()];
+    let mut h_ref = vec![T::default(); s.h_len()];
+    cpu::forward(
+        &s,
+        &opts,
+        &d.x,
+        weights(&d.w[..], &d.a[..], &d.b[..], d.bias.as_deref()),
+        &mut y_ref,
+        Some(&mut h_ref),
+    )
+    .unwrap();
+    let (ax, aw, aa, ab) = (abs(&d.x), abs(&d.w), abs(&d.a), abs(&d.b));
+    let abias = d.bias.as_ref().map(|b| abs(b));
+    let mut y_mag = vec![T::default(); s.y_len()];
+    let mut h_mag = vec![T::default(); s.h_len()];
+    cpu::forward(
+        &s,
+        &abs_opts,
+        &ax,
+        weights(&aw[..], &aa[..], &ab[..], abias.as_deref()),
+        &mut y_mag,
+        Some(&mut h_mag),
+    )
+    .unwrap();
+
+    // GPU forward into poisoned outputs.
+    let up = |v: &[T]| gpu.upload(v).unwrap();
+    let (x, w, a, b) = (up(&d.x), up(&d.w), up(&d.a), up(&d.b));
+    let bias = d.bias.as_ref().map(|v| up(v));
+    let mut y = up(&poison::<T>(s.y_len()));
+    let mut h = up(&poison::<T>(s.h_len()));
+    cuda::forward(
+        gpu,
+        &s,
+        &opts,
+        &x,
+        weights(&w, &a, &b, bias.as_ref()),
+        &mut y,
+        Some(&mut h),
+    )
+    .unwrap_or_else(|e| panic!("{what}: forward: {e}"));
+    let y_gpu = gpu.download(&y).unwrap();
+    let h_gpu = gpu.download(&h).unwrap();
+    assert_close(&format!("{what}: h"), &h_gpu, &h_ref, &h_mag, s.in_features);
+    assert_close(
+        &format!("{what}: y"),
+        &y_gpu,
+        &y_ref,
+        &y_mag,
+        s.in_features + s.rank + 1,
+    );
+
+    // Backward, both sides from the GPU's h.
+    let (mut dx_ref, mut da_ref, mut db_ref) = (
+        vec![T::default(); s.x_len()],
+        vec![T::default(); s.a_len()],
+        vec![T::default(); s.b_len()],
+    );
+    cpu::backward(
+        &s,
+        &opts,
+        &d.x,
+        weights(&d.w[..], &d.a[..], &d.b[..], None),
+        &h_gpu,
+        &d.dy,
+        LoraGrads {
+            dx: &mut dx_ref[..],
+            da: &mut da_ref[..],
+            db: &mut db_ref[..],
+        },
+    )
+    .unwrap();
+    let (mut dx_mag, mut da_mag, mut db_mag) = (
+        vec![T::default(); s.x_len()],
+        vec![T::default(); s.a_len()],
+        vec![T::default(); s.b_len()],
+    );
+    cpu::backward(
+        &s,
+        &abs_opts,
+        &ax,
+        weights(&aw[..], &aa[..], &ab[..], None),
+        &abs(&h_gpu),
+        &abs(&d.dy),
+        LoraGrads {
+            dx: &mut dx_mag[..],
+            da: &mut da_mag[..],
+            db: &mut db_mag[..],
+        },
+    )
+    .unwrap();
+
+    let h_dev = up(&h_gpu);
+    let dy = up(&d.dy);
+    let mut dx = up(&poison::<T>(s.x_len()));
+    let mut da = up(&poison::<T>(s.a_len()));
+    let mut db = up(&poison::<T>(s.b_len()));
+    cuda::backward(
+        gpu,
+        &s,
+        &opts,
+        &x,
+        weights(&w, &a, &b, None),
+        &h_dev,
+        &dy,
+        LoraGrads {
+            dx: &mut dx,
+            da: &mut da,
+            db: &mut db,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{what}: backward: {e}"));
+    let (n, t) = (s.out_features, s.tokens);
+    assert_close(
+        &format!("{what}: dx"),
+        &gpu.download(&dx).unwrap(),
+        &dx_ref,
+        &dx_mag,
+        n + s.rank,
+    );
+    assert_close(
+        &format!("{what}: dA"),
+        &gpu.download(&da).unwrap(),
+        &da_ref,
+        &da_mag,
+        t + n,
+    );
+    assert_close(
+        &format!("{what}: dB"),
+        &gpu.download(&db).unwrap(),
+        &db_ref,
+        &db_mag,
+        t,
+    );
+}
+
+fn run_all<T: Element>(seed0: u64) {
+    let Some(gpu) = gpu() else { return };
+    for (i, c) in cases().iter().enumerate() {
+        check_case::<T>(gpu, c, seed0 + i as u64);
+    }
+}
+
+#[test]
+fn gpu_lora_f32() {
+    run_all::<f32>(1000);
+}
+
+#[test]
+fn gpu_lora_f16() {
+    run_all::<f16>(2000);
+}
+
+#[test]
+fn gpu_lora_bf16() {
+    run_all::<bf16>(3000);
+}
+
+fn merge_case<T: Element>(gpu: &Gpu, s: LoraShape, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let (w0, a, b): (Vec<T>, Vec<T>, Vec<T>) = (
+        rng.vec(s.w_len(), 1.0),
+        rng.vec(s.a_len(), 1.0),
+        rng.vec(s.b_len(), 1.0),
+    );
+    let scale = 0.6;
+    let mut w_ref = w0.clone();
+    cpu::merge(&s, scale, &mut w_ref, &a, &b).unwrap();
+    let mut mag = abs(&w0);
+    cpu::merge(&s, scale, &mut mag, &abs(&a), &abs(&b)).unwrap();
+    let mut w = gpu.upload(&w0).unwrap();
+    let (ad, bd) = (gpu.upload(&a).unwrap(), gpu.upload(&b).unwrap());
+    cuda::merge(gpu, &s, scale, &mut w, &ad, &bd).unwrap();
+    let merged = gpu.download(&w).unwrap();
+    assert_close(&format!("merge {s:?}"), &merged, &w_ref, &mag, s.rank + 1);
+    assert_ne!(merged, w0);
+    // Unmerge: back to W up to rounding in W's type (one rounding each way).
+    let mut w_back = merged.clone();
+    cpu::unmerge(&s, scale, &mut w_back, &a, &b).unwrap();
+    cuda::unmerge(gpu, &s, scale, &mut w, &ad, &bd).unwrap();
+    let mut mag2 = abs(&merged);
+    cpu::merge(&s, scale, &mut mag2, &abs(&a), &abs(&b)).unwrap();
+    assert_close(
+        &format!("unmerge {s:?}"),
+        &gpu.download(&w).unwrap(),
+        &w_back,
+        &mag2,
+        s.rank + 1,
+    );
+}
+
+#[test]
+fn gpu_merge_unmerge_all_dtypes() {
+    let Some(gpu) = gpu() else { return };
+    for (i, s) in [
+        LoraShape::new(1, 7, 3, 1),
+        LoraShape::new(1, 200, 64, 16),
+        LoraShape::new(1, 4096, 17, 256),
+        LoraShape::new(1, 300, 1000, 8),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        merge_case::<f32>(gpu, s, 50 + i as u64);
+        merge_case::<f16>(gpu, s, 60 + i as u64);
+        merge_case::<bf16>(gpu, s, 70 + i as u64);
+    }
+}
+
+/// Merged forward on the GPU equals the unmerged forward (the identity, end to end).
+#[test]
+fn gpu_merged_forward_equals_unmerged() {
+    let Some(gpu) = gpu() else { return };
+    let s = LoraShape::new(5, 256, 96, 8);
+    let mut rng = Rng::new(9);
+    let (x, w0, a, b): (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) = (
+        rng.vec(s.x_len(), 1.0),
+        rng.vec(s.w_len(), 1.0),
+        rng.vec(s.a_len(), 1.0),
+        rng.vec(s.b_len(), 1.0),
+    );
+    let opts = LoraOptions::new(2.0);
+    let (xd, ad, bd) = (
+        gpu.upload(&x).unwrap(),
+        gpu.upload(&a).unwrap(),
+        gpu.upload(&b).unwrap(),
+    );
+    let mut wd = gpu.upload(&w0).unwrap();
+    let mut y1 = gpu.zeros::<f32>(s.y_len()).unwrap();
+    cuda::forward(
+        gpu,
+        &s,
+        &opts,
+        &xd,
+        weights(&wd, &ad, &bd, None),
+        &mut y1,
+        None,
+    )
+    .unwrap();
+    cuda::merge(gpu, &s, opts.scale, &mut wd, &ad, &bd).unwrap();
+    let zero_b = gpu.zeros::<f32>(s.b_len()).unwrap();
+    let mut y2 = gpu.zeros::<f32>(s.y_len()).unwrap();
+    cuda::forward(
+        gpu,
+        &s,
+        &opts,
+        &xd,
+        weights(&wd, &ad, &zero_b, None),
+        &mut y2,
+        None,
+    )
+    .unwrap();
+    let e = common::rel_err(&gpu.download(&y2).unwrap(), &gpu.download(&y1).unwrap());
+    assert!(e < 1e-5, "rel err {e}");
+}
+
+/// The cooperative small-T kernel leaves its counters at zero: many launches in a row,
+/// alternating shapes, all agree with the first.
+#[test]
+fn gpu_small_forward_is_repeatable() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(4);
+    for &(t, r) in &[(1usize, 16usize), (7, 3), (32, 256)] {
+        let s = LoraShape::new(t, 512, 300, r);
+        let (x, w, a, b): (Vec<bf16>, Vec<bf16>, Vec<bf16>, Vec<bf16>) = (
+            rng.vec(s.x_len(), 1.0),
+            rng.vec(s.w_len(), 1.0),
+            rng.vec(s.a_len(), 1.0),
+            rng.vec(s.b_len(), 1.0),
+        );
+        let (x, w, a, b) = (
+            gpu.upload(&x).unwrap(),
+            gpu.upload(&w).unwrap(),
+            gpu.upload(&a).unwrap(),
+            gpu.upload(&b).unwrap(),
+        );
+        let opts = LoraOptions::new(0.5).with_dropout(Dropout::new(0.1, 3, 4));
+        let mut first = None;
+        for _ in 0..20 {
+            let mut y = gpu.upload(&poison::<bf16>(s.y_len())).unwrap();
+            cuda::forward(gpu, &s, &opts, &x, weights(&w, &a, &b, None), &mut y, None).unwrap();
+            let got = gpu.download(&y).unwrap();
+            match &first {
+                None => first = Some(got),
+                Some(f) => assert_eq!(f, &got, "T={t} r={r}: launches disagree"),
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_bad_arguments_are_errors() {
+    let Some(gpu) = gpu() else { return };
+    let s = LoraShape::new(2, 8, 4, 2);
+    let opts = LoraOptions::new(1.0);
+    let z = |n: usize| gpu.zeros::<f32>(n).unwrap();
+    let (x, w, a, b) = (z(16), z(32), z(16), z(8));
+    let mut y = z(8);
+    let ok = weights(&w, &a, &b, None);
+    cuda::forward(gpu, &s, &opts, &x, ok, &mut y, None).unwrap();
+    let short = z(15);
+    let e = cuda::forward(gpu, &s, &opts, &short, ok, &mut y, None).unwrap_err();
+    assert_eq!(
+        e,
+        Error::Length {
+            name: "x",
+            expected: 16,
+            actual: 15
+        }
+    );
+    let e = cuda::forward(
+        gpu,
+        &LoraShape::new(2, 8, 4, 0),
+        &opts,
+        &x,
+        ok,
+        &mut y,
+        None,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Dim { name: "rank", .. }), "{e}");
+    let mut short_h = z(3);
+    let e = cuda::forward(gpu, &s, &opts, &x, ok, &mut y, Some(&mut short_h)).unwrap_err();
+    assert!(matches!(e, Error::Length { name: "h", .. }), "{e}");
+    let (mut dx, mut da, mut db) = (z(16), z(16), z(7));
+    let h = z(4);
+    let e = cuda::backward(
+        gpu,
+        &s,
+        &opts,
+        &x,
+        ok,
+        &h,
+        &y,
+        LoraGrads {
+            dx: &mut dx,
+            da: &mut da,
+            db: &mut db,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Length { name: "db", .. }), "{e}");
+    let mut w2 = z(32);
+    let e = cuda::merge(
+        gpu,
+        &LoraShape::new(1, 8, 4, 2),
+        f32::INFINITY,
+        &mut w2,
+        &a,
+        &b,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Value { name: "scale", .. }), "{e}");
+}
