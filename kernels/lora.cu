@@ -225,6 +225,7 @@ LK_FOR_EACH_DTYPE(LK_SMALL_FWD_ALL)
 // reduced in shared memory; the low-rank term, bias and h follow as in the SIMT kernel.
 // =====================================================================================
 constexpr int MMA_WARPS = 8;
+constexpr int MMA_BATCH = 2;  // 32-column chunks per register buffer (two buffers)
 
 template <typename T> struct MmaOp;
 template <> struct MmaOp<__nv_bfloat16> {
@@ -266,25 +267,67 @@ __device__ __forceinline__ void mma_rows_dot(const T *__restrict__ x, const T *r
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, q = lane & 3;
   const int chunks = (K + 31) >> 5;
-#pragma unroll 4
-  for (int ch = warp; ch < chunks; ch += MMA_WARPS) {
-    const int col = ch * 32 + 8 * q;
-    const bool in = col < K;  // K % 8 == 0: a lane's 8 columns are all in or all out
-    const uint4 wl = in ? ld_stream16(row_lo + col) : make_uint4(0, 0, 0, 0);
-    const uint4 wh = in ? ld_stream16(row_hi + col) : make_uint4(0, 0, 0, 0);
-    const uint32_t a0[4] = {wl.x, wh.x, wl.y, wh.y};
-    const uint32_t a1[4] = {wl.z, wh.z, wl.w, wh.w};
+  // Token rows past T read token T-1 (results discarded at the store): no branches.
+  const T *xrow[NT];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int tok = nt * 8 + g;
-      uint4 xv = make_uint4(0, 0, 0, 0);
-      if (in && tok < tokens) {
-        xv = __ldg(reinterpret_cast<const uint4 *>(x + (size_t)tok * K + col));
-        if constexpr (DROP) xv = dropout_zero8(drop, (uint64_t)tok * K + col, xv);
-      }
-      MmaOp<T>::run(acc[nt], a0, xv.x, xv.y);
-      MmaOp<T>::run(acc[nt], a1, xv.z, xv.w);
+  for (int nt = 0; nt < NT; ++nt) xrow[nt] = x + (size_t)min(nt * 8 + g, tokens - 1) * K;
+  // Each warp takes MMA_BATCH consecutive chunks at a time, double-buffered in
+  // registers: the loads of the next batch are issued before the mmas of this one, so a
+  // warp always has a batch in flight. K % 8 == 0: a lane's 8 columns are all in or all
+  // out; out-of-range lanes load a valid address and zero the value.
+  constexpr int STRIDE = MMA_WARPS * MMA_BATCH;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  uint4 wl[2][MMA_BATCH], wh[2][MMA_BATCH], xv[2][MMA_BATCH][NT];
+  auto load = [&](int buf, int ch0) {
+#pragma unroll
+    for (int u = 0; u < MMA_BATCH; ++u) {
+      const int col = (ch0 + u) * 32 + 8 * q;
+      const int cl = col < K ? col : 0;
+      wl[buf][u] = ld_stream16(row_lo + cl);
+      wh[buf][u] = ld_stream16(row_hi + cl);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) xv[buf][u][nt] = __ldg(reinterpret_cast<const uint4 *>(xrow[nt] + cl));
     }
+  };
+  auto compute = [&](int buf, int ch0) {
+#pragma unroll
+    for (int u = 0; u < MMA_BATCH; ++u) {
+      const int col = (ch0 + u) * 32 + 8 * q;
+      const bool in = col < K;
+      const uint4 l = in ? wl[buf][u] : zero, h = in ? wh[buf][u] : zero;
+      const uint32_t a0[4] = {l.x, h.x, l.y, h.y};
+      const uint32_t a1[4] = {l.z, h.z, l.w, h.w};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint4 v = in ? xv[buf][u][nt] : zero;
+        if constexpr (DROP) {
+          const int tok = min(nt * 8 + g, tokens - 1);
+          v = dropout_zero8(drop, (uint64_t)tok * K + (in ? col : 0), v);
+        }
+        MmaOp<T>::run(acc[nt], a0, v.x, v.y);
+        MmaOp<T>::run(acc[nt], a1, v.z, v.w);
+      }
+    }
+  };
+  int ch0 = warp * MMA_BATCH;
+  if (ch0 >= chunks) return;
+  load(0, ch0);
+  for (;;) {
+    const int next = ch0 + STRIDE;
+    if (next >= chunks) {
+      compute(0, ch0);
+      break;
+    }
+    load(1, next);
+    compute(0, ch0);
+    const int next2 = next + STRIDE;
+    if (next2 >= chunks) {
+      compute(1, next);
+      break;
+    }
+    load(0, next2);
+    compute(1, next);
+    ch0 = next2;
   }
 }
 
@@ -344,9 +387,16 @@ __device__ __forceinline__ void small_fwd_mma(const LkSmallFwdParams &p) {
       } else {
         const T *brow = static_cast<const T *>(p.b) + (size_t)row * p.r;
         const float *hrow = p.h_ws + (size_t)tok * p.r;
-        float low = 0.0f;
-        for (int j = 0; j < p.r; ++j) low = fmaf(__ldcg(hrow + j), ldg(brow + j), low);
-        sum = fmaf(p.scale, low, sum);
+        // Four independent partial sums, unrolled, so the h and B loads overlap.
+        float low[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        int j = 0;
+#pragma unroll 2
+        for (; j + 4 <= p.r; j += 4) {
+#pragma unroll
+          for (int u = 0; u < 4; ++u) low[u] = fmaf(__ldcg(hrow + j + u), ldg(brow + j + u), low[u]);
+        }
+        for (; j < p.r; ++j) low[0] = fmaf(__ldcg(hrow + j), ldg(brow + j), low[0]);
+        sum = fmaf(p.scale, (low[0] + low[1]) + (low[2] + low[3]), sum);
         if (p.bias != nullptr) sum += ldg(static_cast<const T *>(p.bias) + row);
         static_cast<T *>(p.y)[(size_t)tok * p.n + row] = from_f32<T>(sum);
       }

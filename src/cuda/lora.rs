@@ -8,9 +8,10 @@
 //!   over K, deterministic reduction; rounded to the activation type), `y = x Wᵀ` by
 //!   cuBLAS (onto a bias-filled y with beta = 1 when there is a bias), then
 //!   `y += s · h Bᵀ` by cuBLAS with beta = 1.
-//! - backward: `g = dY B` by the skinny kernel; `dX = s/(1−p) · g A` (cuBLAS), masked
-//!   in place under dropout, then `dX += dY W` (cuBLAS); `dA` and `dB` by a token-split
-//!   skinny kernel and a deterministic reduction (no atomics).
+//! - backward: `g = dY B`, `dX = dY W + s · g A`, `dA = s · gᵀ x` and `dB = s · dYᵀ h`
+//!   by cuBLAS. Under dropout, `s/(1−p) · g A` is zeroed in place where x was dropped
+//!   before `dY W` is added, and `dA` comes from a token-split kernel that regenerates
+//!   the mask, with a deterministic reduction (no atomics).
 //!
 //! f32 inputs use full-precision f32 arithmetic (cuBLAS without TF32).
 
@@ -119,7 +120,7 @@ fn forward_small<T: Element>(
     let aligned = [p.x, p.w, p.a].iter().all(|&a| a % 16 == 0);
     let vec = shape.in_features % 8 == 0 && aligned;
     let mma = vec && T::DTYPE != crate::DType::F32 && small_kernel_override() != Some(false);
-    let (name, tasks) = if mma {
+    let (name, tasks, smem) = if mma {
         // Tensor-core kernel: one block per 16 rows of A or W.
         let nt = match shape.tokens {
             0..=8 => 1,
@@ -127,10 +128,8 @@ fn forward_small<T: Element>(
             _ => 4,
         };
         let name = format!("lk_lora_small_mma_{}_n{nt}", T::DTYPE.suffix());
-        (
-            name,
-            shape.rank.div_ceil(16) + shape.out_features.div_ceil(16),
-        )
+        let tasks = shape.rank.div_ceil(16) + shape.out_features.div_ceil(16);
+        (name, tasks, 0)
     } else {
         // SIMT kernel: one warp per `rows` rows of A or W.
         let (tb, rows) = small_variant(shape.tokens);
@@ -140,7 +139,7 @@ fn forward_small<T: Element>(
             if vec { "v" } else { "s" }
         );
         let warps = shape.rank.div_ceil(rows) + shape.out_features.div_ceil(rows);
-        (name, warps.div_ceil((SMALL_BLOCK / 32) as usize))
+        (name, warps.div_ceil((SMALL_BLOCK / 32) as usize), 0)
     };
     // SAFETY of the scratch: the kernel's A-tasks write all T·r entries of h_ws before
     // any W-task reads them (the counter in `gpu.sync` orders the two).
@@ -165,8 +164,9 @@ fn forward_small<T: Element>(
         dropout: lk_dropout(opts.active_dropout()),
     };
     let func = gpu.function(&name)?;
-    let max_grid = gpu.cooperative_grid(&name, &func, SMALL_BLOCK)?;
-    let cfg = grid_1d(tasks * SMALL_BLOCK as usize, SMALL_BLOCK, max_grid);
+    let max_grid = gpu.cooperative_grid(&name, &func, SMALL_BLOCK, smem)?;
+    let mut cfg = grid_1d(tasks * SMALL_BLOCK as usize, SMALL_BLOCK, max_grid);
+    cfg.shared_mem_bytes = smem;
     gpu.launch_cooperative(&func, cfg, &params)
 }
 
@@ -432,44 +432,50 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     let (dap, _gda) = dptr_mut(gpu, "da", grads.da)?;
     let (dbp, _gdb) = dptr_mut(gpu, "db", grads.db)?;
 
-    // g = dY B [T, r] (scratch, written in full by the down kernel).
+    // g = dY B [T, r] (scratch, written in full by cuBLAS).
     let g = gpu.scratch::<T>(shape.h_len())?;
     let (gp, _gg) = dptr(gpu, "g", &g)?;
-    launch_down::<T>(gpu, dyp, n as i64, bp, 1, r as i64, t, n, r, 1.0, gp, None)?;
+    gemm_rm::<T>(gpu, t, r, n, 1.0, dyp, false, bp, false, 0.0, gp)?;
 
-    // dX = s/(1-p) · g A, masked, then += dY W.
-    let keep = dropout.map_or(1.0, |d| d.keep_scale());
-    gemm_rm::<T>(
-        gpu,
-        t,
-        k,
-        r,
-        opts.scale * keep,
-        gp,
-        false,
-        ap,
-        false,
-        0.0,
-        dxp,
-    )?;
-    if let Some(d) = dropout {
-        let params = LkMaskParams {
-            data: dxp as *mut _,
-            t: t as i32,
-            cols: k as i32,
-            dropout: lk_dropout(Some(d)),
-        };
-        gpu.launch(
-            &format!("lk_dropout_zero_{}", T::DTYPE.suffix()),
-            grid_1d((t * k).div_ceil(4), 256, gpu.sm_count() * 8),
-            &params,
-        )?;
+    match dropout {
+        None => {
+            // dX = dY W + s · g A;  dA = s · gᵀ x;  dB = s · dYᵀ h.
+            gemm_rm::<T>(gpu, t, k, n, 1.0, dyp, false, wp, false, 0.0, dxp)?;
+            gemm_rm::<T>(gpu, t, k, r, opts.scale, gp, false, ap, false, 1.0, dxp)?;
+            gemm_rm::<T>(gpu, r, k, t, opts.scale, gp, true, xp, false, 0.0, dap)?;
+        }
+        Some(d) => {
+            // dX = s/(1-p) · g A, zeroed where x was dropped, then += dY W.
+            gemm_rm::<T>(
+                gpu,
+                t,
+                k,
+                r,
+                opts.scale * d.keep_scale(),
+                gp,
+                false,
+                ap,
+                false,
+                0.0,
+                dxp,
+            )?;
+            let params = LkMaskParams {
+                data: dxp as *mut _,
+                t: t as i32,
+                cols: k as i32,
+                dropout: lk_dropout(Some(d)),
+            };
+            gpu.launch(
+                &format!("lk_dropout_zero_{}", T::DTYPE.suffix()),
+                grid_1d((t * k).div_ceil(4), 256, gpu.sm_count() * 8),
+                &params,
+            )?;
+            gemm_rm::<T>(gpu, t, k, n, 1.0, dyp, false, wp, false, 1.0, dxp)?;
+            // dA[j, c] = s · Σ_t g[t, j] drop(x)[t, c], the mask regenerated in-kernel.
+            launch_tn::<T>(gpu, xp, gp, t, k, r, 1, k as i64, opts.scale, dap, Some(d))?;
+        }
     }
-    gemm_rm::<T>(gpu, t, k, n, 1.0, dyp, false, wp, false, 1.0, dxp)?;
-
-    // dA[j, c] = s · Σ_t g[t, j] drop(x)[t, c];  dB[o, j] = s · Σ_t dY[t, o] h[t, j].
-    launch_tn::<T>(gpu, xp, gp, t, k, r, 1, k as i64, opts.scale, dap, dropout)?;
-    launch_tn::<T>(gpu, dyp, hp, t, n, r, r as i64, 1, opts.scale, dbp, None)?;
+    gemm_rm::<T>(gpu, n, r, t, opts.scale, dyp, true, hp, false, 0.0, dbp)?;
     Ok(())
 }
 

@@ -201,19 +201,34 @@ impl Gpu {
         Ok(f)
     }
 
-    /// The largest grid of `block` threads that a cooperative launch keeps resident.
+    /// The largest grid of `block` threads with `smem` bytes of dynamic shared memory
+    /// each that a cooperative launch keeps resident. Raises the kernel's dynamic
+    /// shared-memory limit first when `smem` is above the default 48 KiB.
     pub(crate) fn cooperative_grid(
         &self,
         name: &str,
         func: &CudaFunction,
         block: u32,
+        smem: u32,
     ) -> Result<u32> {
         let mut map = self.coop_grid.lock().unwrap();
         if let Some(&g) = map.get(name) {
             return Ok(g);
         }
-        let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(block, 0, None)?;
-        let g = per_sm.max(1) * self.sm_count;
+        if smem > 48 * 1024 {
+            func.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )?;
+        }
+        let per_sm =
+            func.occupancy_max_active_blocks_per_multiprocessor(block, smem as usize, None)?;
+        if per_sm == 0 {
+            return Err(Error::Driver(format!(
+                "kernel {name} cannot be resident on this GPU"
+            )));
+        }
+        let g = per_sm * self.sm_count;
         map.insert(name.to_string(), g);
         Ok(g)
     }
