@@ -194,23 +194,25 @@ __device__ __forceinline__ void small_fwd(const LkSmallFwdParams &p) {
   }
 }
 
-#define LK_SMALL_FWD(DT, TYPE, TB, ROWS)                                                        \
+// f32 gets the vectorized (v: K % 8 == 0, 16-byte aligned) and scalar (s) variants;
+// f16 and bf16 take the tensor-core kernel below when aligned, so only need (s).
+#define LK_SMALL_FWD_V(DT, TYPE, TB, ROWS)                                                      \
   extern "C" __global__ void __launch_bounds__(SMALL_WARPS * 32)                                \
       lk_lora_small_fwd_##DT##_t##TB##_v(LkSmallFwdParams p) {                                  \
     small_fwd<TYPE, TB, ROWS, true>(p);                                                         \
-  }                                                                                             \
+  }
+#define LK_SMALL_FWD_S(DT, TYPE, TB, ROWS)                                                      \
   extern "C" __global__ void __launch_bounds__(SMALL_WARPS * 32)                                \
       lk_lora_small_fwd_##DT##_t##TB##_s(LkSmallFwdParams p) {                                  \
     small_fwd<TYPE, TB, ROWS, false>(p);                                                        \
   }
-#define LK_SMALL_FWD_ALL(DT, TYPE)                                                              \
-  LK_SMALL_FWD(DT, TYPE, 1, 2)                                                                  \
-  LK_SMALL_FWD(DT, TYPE, 2, 2)                                                                  \
-  LK_SMALL_FWD(DT, TYPE, 4, 2)                                                                  \
-  LK_SMALL_FWD(DT, TYPE, 8, 4)                                                                  \
-  LK_SMALL_FWD(DT, TYPE, 16, 4)                                                                 \
-  LK_SMALL_FWD(DT, TYPE, 32, 4)
-LK_FOR_EACH_DTYPE(LK_SMALL_FWD_ALL)
+#define LK_SMALL_FWD_TBS(X, DT, TYPE)                                                           \
+  X(DT, TYPE, 1, 2) X(DT, TYPE, 2, 2) X(DT, TYPE, 4, 2) X(DT, TYPE, 8, 4) X(DT, TYPE, 16, 4)    \
+  X(DT, TYPE, 32, 4)
+LK_SMALL_FWD_TBS(LK_SMALL_FWD_V, f32, float)
+LK_SMALL_FWD_TBS(LK_SMALL_FWD_S, f32, float)
+LK_SMALL_FWD_TBS(LK_SMALL_FWD_S, f16, __half)
+LK_SMALL_FWD_TBS(LK_SMALL_FWD_S, bf16, __nv_bfloat16)
 
 // =====================================================================================
 // Small-T fused forward on tensor cores (f16 / bf16), mma.sync m16n8k16.

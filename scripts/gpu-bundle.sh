@@ -3,11 +3,11 @@
 # machine with no Rust toolchain, plus the peer fixtures and a run.sh:
 #
 #   bash scripts/gpu-bundle.sh [DIR]        # default: gpu-bundle/
-#   DIR/run.sh [all|tests|sanitize|bench]   # on the GPU machine; default: all
+#   DIR/run.sh [all|tests|sanitize|example|bench]   # on the GPU machine; default: all
 #
 # run.sh runs every test executable with LORA_KERNELS_REQUIRE_GPU=1 (a missing GPU is a
 # failure there, not a skip), the GPU suite under compute-sanitizer (memcheck,
-# racecheck, synccheck), then the benches. Logs go to $OUT (or DIR/out).
+# racecheck, synccheck), the main example, then the benches. Logs go to $OUT (or DIR/out).
 # CUDA_COMPUTE_CAP narrows the kernel archs as for any build (e.g. 90 for H100/H200).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,13 +25,15 @@ for line in sys.stdin:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        print(m["target"]["name"], m["executable"])
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        if m["profile"]["test"] or "example" in m["target"]["kind"]:
+            print(m["target"]["name"], m["executable"])
 '
 }
 {
   cargo test --release --no-run --message-format=json
   cargo bench --no-run --message-format=json
+  cargo build --release --examples --message-format=json
 } | list_executables | while read -r name exe; do
   cp "$exe" "$dir/bin/$name"
 done
@@ -52,7 +54,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 if [ "$what" = all ] || [ "$what" = tests ]; then
   for t in "$here"/bin/*; do
     name=$(basename "$t")
-    [ "$name" = lora ] && continue  # the bench
+    case "$name" in lora|lora_layer) continue ;; esac  # the bench and the example
     echo "== test $name"
     "$t" --test-threads=4 2>&1 | tee "$out/test-$name.log" | grep -E "^test |test result|SKIPPED|running on|panicked" || true
     [ "${PIPESTATUS[0]}" = 0 ] || { echo "FAILED: $name"; status=1; }
@@ -67,6 +69,10 @@ if [ "$what" = all ] || [ "$what" = sanitize ]; then
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$out/sanitize-$tool.log" | tail -3
     [ $rc = 0 ] || { echo "FAILED: compute-sanitizer $tool (rc $rc)"; status=1; }
   done
+fi
+if [ "$what" = all ] || [ "$what" = example ]; then
+  echo "== example lora_layer"
+  "$here/bin/lora_layer" 2>&1 | tee "$out/example.log" || { echo "FAILED: example"; status=1; }
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   echo "== bench lora"

@@ -211,6 +211,7 @@ pub(crate) fn check_len(name: &'static str, actual: usize, expected: usize) -> R
 }
 
 /// Checks every buffer length of a forward call.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn check_forward_lens(
     shape: &LoraShape,
     x: usize,

@@ -119,7 +119,7 @@ fn forward_small<T: Element>(
 ) -> Result<()> {
     let aligned = [p.x, p.w, p.a].iter().all(|&a| a % 16 == 0);
     let vec = shape.in_features % 8 == 0 && aligned;
-    let mma = vec && T::DTYPE != crate::DType::F32 && small_kernel_override() != Some(false);
+    let mma = vec && T::DTYPE != crate::DType::F32;
     let (name, tasks, smem) = if mma {
         // Tensor-core kernel: one block per 16 rows of A or W.
         let nt = match shape.tokens {
@@ -131,7 +131,7 @@ fn forward_small<T: Element>(
         let tasks = shape.rank.div_ceil(16) + shape.out_features.div_ceil(16);
         (name, tasks, 0)
     } else {
-        // SIMT kernel: one warp per `rows` rows of A or W.
+        // SIMT kernel (f32, or inputs not 16-byte aligned): one warp per `rows` rows.
         let (tb, rows) = small_variant(shape.tokens);
         let name = format!(
             "lk_lora_small_fwd_{}_t{tb}_{}",
@@ -168,15 +168,6 @@ fn forward_small<T: Element>(
     let mut cfg = grid_1d(tasks * SMALL_BLOCK as usize, SMALL_BLOCK, max_grid);
     cfg.shared_mem_bytes = smem;
     gpu.launch_cooperative(&func, cfg, &params)
-}
-
-/// `LORA_KERNELS_SMALL_KERNEL=simt|mma` forces a small-T kernel (for experiments).
-fn small_kernel_override() -> Option<bool> {
-    match std::env::var("LORA_KERNELS_SMALL_KERNEL").as_deref() {
-        Ok("mma") => Some(true),
-        Ok("simt") => Some(false),
-        _ => None,
-    }
 }
 
 fn forward_large<T: Element>(
