@@ -33,14 +33,15 @@ __device__ __forceinline__ void warp_rows_dot(const T *__restrict__ x, const T *
     const int chunks = K >> 3;
 #pragma unroll 4
     for (int c = lane; c < chunks; c += 32) {
+      const int cc = min(c, chunks - 1);  // in-bounds address even if hoisted
       float wv[ROWS][8];
 #pragma unroll
-      for (int i = 0; i < ROWS; ++i) load8_stream(m_rows[i] + 8 * c, wv[i]);
+      for (int i = 0; i < ROWS; ++i) load8_stream(m_rows[i] + 8 * cc, wv[i]);
 #pragma unroll
       for (int t = 0; t < TB; ++t) {
         if (t < tokens) {
           float xv[8];
-          load8(x + (size_t)t * K + 8 * c, xv);
+          load8(x + (size_t)min(t, tokens - 1) * K + 8 * cc, xv);
           if constexpr (DROP) {
             float mul[8];
             dropout_mul8(drop, (uint64_t)t * K + 8 * c, mul);
@@ -58,13 +59,16 @@ __device__ __forceinline__ void warp_rows_dot(const T *__restrict__ x, const T *
   } else {
 #pragma unroll 2
     for (int k = lane; k < K; k += 32) {
+      // Addresses clamped in bounds: the compiler may issue read-only loads ahead of
+      // the loop and branch conditions.
+      const int kc = min(k, K - 1);
       float wv[ROWS];
 #pragma unroll
-      for (int i = 0; i < ROWS; ++i) wv[i] = ldg(m_rows[i] + k);
+      for (int i = 0; i < ROWS; ++i) wv[i] = ldg(m_rows[i] + kc);
 #pragma unroll
       for (int t = 0; t < TB; ++t) {
         if (t < tokens) {
-          float xv = ldg(x + (size_t)t * K + k);
+          float xv = ldg(x + (size_t)min(t, tokens - 1) * K + kc);
           if constexpr (DROP) xv *= dropout_mul(drop, (uint64_t)t * K + k);
 #pragma unroll
           for (int i = 0; i < ROWS; ++i) acc[i][t] = fmaf(wv[i], xv, acc[i][t]);
@@ -156,11 +160,11 @@ __device__ __forceinline__ void small_fwd(const LkSmallFwdParams &p) {
       for (int j = lane; j < p.r; j += 32) {
         float bv[ROWS];
 #pragma unroll
-        for (int i = 0; i < ROWS; ++i) bv[i] = n0 + i < p.n ? ldg(bm + (size_t)(n0 + i) * p.r + j) : 0.0f;
+        for (int i = 0; i < ROWS; ++i) bv[i] = n0 + i < p.n ? ldg(bm + (size_t)min(n0 + i, p.n - 1) * p.r + min(j, p.r - 1)) : 0.0f;
 #pragma unroll
         for (int t = 0; t < TB; ++t) {
           if (t < p.t) {
-            const float hv = p.scale * __ldcg(p.h_ws + (size_t)t * p.r + j);
+            const float hv = p.scale * __ldcg(p.h_ws + (size_t)min(t, p.t - 1) * p.r + min(j, p.r - 1));
 #pragma unroll
             for (int i = 0; i < ROWS; ++i) acc[i][t] = fmaf(hv, bv[i], acc[i][t]);
           }
@@ -174,7 +178,7 @@ __device__ __forceinline__ void small_fwd(const LkSmallFwdParams &p) {
         for (int t = 0; t < TB; ++t) {
           if (((i * TB + t) & 31) == lane && t < p.t && n0 + i < p.n) {
             float v = acc[i][t];
-            if (p.bias != nullptr) v += ldg(static_cast<const T *>(p.bias) + n0 + i);
+            if (p.bias != nullptr) v += ldg(static_cast<const T *>(p.bias) + min(n0 + i, p.n - 1));
             static_cast<T *>(p.y)[(size_t)t * p.n + n0 + i] = from_f32<T>(v);
           }
         }
@@ -387,19 +391,23 @@ __device__ __forceinline__ void small_fwd_mma(const LkSmallFwdParams &p) {
         p.h_ws[(size_t)tok * p.r + row] = sum;
         if (p.h_out != nullptr) static_cast<T *>(p.h_out)[(size_t)tok * p.r + row] = from_f32<T>(sum);
       } else {
-        const T *brow = static_cast<const T *>(p.b) + (size_t)row * p.r;
-        const float *hrow = p.h_ws + (size_t)tok * p.r;
+        const T *brow = static_cast<const T *>(p.b) + (size_t)min(row, rows - 1) * p.r;
+        const float *hrow = p.h_ws + (size_t)min(tok, p.t - 1) * p.r;
+        const int rlast = p.r - 1;
         // Four independent partial sums, unrolled, so the h and B loads overlap.
         float low[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         int j = 0;
 #pragma unroll 2
         for (; j + 4 <= p.r; j += 4) {
 #pragma unroll
-          for (int u = 0; u < 4; ++u) low[u] = fmaf(__ldcg(hrow + j + u), ldg(brow + j + u), low[u]);
+          for (int u = 0; u < 4; ++u) {
+            const int jj = min(j + u, rlast);
+            low[u] = fmaf(__ldcg(hrow + jj), ldg(brow + jj), low[u]);
+          }
         }
-        for (; j < p.r; ++j) low[0] = fmaf(__ldcg(hrow + j), ldg(brow + j), low[0]);
+        for (; j < p.r; ++j) low[0] = fmaf(__ldcg(hrow + min(j, rlast)), ldg(brow + min(j, rlast)), low[0]);
         sum = fmaf(p.scale, (low[0] + low[1]) + (low[2] + low[3]), sum);
-        if (p.bias != nullptr) sum += ldg(static_cast<const T *>(p.bias) + row);
+        if (p.bias != nullptr) sum += ldg(static_cast<const T *>(p.bias) + min(row, rows - 1));
         static_cast<T *>(p.y)[(size_t)tok * p.n + row] = from_f32<T>(sum);
       }
     }
@@ -462,17 +470,19 @@ __device__ __forceinline__ void down_kernel(const LkDownParams &p) {
       const int idx = l * 256 + tid;
       const int tt = idx / DN_BK, cc = idx % DN_BK;
       const int t = t0 + tt, c = c0 + cc;
-      float val = 0.0f;
+      float val = ldg(x + (size_t)min(t, p.t - 1) * p.ldx + min(c, p.cols - 1));
       if (t < p.t && c < c_end) {
-        val = ldg(x + (size_t)t * p.ldx + c);
         if (drop) val *= dropout_mul(p.dropout, (uint64_t)t * p.cols + c);
+      } else {
+        val = 0.0f;
       }
       xs[cc][tt] = val;
     }
     for (int idx = tid; idx < BR * DN_BK; idx += 256) {
       const int jj = idx / DN_BK, cc = idx % DN_BK;
       const int j = j0 + jj, c = c0 + cc;
-      vs[cc][jj] = (j < p.r && c < c_end) ? ldg(v + (size_t)j * p.v_sj + (size_t)c * p.v_sc) : 0.0f;
+      const float vv = ldg(v + (size_t)min(j, p.r - 1) * p.v_sj + (size_t)min(c, p.cols - 1) * p.v_sc);
+      vs[cc][jj] = (j < p.r && c < c_end) ? vv : 0.0f;
     }
     __syncthreads();
 #pragma unroll 8
@@ -530,8 +540,10 @@ __device__ __forceinline__ void down_mma_kernel(const LkDownParams &p) {
   for (int ch = warp; ch < chunks; ch += MMA_WARPS) {
     const int col = c_begin + ch * 32 + 8 * q;
     const bool in = col < c_end;
-    uint4 xl = in ? __ldg(reinterpret_cast<const uint4 *>(x_lo + col)) : make_uint4(0, 0, 0, 0);
-    uint4 xh = in ? __ldg(reinterpret_cast<const uint4 *>(x_hi + col)) : make_uint4(0, 0, 0, 0);
+    const int cl = in ? col : c_begin;  // a valid address for lanes past the end
+    uint4 xl = __ldg(reinterpret_cast<const uint4 *>(x_lo + cl));
+    uint4 xh = __ldg(reinterpret_cast<const uint4 *>(x_hi + cl));
+    if (!in) xl = xh = make_uint4(0, 0, 0, 0);
     if (drop && in) {
       xl = dropout_zero8(p.dropout, (uint64_t)t_lo * p.cols + col, xl);
       xh = dropout_zero8(p.dropout, (uint64_t)t_hi * p.cols + col, xh);
@@ -541,8 +553,8 @@ __device__ __forceinline__ void down_mma_kernel(const LkDownParams &p) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int j = min(j0 + nt * 8 + g, p.r - 1);
-      const uint4 vv = in ? __ldg(reinterpret_cast<const uint4 *>(v + (size_t)j * p.v_sj + col))
-                          : make_uint4(0, 0, 0, 0);
+      uint4 vv = __ldg(reinterpret_cast<const uint4 *>(v + (size_t)j * p.v_sj + cl));
+      if (!in) vv = make_uint4(0, 0, 0, 0);
       MmaOp<T>::run(acc[nt], a0, vv.x, vv.y);
       MmaOp<T>::run(acc[nt], a1, vv.z, vv.w);
     }
@@ -619,17 +631,19 @@ __device__ __forceinline__ void tn_kernel(const LkTnParams &p) {
       const int idx = l * 256 + tid;
       const int tt = idx / TN_BC, cc = idx % TN_BC;
       const int t = tb + tt, c = c0 + cc;
-      float val = 0.0f;
+      float val = ldg(m + (size_t)min(t, p.t - 1) * p.cols + min(c, p.cols - 1));
       if (t < t_end && c < p.cols) {
-        val = ldg(m + (size_t)t * p.cols + c);
         if (drop) val *= dropout_mul(p.dropout, (uint64_t)t * p.cols + c);
+      } else {
+        val = 0.0f;
       }
       ms[tt][cc] = val;
     }
     for (int idx = tid; idx < TN_BT * BR; idx += 256) {
       const int tt = idx / BR, jj = idx % BR;
       const int t = tb + tt, j = j0 + jj;
-      gs[tt][jj] = (t < t_end && j < p.r) ? ldg(g + (size_t)t * p.r + j) : 0.0f;
+      const float gv = ldg(g + (size_t)min(t, p.t - 1) * p.r + min(j, p.r - 1));
+      gs[tt][jj] = (t < t_end && j < p.r) ? gv : 0.0f;
     }
     __syncthreads();
 #pragma unroll 8
@@ -692,12 +706,13 @@ __device__ __forceinline__ void merge_kernel(const LkMergeParams &p) {
   const int n = blockIdx.x;
   const T *b = static_cast<const T *>(p.b);
   const T *a = static_cast<const T *>(p.a);
-  for (int j = threadIdx.x; j < p.r; j += blockDim.x) bs[j] = ldg(b + (size_t)n * p.r + j);
+  for (int j = threadIdx.x; j < p.r; j += blockDim.x) bs[j] = ldg(b + (size_t)n * p.r + min(j, p.r - 1));
   __syncthreads();
   const int k = blockIdx.y * blockDim.x + threadIdx.x;
   if (k >= p.k) return;
+  const int kc = min(k, p.k - 1);
   float acc = 0.0f;
-  for (int j = 0; j < p.r; ++j) acc = fmaf(bs[j], ldg(a + (size_t)j * p.k + k), acc);
+  for (int j = 0; j < p.r; ++j) acc = fmaf(bs[j], ldg(a + (size_t)j * p.k + kc), acc);
   T *w = static_cast<T *>(p.w) + (size_t)n * p.k + k;
   *w = from_f32<T>(to_f32(*w) + p.scale * acc);
 }
