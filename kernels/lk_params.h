@@ -46,11 +46,14 @@ typedef struct LkSmallFwdParams {
 /* Skinny "down" product, contraction over cols, split in chunks of c_chunk columns:
  *   part[s][t * r + j] = sum_{c in chunk s} drop(x)[t, c] * V[j * v_sj + c * v_sc]
  * x is [t, cols] with row stride ldx; part is f32 [splits, t * r] (reduced by
- * LkReduceParams' kernel). */
+ * LkReduceParams' kernel). With one split and out != NULL, out[t * r + j] =
+ * alpha * sum is written directly in the activation type instead (part unused). */
 typedef struct LkDownParams {
   const void *x;
   const void *v;
   float *part;
+  void *out;
+  float alpha;
   int64_t ldx;
   int64_t v_sj, v_sc;
   int32_t t, cols, r, c_chunk;

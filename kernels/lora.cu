@@ -251,6 +251,52 @@ template <> struct MmaOp<__half> {
   }
 };
 
+// Two floats rounded to the 16-bit type, packed as one mma operand word.
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t *>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t *>(&v);
+}
+
+// The low-rank term as one extra K-slice of the same accumulators: rows of B (the A
+// operand) against s·h (the B operand, f32 workspace rounded to T), 32 ranks per chunk
+// with the fragment mapping of mma_rows_dot. Needs r % 8 == 0 and B 16-byte aligned.
+template <typename T, int NT>
+__device__ __forceinline__ void mma_lowrank(const LkSmallFwdParams &p, int row0, float (&acc)[NT][4]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const T *b = static_cast<const T *>(p.b);
+  const T *b_lo = b + (size_t)min(row0 + g, p.n - 1) * p.r;
+  const T *b_hi = b + (size_t)min(row0 + g + 8, p.n - 1) * p.r;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  const int chunks = (p.r + 31) >> 5;
+  for (int ch = warp; ch < chunks; ch += MMA_WARPS) {
+    const int col = ch * 32 + 8 * q;
+    const bool in = col < p.r;
+    const int cl = in ? col : 0;
+    uint4 l = __ldg(reinterpret_cast<const uint4 *>(b_lo + cl));
+    uint4 h = __ldg(reinterpret_cast<const uint4 *>(b_hi + cl));
+    if (!in) l = h = zero;
+    const uint32_t a0[4] = {l.x, h.x, l.y, h.y};
+    const uint32_t a1[4] = {l.z, h.z, l.w, h.w};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const float *hs = p.h_ws + (size_t)min(nt * 8 + g, p.t - 1) * p.r + cl;
+      const float4 f0 = __ldcg(reinterpret_cast<const float4 *>(hs));
+      const float4 f1 = __ldcg(reinterpret_cast<const float4 *>(hs + 4));
+      const float sc = in ? p.scale : 0.0f;
+      const uint32_t w0 = pack2<T>(sc * f0.x, sc * f0.y), w1 = pack2<T>(sc * f0.z, sc * f0.w);
+      const uint32_t w2 = pack2<T>(sc * f1.x, sc * f1.y), w3 = pack2<T>(sc * f1.z, sc * f1.w);
+      MmaOp<T>::run(acc[nt], a0, w0, w1);
+      MmaOp<T>::run(acc[nt], a1, w2, w3);
+    }
+  }
+}
+
 // Zero the 16-bit elements of `v` whose dropout multiplier is 0 (kept ones stay exact;
 // the 1/(1-p) factor is applied to the f32 result).
 __device__ __forceinline__ uint4 dropout_zero8(const LkDropout &d, uint64_t e0, uint4 v) {
@@ -363,19 +409,23 @@ __device__ __forceinline__ void small_fwd_mma(const LkSmallFwdParams &p) {
       mma_rows_dot<T, NT, true>(x, row_lo, row_hi, p.t, p.k, p.dropout, acc);
     else
       mma_rows_dot<T, NT, false>(x, row_lo, row_hi, p.t, p.k, p.dropout, acc);
+    // W rows: wait for h (each warp, once), then the low-rank K-slice into acc.
+    const bool lowrank_mma = (p.r % 8 == 0) && ((reinterpret_cast<uintptr_t>(p.b) & 15) == 0);
+    if (!is_a) {
+      if (!h_ready) {
+        if (lane == 0) {
+          while (ld_acquire(&p.sync[0]) < (uint32_t)a_tasks) __nanosleep(32);
+        }
+        __syncwarp();
+        h_ready = true;
+      }
+      if (lowrank_mma) mma_lowrank<T, NT>(p, row0, acc);
+    }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int c = 0; c < 4; ++c) red[warp][nt * 4 + c][lane] = acc[nt][c];
     __syncthreads();
-
-    if (!is_a && !h_ready) {
-      if (threadIdx.x == 0) {
-        while (ld_acquire(&p.sync[0]) < (uint32_t)a_tasks) __nanosleep(64);
-      }
-      __syncthreads();
-      h_ready = true;
-    }
     // Each thread finishes values (slot, lane) of the 16 x (8 NT) output tile.
     for (int v = threadIdx.x; v < NT * 4 * 32; v += MMA_WARPS * 32) {
       const int slot = v >> 5, l = v & 31;
@@ -390,6 +440,9 @@ __device__ __forceinline__ void small_fwd_mma(const LkSmallFwdParams &p) {
         if (drop) sum *= p.dropout.keep_scale;
         p.h_ws[(size_t)tok * p.r + row] = sum;
         if (p.h_out != nullptr) static_cast<T *>(p.h_out)[(size_t)tok * p.r + row] = from_f32<T>(sum);
+      } else if (lowrank_mma) {
+        if (p.bias != nullptr) sum += ldg(static_cast<const T *>(p.bias) + min(row, rows - 1));
+        static_cast<T *>(p.y)[(size_t)tok * p.n + row] = from_f32<T>(sum);
       } else {
         const T *brow = static_cast<const T *>(p.b) + (size_t)min(row, rows - 1) * p.r;
         const float *hrow = p.h_ws + (size_t)min(tok, p.t - 1) * p.r;
@@ -507,7 +560,11 @@ __device__ __forceinline__ void down_kernel(const LkDownParams &p) {
 #pragma unroll
     for (int b = 0; b < RPT; ++b) {
       const int j = j0 + tx * RPT + b;
-      if (j < p.r) part[(size_t)t * p.r + j] = acc[a][b];
+      if (j >= p.r) continue;
+      if (p.out != nullptr)
+        static_cast<T *>(p.out)[(size_t)t * p.r + j] = from_f32<T>(p.alpha * acc[a][b]);
+      else
+        part[(size_t)t * p.r + j] = acc[a][b];
     }
   }
 }
@@ -573,7 +630,13 @@ __device__ __forceinline__ void down_mma_kernel(const LkDownParams &p) {
     const int nt = slot >> 2, c = slot & 3;
     const int t = t0 + (l >> 2) + (c >= 2 ? 8 : 0);
     const int j = j0 + nt * 8 + 2 * (l & 3) + (c & 1);
-    if (t < p.t && j < p.r) part[(size_t)t * p.r + j] = drop ? sum * p.dropout.keep_scale : sum;
+    if (t < p.t && j < p.r) {
+      const float val = drop ? sum * p.dropout.keep_scale : sum;
+      if (p.out != nullptr)
+        static_cast<T *>(p.out)[(size_t)t * p.r + j] = from_f32<T>(p.alpha * val);
+      else
+        part[(size_t)t * p.r + j] = val;
+    }
   }
 }
 

@@ -90,6 +90,8 @@ pub struct LkDownParams {
     pub x: *const ::core::ffi::c_void,
     pub v: *const ::core::ffi::c_void,
     pub part: *mut f32,
+    pub out: *mut ::core::ffi::c_void,
+    pub alpha: f32,
     pub ldx: i64,
     pub v_sj: i64,
     pub v_sc: i64,
@@ -101,21 +103,24 @@ pub struct LkDownParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkDownParams"][::core::mem::size_of::<LkDownParams>() - 88usize];
+    ["Size of LkDownParams"][::core::mem::size_of::<LkDownParams>() - 104usize];
     ["Alignment of LkDownParams"][::core::mem::align_of::<LkDownParams>() - 8usize];
     ["Offset of field: LkDownParams::x"][::core::mem::offset_of!(LkDownParams, x) - 0usize];
     ["Offset of field: LkDownParams::v"][::core::mem::offset_of!(LkDownParams, v) - 8usize];
     ["Offset of field: LkDownParams::part"][::core::mem::offset_of!(LkDownParams, part) - 16usize];
-    ["Offset of field: LkDownParams::ldx"][::core::mem::offset_of!(LkDownParams, ldx) - 24usize];
-    ["Offset of field: LkDownParams::v_sj"][::core::mem::offset_of!(LkDownParams, v_sj) - 32usize];
-    ["Offset of field: LkDownParams::v_sc"][::core::mem::offset_of!(LkDownParams, v_sc) - 40usize];
-    ["Offset of field: LkDownParams::t"][::core::mem::offset_of!(LkDownParams, t) - 48usize];
-    ["Offset of field: LkDownParams::cols"][::core::mem::offset_of!(LkDownParams, cols) - 52usize];
-    ["Offset of field: LkDownParams::r"][::core::mem::offset_of!(LkDownParams, r) - 56usize];
+    ["Offset of field: LkDownParams::out"][::core::mem::offset_of!(LkDownParams, out) - 24usize];
+    ["Offset of field: LkDownParams::alpha"]
+        [::core::mem::offset_of!(LkDownParams, alpha) - 32usize];
+    ["Offset of field: LkDownParams::ldx"][::core::mem::offset_of!(LkDownParams, ldx) - 40usize];
+    ["Offset of field: LkDownParams::v_sj"][::core::mem::offset_of!(LkDownParams, v_sj) - 48usize];
+    ["Offset of field: LkDownParams::v_sc"][::core::mem::offset_of!(LkDownParams, v_sc) - 56usize];
+    ["Offset of field: LkDownParams::t"][::core::mem::offset_of!(LkDownParams, t) - 64usize];
+    ["Offset of field: LkDownParams::cols"][::core::mem::offset_of!(LkDownParams, cols) - 68usize];
+    ["Offset of field: LkDownParams::r"][::core::mem::offset_of!(LkDownParams, r) - 72usize];
     ["Offset of field: LkDownParams::c_chunk"]
-        [::core::mem::offset_of!(LkDownParams, c_chunk) - 60usize];
+        [::core::mem::offset_of!(LkDownParams, c_chunk) - 76usize];
     ["Offset of field: LkDownParams::dropout"]
-        [::core::mem::offset_of!(LkDownParams, dropout) - 64usize];
+        [::core::mem::offset_of!(LkDownParams, dropout) - 80usize];
 };
 impl Default for LkDownParams {
     fn default() -> Self {

@@ -270,17 +270,25 @@ fn launch_down<T: Element>(
         (format!("lk_down_r{br}_{}", T::DTYPE.suffix()), 64, br)
     };
     let tiles = t.div_ceil(tile_t) * r.div_ceil(tile_r);
-    let want = (2 * gpu.sm_count() as usize).div_ceil(tiles).max(1);
+    // Split the columns only when the tiles alone cannot fill the GPU; one split writes
+    // `out` directly (no partials, no reduction launch).
+    let want = if tiles >= gpu.sm_count() as usize {
+        1
+    } else {
+        (2 * gpu.sm_count() as usize).div_ceil(tiles)
+    };
     let c_chunk = cols.div_ceil(want).div_ceil(256).max(1) * 256;
     let splits = cols.div_ceil(c_chunk);
     // SAFETY of the scratch: every (split, t, j) with t < T, j < r is written by exactly
     // one thread of the down kernel before the reduction reads it.
-    let part = gpu.scratch::<f32>(splits * t * r)?;
+    let part = gpu.scratch::<f32>(if splits > 1 { splits * t * r } else { 1 })?;
     let (part_p, _gp) = dptr(gpu, "partials", &part)?;
     let params = LkDownParams {
         x: x as *const _,
         v: v as *const _,
         part: part_p as *mut f32,
+        out: if splits == 1 { out as *mut _ } else { std::ptr::null_mut() },
+        alpha,
         ldx,
         v_sj,
         v_sc,
@@ -300,7 +308,10 @@ fn launch_down<T: Element>(
         shared_mem_bytes: 0,
     };
     gpu.launch(&name, cfg, &params)?;
-    launch_reduce::<T>(gpu, part_p, splits, t * r, alpha, out)
+    if splits > 1 {
+        launch_reduce::<T>(gpu, part_p, splits, t * r, alpha, out)?;
+    }
+    Ok(())
 }
 
 /// `out[i] = alpha · Σ_s part[s][i]`, cast to T.
