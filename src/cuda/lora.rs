@@ -5,9 +5,9 @@
 //! - T ≤ [`SMALL_T_MAX`]: one cooperative kernel reads W once and computes the base
 //!   product, the low-rank term (h in f32, never rounded) and the bias together.
 //! - larger T: `h = drop(x) Aᵀ` by a skinny kernel (tensor cores for f16/bf16, split
-//!   over K, deterministic reduction; rounded to the activation type), `y = x Wᵀ` by
-//!   cuBLAS (onto a bias-filled y with beta = 1 when there is a bias), then
-//!   `y += s · h Bᵀ` by cuBLAS with beta = 1.
+//!   over K only when the tiles cannot fill the GPU; rounded to the activation type),
+//!   `y = s · h Bᵀ` by cuBLAS (onto a bias-filled y with beta = 1 when there is a
+//!   bias), then `y += x Wᵀ` by cuBLAS with beta = 1.
 //! - backward: `g = dY B`, `dX = dY W + s · g A`, `dA = s · gᵀ x` and `dB = s · dYᵀ h`
 //!   by cuBLAS. Under dropout, `s/(1−p) · g A` is zeroed in place where x was dropped
 //!   before `dY W` is added, and `dA` comes from a token-split kernel that regenerates
@@ -205,8 +205,10 @@ fn forward_large<T: Element>(
         hp,
         opts.active_dropout(),
     )?;
-    // y = x Wᵀ (+ bias), then y += s · h Bᵀ: cuBLAS's beta = 1 read of y costs least
-    // on the skinny product.
+    // y = s · h Bᵀ (onto the bias with beta = 1 when there is one), then y += x Wᵀ with
+    // beta = 1: the skinny product writes y once, and the base GEMM's read of y hides
+    // under its arithmetic. Measured faster than the composed order (base first, then
+    // a beta = 1 skinny product that must read and write y): docs/PERF_NOTES.md.
     let beta = if p.bias != 0 {
         let params = LkBiasFillParams {
             y: p.y as *mut _,
@@ -223,8 +225,8 @@ fn forward_large<T: Element>(
     } else {
         0.0
     };
-    gemm_rm::<T>(gpu, t, n, k, 1.0, p.x, false, p.w, true, beta, p.y)?;
-    gemm_rm::<T>(gpu, t, n, r, opts.scale, hp, false, p.b, true, 1.0, p.y)?;
+    gemm_rm::<T>(gpu, t, n, r, opts.scale, hp, false, p.b, true, beta, p.y)?;
+    gemm_rm::<T>(gpu, t, n, k, 1.0, p.x, false, p.w, true, 1.0, p.y)?;
     Ok(())
 }
 
@@ -287,7 +289,11 @@ fn launch_down<T: Element>(
         x: x as *const _,
         v: v as *const _,
         part: part_p as *mut f32,
-        out: if splits == 1 { out as *mut _ } else { std::ptr::null_mut() },
+        out: if splits == 1 {
+            out as *mut _
+        } else {
+            std::ptr::null_mut()
+        },
         alpha,
         ldx,
         v_sj,
