@@ -52,11 +52,6 @@ pub enum Error {
         address: u64,
         align: usize,
     },
-    /// Two arguments that must be different buffers are the same memory.
-    Aliased {
-        first: &'static str,
-        second: &'static str,
-    },
     /// An error from the CUDA driver.
     Driver(String),
     /// An error from cuBLAS.
@@ -119,9 +114,6 @@ impl fmt::Display for Error {
                 f,
                 "`{name}` at {address:#x} is not aligned to {align} bytes"
             ),
-            Error::Aliased { first, second } => {
-                write!(f, "`{first}` and `{second}` must not be the same buffer")
-            }
             Error::Driver(e) => write!(f, "CUDA driver error: {e}"),
             Error::Cublas(e) => write!(f, "cuBLAS error: {e}"),
         }
