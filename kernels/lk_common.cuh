@@ -24,15 +24,8 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 // Read-only scalar load through the non-coherent cache.
 template <typename T> __device__ __forceinline__ float ldg(const T *p) { return to_f32(__ldg(p)); }
 
-// Eight consecutive elements starting at p (p must be aligned to 8 elements), as f32.
-__device__ __forceinline__ void load8(const float *p, float (&v)[8]) {
-  const float4 a = __ldg(reinterpret_cast<const float4 *>(p));
-  const float4 b = __ldg(reinterpret_cast<const float4 *>(p) + 1);
-  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-}
-__device__ __forceinline__ void load8(const __half *p, float (&v)[8]) {
-  const uint4 raw = __ldg(reinterpret_cast<const uint4 *>(p));
+// Eight 16-bit elements packed in 16 bytes, widened to f32.
+__device__ __forceinline__ void unpack8(const uint4 &raw, const __half *, float (&v)[8]) {
   const __half2 *h = reinterpret_cast<const __half2 *>(&raw);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -41,8 +34,7 @@ __device__ __forceinline__ void load8(const __half *p, float (&v)[8]) {
     v[2 * i + 1] = f.y;
   }
 }
-__device__ __forceinline__ void load8(const __nv_bfloat16 *p, float (&v)[8]) {
-  const uint4 raw = __ldg(reinterpret_cast<const uint4 *>(p));
+__device__ __forceinline__ void unpack8(const uint4 &raw, const __nv_bfloat16 *, float (&v)[8]) {
   const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&raw);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -51,42 +43,38 @@ __device__ __forceinline__ void load8(const __nv_bfloat16 *p, float (&v)[8]) {
     v[2 * i + 1] = f.y;
   }
 }
-
-// Streaming variants: read once, so they skip L1 (keeping it for re-used operands).
-// Not volatile: the compiler may batch and hoist them (read-only data).
-__device__ __forceinline__ uint4 ld_stream16(const void *p) {
-  uint4 r;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
-__device__ __forceinline__ void load8_stream(const float *p, float (&v)[8]) {
-  const uint4 a = ld_stream16(p), b = ld_stream16(p + 4);
+// Eight f32 in 2 x 16 bytes.
+__device__ __forceinline__ void unpack8(const uint4 &a, const uint4 &b, float (&v)[8]) {
   v[0] = __uint_as_float(a.x); v[1] = __uint_as_float(a.y);
   v[2] = __uint_as_float(a.z); v[3] = __uint_as_float(a.w);
   v[4] = __uint_as_float(b.x); v[5] = __uint_as_float(b.y);
   v[6] = __uint_as_float(b.z); v[7] = __uint_as_float(b.w);
 }
-__device__ __forceinline__ void load8_stream(const __half *p, float (&v)[8]) {
-  const uint4 raw = ld_stream16(p);
-  const __half2 *h = reinterpret_cast<const __half2 *>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
-  }
+
+// Streaming 16-byte load: read once, so it skips L1 (keeping it for re-used operands).
+// Not volatile: the compiler may batch and hoist it (read-only data).
+__device__ __forceinline__ uint4 ld_stream16(const void *p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "l"(p));
+  return r;
 }
-__device__ __forceinline__ void load8_stream(const __nv_bfloat16 *p, float (&v)[8]) {
-  const uint4 raw = ld_stream16(p);
-  const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
-  }
+
+// Eight consecutive elements starting at p (aligned to 8 elements), as f32: through the
+// read-only cache (load8) or streamed past L1 (load8_stream).
+__device__ __forceinline__ void load8(const float *p, float (&v)[8]) {
+  const uint4 *q = reinterpret_cast<const uint4 *>(p);
+  unpack8(__ldg(q), __ldg(q + 1), v);
+}
+template <typename T> __device__ __forceinline__ void load8(const T *p, float (&v)[8]) {
+  unpack8(__ldg(reinterpret_cast<const uint4 *>(p)), p, v);
+}
+__device__ __forceinline__ void load8_stream(const float *p, float (&v)[8]) {
+  unpack8(ld_stream16(p), ld_stream16(p + 4), v);
+}
+template <typename T> __device__ __forceinline__ void load8_stream(const T *p, float (&v)[8]) {
+  unpack8(ld_stream16(p), p, v);
 }
 
 // ---- Philox4x32-10 (Salmon et al., SC'11), the same function as src/philox.rs ----
