@@ -93,39 +93,45 @@ impl Op {
     }
 }
 
+/// cuBLAS `y = x Wᵀ`: the base forward every variant starts from.
+fn base_fwd(gpu: &Gpu, s: &LoraShape, set: &mut Set) {
+    let (t, k, n) = (s.tokens, s.in_features, s.out_features);
+    gemm(
+        gpu, t, n, k, 1.0, &set.x, false, &set.w, true, 0.0, &mut set.y,
+    )
+    .unwrap();
+}
+
+/// cuBLAS `dX = dY W`, plus `beta` times what dX holds.
+fn base_dx(gpu: &Gpu, s: &LoraShape, set: &mut Set, beta: f32) {
+    let (t, k, n) = (s.tokens, s.in_features, s.out_features);
+    gemm(
+        gpu,
+        t,
+        k,
+        n,
+        1.0,
+        &set.dy,
+        false,
+        &set.w,
+        false,
+        beta,
+        &mut set.dx,
+    )
+    .unwrap();
+}
+
 fn run(gpu: &Gpu, s: &LoraShape, opts: &LoraOptions, op: Op, set: &mut Set) {
     let (t, k, n, r) = (s.tokens, s.in_features, s.out_features, s.rank);
     let sc = opts.scale;
     match op {
-        Op::BaseFwd => gemm(
-            gpu, t, n, k, 1.0, &set.x, false, &set.w, true, 0.0, &mut set.y,
-        )
-        .unwrap(),
+        Op::BaseFwd => base_fwd(gpu, s, set),
         Op::BaseFwdBwd => {
-            gemm(
-                gpu, t, n, k, 1.0, &set.x, false, &set.w, true, 0.0, &mut set.y,
-            )
-            .unwrap();
-            gemm(
-                gpu,
-                t,
-                k,
-                n,
-                1.0,
-                &set.dy,
-                false,
-                &set.w,
-                false,
-                0.0,
-                &mut set.dx,
-            )
-            .unwrap();
+            base_fwd(gpu, s, set);
+            base_dx(gpu, s, set, 0.0);
         }
         Op::ComposedFwd | Op::ComposedFwdBwd => {
-            gemm(
-                gpu, t, n, k, 1.0, &set.x, false, &set.w, true, 0.0, &mut set.y,
-            )
-            .unwrap();
+            base_fwd(gpu, s, set);
             gemm(
                 gpu, t, r, k, 1.0, &set.x, false, &set.a, true, 0.0, &mut set.h,
             )
@@ -139,20 +145,7 @@ fn run(gpu: &Gpu, s: &LoraShape, opts: &LoraOptions, op: Op, set: &mut Set) {
                     gpu, t, r, n, 1.0, &set.dy, false, &set.b, false, 0.0, &mut set.g,
                 )
                 .unwrap();
-                gemm(
-                    gpu,
-                    t,
-                    k,
-                    n,
-                    1.0,
-                    &set.dy,
-                    false,
-                    &set.w,
-                    false,
-                    0.0,
-                    &mut set.dx,
-                )
-                .unwrap();
+                base_dx(gpu, s, set, 0.0);
                 gemm(
                     gpu,
                     t,
