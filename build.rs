@@ -4,7 +4,7 @@
 //!
 //! Environment (all optional):
 //! - `NVCC`: the nvcc to use. Otherwise `$CUDA_PATH/bin`, `$CUDA_HOME/bin`, `PATH`,
-//!   `/usr/local/cuda/bin`, then `.toolchain/cuda` (what `scripts/install-nvcc.sh` puts
+//!   `/usr/local/cuda/bin`, then `.toolchain/cuda` (what `scripts/install-toolchain.sh` puts
 //!   in place) are searched, in that order.
 //! - `CUDA_COMPUTE_CAP` or `LORA_KERNELS_ARCHS`: a comma-separated list of compute
 //!   capabilities (`90`, `80,86`), to build only those (faster builds). Default: 80, 86,
@@ -87,7 +87,7 @@ fn build_kernels(manifest: &Path, out_dir: &Path, sources: &[PathBuf], headers: 
     let Some(nvcc) = find_nvcc(manifest) else {
         let msg = "nvcc not found: building without CUDA kernels (every CUDA op will return \
                    Error::KernelsNotBuilt). Install the pinned toolchain with \
-                   `bash scripts/install-nvcc.sh`, or set NVCC=/path/to/nvcc.";
+                   `bash scripts/install-toolchain.sh`, or set NVCC=/path/to/nvcc.";
         if require {
             panic!("LORA_KERNELS_REQUIRE_NVCC=1 and {msg}");
         }

@@ -104,6 +104,79 @@ typedef struct LkMaskParams {
   LkDropout dropout;
 } LkMaskParams;
 
+/* ---- NEFTune (kernels/neftune.cu) -------------------------------------------------
+ * Integer tensors (ids, attention mask, lengths) are read through an index kind:
+ * 0 = u8, 1 = i32, 2 = u32, 3 = i64. Out-of-range values are never used to address
+ * memory; they are recorded in `status` (u32 [8], zero when clean):
+ *   [0] bad ids count, [1] first recorded position, [2..3] its value (lo, hi as i64);
+ *   [4] bad lengths count, [5] first recorded sequence, [6..7] its value. */
+#define LK_INDEX_U8 0
+#define LK_INDEX_I32 1
+#define LK_INDEX_U32 2
+#define LK_INDEX_I64 3
+
+/* Sequence length source of the noise magnitude alpha / sqrt(L_b * dim). */
+#define LK_LEN_PADDED 0  /* L_b = seq, every position gets noise */
+#define LK_LEN_MASK 1    /* L_b = count of nonzero mask[b, :]; noise where mask != 0 */
+#define LK_LEN_LENGTHS 2 /* L_b = lengths[b] (0..=seq); noise where t < L_b */
+
+/* out[p, :] = src(p) + noise(p, :) for p = b * seq + t:
+ *   src(p) = table[ids[p], :] (gather) or out[p, :] itself (table == NULL: in place);
+ *   noise[p, j] = eps(p * dim + j) * alpha / sqrt(L_b * dim) where position p is real,
+ *   eps(e) = (2 * (philox(seed, offset, e) >> 8) + 1 - 2^24) * 2^-24 in (-1, 1).
+ * An out-of-range id writes a zero row. `noise` == 0: plain gather. Each block handles
+ * `rows_per_block` positions of one sequence. */
+typedef struct LkNeftParams {
+  const void *table; /* [vocab, dim] or NULL */
+  const void *ids;   /* [batch * seq] of id_kind (unused when table == NULL) */
+  void *out;         /* [batch * seq, dim] */
+  const void *len;   /* mask [batch, seq] or lengths [batch] of len_kind, or NULL */
+  uint32_t *status;  /* [8] */
+  int64_t vocab;
+  int32_t dim, batch, seq, rows_per_block;
+  int32_t id_kind, len_kind, len_mode, noise;
+  float alpha;
+  uint64_t seed, offset;
+} LkNeftParams;
+
+/* Embedding backward, unordered: d_table[ids[p], :] += d_out[p, :] with f32 atomics,
+ * positions whose id equals padding_idx (>= 0) skipped. */
+typedef struct LkNeftScatterParams {
+  const void *ids;   /* [tokens] of id_kind */
+  const void *d_out; /* [tokens, dim] */
+  float *d_table;    /* [vocab, dim] */
+  uint32_t *status;  /* [8] */
+  int64_t vocab, padding_idx;
+  int32_t tokens, dim, id_kind;
+} LkNeftScatterParams;
+
+/* Deterministic embedding backward, step 1: keys[p] = id << 32 | p for valid positions,
+ * all ones otherwise (also for the padding p in tokens .. n2). */
+typedef struct LkNeftKeysParams {
+  const void *ids;
+  uint64_t *keys; /* [n2], n2 a power of two >= tokens */
+  uint32_t *status;
+  int64_t vocab, padding_idx;
+  int32_t tokens, n2, id_kind;
+} LkNeftKeysParams;
+
+/* Step 2: bitonic sort of keys ascending. k: the merge size of this launch; j: the
+ * compare distance of a global step, or 0 for a shared-memory launch that does every
+ * step j < 2048 of merge sizes k_lo ..= k (powers of two). */
+typedef struct LkNeftSortParams {
+  uint64_t *keys;
+  int32_t n2, k_lo, k, j;
+} LkNeftSortParams;
+
+/* Step 3: for each run of equal ids in the sorted keys, in position order,
+ * d_table[id, c] += sum_p d_out[p, c] (f32 sum in position order, added once). */
+typedef struct LkNeftSegsumParams {
+  const uint64_t *keys;
+  const void *d_out;
+  float *d_table;
+  int32_t n2, dim;
+} LkNeftSegsumParams;
+
 #ifdef __cplusplus
 }
 #endif

@@ -64,7 +64,7 @@ impl fmt::Display for Error {
             Error::KernelsNotBuilt => write!(
                 f,
                 "lora-kernels was built without CUDA kernels because nvcc was not found; \
-                 install the pinned toolchain with `bash scripts/install-nvcc.sh` (or set \
+                 install the pinned toolchain with `bash scripts/install-toolchain.sh` (or set \
                  NVCC=/path/to/nvcc) and rebuild"
             ),
             Error::NoDriver => write!(
