@@ -3,7 +3,7 @@
 # machine with no Rust toolchain, plus the peer fixtures and a run.sh:
 #
 #   bash scripts/gpu-bundle.sh [DIR]        # default: gpu-bundle/
-#   DIR/run.sh [all|tests|sanitize|example|bench]   # on the GPU machine; default: all
+#   DIR/run.sh [all|tests|sanitize|example|bench] [NAME-FILTER]   # on the GPU machine
 #
 # run.sh runs every test executable with LORA_KERNELS_REQUIRE_GPU=1 (a missing GPU is a
 # failure there, not a skip), the GPU suite under compute-sanitizer (memcheck,
@@ -16,7 +16,7 @@ fixtures=${LORA_KERNELS_FIXTURES:-"$repo/../shared/fixtures/peer"}
 cd "$repo"
 
 rm -rf "$dir/bin" "$dir/fixtures"
-mkdir -p "$dir/bin" "$dir/fixtures"
+mkdir -p "$dir/bin/test" "$dir/bin/bench" "$dir/bin/example" "$dir/fixtures"
 list_executables() {
   python3 -c '
 import json, sys
@@ -26,16 +26,21 @@ for line in sys.stdin:
     except ValueError:
         continue
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
-        if m["profile"]["test"] or "example" in m["target"]["kind"]:
-            print(m["target"]["name"], m["executable"])
+        kind = m["target"]["kind"]
+        if "example" in kind:
+            print("example", m["target"]["name"], m["executable"])
+        elif "bench" in kind:
+            print("bench", m["target"]["name"], m["executable"])
+        elif m["profile"]["test"]:
+            print("test", m["target"]["name"], m["executable"])
 '
 }
 {
   cargo test --release --no-run --message-format=json
   cargo bench --no-run --message-format=json
   cargo build --release --examples --message-format=json
-} | list_executables | while read -r name exe; do
-  cp "$exe" "$dir/bin/$name"
+} | list_executables | while read -r kind name exe; do
+  cp "$exe" "$dir/bin/$kind/$name"
 done
 cp -r "$fixtures"/. "$dir/fixtures/"
 
@@ -51,37 +56,47 @@ export LORA_KERNELS_FIXTURES="$here/fixtures" LORA_KERNELS_REQUIRE_GPU=1
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 
+# Second argument: a name filter (e.g. `run.sh tests neftune`, `run.sh bench lora`).
+filter=${2:-}
 if [ "$what" = all ] || [ "$what" = tests ]; then
-  for t in "$here"/bin/*; do
+  for t in "$here"/bin/test/*; do
     name=$(basename "$t")
-    case "$name" in lora|lora_layer) continue ;; esac  # the bench and the example
+    case "$name" in *"$filter"*) ;; *) continue ;; esac
     echo "== test $name"
     "$t" --test-threads=4 2>&1 | tee "$out/test-$name.log" | grep -E "^test |test result|SKIPPED|running on|panicked" || true
     [ "${PIPESTATUS[0]}" = 0 ] || { echo "FAILED: $name"; status=1; }
   done
 fi
 if [ "$what" = all ] || [ "$what" = sanitize ]; then
-  for tool in memcheck racecheck synccheck; do
-    echo "== compute-sanitizer --tool $tool gpu_lora"
-    compute-sanitizer --tool "$tool" --error-exitcode 17 --print-limit 20 \
-      "$here/bin/gpu_lora" --test-threads=1 > "$out/sanitize-$tool.log" 2>&1
-    rc=$?
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$out/sanitize-$tool.log" | tail -3
-    [ $rc = 0 ] || { echo "FAILED: compute-sanitizer $tool (rc $rc)"; status=1; }
+  for t in "$here"/bin/test/gpu_*; do
+    name=$(basename "$t")
+    case "$name" in *"$filter"*) ;; *) continue ;; esac
+    for tool in memcheck racecheck synccheck; do
+      echo "== compute-sanitizer --tool $tool $name"
+      compute-sanitizer --tool "$tool" --error-exitcode 17 --print-limit 20 \
+        "$t" --test-threads=1 > "$out/sanitize-$tool-$name.log" 2>&1
+      rc=$?
+      grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$out/sanitize-$tool-$name.log" | tail -3
+      [ $rc = 0 ] || { echo "FAILED: compute-sanitizer $tool $name (rc $rc)"; status=1; }
+    done
   done
 fi
 if [ "$what" = all ] || [ "$what" = example ]; then
   echo "== example lora_layer"
-  "$here/bin/lora_layer" 2>&1 | tee "$out/example.log" || { echo "FAILED: example"; status=1; }
+  "$here/bin/example/lora_layer" 2>&1 | tee "$out/example.log" || { echo "FAILED: example"; status=1; }
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
-  echo "== bench lora"
-  LORA_KERNELS_BENCH_OUT="$out/bench-lora.txt" "$here/bin/lora" --bench > "$out/bench-lora.log" 2>&1 \
-    || { echo "FAILED: bench"; status=1; }
-  cat "$out/bench-lora.txt" 2>/dev/null
+  for b in "$here"/bin/bench/*; do
+    name=$(basename "$b")
+    case "$name" in *"$filter"*) ;; *) continue ;; esac
+    echo "== bench $name"
+    LORA_KERNELS_BENCH_OUT="$out/bench-$name.txt" "$b" --bench > "$out/bench-$name.log" 2>&1 \
+      || { echo "FAILED: bench $name"; status=1; }
+    cat "$out/bench-$name.txt" 2>/dev/null
+  done
 fi
 exit $status
 RUN
 chmod +x "$dir/run.sh"
 du -sh "$dir"
-ls -la "$dir/bin"
+ls -la "$dir"/bin/*

@@ -52,6 +52,14 @@ pub enum Error {
         address: u64,
         align: usize,
     },
+    /// An index tensor held a value out of range (a token id outside the vocabulary, a
+    /// length outside `0..=seq`): the first one found, at `position`, and how many.
+    Index {
+        name: &'static str,
+        position: usize,
+        value: i64,
+        count: usize,
+    },
     /// An error from the CUDA driver.
     Driver(String),
     /// An error from cuBLAS.
@@ -113,6 +121,16 @@ impl fmt::Display for Error {
             } => write!(
                 f,
                 "`{name}` at {address:#x} is not aligned to {align} bytes"
+            ),
+            Error::Index {
+                name,
+                position,
+                value,
+                count,
+            } => write!(
+                f,
+                "`{name}` holds {count} out-of-range value(s); the first found is {value} at \
+                 position {position}"
             ),
             Error::Driver(e) => write!(f, "CUDA driver error: {e}"),
             Error::Cublas(e) => write!(f, "cuBLAS error: {e}"),

@@ -5,6 +5,9 @@
 //!
 //! - [`lora`]: the fused LoRA linear layer, forward, backward, merge and unmerge;
 //!   CPU oracle in [`cpu::lora`], CUDA ops in [`cuda::lora`], same arguments.
+//! - [`neftune`]: NEFTune's embedding gather plus uniform noise in one pass, the noise
+//!   alone, and the table's gradient; CPU in [`cpu::neftune`], CUDA in
+//!   [`cuda::neftune`], bit-equal.
 //! - [`Dropout`]: counter-based (Philox4x32-10) dropout masks, regenerated in backward.
 //!
 //! Layouts follow PyTorch and peft: row-major, `x` [T, K], `W` [N, K], `A` [r, K],
@@ -35,10 +38,12 @@ pub mod cuda;
 mod dtype;
 mod error;
 pub mod lora;
+pub mod neftune;
 mod philox;
 
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
 pub use lora::{LoraGrads, LoraOptions, LoraShape, LoraWeights};
+pub use neftune::{EmbedShape, Noise, SeqLen};
 pub use philox::{philox4x32_10, philox_word, Dropout};

@@ -3,6 +3,7 @@
 //! element types as the CUDA ops; every intermediate is f64, rounded once at the end.
 
 pub mod lora;
+pub mod neftune;
 
 /// Runs `f(row, out_row)` over the rows of `out` (each `row_len` long), on all cores.
 pub(crate) fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {

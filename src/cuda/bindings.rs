@@ -294,3 +294,218 @@ impl Default for LkMaskParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkNeftParams {
+    pub table: *const ::core::ffi::c_void,
+    pub ids: *const ::core::ffi::c_void,
+    pub out: *mut ::core::ffi::c_void,
+    pub len: *const ::core::ffi::c_void,
+    pub status: *mut u32,
+    pub vocab: i64,
+    pub dim: i32,
+    pub batch: i32,
+    pub seq: i32,
+    pub rows_per_block: i32,
+    pub id_kind: i32,
+    pub len_kind: i32,
+    pub len_mode: i32,
+    pub noise: i32,
+    pub alpha: f32,
+    pub seed: u64,
+    pub offset: u64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkNeftParams"][::core::mem::size_of::<LkNeftParams>() - 104usize];
+    ["Alignment of LkNeftParams"][::core::mem::align_of::<LkNeftParams>() - 8usize];
+    ["Offset of field: LkNeftParams::table"][::core::mem::offset_of!(LkNeftParams, table) - 0usize];
+    ["Offset of field: LkNeftParams::ids"][::core::mem::offset_of!(LkNeftParams, ids) - 8usize];
+    ["Offset of field: LkNeftParams::out"][::core::mem::offset_of!(LkNeftParams, out) - 16usize];
+    ["Offset of field: LkNeftParams::len"][::core::mem::offset_of!(LkNeftParams, len) - 24usize];
+    ["Offset of field: LkNeftParams::status"]
+        [::core::mem::offset_of!(LkNeftParams, status) - 32usize];
+    ["Offset of field: LkNeftParams::vocab"]
+        [::core::mem::offset_of!(LkNeftParams, vocab) - 40usize];
+    ["Offset of field: LkNeftParams::dim"][::core::mem::offset_of!(LkNeftParams, dim) - 48usize];
+    ["Offset of field: LkNeftParams::batch"]
+        [::core::mem::offset_of!(LkNeftParams, batch) - 52usize];
+    ["Offset of field: LkNeftParams::seq"][::core::mem::offset_of!(LkNeftParams, seq) - 56usize];
+    ["Offset of field: LkNeftParams::rows_per_block"]
+        [::core::mem::offset_of!(LkNeftParams, rows_per_block) - 60usize];
+    ["Offset of field: LkNeftParams::id_kind"]
+        [::core::mem::offset_of!(LkNeftParams, id_kind) - 64usize];
+    ["Offset of field: LkNeftParams::len_kind"]
+        [::core::mem::offset_of!(LkNeftParams, len_kind) - 68usize];
+    ["Offset of field: LkNeftParams::len_mode"]
+        [::core::mem::offset_of!(LkNeftParams, len_mode) - 72usize];
+    ["Offset of field: LkNeftParams::noise"]
+        [::core::mem::offset_of!(LkNeftParams, noise) - 76usize];
+    ["Offset of field: LkNeftParams::alpha"]
+        [::core::mem::offset_of!(LkNeftParams, alpha) - 80usize];
+    ["Offset of field: LkNeftParams::seed"][::core::mem::offset_of!(LkNeftParams, seed) - 88usize];
+    ["Offset of field: LkNeftParams::offset"]
+        [::core::mem::offset_of!(LkNeftParams, offset) - 96usize];
+};
+impl Default for LkNeftParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkNeftScatterParams {
+    pub ids: *const ::core::ffi::c_void,
+    pub d_out: *const ::core::ffi::c_void,
+    pub d_table: *mut f32,
+    pub status: *mut u32,
+    pub vocab: i64,
+    pub padding_idx: i64,
+    pub tokens: i32,
+    pub dim: i32,
+    pub id_kind: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkNeftScatterParams"][::core::mem::size_of::<LkNeftScatterParams>() - 64usize];
+    ["Alignment of LkNeftScatterParams"][::core::mem::align_of::<LkNeftScatterParams>() - 8usize];
+    ["Offset of field: LkNeftScatterParams::ids"]
+        [::core::mem::offset_of!(LkNeftScatterParams, ids) - 0usize];
+    ["Offset of field: LkNeftScatterParams::d_out"]
+        [::core::mem::offset_of!(LkNeftScatterParams, d_out) - 8usize];
+    ["Offset of field: LkNeftScatterParams::d_table"]
+        [::core::mem::offset_of!(LkNeftScatterParams, d_table) - 16usize];
+    ["Offset of field: LkNeftScatterParams::status"]
+        [::core::mem::offset_of!(LkNeftScatterParams, status) - 24usize];
+    ["Offset of field: LkNeftScatterParams::vocab"]
+        [::core::mem::offset_of!(LkNeftScatterParams, vocab) - 32usize];
+    ["Offset of field: LkNeftScatterParams::padding_idx"]
+        [::core::mem::offset_of!(LkNeftScatterParams, padding_idx) - 40usize];
+    ["Offset of field: LkNeftScatterParams::tokens"]
+        [::core::mem::offset_of!(LkNeftScatterParams, tokens) - 48usize];
+    ["Offset of field: LkNeftScatterParams::dim"]
+        [::core::mem::offset_of!(LkNeftScatterParams, dim) - 52usize];
+    ["Offset of field: LkNeftScatterParams::id_kind"]
+        [::core::mem::offset_of!(LkNeftScatterParams, id_kind) - 56usize];
+};
+impl Default for LkNeftScatterParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkNeftKeysParams {
+    pub ids: *const ::core::ffi::c_void,
+    pub keys: *mut u64,
+    pub status: *mut u32,
+    pub vocab: i64,
+    pub padding_idx: i64,
+    pub tokens: i32,
+    pub n2: i32,
+    pub id_kind: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkNeftKeysParams"][::core::mem::size_of::<LkNeftKeysParams>() - 56usize];
+    ["Alignment of LkNeftKeysParams"][::core::mem::align_of::<LkNeftKeysParams>() - 8usize];
+    ["Offset of field: LkNeftKeysParams::ids"]
+        [::core::mem::offset_of!(LkNeftKeysParams, ids) - 0usize];
+    ["Offset of field: LkNeftKeysParams::keys"]
+        [::core::mem::offset_of!(LkNeftKeysParams, keys) - 8usize];
+    ["Offset of field: LkNeftKeysParams::status"]
+        [::core::mem::offset_of!(LkNeftKeysParams, status) - 16usize];
+    ["Offset of field: LkNeftKeysParams::vocab"]
+        [::core::mem::offset_of!(LkNeftKeysParams, vocab) - 24usize];
+    ["Offset of field: LkNeftKeysParams::padding_idx"]
+        [::core::mem::offset_of!(LkNeftKeysParams, padding_idx) - 32usize];
+    ["Offset of field: LkNeftKeysParams::tokens"]
+        [::core::mem::offset_of!(LkNeftKeysParams, tokens) - 40usize];
+    ["Offset of field: LkNeftKeysParams::n2"]
+        [::core::mem::offset_of!(LkNeftKeysParams, n2) - 44usize];
+    ["Offset of field: LkNeftKeysParams::id_kind"]
+        [::core::mem::offset_of!(LkNeftKeysParams, id_kind) - 48usize];
+};
+impl Default for LkNeftKeysParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkNeftSortParams {
+    pub keys: *mut u64,
+    pub n2: i32,
+    pub k_lo: i32,
+    pub k: i32,
+    pub j: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkNeftSortParams"][::core::mem::size_of::<LkNeftSortParams>() - 24usize];
+    ["Alignment of LkNeftSortParams"][::core::mem::align_of::<LkNeftSortParams>() - 8usize];
+    ["Offset of field: LkNeftSortParams::keys"]
+        [::core::mem::offset_of!(LkNeftSortParams, keys) - 0usize];
+    ["Offset of field: LkNeftSortParams::n2"]
+        [::core::mem::offset_of!(LkNeftSortParams, n2) - 8usize];
+    ["Offset of field: LkNeftSortParams::k_lo"]
+        [::core::mem::offset_of!(LkNeftSortParams, k_lo) - 12usize];
+    ["Offset of field: LkNeftSortParams::k"]
+        [::core::mem::offset_of!(LkNeftSortParams, k) - 16usize];
+    ["Offset of field: LkNeftSortParams::j"]
+        [::core::mem::offset_of!(LkNeftSortParams, j) - 20usize];
+};
+impl Default for LkNeftSortParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkNeftSegsumParams {
+    pub keys: *const u64,
+    pub d_out: *const ::core::ffi::c_void,
+    pub d_table: *mut f32,
+    pub n2: i32,
+    pub dim: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkNeftSegsumParams"][::core::mem::size_of::<LkNeftSegsumParams>() - 32usize];
+    ["Alignment of LkNeftSegsumParams"][::core::mem::align_of::<LkNeftSegsumParams>() - 8usize];
+    ["Offset of field: LkNeftSegsumParams::keys"]
+        [::core::mem::offset_of!(LkNeftSegsumParams, keys) - 0usize];
+    ["Offset of field: LkNeftSegsumParams::d_out"]
+        [::core::mem::offset_of!(LkNeftSegsumParams, d_out) - 8usize];
+    ["Offset of field: LkNeftSegsumParams::d_table"]
+        [::core::mem::offset_of!(LkNeftSegsumParams, d_table) - 16usize];
+    ["Offset of field: LkNeftSegsumParams::n2"]
+        [::core::mem::offset_of!(LkNeftSegsumParams, n2) - 24usize];
+    ["Offset of field: LkNeftSegsumParams::dim"]
+        [::core::mem::offset_of!(LkNeftSegsumParams, dim) - 28usize];
+};
+impl Default for LkNeftSegsumParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

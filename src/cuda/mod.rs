@@ -5,6 +5,7 @@
 //! `// SAFETY:` note.
 
 pub mod lora;
+pub mod neftune;
 
 #[allow(clippy::all)]
 #[rustfmt::skip]
@@ -52,6 +53,14 @@ unsafe impl DeviceRepr for LkReduceParams {}
 unsafe impl DeviceRepr for LkMergeParams {}
 unsafe impl DeviceRepr for LkBiasFillParams {}
 unsafe impl DeviceRepr for LkMaskParams {}
+unsafe impl DeviceRepr for LkNeftParams {}
+unsafe impl DeviceRepr for LkNeftScatterParams {}
+unsafe impl DeviceRepr for LkNeftKeysParams {}
+unsafe impl DeviceRepr for LkNeftSortParams {}
+unsafe impl DeviceRepr for LkNeftSegsumParams {}
+
+/// Words of [`Gpu`]'s index-error status buffer (layout in kernels/lk_params.h).
+const STATUS_WORDS: usize = 8;
 
 /// One GPU: its context, a stream every op of this `Gpu` is queued on, a cuBLAS handle
 /// and the kernels, loaded once for the device's compute capability.
@@ -62,11 +71,13 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
-    lora: Arc<CudaModule>,
+    modules: Vec<(&'static str, Arc<CudaModule>)>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     coop_grid: Mutex<HashMap<String, u32>>,
     /// Counters of the cooperative small-T kernels: zero between launches.
     pub(crate) sync: CudaSlice<u32>,
+    /// Out-of-range index reports of the NEFTune kernels (see [`Gpu::take_index_errors`]).
+    pub(crate) status: CudaSlice<u32>,
     name: String,
     compute_capability: (i32, i32),
     sm_count: u32,
@@ -111,16 +122,21 @@ impl Gpu {
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let stream = ctx.new_stream()?;
         let blas = CudaBlas::new(stream.clone())?;
-        let lora = load_module(&ctx, "lora")?;
+        let modules = vec![
+            ("lora", load_module(&ctx, "lora")?),
+            ("neftune", load_module(&ctx, "neftune")?),
+        ];
         let sync = stream.alloc_zeros::<u32>(2)?;
+        let status = stream.alloc_zeros::<u32>(STATUS_WORDS)?;
         Ok(Gpu {
             ctx,
             stream,
             blas,
-            lora,
+            modules,
             functions: Mutex::new(HashMap::new()),
             coop_grid: Mutex::new(HashMap::new()),
             sync,
+            status,
             name,
             compute_capability: (major, minor),
             sm_count,
@@ -178,7 +194,10 @@ impl Gpu {
     }
 
     /// An uninitialized device buffer for kernel outputs or scratch.
-    pub(crate) fn scratch<T: Element>(&self, len: usize) -> Result<CudaSlice<T>> {
+    pub(crate) fn scratch<T: cudarc::driver::DeviceRepr>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>> {
         // SAFETY: the buffer is only handed to kernels that write every element before
         // any element is read (each caller says which kernel does).
         Ok(unsafe { self.stream.alloc::<T>(len.max(1)) }?)
@@ -189,16 +208,57 @@ impl Gpu {
         if let Some(f) = map.get(name) {
             return Ok(f.clone());
         }
-        let f = self
-            .lora
-            .load_function(name)
-            .map_err(|e| Error::ModuleLoad {
-                module: "lora".into(),
-                archs: kernels::ARCHS.into(),
-                detail: format!("kernel {name}: {e}"),
-            })?;
+        // Entry points are prefixed by family: lk_neft_* live in neftune.cu.
+        let module = if name.starts_with("lk_neft_") {
+            "neftune"
+        } else {
+            "lora"
+        };
+        let (_, m) = self.modules.iter().find(|(n, _)| *n == module).unwrap();
+        let f = m.load_function(name).map_err(|e| Error::ModuleLoad {
+            module: module.into(),
+            archs: kernels::ARCHS.into(),
+            detail: format!("kernel {name}: {e}"),
+        })?;
         map.insert(name.to_string(), f.clone());
         Ok(f)
+    }
+
+    /// Reports (and clears) the out-of-range values that kernels found in index tensors
+    /// since the last call: token ids outside the vocabulary, or sequence lengths outside
+    /// `0..=seq`. Kernels never read memory through such a value (see
+    /// [`crate::cuda::neftune`]); they record the first one they meet and a count, and
+    /// this returns them as [`Error::Index`]. Synchronizes the stream.
+    pub fn take_index_errors(&self) -> Result<()> {
+        let s = self.stream.clone_dtoh(&self.status)?;
+        if s.iter().all(|&w| w == 0) {
+            return Ok(());
+        }
+        let (ptr, _guard) = self.status.device_ptr(&self.stream);
+        // SAFETY: zeroes exactly the status buffer this Gpu owns, on its own stream.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                ptr,
+                0,
+                STATUS_WORDS * 4,
+                self.stream.cu_stream(),
+            )
+        }?;
+        let value = |lo: u32, hi: u32| ((hi as u64) << 32 | lo as u64) as i64;
+        if s[0] != 0 {
+            return Err(Error::Index {
+                name: "ids",
+                position: s[1] as usize,
+                value: value(s[2], s[3]),
+                count: s[0] as usize,
+            });
+        }
+        Err(Error::Index {
+            name: "lengths",
+            position: s[5] as usize,
+            value: value(s[6], s[7]),
+            count: s[4] as usize,
+        })
     }
 
     /// The largest grid of `block` threads with `smem` bytes of dynamic shared memory

@@ -1,0 +1,262 @@
+//! NEFTune (Jain et al., 2023): uniform noise on the token embeddings during training.
+//!
+//! ```text
+//! e[b, t, :] = E[ids[b, t], :] + ε · alpha / sqrt(L_b · d),   ε ~ U(−1, 1) per element
+//! ```
+//!
+//! `E` is the embedding table [vocab, d], `ids` [batch, seq], and `L_b` the length of
+//! sequence `b`, as the caller picks ([`SeqLen`]):
+//! - [`SeqLen::Padded`]: `L_b = seq` and every position gets noise (transformers'
+//!   `neftune_noise_alpha` hook);
+//! - [`SeqLen::Mask`]: `L_b` = the number of nonzero entries of the attention mask's row
+//!   `b`, and only positions whose mask is nonzero get noise (the NEFTune authors'
+//!   training code); masked positions are the plain gather, bit for bit;
+//! - [`SeqLen::Lengths`]: `L_b = lengths[b]` (in `0..=seq`), noise at `t < L_b`.
+//!
+//! ## The noise, exactly
+//! Element `e = (b · seq + t) · d + j` of the output takes Philox4x32-10 word
+//! `w = philox_word(seed, offset, e)` ([`crate::philox_word`]) and
+//! `ε = (2 · (w >> 8) + 1 − 2^24) · 2^−24`, one of 2^24 evenly spaced values in (−1, 1)
+//! with mean exactly 0. The magnitude `mag = alpha / sqrt(L_b · d)` is computed in f64
+//! and rounded to f32; the output is `round(fma(ε, mag, E[id, j]))` in the table's
+//! type (one f32 fused multiply-add, then round-to-nearest-even). The CPU oracle
+//! ([`crate::cpu::neftune`]) and the GPU ([`crate::cuda::neftune`]) give the same bits,
+//! for any launch shape and GPU. Keep `seed` fixed and advance `offset` by one every
+//! training step (and per embedding layer, if several share a seed).
+//!
+//! ## Backward
+//! The noise is a constant, so the gradient of the embeddings' consumer flows through
+//! unchanged: `d(activations)` is the identity and needs no kernel. For a trainable
+//! table, the table's gradient is the scatter-add `dE[ids[p], :] += d_out[p, :]`
+//! ([`crate::cuda::neftune::embedding_backward`]), unordered (f32 atomics) or
+//! deterministic (positions sorted by id, summed in position order: the same bits on
+//! every run, equal to the CPU oracle's).
+
+use crate::{Error, Result};
+
+/// Shape of an embedding lookup: `batch` sequences of `seq` tokens, a table of `vocab`
+/// rows of `dim` elements. The output is [batch · seq, dim].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbedShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub vocab: usize,
+    pub dim: usize,
+}
+
+impl EmbedShape {
+    /// `batch` sequences of `seq` tokens, a `vocab` × `dim` table.
+    pub fn new(batch: usize, seq: usize, vocab: usize, dim: usize) -> Self {
+        EmbedShape {
+            batch,
+            seq,
+            vocab,
+            dim,
+        }
+    }
+
+    /// Number of positions, `batch · seq`.
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+
+    /// Elements of the table, `vocab · dim`.
+    pub fn table_len(&self) -> usize {
+        self.vocab * self.dim
+    }
+
+    /// Elements of the output, `batch · seq · dim`.
+    pub fn out_len(&self) -> usize {
+        self.tokens() * self.dim
+    }
+
+    /// Checks that every dimension is in range. `need_vocab`: the op reads the table.
+    pub(crate) fn validate(&self, need_vocab: bool) -> Result<()> {
+        let dims = [("batch", self.batch), ("seq", self.seq), ("dim", self.dim)];
+        for (name, v) in dims {
+            if v == 0 || v > i32::MAX as usize {
+                return Err(Error::Dim {
+                    name,
+                    value: v,
+                    reason: "must be in 1..2^31",
+                });
+            }
+        }
+        if need_vocab && (self.vocab == 0 || self.vocab > u32::MAX as usize) {
+            return Err(Error::Dim {
+                name: "vocab",
+                value: self.vocab,
+                reason: "must be in 1..2^32",
+            });
+        }
+        if self.tokens() > i32::MAX as usize {
+            return Err(Error::Dim {
+                name: "batch * seq",
+                value: self.tokens(),
+                reason: "must be below 2^31",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Where the noise magnitude's sequence length `L_b` comes from; `B` is the mask's or
+/// lengths' buffer type (`[M]` on the CPU, a device buffer on the GPU).
+#[derive(Debug)]
+pub enum SeqLen<'a, B: ?Sized> {
+    /// `L_b = seq`; every position gets noise.
+    Padded,
+    /// Attention mask [batch, seq]: `L_b` = nonzero entries of row `b`; noise only where
+    /// the mask is nonzero.
+    Mask(&'a B),
+    /// Lengths [batch]: `L_b = lengths[b]` (must be in `0..=seq`); noise at `t < L_b`.
+    Lengths(&'a B),
+}
+
+impl<B: ?Sized> Clone for SeqLen<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: ?Sized> Copy for SeqLen<'_, B> {}
+
+/// NEFTune's noise: `alpha` and the Philox stream `(seed, offset)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Noise {
+    /// NEFTune's alpha (the paper uses 5, 10, 15); 0 leaves the embeddings unchanged.
+    pub alpha: f32,
+    /// Philox key.
+    pub seed: u64,
+    /// Philox counter offset: advance it every training step.
+    pub offset: u64,
+}
+
+impl Noise {
+    /// Noise of strength `alpha` from stream `(seed, offset)`.
+    pub fn new(alpha: f32, seed: u64, offset: u64) -> Self {
+        Noise {
+            alpha,
+            seed,
+            offset,
+        }
+    }
+
+    /// The magnitude `alpha / sqrt(len · dim)` for a sequence of `len` real tokens, as
+    /// the kernels compute it (f64, rounded to f32); 0 when `len` is 0.
+    pub fn magnitude(&self, len: usize, dim: usize) -> f32 {
+        if len == 0 {
+            return 0.0;
+        }
+        (self.alpha as f64 / (len as f64 * dim as f64).sqrt()) as f32
+    }
+
+    /// ε of output element `e`, in (−1, 1).
+    pub fn epsilon(&self, e: u64) -> f32 {
+        let w = crate::philox_word(self.seed, self.offset, e);
+        (2 * (w >> 8) as i32 + 1 - (1 << 24)) as f32 * 2f32.powi(-24)
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if !(self.alpha >= 0.0 && self.alpha.is_finite()) {
+            return Err(Error::Value {
+                name: "noise.alpha",
+                value: self.alpha as f64,
+                reason: "must be finite and >= 0",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Options of the table-gradient scatter-add.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BackwardOptions {
+    /// Sum each row's contributions in position order (the same bits on every run and
+    /// equal to the CPU oracle), at the cost of a sort; otherwise f32 atomics.
+    pub deterministic: bool,
+    /// Positions holding this id contribute nothing (PyTorch's `padding_idx`).
+    pub padding_idx: Option<usize>,
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for u8 {}
+    impl Sealed for i32 {}
+    impl Sealed for u32 {}
+    impl Sealed for i64 {}
+}
+
+/// An integer type of token ids, attention masks and lengths: u8, i32, u32 or i64
+/// (PyTorch's `input_ids` and `attention_mask` are i64).
+pub trait Index:
+    sealed::Sealed
+    + Copy
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+    + 'static
+{
+    /// The kernels' index kind (`LK_INDEX_*` in kernels/lk_params.h).
+    const KIND: i32;
+    /// The value as i64.
+    fn to_i64(self) -> i64;
+}
+
+impl Index for u8 {
+    const KIND: i32 = 0;
+    fn to_i64(self) -> i64 {
+        self as i64
+    }
+}
+impl Index for i32 {
+    const KIND: i32 = 1;
+    fn to_i64(self) -> i64 {
+        self as i64
+    }
+}
+impl Index for u32 {
+    const KIND: i32 = 2;
+    fn to_i64(self) -> i64 {
+        self as i64
+    }
+}
+impl Index for i64 {
+    const KIND: i32 = 3;
+    fn to_i64(self) -> i64 {
+        self
+    }
+}
+
+/// The seq-len buffer's required length for `shape`, if any.
+pub(crate) fn seq_len_expected<B: ?Sized>(shape: &EmbedShape, len: &SeqLen<'_, B>) -> usize {
+    match len {
+        SeqLen::Padded => 0,
+        SeqLen::Mask(_) => shape.tokens(),
+        SeqLen::Lengths(_) => shape.batch,
+    }
+}
+
+/// Checks every id against the vocabulary on the host: the first bad one as
+/// [`Error::Index`]. For callers holding ids on the host before upload.
+pub fn check_ids<I: Index>(ids: &[I], vocab: usize) -> Result<()> {
+    let mut first = None;
+    let mut count = 0;
+    for (p, &id) in ids.iter().enumerate() {
+        let v = id.to_i64();
+        if v < 0 || v as u64 >= vocab as u64 {
+            count += 1;
+            first.get_or_insert((p, v));
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some((position, value)) => Err(Error::Index {
+            name: "ids",
+            position,
+            value,
+            count,
+        }),
+    }
+}
