@@ -123,9 +123,9 @@ typedef struct LkMaskParams {
 /* out[p, :] = src(p) + noise(p, :) for p = b * seq + t:
  *   src(p) = table[ids[p], :] (gather) or out[p, :] itself (table == NULL: in place);
  *   noise[p, j] = eps(p * dim + j) * alpha / sqrt(L_b * dim) where position p is real,
- *   eps(e) = (2 * (philox(seed, offset, e) >> 8) + 1 - 2^24) * 2^-24 in (-1, 1).
+ *   eps(e) in (-1, 1) from Philox(seed, offset) as src/neftune.rs documents.
  * An out-of-range id writes a zero row. `noise` == 0: plain gather. Each block handles
- * `rows_per_block` positions of one sequence. */
+ * `rows_per_block` (<= 64) positions of one sequence. */
 typedef struct LkNeftParams {
   const void *table; /* [vocab, dim] or NULL */
   const void *ids;   /* [batch * seq] of id_kind (unused when table == NULL) */

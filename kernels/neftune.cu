@@ -37,9 +37,17 @@ __device__ __forceinline__ float fma_exact(float a, float b, float c) {
   return d;
 }
 
-// eps in (-1, 1) from a 32-bit Philox word: 2^24 evenly spaced values, mean exactly 0.
-__device__ __forceinline__ float eps_of(uint32_t word) {
-  return (float)((int32_t)(2u * (word >> 8) + 1u) - (1 << 24)) * 5.9604644775390625e-8f;
+// ---- the noise of one element ----------------------------------------------------
+// f32 tables: element e takes 24 bits of word e & 3 of Philox group e >> 2:
+//   eps = (2 * (w >> 8) + 1 - 2^24) * 2^-24.
+// f16/bf16 tables: element e takes 16-bit half e & 1 (low half first) of word
+//   (e >> 1) & 3 of group e >> 3: eps = (2 * h + 1 - 2^16) * 2^-16, still finer than the
+//   output's own precision. Either way 16 bytes of output use exactly one Philox block.
+__device__ __forceinline__ float eps24(uint32_t w) {
+  return (float)((int32_t)(2u * (w >> 8) + 1u) - (1 << 24)) * 5.9604644775390625e-8f;
+}
+__device__ __forceinline__ float eps16(uint32_t h) {
+  return (float)((int32_t)(2u * (h & 0xffffu) + 1u) - (1 << 16)) * 1.52587890625e-5f;
 }
 
 __device__ __forceinline__ lk::U32x4 philox_at(uint64_t seed, uint64_t offset, uint64_t group) {
@@ -47,16 +55,33 @@ __device__ __forceinline__ lk::U32x4 philox_at(uint64_t seed, uint64_t offset, u
                            (uint32_t)(offset >> 32), (uint32_t)seed, (uint32_t)(seed >> 32));
 }
 
-// 16 bytes of elements: VEC = 16 / sizeof(T).
-template <typename T> struct Vec16 {
+// Elements per Philox block: 4 (f32) or 8 (16-bit types), i.e. 16 bytes either way.
+template <typename T> struct PerGroup {
   static constexpr int N = 16 / sizeof(T);
 };
 
 __device__ __forceinline__ uint32_t word_of(const uint4 &r, int i) {
   return i == 0 ? r.x : i == 1 ? r.y : i == 2 ? r.z : r.w;
 }
+__device__ __forceinline__ uint32_t word_of(const lk::U32x4 &r, int i) {
+  return i == 0 ? r.v[0] : i == 1 ? r.v[1] : i == 2 ? r.v[2] : r.v[3];
+}
 __device__ __forceinline__ void set_word(uint4 &r, int i, uint32_t v) {
   if (i == 0) r.x = v; else if (i == 1) r.y = v; else if (i == 2) r.z = v; else r.w = v;
+}
+
+// eps of element e (any alignment).
+template <typename T> __device__ __forceinline__ float eps_of(uint64_t seed, uint64_t offset,
+                                                             uint64_t e) {
+  constexpr int N = PerGroup<T>::N;
+  const lk::U32x4 r = philox_at(seed, offset, e / N);
+  const int k = (int)(e % N);
+  if constexpr (N == 4) {
+    return eps24(word_of(r, k));
+  } else {
+    const uint32_t w = word_of(r, k >> 1);
+    return eps16((k & 1) ? (w >> 16) : w);
+  }
 }
 
 // A 16-bit element's bits <-> f32 (exact widening, round-to-nearest-even narrowing).
@@ -75,37 +100,64 @@ template <> __device__ __forceinline__ uint32_t f32_to_bits<__half>(float v) {
   return __half_as_ushort(__float2half_rn(v));
 }
 
-// Adds the noise to 16 bytes of elements starting at element e0 (a multiple of 4).
+// Adds the noise to 16 bytes of elements: Philox group `group` covers exactly them.
 template <typename T>
 __device__ __forceinline__ uint4 add_noise16(uint4 raw, float mag, uint64_t seed, uint64_t offset,
-                                             uint64_t e0) {
-  constexpr int N = Vec16<T>::N;  // 4 (f32) or 8 (16-bit types)
+                                             uint64_t group) {
+  const lk::U32x4 r = philox_at(seed, offset, group);
 #pragma unroll
-  for (int g = 0; g < N / 4; ++g) {
-    const lk::U32x4 r = philox_at(seed, offset, (e0 >> 2) + g);
-    if constexpr (N == 4) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float x = __uint_as_float(word_of(raw, i));
-        set_word(raw, i, __float_as_uint(fma_exact(eps_of(r.v[i]), mag, x)));
-      }
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t w = word_of(raw, i);
+    if constexpr (PerGroup<T>::N == 4) {
+      set_word(raw, i, __float_as_uint(fma_exact(eps24(r.v[i]), mag, __uint_as_float(w))));
     } else {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t w = word_of(raw, 2 * g + h);
-        const float lo = fma_exact(eps_of(r.v[2 * h]), mag, bits_to_f32<T>(w & 0xffffu));
-        const float hi = fma_exact(eps_of(r.v[2 * h + 1]), mag, bits_to_f32<T>(w >> 16));
-        set_word(raw, 2 * g + h, f32_to_bits<T>(lo) | (f32_to_bits<T>(hi) << 16));
-      }
+      const float lo = fma_exact(eps16(r.v[i]), mag, bits_to_f32<T>(w & 0xffffu));
+      const float hi = fma_exact(eps16(r.v[i] >> 16), mag, bits_to_f32<T>(w >> 16));
+      set_word(raw, i, f32_to_bits<T>(lo) | (f32_to_bits<T>(hi) << 16));
     }
   }
   return raw;
 }
 
+__device__ __forceinline__ float magnitude(float alpha, int64_t len, int dim) {
+  return len > 0 ? (float)((double)alpha / sqrt((double)len * (double)dim)) : 0.0f;
+}
+
+// Writes this warp's part of L_b for the block's sequence b to s_part[warp] (summed
+// after a barrier): the mask row's nonzero count, lengths[b] (-1 if out of range,
+// reported once), or seq.
+__device__ __forceinline__ void seq_len_part(const LkNeftParams &p, int b, int t0, int *s_part) {
+  if (p.len_mode == LK_LEN_MASK) {
+    int count = 0;
+    for (int t = threadIdx.x; t < p.seq; t += NEFT_BLOCK)
+      count += load_index(p.len, p.len_kind, (int64_t)b * p.seq + t) != 0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) count += __shfl_xor_sync(0xffffffffu, count, o);
+    if ((threadIdx.x & 31) == 0) s_part[threadIdx.x / 32] = count;
+  } else if ((threadIdx.x & 31) == 0) {
+    int64_t len = 0;
+    if (threadIdx.x == 0) {
+      len = p.seq;
+      if (p.len_mode == LK_LEN_LENGTHS) {
+        len = load_index(p.len, p.len_kind, b);
+        if (len < 0 || len > p.seq) {
+          if (t0 == 0) record_bad(p.status, 4, b, len);
+          len = -1;  // invalid: no noise for this sequence
+        }
+      }
+    }
+    s_part[threadIdx.x / 32] = (int)len;
+  }
+}
+
+// Each block handles `rows_per_block` positions of one sequence. In one round trip it
+// stages the rows' sources (ids) and mask flags in shared memory and finds L_b (counting
+// the mask row in mask mode); then the rows stream through registers with 16-byte loads,
+// the noise added there. Rows that are not 16-byte aligned take the per-element path.
 template <typename T> __device__ void neft_embed(const LkNeftParams &p) {
   __shared__ int64_t s_src[64];  // source row (table row, or -1: zero row), per position
-  __shared__ float s_mag[64];    // noise magnitude per position, 0: none
-  __shared__ int s_len;
+  __shared__ bool s_flag[64];    // position may get noise (mask != 0), per position
+  __shared__ int s_part[NEFT_BLOCK / 32];  // parts of L_b, one per warp
 
   const int blocks_per_seq = (p.seq + p.rows_per_block - 1) / p.rows_per_block;
   const int b = blockIdx.x / blocks_per_seq;
@@ -113,40 +165,10 @@ template <typename T> __device__ void neft_embed(const LkNeftParams &p) {
   const int rows = min(p.rows_per_block, p.seq - t0);
   const int64_t row0 = (int64_t)b * p.seq + t0;
   const bool gather = p.table != nullptr;
+  const bool noise = p.noise != 0;
 
-  // L_b for this block's sequence.
-  bool len_ok = true;
-  if (p.noise && p.len_mode == LK_LEN_MASK) {
-    int count = 0;
-    for (int t = threadIdx.x; t < p.seq; t += NEFT_BLOCK)
-      count += load_index(p.len, p.len_kind, (int64_t)b * p.seq + t) != 0;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) count += __shfl_xor_sync(0xffffffffu, count, o);
-    if (threadIdx.x == 0) s_len = 0;
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) atomicAdd(&s_len, count);
-    __syncthreads();
-  } else if (threadIdx.x == 0) {
-    int64_t len = p.seq;
-    if (p.noise && p.len_mode == LK_LEN_LENGTHS) {
-      len = load_index(p.len, p.len_kind, b);
-      if (len < 0 || len > p.seq) {
-        if (t0 == 0) record_bad(p.status, 4, b, len);
-        len = -1;  // invalid: no noise for this sequence
-      }
-    }
-    s_len = (int)len;
-  }
-  __syncthreads();
-  const int len = s_len;
-  len_ok = len >= 0;
-  double mag_d = 0.0;
-  if (p.noise && len_ok && len > 0)
-    mag_d = (double)p.alpha / sqrt((double)len * (double)p.dim);
-  const float mag = (float)mag_d;
-
+  if (noise) seq_len_part(p, b, t0, s_part);
   for (int i = threadIdx.x; i < rows; i += NEFT_BLOCK) {
-    const int t = t0 + i;
     const int64_t pos = row0 + i;
     int64_t src = pos;
     if (gather) {
@@ -158,31 +180,49 @@ template <typename T> __device__ void neft_embed(const LkNeftParams &p) {
         src = id;
       }
     }
-    bool noisy = p.noise && len_ok && len > 0;
-    if (noisy && p.len_mode == LK_LEN_MASK) noisy = load_index(p.len, p.len_kind, pos) != 0;
-    if (noisy && p.len_mode == LK_LEN_LENGTHS) noisy = t < len;
     s_src[i] = src;
-    s_mag[i] = noisy ? mag : 0.0f;
+    s_flag[i] = !(noise && p.len_mode == LK_LEN_MASK) || load_index(p.len, p.len_kind, pos) != 0;
   }
   __syncthreads();
 
   const char *base = reinterpret_cast<const char *>(gather ? p.table : p.out);
+  char *out = reinterpret_cast<char *>(p.out);
   const int64_t row_bytes = (int64_t)p.dim * sizeof(T);
-  constexpr int VEC = Vec16<T>::N;
+  constexpr int VEC = PerGroup<T>::N;
   const bool vec = (row_bytes % 16 == 0) && ((uintptr_t)base % 16 == 0) && ((uintptr_t)p.out % 16 == 0);
+  int len = 0;
+  if (noise) {
+#pragma unroll
+    for (int w = 0; w < NEFT_BLOCK / 32; ++w) len += s_part[w];
+  }
+  const float mag = noise ? magnitude(p.alpha, len, p.dim) : 0.0f;
+  // Magnitude of position t0 + r.
+  auto mag_of = [&](int r, int len, float mag) {
+    if (!s_flag[r] || s_src[r] < 0) return 0.0f;
+    if (p.len_mode == LK_LEN_LENGTHS && t0 + r >= len) return 0.0f;
+    return mag;
+  };
 
   if (vec) {
     const int per_row = p.dim / VEC;
     const int total = rows * per_row;
+    // i / per_row as a multiply-high by ceil(2^32 / per_row), corrected by at most one
+    // (per_row == 1, whose magic would not fit, is the identity).
+    const uint32_t magic = per_row == 1 ? 0u : (uint32_t)((0x100000000ull + per_row - 1) / per_row);
+    auto row_of = [&](int i) {
+      if (per_row == 1) return i;
+      const int r = (int)__umulhi((uint32_t)i, magic);
+      return r * per_row > i ? r - 1 : r;
+    };
     constexpr int U = 4;
-    for (int i0 = threadIdx.x; i0 < total; i0 += NEFT_BLOCK * U) {
-      uint4 v[U];
+    uint4 v[U];
+    auto load = [&](int i0) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int i = i0 + u * NEFT_BLOCK;
         v[u] = make_uint4(0, 0, 0, 0);
         if (i < total) {
-          const int r = i / per_row, c = i - r * per_row;
+          const int r = row_of(i), c = i - r * per_row;
           const int64_t src = s_src[r];
           if (src >= 0) {
             const uint4 *q = reinterpret_cast<const uint4 *>(base + src * row_bytes) + c;
@@ -190,16 +230,19 @@ template <typename T> __device__ void neft_embed(const LkNeftParams &p) {
           }
         }
       }
+    };
+    for (int i0 = threadIdx.x; i0 < total; i0 += NEFT_BLOCK * U) {
+      load(i0);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int i = i0 + u * NEFT_BLOCK;
         if (i < total) {
-          const int r = i / per_row, c = i - r * per_row;
-          const float m = s_mag[r];
+          const int r = row_of(i), c = i - r * per_row;
+          const float m = mag_of(r, len, mag);
           uint4 o = v[u];
-          if (m != 0.0f && s_src[r] >= 0)
-            o = add_noise16<T>(o, m, p.seed, p.offset, (uint64_t)(row0 + r) * p.dim + (uint64_t)c * VEC);
-          reinterpret_cast<uint4 *>(reinterpret_cast<char *>(p.out) + (row0 + r) * row_bytes)[c] = o;
+          if (m != 0.0f)
+            o = add_noise16<T>(o, m, p.seed, p.offset, ((uint64_t)(row0 + r) * p.dim) / VEC + c);
+          reinterpret_cast<uint4 *>(out + (row0 + r) * row_bytes)[c] = o;
         }
       }
     }
@@ -212,16 +255,13 @@ template <typename T> __device__ void neft_embed(const LkNeftParams &p) {
       T v = lk::from_f32<T>(0.0f);
       if (src >= 0) {
         v = reinterpret_cast<const T *>(base + src * row_bytes)[c];
-        const float m = s_mag[r];
+        const float m = mag_of(r, len, mag);
         if (m != 0.0f) {
           const uint64_t e = (uint64_t)(row0 + r) * p.dim + c;
-          const lk::U32x4 w = philox_at(p.seed, p.offset, e >> 2);
-          const int k = (int)(e & 3);
-          const uint32_t word = k == 0 ? w.v[0] : k == 1 ? w.v[1] : k == 2 ? w.v[2] : w.v[3];
-          v = lk::from_f32<T>(fma_exact(eps_of(word), m, lk::to_f32(v)));
+          v = lk::from_f32<T>(fma_exact(eps_of<T>(p.seed, p.offset, e), m, lk::to_f32(v)));
         }
       }
-      reinterpret_cast<T *>(reinterpret_cast<char *>(p.out) + (row0 + r) * row_bytes)[c] = v;
+      reinterpret_cast<T *>(out + (row0 + r) * row_bytes)[c] = v;
     }
   }
 }

@@ -14,10 +14,17 @@
 //! - [`SeqLen::Lengths`]: `L_b = lengths[b]` (in `0..=seq`), noise at `t < L_b`.
 //!
 //! ## The noise, exactly
-//! Element `e = (b · seq + t) · d + j` of the output takes Philox4x32-10 word
-//! `w = philox_word(seed, offset, e)` ([`crate::philox_word`]) and
-//! `ε = (2 · (w >> 8) + 1 − 2^24) · 2^−24`, one of 2^24 evenly spaced values in (−1, 1)
-//! with mean exactly 0. The magnitude `mag = alpha / sqrt(L_b · d)` is computed in f64
+//! Element `e = (b · seq + t) · d + j` of the output draws from the Philox4x32-10 block
+//! `philox4x32_10([lo(g), hi(g), lo(offset), hi(offset)], [lo(seed), hi(seed)])`
+//! ([`crate::philox4x32_10`]) of group `g`, one block per 16 bytes of output:
+//! - f32 tables: `g = e / 4`, word `w = e % 4`, `ε = (2 · (w >> 8) + 1 − 2^24) · 2^−24`,
+//!   one of 2^24 evenly spaced values in (−1, 1);
+//! - f16 and bf16 tables: `g = e / 8`, the 16-bit half `h` (low half first) of word
+//!   `(e % 8) / 2`, `ε = (2 · h + 1 − 2^16) · 2^−16`, one of 2^16 evenly spaced values,
+//!   still far finer than the output's own precision (8 or 11 bits), at half the
+//!   Philox work per element.
+//!
+//! Either way ε has mean exactly 0 and variance 1/3 − O(2^−2·bits). The magnitude `mag = alpha / sqrt(L_b · d)` is computed in f64
 //! and rounded to f32; the output is `round(fma(ε, mag, E[id, j]))` in the table's
 //! type (one f32 fused multiply-add, then round-to-nearest-even). The CPU oracle
 //! ([`crate::cpu::neftune`]) and the GPU ([`crate::cuda::neftune`]) give the same bits,
@@ -32,7 +39,7 @@
 //! deterministic (positions sorted by id, summed in position order: the same bits on
 //! every run, equal to the CPU oracle's).
 
-use crate::{Error, Result};
+use crate::{DType, Error, Result};
 
 /// Shape of an embedding lookup: `batch` sequences of `seq` tokens, a table of `vocab`
 /// rows of `dim` elements. The output is [batch · seq, dim].
@@ -82,11 +89,11 @@ impl EmbedShape {
                 });
             }
         }
-        if need_vocab && (self.vocab == 0 || self.vocab > u32::MAX as usize) {
+        if need_vocab && (self.vocab == 0 || self.vocab > i32::MAX as usize) {
             return Err(Error::Dim {
                 name: "vocab",
                 value: self.vocab,
-                reason: "must be in 1..2^32",
+                reason: "must be in 1..2^31",
             });
         }
         if self.tokens() > i32::MAX as usize {
@@ -150,10 +157,26 @@ impl Noise {
         (self.alpha as f64 / (len as f64 * dim as f64).sqrt()) as f32
     }
 
-    /// ε of output element `e`, in (−1, 1).
-    pub fn epsilon(&self, e: u64) -> f32 {
-        let w = crate::philox_word(self.seed, self.offset, e);
-        (2 * (w >> 8) as i32 + 1 - (1 << 24)) as f32 * 2f32.powi(-24)
+    /// ε of output element `e` for a table of type `dtype`, in (−1, 1).
+    pub fn epsilon(&self, dtype: DType, e: u64) -> f32 {
+        let per_block = 16 / dtype.size() as u64;
+        let g = e / per_block;
+        let r = crate::philox4x32_10(
+            [
+                g as u32,
+                (g >> 32) as u32,
+                self.offset as u32,
+                (self.offset >> 32) as u32,
+            ],
+            [self.seed as u32, (self.seed >> 32) as u32],
+        );
+        let k = (e % per_block) as usize;
+        if per_block == 4 {
+            (2 * (r[k] >> 8) as i32 + 1 - (1 << 24)) as f32 * 2f32.powi(-24)
+        } else {
+            let h = (r[k / 2] >> (16 * (k % 2))) & 0xffff;
+            (2 * h as i32 + 1 - (1 << 16)) as f32 * 2f32.powi(-16)
+        }
     }
 
     pub(crate) fn validate(&self) -> Result<()> {

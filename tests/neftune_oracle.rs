@@ -7,7 +7,7 @@ mod common;
 use common::Rng;
 use lora_kernels::cpu::neftune as cpu;
 use lora_kernels::neftune::{check_ids, BackwardOptions};
-use lora_kernels::{bf16, philox_word, EmbedShape, Error, Noise, SeqLen};
+use lora_kernels::{bf16, f16, philox_word, DType, Element, EmbedShape, Error, Noise, SeqLen};
 
 const PAD: SeqLen<'static, [u8]> = SeqLen::Padded;
 
@@ -22,24 +22,25 @@ fn ids(shape: &EmbedShape, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-#[test]
-fn noise_is_bounded_centred_with_the_uniform_variance() {
-    // A zero table: the output is the noise itself.
+fn noise_statistics<T: Element>() {
+    // A zero table: the output is the noise itself (rounded to T).
     let shape = EmbedShape::new(4, 96, 8, 512);
-    let zeros = vec![0f32; shape.table_len()];
+    let zeros = vec![T::default(); shape.table_len()];
     let ids = ids(&shape, 1);
     let noise = Noise::new(5.0, 1234, 7);
-    let mut out = vec![f32::NAN; shape.out_len()];
+    let mut out = vec![T::from_f64(f64::NAN); shape.out_len()];
     cpu::embed(&shape, &zeros, &ids, &noise, PAD, &mut out).unwrap();
     let mag = 5.0 / ((96 * 512) as f64).sqrt();
     assert_eq!(noise.magnitude(96, 512), mag as f32);
+    // One rounding to T may reach the bound, never pass it by more.
+    let bound = mag * (1.0 + T::DTYPE.epsilon());
     let n = out.len() as f64;
     let (mut sum, mut sq) = (0f64, 0f64);
-    for &v in &out {
-        let v = v as f64;
+    for v in &out {
+        let v = v.to_f64();
         assert!(
-            v.abs() < mag,
-            "|noise| {v} must stay below alpha/sqrt(L d) = {mag}"
+            v.abs() <= bound,
+            "|noise| {v} above alpha/sqrt(L d) = {mag}"
         );
         sum += v;
         sq += v * v;
@@ -59,19 +60,33 @@ fn noise_is_bounded_centred_with_the_uniform_variance() {
         sigma * sigma
     );
     // Uses the range: the extremes come close to ±mag.
-    let max = out.iter().fold(0f64, |m, &v| m.max(v as f64));
-    let min = out.iter().fold(0f64, |m, &v| m.min(v as f64));
-    assert!(max > 0.999 * mag && min < -0.999 * mag, "{min} .. {max}");
+    let max = out.iter().fold(0f64, |m, v| m.max(v.to_f64()));
+    let min = out.iter().fold(0f64, |m, v| m.min(v.to_f64()));
+    assert!(max > 0.99 * mag && min < -0.99 * mag, "{min} .. {max}");
 }
 
 #[test]
-fn epsilon_is_the_documented_function_of_the_philox_word() {
+fn noise_is_bounded_centred_with_the_uniform_variance() {
+    noise_statistics::<f32>();
+    noise_statistics::<f16>();
+    noise_statistics::<bf16>();
+}
+
+#[test]
+fn epsilon_is_the_documented_function_of_the_philox_words() {
     let noise = Noise::new(1.0, 99, 3);
-    for e in [0u64, 1, 2, 3, 4, 1 << 33, u64::MAX / 3] {
+    for e in [0u64, 1, 2, 3, 4, 5, 6, 7, 8, 1 << 33, u64::MAX / 3] {
+        // f32: 24 bits of the element's own word of the stream.
         let w = philox_word(99, 3, e) as f64;
         let want = (2.0 * (w / 256.0).floor() + 1.0 - 16777216.0) / 16777216.0;
-        assert_eq!(noise.epsilon(e) as f64, want);
+        assert_eq!(noise.epsilon(DType::F32, e) as f64, want);
         assert!(want > -1.0 && want < 1.0);
+        // 16-bit types: half e % 2 of word e / 2 of the stream (two elements per word).
+        let w = philox_word(99, 3, e / 2);
+        let h = ((w >> (16 * (e % 2))) & 0xffff) as f64;
+        let want = (2.0 * h + 1.0 - 65536.0) / 65536.0;
+        assert_eq!(noise.epsilon(DType::BF16, e) as f64, want);
+        assert_eq!(noise.epsilon(DType::F16, e) as f64, want);
     }
 }
 
@@ -119,7 +134,7 @@ fn mask_mode_uses_real_lengths_and_leaves_padding_untouched() {
         let len = if p < 10 { 7 } else { 4 };
         let mag = noise.magnitude(len, 16);
         for j in 0..16 {
-            let e = noise.epsilon((p * 16 + j) as u64);
+            let e = noise.epsilon(DType::F32, (p * 16 + j) as u64);
             assert_eq!(o[j], e.mul_add(mag, g[j]), "position {p}, element {j}");
         }
     }

@@ -67,7 +67,7 @@ fn noise_rows<T: Element>(shape: &EmbedShape, noise: &Noise, mag: &[f32], emb: &
             return;
         }
         for (j, v) in row.iter_mut().enumerate() {
-            let eps = noise.epsilon((p * d + j) as u64);
+            let eps = noise.epsilon(T::DTYPE, (p * d + j) as u64);
             *v = T::from_f32(eps.mul_add(m, v.to_f32()));
         }
     });

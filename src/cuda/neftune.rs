@@ -58,6 +58,7 @@ fn launch_embed<T: Element, M: Index, L: DevicePtr<M>>(
         }
     };
     let (stp, _gs) = gpu.status.device_ptr(gpu.stream());
+    let name = format!("lk_neft_embed_{}", T::DTYPE.suffix());
     let rows = rows_per_block::<T>(shape.dim);
     let blocks = shape.batch * shape.seq.div_ceil(rows);
     if blocks > i32::MAX as usize {
@@ -91,11 +92,7 @@ fn launch_embed<T: Element, M: Index, L: DevicePtr<M>>(
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
-    gpu.launch(
-        &format!("lk_neft_embed_{}", T::DTYPE.suffix()),
-        cfg,
-        &params,
-    )
+    gpu.launch(&name, cfg, &params)
 }
 
 fn check_seq_len<M: Index, L: DevicePtr<M>>(shape: &EmbedShape, len: &SeqLen<'_, L>) -> Result<()> {
