@@ -60,6 +60,9 @@ pub enum Error {
         value: i64,
         count: usize,
     },
+    /// A checkpoint (safetensors, quant state) is malformed or uses an unsupported
+    /// format; the message names the tensor or field.
+    Checkpoint(String),
     /// An error from the CUDA driver.
     Driver(String),
     /// An error from cuBLAS.
@@ -132,6 +135,7 @@ impl fmt::Display for Error {
                 "`{name}` holds {count} out-of-range value(s); the first found is {value} at \
                  position {position}"
             ),
+            Error::Checkpoint(e) => write!(f, "checkpoint: {e}"),
             Error::Driver(e) => write!(f, "CUDA driver error: {e}"),
             Error::Cublas(e) => write!(f, "cuBLAS error: {e}"),
         }

@@ -8,6 +8,8 @@
 //! - [`neftune`]: NEFTune's embedding gather plus uniform noise in one pass, the noise
 //!   alone, and the table's gradient; CPU in [`cpu::neftune`], CUDA in
 //!   [`cuda::neftune`], bit-equal.
+//! - [`nf4`]: NF4 weights in bitsandbytes' exact format (quantize, dequantize, double
+//!   quantization, `Linear4bit` checkpoints).
 //! - [`Dropout`]: counter-based (Philox4x32-10) dropout masks, regenerated in backward.
 //!
 //! Layouts follow PyTorch and peft: row-major, `x` [T, K], `W` [N, K], `A` [r, K],
@@ -39,6 +41,7 @@ mod dtype;
 mod error;
 pub mod lora;
 pub mod neftune;
+pub mod nf4;
 mod philox;
 
 pub use dtype::{DType, Element};
@@ -46,4 +49,5 @@ pub use error::{Error, Result};
 pub use half::{bf16, f16};
 pub use lora::{LoraGrads, LoraOptions, LoraShape, LoraWeights};
 pub use neftune::{EmbedShape, Noise, SeqLen};
+pub use nf4::Nf4Weight;
 pub use philox::{philox4x32_10, philox_word, Dropout};
