@@ -28,6 +28,8 @@ use std::collections::HashMap;
 use crate::{DType, Element, Error, Result};
 
 /// The 16 NF4 code values (bitsandbytes' `quant_map`), ascending.
+// The literals are the published values in full; each parses to the exact f32.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
