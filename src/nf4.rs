@@ -51,6 +51,7 @@ pub const NF4_CODE: [f32; 16] = [
 
 /// The 15 decision thresholds between consecutive NF4 codes (the midpoints of the
 /// codes, as f32), ascending: code = number of thresholds strictly below the value.
+#[allow(clippy::excessive_precision)]
 pub const NF4_MIDPOINTS: [f32; 15] = [
     -0.848_096_400_499_343_9,
     -0.610_632_926_225_662_2,
