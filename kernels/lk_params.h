@@ -177,6 +177,38 @@ typedef struct LkNeftSegsumParams {
   int32_t n2, dim;
 } LkNeftSegsumParams;
 
+/* ---- NF4 (kernels/nf4.cu) --------------------------------------------------------
+ * An NF4 weight [rows, cols] in bitsandbytes' layout (src/nf4.rs): packed codes, two per
+ * byte, first element in the high nibble, flat over rows * cols; one scale per
+ * `blocksize` elements: absmax (f32) or, double-quantized (absmax == NULL),
+ * code2[q[b]] * absmax2[b / 256] + offset. */
+typedef struct LkNf4 {
+  const uint8_t *packed; /* [ceil(rows * cols / 2)] */
+  const float *absmax;   /* [blocks] or NULL */
+  const uint8_t *q;      /* [blocks] (double quantization) */
+  const float *absmax2;  /* [ceil(blocks / 256)] */
+  const float *code2;    /* [256] */
+  float offset;
+  int32_t log2_blocksize;
+  int32_t rows, cols;
+} LkNf4;
+
+/* out[e] = NF4_CODE[code(e)] * absmax(e / blocksize), e < rows * cols, in out's type. */
+typedef struct LkNf4DequantParams {
+  LkNf4 w;
+  void *out;
+} LkNf4DequantParams;
+
+/* Small-T NF4 matmul: y[t, n] = sum_k x[t, k] * deq(W)[n, k] (+ bias[n]), the weight
+ * read once and dequantized in registers. Needs cols % 32 == 0 and x 16-byte aligned. */
+typedef struct LkNf4MmParams {
+  LkNf4 w;
+  const void *x;    /* [t, cols] */
+  const void *bias; /* [rows] or NULL */
+  void *y;          /* [t, rows] */
+  int32_t t;
+} LkNf4MmParams;
+
 #ifdef __cplusplus
 }
 #endif

@@ -4,6 +4,7 @@
 #
 #   bash scripts/gpu-bundle.sh [DIR]        # default: gpu-bundle/
 #   DIR/run.sh [all|tests|sanitize|example|bench] [NAME-FILTER]   # on the GPU machine
+#   (also DIR.tar.xz, the same folder compressed: `tar -xJf DIR.tar.xz` there first)
 #
 # run.sh runs every test executable with LORA_KERNELS_REQUIRE_GPU=1 (a missing GPU is a
 # failure there, not a skip), the GPU suite under compute-sanitizer (memcheck,
@@ -98,5 +99,8 @@ fi
 exit $status
 RUN
 chmod +x "$dir/run.sh"
-du -sh "$dir"
+# The executables share most bytes (the embedded kernels): one xz archive of the folder
+# is a fraction of its size, for machines reached through an upload limit.
+tar -C "$(dirname "$dir")" -cf - "$(basename "$dir")" | xz -9 -T0 > "$dir.tar.xz"
+du -sh "$dir" "$dir.tar.xz"
 ls -la "$dir"/bin/*

@@ -509,3 +509,93 @@ impl Default for LkNeftSegsumParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkNf4 {
+    pub packed: *const u8,
+    pub absmax: *const f32,
+    pub q: *const u8,
+    pub absmax2: *const f32,
+    pub code2: *const f32,
+    pub offset: f32,
+    pub log2_blocksize: i32,
+    pub rows: i32,
+    pub cols: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkNf4"][::core::mem::size_of::<LkNf4>() - 56usize];
+    ["Alignment of LkNf4"][::core::mem::align_of::<LkNf4>() - 8usize];
+    ["Offset of field: LkNf4::packed"][::core::mem::offset_of!(LkNf4, packed) - 0usize];
+    ["Offset of field: LkNf4::absmax"][::core::mem::offset_of!(LkNf4, absmax) - 8usize];
+    ["Offset of field: LkNf4::q"][::core::mem::offset_of!(LkNf4, q) - 16usize];
+    ["Offset of field: LkNf4::absmax2"][::core::mem::offset_of!(LkNf4, absmax2) - 24usize];
+    ["Offset of field: LkNf4::code2"][::core::mem::offset_of!(LkNf4, code2) - 32usize];
+    ["Offset of field: LkNf4::offset"][::core::mem::offset_of!(LkNf4, offset) - 40usize];
+    ["Offset of field: LkNf4::log2_blocksize"]
+        [::core::mem::offset_of!(LkNf4, log2_blocksize) - 44usize];
+    ["Offset of field: LkNf4::rows"][::core::mem::offset_of!(LkNf4, rows) - 48usize];
+    ["Offset of field: LkNf4::cols"][::core::mem::offset_of!(LkNf4, cols) - 52usize];
+};
+impl Default for LkNf4 {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkNf4DequantParams {
+    pub w: LkNf4,
+    pub out: *mut ::core::ffi::c_void,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkNf4DequantParams"][::core::mem::size_of::<LkNf4DequantParams>() - 64usize];
+    ["Alignment of LkNf4DequantParams"][::core::mem::align_of::<LkNf4DequantParams>() - 8usize];
+    ["Offset of field: LkNf4DequantParams::w"]
+        [::core::mem::offset_of!(LkNf4DequantParams, w) - 0usize];
+    ["Offset of field: LkNf4DequantParams::out"]
+        [::core::mem::offset_of!(LkNf4DequantParams, out) - 56usize];
+};
+impl Default for LkNf4DequantParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkNf4MmParams {
+    pub w: LkNf4,
+    pub x: *const ::core::ffi::c_void,
+    pub bias: *const ::core::ffi::c_void,
+    pub y: *mut ::core::ffi::c_void,
+    pub t: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkNf4MmParams"][::core::mem::size_of::<LkNf4MmParams>() - 88usize];
+    ["Alignment of LkNf4MmParams"][::core::mem::align_of::<LkNf4MmParams>() - 8usize];
+    ["Offset of field: LkNf4MmParams::w"][::core::mem::offset_of!(LkNf4MmParams, w) - 0usize];
+    ["Offset of field: LkNf4MmParams::x"][::core::mem::offset_of!(LkNf4MmParams, x) - 56usize];
+    ["Offset of field: LkNf4MmParams::bias"]
+        [::core::mem::offset_of!(LkNf4MmParams, bias) - 64usize];
+    ["Offset of field: LkNf4MmParams::y"][::core::mem::offset_of!(LkNf4MmParams, y) - 72usize];
+    ["Offset of field: LkNf4MmParams::t"][::core::mem::offset_of!(LkNf4MmParams, t) - 80usize];
+};
+impl Default for LkNf4MmParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

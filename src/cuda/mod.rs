@@ -6,6 +6,7 @@
 
 pub mod lora;
 pub mod neftune;
+pub mod nf4;
 
 #[allow(clippy::all)]
 #[rustfmt::skip]
@@ -58,6 +59,8 @@ unsafe impl DeviceRepr for LkNeftScatterParams {}
 unsafe impl DeviceRepr for LkNeftKeysParams {}
 unsafe impl DeviceRepr for LkNeftSortParams {}
 unsafe impl DeviceRepr for LkNeftSegsumParams {}
+unsafe impl DeviceRepr for LkNf4DequantParams {}
+unsafe impl DeviceRepr for LkNf4MmParams {}
 
 /// Words of [`Gpu`]'s index-error status buffer (layout in kernels/lk_params.h).
 const STATUS_WORDS: usize = 8;
@@ -125,6 +128,7 @@ impl Gpu {
         let modules = vec![
             ("lora", load_module(&ctx, "lora")?),
             ("neftune", load_module(&ctx, "neftune")?),
+            ("nf4", load_module(&ctx, "nf4")?),
         ];
         let sync = stream.alloc_zeros::<u32>(2)?;
         let status = stream.alloc_zeros::<u32>(STATUS_WORDS)?;
@@ -211,6 +215,8 @@ impl Gpu {
         // Entry points are prefixed by family: lk_neft_* live in neftune.cu.
         let module = if name.starts_with("lk_neft_") {
             "neftune"
+        } else if name.starts_with("lk_nf4_") {
+            "nf4"
         } else {
             "lora"
         };
