@@ -17,8 +17,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use criterion::Criterion;
-use cudarc::driver::{sys::CUevent_flags, CudaSlice};
+mod common;
+
+use cudarc::driver::CudaSlice;
 use lora_kernels::cuda::{gemm, lora as cuda, Gpu};
 use lora_kernels::{bf16, LoraGrads, LoraOptions, LoraShape, LoraWeights};
 
@@ -37,16 +38,7 @@ struct Set {
 }
 
 fn random(gpu: &Gpu, n: usize, seed: u64, scale: f32) -> CudaSlice<bf16> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<bf16> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
-        })
-        .collect();
-    gpu.upload(&v).unwrap()
+    gpu.upload(&common::random_bf16(n, seed, scale)).unwrap()
 }
 
 fn make_set(gpu: &Gpu, s: &LoraShape, seed: u64) -> Set {
@@ -219,62 +211,19 @@ fn time_iters(
     sets: &mut [Set],
     iters: u64,
 ) -> f64 {
-    let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-    let start = gpu.stream().record_event(flags).unwrap();
     let n = sets.len();
-    for i in 0..iters as usize {
-        run(gpu, s, opts, op, &mut sets[i % n]);
-    }
-    let end = gpu.stream().record_event(flags).unwrap();
-    end.synchronize().unwrap();
-    start.elapsed_ms(&end).unwrap() as f64 * 1e-3
-}
-
-/// Median µs per run over `samples` batches.
-fn median_us(
-    gpu: &Gpu,
-    s: &LoraShape,
-    opts: &LoraOptions,
-    op: Op,
-    sets: &mut [Set],
-    samples: usize,
-) -> f64 {
-    time_iters(gpu, s, opts, op, sets, 3);
-    let once = time_iters(gpu, s, opts, op, sets, 5) / 5.0;
-    let batch = ((300e-6 / once).ceil() as u64).clamp(1, 200);
-    let mut v: Vec<f64> = (0..samples)
-        .map(|_| time_iters(gpu, s, opts, op, sets, batch) / batch as f64 * 1e6)
-        .collect();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    common::time_iters(gpu, iters, |i| run(gpu, s, opts, op, &mut sets[i % n]))
 }
 
 fn main() {
-    let gpu = match Gpu::new(0) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("\n*** lora bench SKIPPED: no usable GPU ({e}) ***\n");
-            return;
-        }
+    let Some(gpu) = common::gpu_or_skip("lora") else {
+        return;
     };
-    let quick = std::env::var("LORA_KERNELS_BENCH_QUICK").is_ok_and(|v| v == "1");
-    let samples = if quick { 9 } else { 31 };
-    let mut criterion = Criterion::default()
-        .warm_up_time(Duration::from_millis(200))
-        .measurement_time(Duration::from_millis(if quick { 300 } else { 800 }))
-        .sample_size(10)
-        .configure_from_args();
+    let (quick, samples) = (common::quick(), common::samples());
+    let mut criterion = common::criterion();
 
     let mut table = String::new();
-    writeln!(
-        table,
-        "device: {} (sm_{}{}, {} SMs)",
-        gpu.name(),
-        gpu.compute_capability().0,
-        gpu.compute_capability().1,
-        gpu.sm_count()
-    )
-    .unwrap();
+    writeln!(table, "{}", common::device_line(&gpu)).unwrap();
     writeln!(
         table,
         "bf16, K = 4096; median µs of {samples} CUDA-event batches; inputs rotated past L2"
@@ -308,7 +257,12 @@ fn main() {
                 ];
                 let us: Vec<f64> = ops
                     .iter()
-                    .map(|&op| median_us(&gpu, &s, &opts, op, &mut sets, samples))
+                    .map(|&op| {
+                        let n = sets.len();
+                        common::median_us(&gpu, samples, |i| {
+                            run(&gpu, &s, &opts, op, &mut sets[i % n])
+                        })
+                    })
                     .collect();
                 let flops = 2.0 * (t * n * 4096) as f64;
                 let w_bytes = 2.0 * (n * 4096) as f64;
@@ -340,8 +294,5 @@ fn main() {
             }
         }
     }
-    println!("\n{table}");
-    if let Ok(path) = std::env::var("LORA_KERNELS_BENCH_OUT") {
-        std::fs::write(path, &table).unwrap();
-    }
+    common::finish(&table);
 }

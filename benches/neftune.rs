@@ -17,8 +17,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use criterion::Criterion;
-use cudarc::driver::{sys::CUevent_flags, CudaSlice};
+mod common;
+
+use cudarc::driver::CudaSlice;
 use lora_kernels::cuda::{neftune as cuda, Gpu};
 use lora_kernels::neftune::BackwardOptions;
 use lora_kernels::{bf16, EmbedShape, Noise, SeqLen};
@@ -43,13 +44,6 @@ struct Data {
     src: CudaSlice<bf16>,
     outs: Vec<CudaSlice<bf16>>,
     d_table: CudaSlice<f32>,
-}
-
-fn xorshift(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
 }
 
 fn run(gpu: &Gpu, d: &mut Data, op: usize, i: usize) {
@@ -99,50 +93,21 @@ fn run(gpu: &Gpu, d: &mut Data, op: usize, i: usize) {
 }
 
 fn time_iters(gpu: &Gpu, d: &mut Data, op: usize, iters: u64) -> f64 {
-    let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-    let start = gpu.stream().record_event(flags).unwrap();
-    for i in 0..iters as usize {
-        run(gpu, d, op, i);
-    }
-    let end = gpu.stream().record_event(flags).unwrap();
-    end.synchronize().unwrap();
-    start.elapsed_ms(&end).unwrap() as f64 * 1e-3
-}
-
-fn median_us(gpu: &Gpu, d: &mut Data, op: usize, samples: usize) -> f64 {
-    time_iters(gpu, d, op, 3);
-    let once = time_iters(gpu, d, op, 5) / 5.0;
-    let batch = ((300e-6 / once).ceil() as u64).clamp(1, 200);
-    let mut v: Vec<f64> = (0..samples)
-        .map(|_| time_iters(gpu, d, op, batch) / batch as f64 * 1e6)
-        .collect();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    common::time_iters(gpu, iters, |i| run(gpu, d, op, i))
 }
 
 fn main() {
-    let gpu = match Gpu::new(0) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("\n*** neftune bench SKIPPED: no usable GPU ({e}) ***\n");
-            return;
-        }
+    let Some(gpu) = common::gpu_or_skip("neftune") else {
+        return;
     };
-    let quick = std::env::var("LORA_KERNELS_BENCH_QUICK").is_ok_and(|v| v == "1");
-    let samples = if quick { 9 } else { 31 };
-    let mut criterion = Criterion::default()
-        .warm_up_time(Duration::from_millis(200))
-        .measurement_time(Duration::from_millis(if quick { 300 } else { 800 }))
-        .sample_size(10)
-        .configure_from_args();
+    let samples = common::samples();
+    let mut criterion = common::criterion();
 
     let shape = EmbedShape::new(8, 512, 32000, 4096);
     let mut s = 0x1234_5678_9abc_def1u64;
-    let table: Vec<bf16> = (0..shape.table_len())
-        .map(|_| bf16::from_f32((xorshift(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5))
-        .collect();
+    let table = common::random_bf16(shape.table_len(), 3, 0.5);
     let ids: Vec<i64> = (0..shape.tokens())
-        .map(|_| (xorshift(&mut s) % shape.vocab as u64) as i64)
+        .map(|_| (common::xorshift(&mut s) % shape.vocab as u64) as i64)
         .collect();
     // Right-padded sequences of 512, 400, ..., as a mask and as lengths.
     let lens: Vec<i64> = (0..shape.batch as i64).map(|b| 512 - 40 * b).collect();
@@ -166,21 +131,13 @@ fn main() {
     drop(table);
 
     let us: Vec<f64> = (0..OPS.len())
-        .map(|op| median_us(&gpu, &mut d, op, samples))
+        .map(|op| common::median_us(&gpu, samples, |i| run(&gpu, &mut d, op, i)))
         .collect();
     gpu.take_index_errors().unwrap();
     let moved = 2.0 * out_bytes as f64; // read + write
     let gbs = |t: f64| moved / t * 1e-3;
     let mut table = String::new();
-    writeln!(
-        table,
-        "device: {} (sm_{}{}, {} SMs)",
-        gpu.name(),
-        gpu.compute_capability().0,
-        gpu.compute_capability().1,
-        gpu.sm_count()
-    )
-    .unwrap();
+    writeln!(table, "{}", common::device_line(&gpu)).unwrap();
     writeln!(
         table,
         "NEFTune, bf16, batch 8 x seq 512, d 4096, vocab 32000; median µs of {samples} \
@@ -215,8 +172,5 @@ fn main() {
         });
     }
     group.finish();
-    println!("\n{table}");
-    if let Ok(path) = std::env::var("LORA_KERNELS_BENCH_OUT") {
-        std::fs::write(path, &table).unwrap();
-    }
+    common::finish(&table);
 }

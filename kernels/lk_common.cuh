@@ -96,10 +96,39 @@ __device__ __forceinline__ U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_
   return r;
 }
 
+// Philox block `group` of stream (seed, offset), as src/philox.rs lays out the counter.
+__device__ __forceinline__ U32x4 philox_block(uint64_t seed, uint64_t offset, uint64_t group) {
+  return philox4x32_10((uint32_t)group, (uint32_t)(group >> 32), (uint32_t)offset,
+                       (uint32_t)(offset >> 32), (uint32_t)seed, (uint32_t)(seed >> 32));
+}
+
 // The four Philox words for element group e >> 2 (elements 4*(e>>2) .. +3).
 __device__ __forceinline__ U32x4 philox_group(const LkDropout &d, uint64_t group) {
-  return philox4x32_10((uint32_t)group, (uint32_t)(group >> 32), (uint32_t)d.offset,
-                       (uint32_t)(d.offset >> 32), (uint32_t)d.seed, (uint32_t)(d.seed >> 32));
+  return philox_block(d.seed, d.offset, group);
+}
+
+// Word i (0..3) of a 16-byte vector or a Philox block, without local-memory indexing.
+__device__ __forceinline__ uint32_t word_of(const uint4 &r, int i) {
+  return i == 0 ? r.x : i == 1 ? r.y : i == 2 ? r.z : r.w;
+}
+__device__ __forceinline__ uint32_t word_of(const U32x4 &r, int i) {
+  return i == 0 ? r.v[0] : i == 1 ? r.v[1] : i == 2 ? r.v[2] : r.v[3];
+}
+
+// A 16-bit element's bits <-> f32 (exact widening, round-to-nearest-even narrowing).
+template <typename T> __device__ __forceinline__ float bits16_to_f32(uint32_t b);
+template <> __device__ __forceinline__ float bits16_to_f32<__nv_bfloat16>(uint32_t b) {
+  return __uint_as_float(b << 16);
+}
+template <> __device__ __forceinline__ float bits16_to_f32<__half>(uint32_t b) {
+  return __half2float(__ushort_as_half((unsigned short)b));
+}
+template <typename T> __device__ __forceinline__ uint32_t f32_to_bits16(float v);
+template <> __device__ __forceinline__ uint32_t f32_to_bits16<__nv_bfloat16>(float v) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+template <> __device__ __forceinline__ uint32_t f32_to_bits16<__half>(float v) {
+  return __half_as_ushort(__float2half_rn(v));
 }
 
 __device__ __forceinline__ bool dropout_on(const LkDropout &d) { return d.threshold != 0; }

@@ -50,22 +50,11 @@ __device__ __forceinline__ float eps16(uint32_t h) {
   return (float)((int32_t)(2u * (h & 0xffffu) + 1u) - (1 << 16)) * 1.52587890625e-5f;
 }
 
-__device__ __forceinline__ lk::U32x4 philox_at(uint64_t seed, uint64_t offset, uint64_t group) {
-  return lk::philox4x32_10((uint32_t)group, (uint32_t)(group >> 32), (uint32_t)offset,
-                           (uint32_t)(offset >> 32), (uint32_t)seed, (uint32_t)(seed >> 32));
-}
-
 // Elements per Philox block: 4 (f32) or 8 (16-bit types), i.e. 16 bytes either way.
 template <typename T> struct PerGroup {
   static constexpr int N = 16 / sizeof(T);
 };
 
-__device__ __forceinline__ uint32_t word_of(const uint4 &r, int i) {
-  return i == 0 ? r.x : i == 1 ? r.y : i == 2 ? r.z : r.w;
-}
-__device__ __forceinline__ uint32_t word_of(const lk::U32x4 &r, int i) {
-  return i == 0 ? r.v[0] : i == 1 ? r.v[1] : i == 2 ? r.v[2] : r.v[3];
-}
 __device__ __forceinline__ void set_word(uint4 &r, int i, uint32_t v) {
   if (i == 0) r.x = v; else if (i == 1) r.y = v; else if (i == 2) r.z = v; else r.w = v;
 }
@@ -74,46 +63,30 @@ __device__ __forceinline__ void set_word(uint4 &r, int i, uint32_t v) {
 template <typename T> __device__ __forceinline__ float eps_of(uint64_t seed, uint64_t offset,
                                                              uint64_t e) {
   constexpr int N = PerGroup<T>::N;
-  const lk::U32x4 r = philox_at(seed, offset, e / N);
+  const lk::U32x4 r = lk::philox_block(seed, offset, e / N);
   const int k = (int)(e % N);
   if constexpr (N == 4) {
-    return eps24(word_of(r, k));
+    return eps24(lk::word_of(r, k));
   } else {
-    const uint32_t w = word_of(r, k >> 1);
+    const uint32_t w = lk::word_of(r, k >> 1);
     return eps16((k & 1) ? (w >> 16) : w);
   }
-}
-
-// A 16-bit element's bits <-> f32 (exact widening, round-to-nearest-even narrowing).
-template <typename T> __device__ __forceinline__ float bits_to_f32(uint32_t b);
-template <> __device__ __forceinline__ float bits_to_f32<__nv_bfloat16>(uint32_t b) {
-  return __uint_as_float(b << 16);
-}
-template <> __device__ __forceinline__ float bits_to_f32<__half>(uint32_t b) {
-  return __half2float(__ushort_as_half((unsigned short)b));
-}
-template <typename T> __device__ __forceinline__ uint32_t f32_to_bits(float v);
-template <> __device__ __forceinline__ uint32_t f32_to_bits<__nv_bfloat16>(float v) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-}
-template <> __device__ __forceinline__ uint32_t f32_to_bits<__half>(float v) {
-  return __half_as_ushort(__float2half_rn(v));
 }
 
 // Adds the noise to 16 bytes of elements: Philox group `group` covers exactly them.
 template <typename T>
 __device__ __forceinline__ uint4 add_noise16(uint4 raw, float mag, uint64_t seed, uint64_t offset,
                                              uint64_t group) {
-  const lk::U32x4 r = philox_at(seed, offset, group);
+  const lk::U32x4 r = lk::philox_block(seed, offset, group);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint32_t w = word_of(raw, i);
+    const uint32_t w = lk::word_of(raw, i);
     if constexpr (PerGroup<T>::N == 4) {
       set_word(raw, i, __float_as_uint(fma_exact(eps24(r.v[i]), mag, __uint_as_float(w))));
     } else {
-      const float lo = fma_exact(eps16(r.v[i]), mag, bits_to_f32<T>(w & 0xffffu));
-      const float hi = fma_exact(eps16(r.v[i] >> 16), mag, bits_to_f32<T>(w >> 16));
-      set_word(raw, i, f32_to_bits<T>(lo) | (f32_to_bits<T>(hi) << 16));
+      const float lo = fma_exact(eps16(r.v[i]), mag, lk::bits16_to_f32<T>(w & 0xffffu));
+      const float hi = fma_exact(eps16(r.v[i] >> 16), mag, lk::bits16_to_f32<T>(w >> 16));
+      set_word(raw, i, lk::f32_to_bits16<T>(lo) | (lk::f32_to_bits16<T>(hi) << 16));
     }
   }
   return raw;

@@ -22,10 +22,6 @@ __device__ __forceinline__ float nf4_absmax(const LkNf4 &w, int64_t b) {
   return __fadd_rn(__fmul_rn(c, __ldg(w.absmax2 + (b >> 8))), w.offset);
 }
 
-__device__ __forceinline__ uint32_t word_of(const uint4 &r, int i) {
-  return i == 0 ? r.x : i == 1 ? r.y : i == 2 ? r.z : r.w;
-}
-
 // The NF4 code table in shared memory: 16 floats in 16 banks, so any lookup pattern of
 // a warp is one wavefront.
 __device__ __forceinline__ void load_lut(float *lut) {
@@ -50,15 +46,10 @@ template <> __device__ __forceinline__ void store8<float>(float *out, const floa
   reinterpret_cast<float4 *>(out)[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
 template <typename T> __device__ __forceinline__ void store8(T *out, const float (&v)[8]) {
-  uint4 r;
-  uint32_t *w = reinterpret_cast<uint32_t *>(&r);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const T lo = lk::from_f32<T>(v[2 * i]), hi = lk::from_f32<T>(v[2 * i + 1]);
-    w[i] = (uint32_t)(*reinterpret_cast<const uint16_t *>(&lo)) |
-           ((uint32_t)(*reinterpret_cast<const uint16_t *>(&hi)) << 16);
-  }
-  *reinterpret_cast<uint4 *>(out) = r;
+  auto pair = [&](int i) {
+    return lk::f32_to_bits16<T>(v[2 * i]) | (lk::f32_to_bits16<T>(v[2 * i + 1]) << 16);
+  };
+  *reinterpret_cast<uint4 *>(out) = make_uint4(pair(0), pair(1), pair(2), pair(3));
 }
 
 template <typename T> __device__ void nf4_dequant(const LkNf4DequantParams &p) {
@@ -135,7 +126,7 @@ template <typename T, int NT, int R> __device__ void nf4_mm(const LkNf4MmParams 
       for (int s = 0; s < 4; ++s) {
         float wv[R][8];
 #pragma unroll
-        for (int r = 0; r < R; ++r) dequant8(lut, word_of(wr[u][r], s), am[u][r], wv[r]);
+        for (int r = 0; r < R; ++r) dequant8(lut, lk::word_of(wr[u][r], s), am[u][r], wv[r]);
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
           if (t < p.t) {

@@ -252,12 +252,17 @@ impl Index for i64 {
     }
 }
 
-/// The seq-len buffer's required length for `shape`, if any.
-pub(crate) fn seq_len_expected<B: ?Sized>(shape: &EmbedShape, len: &SeqLen<'_, B>) -> usize {
+/// Checks the mask's ([batch · seq]) or lengths' ([batch]) buffer length; `len_of`
+/// reads a buffer's element count (host slice or device buffer).
+pub(crate) fn check_seq_len<B: ?Sized>(
+    shape: &EmbedShape,
+    len: &SeqLen<'_, B>,
+    len_of: impl Fn(&B) -> usize,
+) -> Result<()> {
     match len {
-        SeqLen::Padded => 0,
-        SeqLen::Mask(_) => shape.tokens(),
-        SeqLen::Lengths(_) => shape.batch,
+        SeqLen::Padded => Ok(()),
+        SeqLen::Mask(m) => crate::lora::check_len("mask", len_of(m), shape.tokens()),
+        SeqLen::Lengths(l) => crate::lora::check_len("lengths", len_of(l), shape.batch),
     }
 }
 

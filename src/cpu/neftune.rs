@@ -3,9 +3,7 @@
 //! [`Error::Index`] before anything is written.
 
 use crate::lora::check_len;
-use crate::neftune::{
-    check_ids, seq_len_expected, BackwardOptions, EmbedShape, Index, Noise, SeqLen,
-};
+use crate::neftune::{check_ids, check_seq_len, BackwardOptions, EmbedShape, Index, Noise, SeqLen};
 use crate::{Element, Error, Result};
 
 /// Per position: whether it gets noise, and the magnitude of its sequence.
@@ -47,14 +45,6 @@ fn magnitudes<M: Index>(
         }
     }
     Ok(mag)
-}
-
-fn check_seq_len<M: Index>(shape: &EmbedShape, len: &SeqLen<'_, [M]>) -> Result<()> {
-    match len {
-        SeqLen::Padded => Ok(()),
-        SeqLen::Mask(m) => check_len("mask", m.len(), seq_len_expected(shape, len)),
-        SeqLen::Lengths(l) => check_len("lengths", l.len(), seq_len_expected(shape, len)),
-    }
 }
 
 /// Adds the noise to `emb` [batch · seq, dim] in place, where `mag` (per position) is
@@ -103,7 +93,7 @@ pub fn embed<T: Element, I: Index, M: Index>(
     out: &mut [T],
 ) -> Result<()> {
     noise.validate()?;
-    check_seq_len(shape, &len)?;
+    check_seq_len(shape, &len, |b: &[M]| b.len())?;
     gather(shape, table, ids, out)?;
     let mag = magnitudes(shape, noise, len)?;
     noise_rows(shape, noise, &mag, out);
@@ -120,7 +110,7 @@ pub fn add_noise<T: Element, M: Index>(
 ) -> Result<()> {
     shape.validate(false)?;
     noise.validate()?;
-    check_seq_len(shape, &len)?;
+    check_seq_len(shape, &len, |b: &[M]| b.len())?;
     check_len("emb", emb.len(), shape.out_len())?;
     let mag = magnitudes(shape, noise, len)?;
     noise_rows(shape, noise, &mag, emb);

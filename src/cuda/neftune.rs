@@ -25,7 +25,7 @@ use super::{
     LkNeftKeysParams, LkNeftParams, LkNeftScatterParams, LkNeftSegsumParams, LkNeftSortParams,
 };
 use crate::lora::check_len;
-use crate::neftune::{seq_len_expected, BackwardOptions, EmbedShape, Index, Noise, SeqLen};
+use crate::neftune::{check_seq_len, BackwardOptions, EmbedShape, Index, Noise, SeqLen};
 use crate::{Element, Error, Result};
 
 const BLOCK: u32 = 256;
@@ -95,14 +95,6 @@ fn launch_embed<T: Element, M: Index, L: DevicePtr<M>>(
     gpu.launch(&name, cfg, &params)
 }
 
-fn check_seq_len<M: Index, L: DevicePtr<M>>(shape: &EmbedShape, len: &SeqLen<'_, L>) -> Result<()> {
-    match len {
-        SeqLen::Padded => Ok(()),
-        SeqLen::Mask(m) => check_len("mask", m.len(), seq_len_expected(shape, len)),
-        SeqLen::Lengths(l) => check_len("lengths", l.len(), seq_len_expected(shape, len)),
-    }
-}
-
 /// Plain gather: `out[p, :] = table[ids[p], :]` (an out-of-range id gives a zero row and
 /// is reported by [`Gpu::take_index_errors`]).
 pub fn gather<T, I, Tb, Ib, O>(
@@ -154,7 +146,7 @@ where
     check_len("table", table.len(), shape.table_len())?;
     check_len("ids", ids.len(), shape.tokens())?;
     check_len("out", out.len(), shape.out_len())?;
-    check_seq_len(shape, &len)?;
+    check_seq_len(shape, &len, |b: &L| b.len())?;
     let (tp, _gt) = dptr(gpu, "table", table)?;
     let (ip, _gi) = dptr(gpu, "ids", ids)?;
     let (op, _go) = dptr_mut(gpu, "out", out)?;
@@ -179,7 +171,7 @@ where
     shape.validate(false)?;
     noise.validate()?;
     check_len("emb", emb.len(), shape.out_len())?;
-    check_seq_len(shape, &len)?;
+    check_seq_len(shape, &len, |b: &L| b.len())?;
     let (op, _go) = dptr_mut(gpu, "emb", emb)?;
     launch_embed::<T, M, L>(gpu, shape, 0, 0, 0, Some((noise, len)), op)
 }
