@@ -10,6 +10,9 @@
 //!   [`cuda::neftune`], bit-equal.
 //! - [`nf4`]: NF4 weights in bitsandbytes' exact format (quantize, dequantize, double
 //!   quantization, `Linear4bit` checkpoints).
+//! - [`dora`]: DoRA, the LoRA linear with peft's weight-norm and magnitude scaling,
+//!   forward, backward, magnitude init, merge and unmerge; CPU in [`cpu::dora`], CUDA in
+//!   [`cuda::dora`].
 //! - [`Dropout`]: counter-based (Philox4x32-10) dropout masks, regenerated in backward.
 //!
 //! Layouts follow PyTorch and peft: row-major, `x` [T, K], `W` [N, K], `A` [r, K],
@@ -37,6 +40,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod dora;
 mod dtype;
 mod error;
 pub mod lora;
@@ -44,6 +48,7 @@ pub mod neftune;
 pub mod nf4;
 mod philox;
 
+pub use dora::{DoraGrads, DoraOutputs, DoraSaved, DoraWeights};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
