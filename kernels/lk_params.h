@@ -41,6 +41,11 @@ typedef struct LkSmallFwdParams {
   int32_t t, k, n, r;
   float scale;
   LkDropout dropout;
+  /* DoRA (lk_lora_dora_small_*; NULL for LoRA): y = (mag[n] / norm[n]) * z + bias[n]
+   * with z the LoRA sum above before the bias; norm[n] = ||W_n + scale * (B A)_n||. */
+  const void *mag; /* [n] */
+  float *norm;     /* [n] f32 out */
+  void *z;         /* [t, n] out, or NULL */
 } LkSmallFwdParams;
 
 /* Skinny "down" product, contraction over cols, split in chunks of c_chunk columns:
@@ -208,6 +213,92 @@ typedef struct LkNf4MmParams {
   void *y;          /* [t, rows] */
   int32_t t;
 } LkNf4MmParams;
+
+
+/* ---- DoRA (kernels/dora.cu) -------------------------------------------------------
+ * The DoRA scale of output row n is f[n] = mag[n] / norm[n] - minus_one (minus_one is
+ * 0 or 1: the dropout form of peft's formula uses g - 1). */
+
+/* norm[n] = sqrt(sum_k (W[n, k] + scale * sum_j B[n, j] * A[j, k])^2) in f32, from the
+ * elements (no expanded square); m_out[n] = norm[n] in W's type when m_out != NULL.
+ * Grid ceil(n / 8), 256 threads, dynamic shared memory 8 * r floats. */
+typedef struct LkDoraNormParams {
+  const void *w; /* [n, k] */
+  const void *a; /* [r, k] */
+  const void *b; /* [n, r] */
+  float *norm;   /* [n] */
+  void *m_out;   /* [n] or NULL */
+  int32_t n, k, r;
+  float scale;
+} LkDoraNormParams;
+
+/* On a [t, n] tensor y: z_out = y (when z_out != NULL), then y = f[n] * y + bias[n]
+ * (bias optional). */
+typedef struct LkDoraScaleParams {
+  void *y;
+  void *z_out;
+  const void *bias;
+  const void *mag;
+  const float *norm;
+  int64_t t;
+  int32_t n;
+  float minus_one;
+} LkDoraScaleParams;
+
+/* out[n, j] = f[n] * b[n, j] over [n, r] (minus_one = 0); out may be b. */
+typedef struct LkDoraRowScaleParams {
+  const void *b;
+  void *out;
+  const void *mag;
+  const float *norm;
+  int32_t n, r;
+} LkDoraRowScaleParams;
+
+/* Backward over one chunk of t token rows (dy, z and dyf point at the chunk):
+ *   dyf[i, n] = dy[i, n] * f[n];   part[blockIdx.y][n] = sum of dy * z over the
+ * block's rows (rows_per_block of them). Grid (ceil(n / 256), ceil(t / rows_per_block)). */
+typedef struct LkDoraDyzParams {
+  const void *dy;
+  const void *z;
+  void *dyf;
+  float *part;
+  const void *mag;
+  const float *norm;
+  int32_t t, n, rows_per_block;
+  float minus_one;
+} LkDoraDyzParams;
+
+/* dm[n] = (sum_{s < splits} part[s][n]) / norm[n], cast to the activation type. */
+typedef struct LkDoraDmParams {
+  const float *part;
+  const float *norm;
+  void *dm;
+  int32_t splits, n;
+} LkDoraDmParams;
+
+/* Rows t0 .. t0 + t of a dropout-masked [*, cols] tensor: out[i, c] = in[i, c], or 0
+ * where element (t0 + i) * cols + c is dropped (in and out point at row t0; in may be
+ * out). */
+typedef struct LkDoraDropParams {
+  const void *in;
+  void *out;
+  int64_t t0;
+  int32_t t, cols;
+  LkDropout dropout;
+} LkDoraDropParams;
+
+/* Merge (unmerge = 0): W = (mag / norm) * (W + scale * B A); unmerge (1):
+ * W = W * (norm / mag) - scale * B A. Grid (n, ceil(k / 256)), shared r floats. */
+typedef struct LkDoraMergeParams {
+  void *w;
+  const void *a;
+  const void *b;
+  const void *mag;
+  const float *norm;
+  int32_t n, k, r;
+  float scale;
+  int32_t unmerge;
+} LkDoraMergeParams;
 
 #ifdef __cplusplus
 }

@@ -222,6 +222,7 @@ fn zero_dropout_is_the_plain_formula() {
 /// dx and dm match central differences of the forward (the norm does not depend on x
 /// or m, so the detached gradient is the full one for them).
 #[test]
+#[allow(clippy::needless_range_loop)]
 fn dropout_gradients_match_finite_differences() {
     let shape = LoraShape::new(3, 10, 7, 2);
     let case = Case::random(21, shape, true);
@@ -280,7 +281,7 @@ fn bad_arguments_are_errors() {
     let case = Case::random(1, shape, false);
     let opts = LoraOptions::new(1.0);
     let mut y = vec![0.0f32; shape.y_len()];
-    let short_m = vec![1.0f32; 3];
+    let short_m = [1.0f32; 3];
     let mut w = case.weights();
     w.magnitude = &short_m[..];
     let err = cpu::forward(&shape, &opts, &case.x, w, DoraOutputs::y(&mut y[..])).unwrap_err();

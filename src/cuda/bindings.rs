@@ -41,10 +41,13 @@ pub struct LkSmallFwdParams {
     pub r: i32,
     pub scale: f32,
     pub dropout: LkDropout,
+    pub mag: *const ::core::ffi::c_void,
+    pub norm: *mut f32,
+    pub z: *mut ::core::ffi::c_void,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkSmallFwdParams"][::core::mem::size_of::<LkSmallFwdParams>() - 120usize];
+    ["Size of LkSmallFwdParams"][::core::mem::size_of::<LkSmallFwdParams>() - 144usize];
     ["Alignment of LkSmallFwdParams"][::core::mem::align_of::<LkSmallFwdParams>() - 8usize];
     ["Offset of field: LkSmallFwdParams::x"][::core::mem::offset_of!(LkSmallFwdParams, x) - 0usize];
     ["Offset of field: LkSmallFwdParams::w"][::core::mem::offset_of!(LkSmallFwdParams, w) - 8usize];
@@ -74,6 +77,12 @@ const _: () = {
         [::core::mem::offset_of!(LkSmallFwdParams, scale) - 88usize];
     ["Offset of field: LkSmallFwdParams::dropout"]
         [::core::mem::offset_of!(LkSmallFwdParams, dropout) - 96usize];
+    ["Offset of field: LkSmallFwdParams::mag"]
+        [::core::mem::offset_of!(LkSmallFwdParams, mag) - 120usize];
+    ["Offset of field: LkSmallFwdParams::norm"]
+        [::core::mem::offset_of!(LkSmallFwdParams, norm) - 128usize];
+    ["Offset of field: LkSmallFwdParams::z"]
+        [::core::mem::offset_of!(LkSmallFwdParams, z) - 136usize];
 };
 impl Default for LkSmallFwdParams {
     fn default() -> Self {
@@ -591,6 +600,286 @@ const _: () = {
     ["Offset of field: LkNf4MmParams::t"][::core::mem::offset_of!(LkNf4MmParams, t) - 80usize];
 };
 impl Default for LkNf4MmParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkDoraNormParams {
+    pub w: *const ::core::ffi::c_void,
+    pub a: *const ::core::ffi::c_void,
+    pub b: *const ::core::ffi::c_void,
+    pub norm: *mut f32,
+    pub m_out: *mut ::core::ffi::c_void,
+    pub n: i32,
+    pub k: i32,
+    pub r: i32,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkDoraNormParams"][::core::mem::size_of::<LkDoraNormParams>() - 56usize];
+    ["Alignment of LkDoraNormParams"][::core::mem::align_of::<LkDoraNormParams>() - 8usize];
+    ["Offset of field: LkDoraNormParams::w"][::core::mem::offset_of!(LkDoraNormParams, w) - 0usize];
+    ["Offset of field: LkDoraNormParams::a"][::core::mem::offset_of!(LkDoraNormParams, a) - 8usize];
+    ["Offset of field: LkDoraNormParams::b"]
+        [::core::mem::offset_of!(LkDoraNormParams, b) - 16usize];
+    ["Offset of field: LkDoraNormParams::norm"]
+        [::core::mem::offset_of!(LkDoraNormParams, norm) - 24usize];
+    ["Offset of field: LkDoraNormParams::m_out"]
+        [::core::mem::offset_of!(LkDoraNormParams, m_out) - 32usize];
+    ["Offset of field: LkDoraNormParams::n"]
+        [::core::mem::offset_of!(LkDoraNormParams, n) - 40usize];
+    ["Offset of field: LkDoraNormParams::k"]
+        [::core::mem::offset_of!(LkDoraNormParams, k) - 44usize];
+    ["Offset of field: LkDoraNormParams::r"]
+        [::core::mem::offset_of!(LkDoraNormParams, r) - 48usize];
+    ["Offset of field: LkDoraNormParams::scale"]
+        [::core::mem::offset_of!(LkDoraNormParams, scale) - 52usize];
+};
+impl Default for LkDoraNormParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkDoraScaleParams {
+    pub y: *mut ::core::ffi::c_void,
+    pub z_out: *mut ::core::ffi::c_void,
+    pub bias: *const ::core::ffi::c_void,
+    pub mag: *const ::core::ffi::c_void,
+    pub norm: *const f32,
+    pub t: i64,
+    pub n: i32,
+    pub minus_one: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkDoraScaleParams"][::core::mem::size_of::<LkDoraScaleParams>() - 56usize];
+    ["Alignment of LkDoraScaleParams"][::core::mem::align_of::<LkDoraScaleParams>() - 8usize];
+    ["Offset of field: LkDoraScaleParams::y"]
+        [::core::mem::offset_of!(LkDoraScaleParams, y) - 0usize];
+    ["Offset of field: LkDoraScaleParams::z_out"]
+        [::core::mem::offset_of!(LkDoraScaleParams, z_out) - 8usize];
+    ["Offset of field: LkDoraScaleParams::bias"]
+        [::core::mem::offset_of!(LkDoraScaleParams, bias) - 16usize];
+    ["Offset of field: LkDoraScaleParams::mag"]
+        [::core::mem::offset_of!(LkDoraScaleParams, mag) - 24usize];
+    ["Offset of field: LkDoraScaleParams::norm"]
+        [::core::mem::offset_of!(LkDoraScaleParams, norm) - 32usize];
+    ["Offset of field: LkDoraScaleParams::t"]
+        [::core::mem::offset_of!(LkDoraScaleParams, t) - 40usize];
+    ["Offset of field: LkDoraScaleParams::n"]
+        [::core::mem::offset_of!(LkDoraScaleParams, n) - 48usize];
+    ["Offset of field: LkDoraScaleParams::minus_one"]
+        [::core::mem::offset_of!(LkDoraScaleParams, minus_one) - 52usize];
+};
+impl Default for LkDoraScaleParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkDoraRowScaleParams {
+    pub b: *const ::core::ffi::c_void,
+    pub out: *mut ::core::ffi::c_void,
+    pub mag: *const ::core::ffi::c_void,
+    pub norm: *const f32,
+    pub n: i32,
+    pub r: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkDoraRowScaleParams"][::core::mem::size_of::<LkDoraRowScaleParams>() - 40usize];
+    ["Alignment of LkDoraRowScaleParams"][::core::mem::align_of::<LkDoraRowScaleParams>() - 8usize];
+    ["Offset of field: LkDoraRowScaleParams::b"]
+        [::core::mem::offset_of!(LkDoraRowScaleParams, b) - 0usize];
+    ["Offset of field: LkDoraRowScaleParams::out"]
+        [::core::mem::offset_of!(LkDoraRowScaleParams, out) - 8usize];
+    ["Offset of field: LkDoraRowScaleParams::mag"]
+        [::core::mem::offset_of!(LkDoraRowScaleParams, mag) - 16usize];
+    ["Offset of field: LkDoraRowScaleParams::norm"]
+        [::core::mem::offset_of!(LkDoraRowScaleParams, norm) - 24usize];
+    ["Offset of field: LkDoraRowScaleParams::n"]
+        [::core::mem::offset_of!(LkDoraRowScaleParams, n) - 32usize];
+    ["Offset of field: LkDoraRowScaleParams::r"]
+        [::core::mem::offset_of!(LkDoraRowScaleParams, r) - 36usize];
+};
+impl Default for LkDoraRowScaleParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkDoraDyzParams {
+    pub dy: *const ::core::ffi::c_void,
+    pub z: *const ::core::ffi::c_void,
+    pub dyf: *mut ::core::ffi::c_void,
+    pub part: *mut f32,
+    pub mag: *const ::core::ffi::c_void,
+    pub norm: *const f32,
+    pub t: i32,
+    pub n: i32,
+    pub rows_per_block: i32,
+    pub minus_one: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkDoraDyzParams"][::core::mem::size_of::<LkDoraDyzParams>() - 64usize];
+    ["Alignment of LkDoraDyzParams"][::core::mem::align_of::<LkDoraDyzParams>() - 8usize];
+    ["Offset of field: LkDoraDyzParams::dy"][::core::mem::offset_of!(LkDoraDyzParams, dy) - 0usize];
+    ["Offset of field: LkDoraDyzParams::z"][::core::mem::offset_of!(LkDoraDyzParams, z) - 8usize];
+    ["Offset of field: LkDoraDyzParams::dyf"]
+        [::core::mem::offset_of!(LkDoraDyzParams, dyf) - 16usize];
+    ["Offset of field: LkDoraDyzParams::part"]
+        [::core::mem::offset_of!(LkDoraDyzParams, part) - 24usize];
+    ["Offset of field: LkDoraDyzParams::mag"]
+        [::core::mem::offset_of!(LkDoraDyzParams, mag) - 32usize];
+    ["Offset of field: LkDoraDyzParams::norm"]
+        [::core::mem::offset_of!(LkDoraDyzParams, norm) - 40usize];
+    ["Offset of field: LkDoraDyzParams::t"][::core::mem::offset_of!(LkDoraDyzParams, t) - 48usize];
+    ["Offset of field: LkDoraDyzParams::n"][::core::mem::offset_of!(LkDoraDyzParams, n) - 52usize];
+    ["Offset of field: LkDoraDyzParams::rows_per_block"]
+        [::core::mem::offset_of!(LkDoraDyzParams, rows_per_block) - 56usize];
+    ["Offset of field: LkDoraDyzParams::minus_one"]
+        [::core::mem::offset_of!(LkDoraDyzParams, minus_one) - 60usize];
+};
+impl Default for LkDoraDyzParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkDoraDmParams {
+    pub part: *const f32,
+    pub norm: *const f32,
+    pub dm: *mut ::core::ffi::c_void,
+    pub splits: i32,
+    pub n: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkDoraDmParams"][::core::mem::size_of::<LkDoraDmParams>() - 32usize];
+    ["Alignment of LkDoraDmParams"][::core::mem::align_of::<LkDoraDmParams>() - 8usize];
+    ["Offset of field: LkDoraDmParams::part"]
+        [::core::mem::offset_of!(LkDoraDmParams, part) - 0usize];
+    ["Offset of field: LkDoraDmParams::norm"]
+        [::core::mem::offset_of!(LkDoraDmParams, norm) - 8usize];
+    ["Offset of field: LkDoraDmParams::dm"][::core::mem::offset_of!(LkDoraDmParams, dm) - 16usize];
+    ["Offset of field: LkDoraDmParams::splits"]
+        [::core::mem::offset_of!(LkDoraDmParams, splits) - 24usize];
+    ["Offset of field: LkDoraDmParams::n"][::core::mem::offset_of!(LkDoraDmParams, n) - 28usize];
+};
+impl Default for LkDoraDmParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkDoraDropParams {
+    pub in_: *const ::core::ffi::c_void,
+    pub out: *mut ::core::ffi::c_void,
+    pub t0: i64,
+    pub t: i32,
+    pub cols: i32,
+    pub dropout: LkDropout,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkDoraDropParams"][::core::mem::size_of::<LkDoraDropParams>() - 56usize];
+    ["Alignment of LkDoraDropParams"][::core::mem::align_of::<LkDoraDropParams>() - 8usize];
+    ["Offset of field: LkDoraDropParams::in_"]
+        [::core::mem::offset_of!(LkDoraDropParams, in_) - 0usize];
+    ["Offset of field: LkDoraDropParams::out"]
+        [::core::mem::offset_of!(LkDoraDropParams, out) - 8usize];
+    ["Offset of field: LkDoraDropParams::t0"]
+        [::core::mem::offset_of!(LkDoraDropParams, t0) - 16usize];
+    ["Offset of field: LkDoraDropParams::t"]
+        [::core::mem::offset_of!(LkDoraDropParams, t) - 24usize];
+    ["Offset of field: LkDoraDropParams::cols"]
+        [::core::mem::offset_of!(LkDoraDropParams, cols) - 28usize];
+    ["Offset of field: LkDoraDropParams::dropout"]
+        [::core::mem::offset_of!(LkDoraDropParams, dropout) - 32usize];
+};
+impl Default for LkDoraDropParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkDoraMergeParams {
+    pub w: *mut ::core::ffi::c_void,
+    pub a: *const ::core::ffi::c_void,
+    pub b: *const ::core::ffi::c_void,
+    pub mag: *const ::core::ffi::c_void,
+    pub norm: *const f32,
+    pub n: i32,
+    pub k: i32,
+    pub r: i32,
+    pub scale: f32,
+    pub unmerge: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkDoraMergeParams"][::core::mem::size_of::<LkDoraMergeParams>() - 64usize];
+    ["Alignment of LkDoraMergeParams"][::core::mem::align_of::<LkDoraMergeParams>() - 8usize];
+    ["Offset of field: LkDoraMergeParams::w"]
+        [::core::mem::offset_of!(LkDoraMergeParams, w) - 0usize];
+    ["Offset of field: LkDoraMergeParams::a"]
+        [::core::mem::offset_of!(LkDoraMergeParams, a) - 8usize];
+    ["Offset of field: LkDoraMergeParams::b"]
+        [::core::mem::offset_of!(LkDoraMergeParams, b) - 16usize];
+    ["Offset of field: LkDoraMergeParams::mag"]
+        [::core::mem::offset_of!(LkDoraMergeParams, mag) - 24usize];
+    ["Offset of field: LkDoraMergeParams::norm"]
+        [::core::mem::offset_of!(LkDoraMergeParams, norm) - 32usize];
+    ["Offset of field: LkDoraMergeParams::n"]
+        [::core::mem::offset_of!(LkDoraMergeParams, n) - 40usize];
+    ["Offset of field: LkDoraMergeParams::k"]
+        [::core::mem::offset_of!(LkDoraMergeParams, k) - 44usize];
+    ["Offset of field: LkDoraMergeParams::r"]
+        [::core::mem::offset_of!(LkDoraMergeParams, r) - 48usize];
+    ["Offset of field: LkDoraMergeParams::scale"]
+        [::core::mem::offset_of!(LkDoraMergeParams, scale) - 52usize];
+    ["Offset of field: LkDoraMergeParams::unmerge"]
+        [::core::mem::offset_of!(LkDoraMergeParams, unmerge) - 56usize];
+};
+impl Default for LkDoraMergeParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -37,7 +37,7 @@ fn small_variant(tokens: usize) -> (usize, usize) {
     (tb, rows)
 }
 
-fn grid_1d(total: usize, block: u32, cap: u32) -> LaunchConfig {
+pub(crate) fn grid_1d(total: usize, block: u32, cap: u32) -> LaunchConfig {
     let blocks = total.div_ceil(block as usize).clamp(1, cap as usize) as u32;
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
@@ -92,6 +92,7 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         bias: biasp,
         y: yp,
         h: hp,
+        dora: None,
     };
     if shape.tokens <= SMALL_T_MAX {
         forward_small::<T>(gpu, shape, opts, &ptrs)
@@ -101,17 +102,40 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
 }
 
 /// Validated device addresses of one forward call (0 = absent).
-struct FwdPtrs {
-    x: u64,
-    w: u64,
-    a: u64,
-    b: u64,
-    bias: u64,
-    y: u64,
-    h: u64,
+pub(crate) struct FwdPtrs {
+    pub x: u64,
+    pub w: u64,
+    pub a: u64,
+    pub b: u64,
+    pub bias: u64,
+    pub y: u64,
+    pub h: u64,
+    /// The fused DoRA forward's extras.
+    pub dora: Option<DoraPtrs>,
 }
 
-fn forward_small<T: Element>(
+/// DoRA's additions to the small-T fused forward: magnitude, norm out, z out (or 0),
+/// and the rank steps (r ≤ 16: 1, r ≤ 32: 2).
+pub(crate) struct DoraPtrs {
+    pub mag: u64,
+    pub norm: u64,
+    pub z: u64,
+    pub rank_steps: usize,
+}
+
+/// Whether DoRA's fused small-T forward takes this call: f16/bf16, T ≤ 32, K % 8 == 0,
+/// r % 8 == 0 and r ≤ 32, x, W, A and B 16-byte aligned (dropout is checked by the
+/// caller).
+pub(crate) fn dora_fused_small<T: Element>(shape: &LoraShape, p: &FwdPtrs) -> bool {
+    T::DTYPE != crate::DType::F32
+        && shape.tokens <= SMALL_T_MAX
+        && shape.in_features % 8 == 0
+        && shape.rank % 8 == 0
+        && shape.rank <= 32
+        && [p.x, p.w, p.a, p.b].iter().all(|&a| a % 16 == 0)
+}
+
+pub(crate) fn forward_small<T: Element>(
     gpu: &Gpu,
     shape: &LoraShape,
     opts: &LoraOptions,
@@ -127,7 +151,14 @@ fn forward_small<T: Element>(
             9..=16 => 2,
             _ => 4,
         };
-        let name = format!("lk_lora_small_mma_{}_n{nt}", T::DTYPE.suffix());
+        let name = match &p.dora {
+            Some(d) => format!(
+                "lk_lora_dora_small_{}_n{nt}_k{}",
+                T::DTYPE.suffix(),
+                d.rank_steps
+            ),
+            None => format!("lk_lora_small_mma_{}_n{nt}", T::DTYPE.suffix()),
+        };
         let tasks = shape.rank.div_ceil(16) + shape.out_features.div_ceil(16);
         (name, tasks, 0)
     } else {
@@ -162,6 +193,9 @@ fn forward_small<T: Element>(
         r: shape.rank as i32,
         scale: opts.scale,
         dropout: lk_dropout(opts.active_dropout()),
+        mag: p.dora.as_ref().map_or(0, |d| d.mag) as *const _,
+        norm: p.dora.as_ref().map_or(0, |d| d.norm) as *mut f32,
+        z: p.dora.as_ref().map_or(0, |d| d.z) as *mut _,
     };
     let func = gpu.function(&name)?;
     let max_grid = gpu.cooperative_grid(&name, &func, SMALL_BLOCK, smem)?;
@@ -233,7 +267,7 @@ fn forward_large<T: Element>(
 /// `out[t, j] = alpha · Σ_c drop(x)[t, c] · V[j·v_sj + c·v_sc]` for j < r: split over
 /// the columns into f32 partials, then a deterministic reduction into `out`.
 #[allow(clippy::too_many_arguments)]
-fn launch_down<T: Element>(
+pub(crate) fn launch_down<T: Element>(
     gpu: &Gpu,
     x: u64,
     ldx: i64,
@@ -346,7 +380,7 @@ fn launch_reduce<T: Element>(
 /// `out[c·o_sc + j·o_sj] = alpha · Σ_t drop(m)[t, c] · g[t, j]`: token-split partial
 /// sums into f32 scratch, then a deterministic reduction into `out`.
 #[allow(clippy::too_many_arguments)]
-fn launch_tn<T: Element>(
+pub(crate) fn launch_tn<T: Element>(
     gpu: &Gpu,
     m: u64,
     g: u64,

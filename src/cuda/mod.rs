@@ -4,6 +4,7 @@
 //! All `unsafe` of the crate lives in this module's launch code, each block with a
 //! `// SAFETY:` note.
 
+pub mod dora;
 pub mod lora;
 pub mod neftune;
 pub mod nf4;
@@ -61,6 +62,13 @@ unsafe impl DeviceRepr for LkNeftSortParams {}
 unsafe impl DeviceRepr for LkNeftSegsumParams {}
 unsafe impl DeviceRepr for LkNf4DequantParams {}
 unsafe impl DeviceRepr for LkNf4MmParams {}
+unsafe impl DeviceRepr for LkDoraNormParams {}
+unsafe impl DeviceRepr for LkDoraScaleParams {}
+unsafe impl DeviceRepr for LkDoraRowScaleParams {}
+unsafe impl DeviceRepr for LkDoraDyzParams {}
+unsafe impl DeviceRepr for LkDoraDmParams {}
+unsafe impl DeviceRepr for LkDoraDropParams {}
+unsafe impl DeviceRepr for LkDoraMergeParams {}
 
 /// Words of [`Gpu`]'s index-error status buffer (layout in kernels/lk_params.h).
 const STATUS_WORDS: usize = 8;
@@ -129,6 +137,7 @@ impl Gpu {
             ("lora", load_module(&ctx, "lora")?),
             ("neftune", load_module(&ctx, "neftune")?),
             ("nf4", load_module(&ctx, "nf4")?),
+            ("dora", load_module(&ctx, "dora")?),
         ];
         let sync = stream.alloc_zeros::<u32>(2)?;
         let status = stream.alloc_zeros::<u32>(STATUS_WORDS)?;
@@ -197,6 +206,45 @@ impl Gpu {
         Ok(self.stream.synchronize()?)
     }
 
+    /// Bytes in use in the device's default memory pool (which every buffer of this
+    /// crate comes from), and the most in use since the last reset; `reset` sets the
+    /// high-water mark to the current use first. Benches measure an op's peak extra
+    /// memory with it: reset, run, synchronize, read `high − current_before`.
+    pub fn pool_usage(&self, reset: bool) -> Result<(u64, u64)> {
+        use cudarc::driver::sys::{self as dsys, CUmemPool_attribute as A};
+        self.ctx.bind_to_thread()?;
+        let mut pool: dsys::CUmemoryPool = std::ptr::null_mut();
+        let mut current = 0u64;
+        let mut high = 0u64;
+        // SAFETY: plain driver queries on this context's device with valid out-pointers
+        // (the attributes are u64 values, as the driver API documents).
+        unsafe {
+            dsys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()).result()?;
+            dsys::cuMemPoolGetAttribute(
+                pool,
+                A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+                (&mut current) as *mut u64 as *mut _,
+            )
+            .result()?;
+            if reset {
+                let mut zero = 0u64;
+                dsys::cuMemPoolSetAttribute(
+                    pool,
+                    A::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    (&mut zero) as *mut u64 as *mut _,
+                )
+                .result()?;
+            }
+            dsys::cuMemPoolGetAttribute(
+                pool,
+                A::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut high) as *mut u64 as *mut _,
+            )
+            .result()?;
+        }
+        Ok((current, high))
+    }
+
     /// An uninitialized device buffer for kernel outputs or scratch.
     pub(crate) fn scratch<T: cudarc::driver::DeviceRepr>(
         &self,
@@ -217,6 +265,8 @@ impl Gpu {
             "neftune"
         } else if name.starts_with("lk_nf4_") {
             "nf4"
+        } else if name.starts_with("lk_dora_") {
+            "dora"
         } else {
             "lora"
         };

@@ -1,0 +1,235 @@
+//! DoRA benches, bf16, K = N = 4096, r = 16, T ∈ {1, 16, 4096}. In one process, on one
+//! device, against cuBLAS's base product measured in the same run:
+//!
+//! - `base`: cuBLAS `y = x Wᵀ` (fwd+bwd: also `dX = dY W`);
+//! - `ours`: `cuda::dora::forward` (y, h and the norms saved), and fwd+bwd with
+//!   `backward` either from a saved `z` or recomputing it;
+//! - `norm`: the row norms alone, as GB/s of W read.
+//!
+//! Peak extra device memory of each of our ops is measured from the default memory
+//! pool's high-water mark (beyond the inputs and outputs, which are allocated before).
+//! Inputs are random and rotated past L2 (≥ 128 MB per rotation); each figure is the
+//! median of CUDA-event-timed batches. `LORA_KERNELS_BENCH_QUICK=1` takes fewer
+//! samples; without a GPU the bench says so and exits.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+mod common;
+
+use cudarc::driver::CudaSlice;
+use lora_kernels::cuda::{dora as cuda, gemm, Gpu};
+use lora_kernels::{bf16, DoraGrads, DoraOutputs, DoraSaved, DoraWeights, LoraOptions, LoraShape};
+
+struct Set {
+    x: CudaSlice<bf16>,
+    w: CudaSlice<bf16>,
+    a: CudaSlice<bf16>,
+    b: CudaSlice<bf16>,
+    m: CudaSlice<bf16>,
+    dy: CudaSlice<bf16>,
+    y: CudaSlice<bf16>,
+    h: CudaSlice<bf16>,
+    z: CudaSlice<bf16>,
+    norm: CudaSlice<f32>,
+    dx: CudaSlice<bf16>,
+    da: CudaSlice<bf16>,
+    db: CudaSlice<bf16>,
+    dm: CudaSlice<bf16>,
+}
+
+fn random(gpu: &Gpu, n: usize, seed: u64, scale: f32) -> CudaSlice<bf16> {
+    gpu.upload(&common::random_bf16(n, seed, scale)).unwrap()
+}
+
+fn make_set(gpu: &Gpu, s: &LoraShape, seed: u64) -> Set {
+    let k = s.in_features as f32;
+    Set {
+        x: random(gpu, s.x_len(), seed, 1.0),
+        w: random(gpu, s.w_len(), seed + 1, 1.0 / k.sqrt()),
+        a: random(gpu, s.a_len(), seed + 2, 1.0 / k.sqrt()),
+        b: random(gpu, s.b_len(), seed + 3, 0.1),
+        m: gpu
+            .upload(&vec![bf16::from_f32(0.6); s.out_features])
+            .unwrap(),
+        dy: random(gpu, s.y_len(), seed + 4, 1.0),
+        y: gpu.zeros(s.y_len()).unwrap(),
+        h: gpu.zeros(s.h_len()).unwrap(),
+        z: gpu.zeros(s.y_len()).unwrap(),
+        norm: gpu.zeros(s.out_features).unwrap(),
+        dx: gpu.zeros(s.x_len()).unwrap(),
+        da: gpu.zeros(s.a_len()).unwrap(),
+        db: gpu.zeros(s.b_len()).unwrap(),
+        dm: gpu.zeros(s.out_features).unwrap(),
+    }
+}
+
+fn set_bytes(s: &LoraShape) -> usize {
+    2 * (2 * s.x_len() + s.w_len() + 3 * s.y_len() + s.a_len() + s.b_len())
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Op {
+    BaseFwd,
+    Norm,
+    OursFwd,
+    BaseFwdBwd,
+    OursFwdBwdZ,
+    OursFwdBwd,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::BaseFwd => "base_fwd",
+            Op::Norm => "norm",
+            Op::OursFwd => "ours_fwd",
+            Op::BaseFwdBwd => "base_fwdbwd",
+            Op::OursFwdBwdZ => "ours_fwdbwd_saved_z",
+            Op::OursFwdBwd => "ours_fwdbwd_recompute_z",
+        }
+    }
+}
+
+fn run(gpu: &Gpu, s: &LoraShape, opts: &LoraOptions, op: Op, set: &mut Set) {
+    let (t, k, n) = (s.tokens, s.in_features, s.out_features);
+    let wts = DoraWeights {
+        w: &set.w,
+        a: &set.a,
+        b: &set.b,
+        bias: None,
+        magnitude: &set.m,
+    };
+    match op {
+        Op::BaseFwd | Op::BaseFwdBwd => {
+            gemm(
+                gpu, t, n, k, 1.0, &set.x, false, &set.w, true, 0.0, &mut set.y,
+            )
+            .unwrap();
+            if op == Op::BaseFwdBwd {
+                gemm(
+                    gpu,
+                    t,
+                    k,
+                    n,
+                    1.0,
+                    &set.dy,
+                    false,
+                    &set.w,
+                    false,
+                    0.0,
+                    &mut set.dx,
+                )
+                .unwrap();
+            }
+        }
+        Op::Norm => {
+            cuda::weight_norm(gpu, s, opts.scale, &set.w, &set.a, &set.b, &mut set.norm).unwrap()
+        }
+        Op::OursFwd | Op::OursFwdBwd | Op::OursFwdBwdZ => {
+            let save_z = op == Op::OursFwdBwdZ;
+            let out = DoraOutputs {
+                y: &mut set.y,
+                h: Some(&mut set.h),
+                norm: Some(&mut set.norm),
+                z: if save_z { Some(&mut set.z) } else { None },
+            };
+            cuda::forward(gpu, s, opts, &set.x, wts, out).unwrap();
+            if op != Op::OursFwd {
+                let saved = DoraSaved {
+                    h: &set.h,
+                    norm: &set.norm,
+                    z: if save_z { Some(&set.z) } else { None },
+                };
+                let grads = DoraGrads {
+                    dx: &mut set.dx,
+                    da: &mut set.da,
+                    db: &mut set.db,
+                    dm: &mut set.dm,
+                };
+                cuda::backward(gpu, s, opts, &set.x, wts, saved, &set.dy, grads).unwrap();
+            }
+        }
+    }
+}
+
+fn main() {
+    let Some(gpu) = common::gpu_or_skip("dora") else {
+        return;
+    };
+    let samples = common::samples();
+    let mut criterion = common::criterion();
+    let mut table = String::new();
+    writeln!(table, "{}", common::device_line(&gpu)).unwrap();
+    writeln!(
+        table,
+        "bf16, K = N = 4096, r = 16; median µs of {samples} CUDA-event batches; inputs rotated past L2; extra = peak extra device memory (MiB)"
+    )
+    .unwrap();
+    writeln!(
+        table,
+        "{:>5} | {:>8} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>7} {:>7} | {:>7} {:>8} | {:>6} {:>6} {:>6}",
+        "T", "base", "ours", "o/b", "base_fb", "ours_z", "ours_rc", "z/b", "rc/b", "norm", "GB/s", "x fwd", "x z", "x rc"
+    )
+    .unwrap();
+    for &t in &[1usize, 16, 4096] {
+        let s = LoraShape::new(t, 4096, 4096, 16);
+        let opts = LoraOptions::new(2.0);
+        let nsets = (128usize << 20).div_ceil(set_bytes(&s)).clamp(1, 8);
+        let mut sets: Vec<Set> = (0..nsets)
+            .map(|i| make_set(&gpu, &s, 100 * i as u64 + 7))
+            .collect();
+        let ops = [
+            Op::BaseFwd,
+            Op::OursFwd,
+            Op::BaseFwdBwd,
+            Op::OursFwdBwdZ,
+            Op::OursFwdBwd,
+            Op::Norm,
+        ];
+        let us: Vec<f64> = ops
+            .iter()
+            .map(|&op| {
+                let n = sets.len();
+                common::median_us(&gpu, samples, |i| {
+                    run(&gpu, &s, &opts, op, &mut sets[i % n])
+                })
+            })
+            .collect();
+        // Peak extra memory of our three ops, one run each.
+        let extra: Vec<f64> = [Op::OursFwd, Op::OursFwdBwdZ, Op::OursFwdBwd]
+            .iter()
+            .map(|&op| {
+                gpu.synchronize().unwrap();
+                let (before, _) = gpu.pool_usage(true).unwrap();
+                run(&gpu, &s, &opts, op, &mut sets[0]);
+                gpu.synchronize().unwrap();
+                let (_, high) = gpu.pool_usage(false).unwrap();
+                high.saturating_sub(before) as f64 / (1u64 << 20) as f64
+            })
+            .collect();
+        let w_bytes = 2.0 * (4096 * 4096) as f64;
+        writeln!(
+            table,
+            "{:>5} | {:>8.1} {:>8.1} {:>7.3} | {:>8.1} {:>8.1} {:>8.1} {:>7.3} {:>7.3} | {:>7.1} {:>8.0} | {:>6.2} {:>6.2} {:>6.2}",
+            t, us[0], us[1], us[1] / us[0], us[2], us[3], us[4], us[3] / us[2], us[4] / us[2],
+            us[5], w_bytes / us[5] * 1e-3, extra[0], extra[1], extra[2]
+        )
+        .unwrap();
+        eprintln!("{}", table.lines().last().unwrap_or_default());
+        let mut group = criterion.benchmark_group(format!("dora_bf16/T{t}_N4096_r16"));
+        group.throughput(criterion::Throughput::Elements((t * 4096 * 4096) as u64));
+        for &op in &ops {
+            group.bench_function(op.name(), |bch| {
+                bch.iter_custom(|iters| {
+                    let n = sets.len();
+                    Duration::from_secs_f64(common::time_iters(&gpu, iters, |i| {
+                        run(&gpu, &s, &opts, op, &mut sets[i % n])
+                    }))
+                })
+            });
+        }
+        group.finish();
+    }
+    common::finish(&table);
+}

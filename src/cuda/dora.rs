@@ -1,0 +1,700 @@
+//! CUDA ops of DoRA. Same arguments as [`crate::cpu::dora`]; see [`crate::dora`] for
+//! the math and layouts.
+//!
+//! Paths:
+//! - the row norms: one kernel reads W once and forms each element of `W + s·BA` in f32,
+//!   summing squares: for f16/bf16 (K % 8 == 0, W and A 16-byte aligned) `BA` comes from
+//!   tensor cores 16 rows × 32 columns at a time; otherwise B's rows sit in shared
+//!   memory and A is read once per block of 8 rows (SIMT);
+//! - forward without dropout, T ≤ 32, f16/bf16 (K % 8 == 0, r % 8 == 0, r ≤ 32, aligned):
+//!   the LoRA linear's fused small-T tensor-core kernel, extended: one pass over W gives
+//!   the base product, the low-rank term, each row's norm (the same tensor-core norm
+//!   as above, on W's registers) and the scale, and writes y (and z, the norms) once;
+//! - other forwards without dropout: the norms, the LoRA linear's forward without bias
+//!   (its small-T kernels or its large-T path), then one pass over y applying the scale
+//!   and the bias (saving `z` on the way when asked);
+//! - forward under dropout (peft's formula, two base products): `h` from the LoRA
+//!   down kernel, `z = (1/(1−p))·x_m Wᵀ + s·h Bᵀ` with `x_m` the masked x (scratch
+//!   [T, K]), `y = (g − 1)⊙z + bias + s·h Bᵀ + x Wᵀ`;
+//! - backward: `gl = dy (g⊙B)` and `dB = s·g⊙(dyᵀh)` on [T, r] / [N, r] scratch, then
+//!   token chunks of at most [`BACKWARD_CHUNK_ELEMS`] / max(N, K) rows: `z` (given, or
+//!   recomputed), one pass writing `dy⊙g` (or `dy⊙(g−1)` under dropout) and the chunk's
+//!   deterministic partial sums of `dy⊙z`, and the chunk's dX by cuBLAS. dm is the sum of
+//!   the partials over the norm. No [N, K] temporary is ever formed.
+//!
+//! Extra device memory: forward O(N + T·r) (plus [T, K] under dropout); backward
+//! O(N·r + T·r) plus the chunk buffers, at most 2 × [`BACKWARD_CHUNK_ELEMS`] elements
+//! (3 × under dropout when `z` is not given).
+
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
+
+use super::lora::{
+    dora_fused_small, forward_small, grid_1d, launch_down, launch_tn, DoraPtrs, FwdPtrs,
+};
+use super::{dptr, dptr_mut, gemm_rm, lk_dropout, Gpu};
+use super::{
+    LkDoraDmParams, LkDoraDropParams, LkDoraDyzParams, LkDoraMergeParams, LkDoraNormParams,
+    LkDoraRowScaleParams, LkDoraScaleParams,
+};
+use crate::dora::{
+    check_backward, check_forward, check_weight_op, BackwardLens, DoraGrads, DoraOutputs,
+    DoraSaved, DoraWeights, ForwardLens,
+};
+use crate::lora::check_len;
+use crate::{Element, LoraOptions, LoraShape, LoraWeights, Result};
+
+/// The most elements of one backward chunk buffer ([chunk, N] or [chunk, K]).
+pub const BACKWARD_CHUNK_ELEMS: usize = 1 << 23;
+
+static CHUNK_ELEMS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(BACKWARD_CHUNK_ELEMS);
+
+/// Tests only: a smaller chunk bound, so that small shapes take several chunks.
+#[doc(hidden)]
+pub fn set_backward_chunk_elems(elems: usize) {
+    CHUNK_ELEMS.store(elems.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+const NORM_ROWS: usize = 8;
+const DYZ_ROWS: usize = 32;
+
+/// `norm[n] = ‖W_n + s·(BA)_n‖` (f32), and `m_out = norm` in W's type when given.
+#[allow(clippy::too_many_arguments)]
+fn launch_norm<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    scale: f32,
+    w: u64,
+    a: u64,
+    b: u64,
+    norm: u64,
+    m_out: u64,
+) -> Result<()> {
+    let params = LkDoraNormParams {
+        w: w as *const _,
+        a: a as *const _,
+        b: b as *const _,
+        norm: norm as *mut f32,
+        m_out: m_out as *mut _,
+        n: shape.out_features as i32,
+        k: shape.in_features as i32,
+        r: shape.rank as i32,
+        scale,
+    };
+    // Tensor cores for f16/bf16 when W's and A's rows are 16-byte aligned.
+    let mma =
+        T::DTYPE != crate::DType::F32 && shape.in_features % 8 == 0 && w % 16 == 0 && a % 16 == 0;
+    if mma {
+        let rk = match shape.rank {
+            0..=16 => 1,
+            17..=32 => 2,
+            33..=64 => 4,
+            _ => 16,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (shape.out_features.div_ceil(16) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let name = format!("lk_lora_dora_norm_mma_{}_k{rk}", T::DTYPE.suffix());
+        return gpu.launch(&name, cfg, &params);
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (shape.out_features.div_ceil(NORM_ROWS) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: (NORM_ROWS * shape.rank * 4) as u32,
+    };
+    gpu.launch(&format!("lk_dora_norm_{}", T::DTYPE.suffix()), cfg, &params)
+}
+
+/// `y = (m/norm − minus_one) ⊙ y + bias` over [t, n], saving y into `z` first if given.
+#[allow(clippy::too_many_arguments)]
+fn launch_scale<T: Element>(
+    gpu: &Gpu,
+    t: usize,
+    n: usize,
+    y: u64,
+    z: u64,
+    bias: u64,
+    mag: u64,
+    norm: u64,
+    minus_one: f32,
+) -> Result<()> {
+    let params = LkDoraScaleParams {
+        y: y as *mut _,
+        z_out: z as *mut _,
+        bias: bias as *const _,
+        mag: mag as *const _,
+        norm: norm as *const f32,
+        t: t as i64,
+        n: n as i32,
+        minus_one,
+    };
+    gpu.launch(
+        &format!("lk_dora_scale_{}", T::DTYPE.suffix()),
+        grid_1d(t * n, 256, gpu.sm_count() * 8),
+        &params,
+    )
+}
+
+/// `out[n, j] = (m/norm)[n] · b[n, j]` over [n, r] (`out` may be `b`).
+fn launch_rowscale<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    b: u64,
+    out: u64,
+    mag: u64,
+    norm: u64,
+) -> Result<()> {
+    let params = LkDoraRowScaleParams {
+        b: b as *const _,
+        out: out as *mut _,
+        mag: mag as *const _,
+        norm: norm as *const f32,
+        n: shape.out_features as i32,
+        r: shape.rank as i32,
+    };
+    gpu.launch(
+        &format!("lk_dora_rowscale_{}", T::DTYPE.suffix()),
+        grid_1d(shape.b_len(), 256, gpu.sm_count() * 8),
+        &params,
+    )
+}
+
+/// Rows t0 .. t0 + t of x (or of dX, in place) with the dropped elements zeroed.
+#[allow(clippy::too_many_arguments)]
+fn launch_drop<T: Element>(
+    gpu: &Gpu,
+    input: u64,
+    out: u64,
+    t0: usize,
+    t: usize,
+    cols: usize,
+    dropout: crate::Dropout,
+) -> Result<()> {
+    let params = LkDoraDropParams {
+        in_: input as *const _,
+        out: out as *mut _,
+        t0: t0 as i64,
+        t: t as i32,
+        cols: cols as i32,
+        dropout: lk_dropout(Some(dropout)),
+    };
+    gpu.launch(
+        &format!("lk_dora_drop_{}", T::DTYPE.suffix()),
+        grid_1d(t * cols, 256, gpu.sm_count() * 8),
+        &params,
+    )
+}
+
+fn offset<T>(base: u64, elems: usize) -> u64 {
+    base + (elems * std::mem::size_of::<T>()) as u64
+}
+
+/// The row norms `‖W + s·BA‖` [N] into an f32 buffer.
+pub fn weight_norm<T: Element, I: DevicePtr<T>, F: DevicePtrMut<f32>>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    scale: f32,
+    w: &I,
+    a: &I,
+    b: &I,
+    norm: &mut F,
+) -> Result<()> {
+    check_weight_op(
+        shape,
+        scale,
+        w.len(),
+        a.len(),
+        b.len(),
+        ("norm", norm.len()),
+    )?;
+    let (wp, _gw) = dptr(gpu, "w", w)?;
+    let (ap, _ga) = dptr(gpu, "a", a)?;
+    let (bp, _gb) = dptr(gpu, "b", b)?;
+    let (np, _gn) = dptr_mut(gpu, "norm", norm)?;
+    launch_norm::<T>(gpu, shape, scale, wp, ap, bp, np, 0)
+}
+
+/// peft's magnitude initialisation: `m = ‖W + s·BA‖` per row, in W's type.
+pub fn magnitude_init<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    scale: f32,
+    w: &I,
+    a: &I,
+    b: &I,
+    magnitude: &mut O,
+) -> Result<()> {
+    check_weight_op(
+        shape,
+        scale,
+        w.len(),
+        a.len(),
+        b.len(),
+        ("magnitude", magnitude.len()),
+    )?;
+    let (wp, _gw) = dptr(gpu, "w", w)?;
+    let (ap, _ga) = dptr(gpu, "a", a)?;
+    let (bp, _gb) = dptr(gpu, "b", b)?;
+    let (mp, _gm) = dptr_mut(gpu, "magnitude", magnitude)?;
+    // SAFETY of the scratch: the norm kernel writes all N entries.
+    let norm = gpu.scratch::<f32>(shape.out_features)?;
+    let (np, _gn) = dptr(gpu, "norm", &norm)?;
+    launch_norm::<T>(gpu, shape, scale, wp, ap, bp, np, mp)
+}
+
+/// Forward: writes `y` and, where asked, `h`, the norms and `z` (see [`crate::dora`]).
+/// Queued on the GPU's stream.
+pub fn forward<T, I, O, F>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    x: &I,
+    weights: DoraWeights<'_, I>,
+    out: DoraOutputs<'_, O, F>,
+) -> Result<()>
+where
+    T: Element,
+    I: DevicePtr<T>,
+    O: DevicePtrMut<T>,
+    F: DevicePtrMut<f32>,
+{
+    check_forward(
+        shape,
+        opts,
+        &ForwardLens {
+            x: x.len(),
+            w: weights.w.len(),
+            a: weights.a.len(),
+            b: weights.b.len(),
+            bias: weights.bias.map(|b| b.len()),
+            m: weights.magnitude.len(),
+            y: out.y.len(),
+            h: out.h.as_ref().map(|h| h.len()),
+            norm: out.norm.as_ref().map(|n| n.len()),
+            z: out.z.as_ref().map(|z| z.len()),
+        },
+    )?;
+    let (t, k, n, r) = (
+        shape.tokens,
+        shape.in_features,
+        shape.out_features,
+        shape.rank,
+    );
+    let (xp, _gx) = dptr(gpu, "x", x)?;
+    let (wp, _gw) = dptr(gpu, "w", weights.w)?;
+    let (ap, _ga) = dptr(gpu, "a", weights.a)?;
+    let (bp, _gb) = dptr(gpu, "b", weights.b)?;
+    let (mp, _gm) = dptr(gpu, "magnitude", weights.magnitude)?;
+    let bias = match weights.bias {
+        Some(bias) => Some(dptr(gpu, "bias", bias)?),
+        None => None,
+    };
+    let biasp = bias.as_ref().map_or(0, |b| b.0);
+    let DoraOutputs {
+        y,
+        h,
+        norm,
+        z: z_out,
+    } = out;
+    // SAFETY of the scratch: the norm kernel writes all N entries before any read.
+    let norm_scratch;
+    let norm_dev = match norm {
+        Some(nb) => Some(dptr_mut(gpu, "norm", nb)?),
+        None => None,
+    };
+    let np = match &norm_dev {
+        Some(d) => d.0,
+        None => {
+            norm_scratch = gpu.scratch::<f32>(n)?;
+            dptr(gpu, "norm", &norm_scratch)?.0
+        }
+    };
+    let zp = match z_out {
+        Some(z) => Some(dptr_mut(gpu, "z", z)?),
+        None => None,
+    };
+    let zptr = zp.as_ref().map_or(0, |z| z.0);
+    match opts.active_dropout() {
+        None if shape.tokens <= super::lora::SMALL_T_MAX => {
+            // One pass over W: base product, low-rank term, norm and scale together,
+            // when the tensor-core kernel takes the shape; else the composition below.
+            let (yp, _gy) = dptr_mut(gpu, "y", y)?;
+            let hd = match h {
+                Some(h) => Some(dptr_mut(gpu, "h", h)?),
+                None => None,
+            };
+            let mut ptrs = FwdPtrs {
+                x: xp,
+                w: wp,
+                a: ap,
+                b: bp,
+                bias: biasp,
+                y: yp,
+                h: hd.as_ref().map_or(0, |h| h.0),
+                dora: Some(DoraPtrs {
+                    mag: mp,
+                    norm: np,
+                    z: zptr,
+                    rank_steps: r.div_ceil(16),
+                }),
+            };
+            if dora_fused_small::<T>(shape, &ptrs) {
+                return forward_small::<T>(gpu, shape, opts, &ptrs);
+            }
+            // The composition: norms, then the LoRA small-T kernel, then the scale.
+            launch_norm::<T>(gpu, shape, opts.scale, wp, ap, bp, np, 0)?;
+            ptrs.dora = None;
+            ptrs.bias = 0;
+            forward_small::<T>(gpu, shape, opts, &ptrs)?;
+            launch_scale::<T>(gpu, t, n, yp, zptr, biasp, mp, np, 0.0)
+        }
+        None => {
+            launch_norm::<T>(gpu, shape, opts.scale, wp, ap, bp, np, 0)?;
+            // y = z = x Wᵀ + s·h Bᵀ by the LoRA linear (no bias), then the scale.
+            let lw = LoraWeights {
+                w: weights.w,
+                a: weights.a,
+                b: weights.b,
+                bias: None,
+            };
+            super::lora::forward(gpu, shape, opts, x, lw, y, h)?;
+            let (yp, _gy) = dptr_mut(gpu, "y", y)?;
+            launch_scale::<T>(gpu, t, n, yp, zptr, biasp, mp, np, 0.0)
+        }
+        Some(d) => {
+            launch_norm::<T>(gpu, shape, opts.scale, wp, ap, bp, np, 0)?;
+            let (yp, _gy) = dptr_mut(gpu, "y", y)?;
+            // SAFETY of the scratch: `down` writes all T·r entries of h.
+            let h_scratch;
+            let hd = match h {
+                Some(h) => Some(dptr_mut(gpu, "h", h)?),
+                None => None,
+            };
+            let hp = match &hd {
+                Some(h) => h.0,
+                None => {
+                    h_scratch = gpu.scratch::<T>(shape.h_len())?;
+                    dptr(gpu, "h", &h_scratch)?.0
+                }
+            };
+            launch_down::<T>(
+                gpu,
+                xp,
+                k as i64,
+                ap,
+                k as i64,
+                1,
+                t,
+                k,
+                r,
+                1.0,
+                hp,
+                Some(d),
+            )?;
+            // SAFETY of the scratch: the drop kernel writes all T·K entries of x_m.
+            let xm = gpu.scratch::<T>(shape.x_len())?;
+            let (xmp, _gxm) = dptr(gpu, "x_m", &xm)?;
+            launch_drop::<T>(gpu, xp, xmp, 0, t, k, d)?;
+            // y = z = s·h Bᵀ + (1/(1−p))·x_m Wᵀ.
+            gemm_rm::<T>(gpu, t, n, r, opts.scale, hp, false, bp, true, 0.0, yp)?;
+            gemm_rm::<T>(gpu, t, n, k, d.keep_scale(), xmp, false, wp, true, 1.0, yp)?;
+            // y = (g − 1)⊙z + bias, then + s·h Bᵀ + x Wᵀ.
+            launch_scale::<T>(gpu, t, n, yp, zptr, biasp, mp, np, 1.0)?;
+            gemm_rm::<T>(gpu, t, n, r, opts.scale, hp, false, bp, true, 1.0, yp)?;
+            gemm_rm::<T>(gpu, t, n, k, 1.0, xp, false, wp, true, 1.0, yp)
+        }
+    }
+}
+
+/// Backward from `dy` [T, N]: dX, dA, dB and dm, from what forward saved (`h`, the
+/// norms, and `z` if given; else `z` is recomputed chunk by chunk).
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T, I, O, F>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    x: &I,
+    weights: DoraWeights<'_, I>,
+    saved: DoraSaved<'_, I, F>,
+    dy: &I,
+    grads: DoraGrads<'_, O>,
+) -> Result<()>
+where
+    T: Element,
+    I: DevicePtr<T>,
+    O: DevicePtrMut<T>,
+    F: DevicePtr<f32>,
+{
+    check_backward(
+        shape,
+        opts,
+        &BackwardLens {
+            x: x.len(),
+            w: weights.w.len(),
+            a: weights.a.len(),
+            b: weights.b.len(),
+            m: weights.magnitude.len(),
+            h: saved.h.len(),
+            norm: saved.norm.len(),
+            z: saved.z.map(|z| z.len()),
+            dy: dy.len(),
+            dx: grads.dx.len(),
+            da: grads.da.len(),
+            db: grads.db.len(),
+            dm: grads.dm.len(),
+        },
+    )?;
+    let (t, k, n, r) = (
+        shape.tokens,
+        shape.in_features,
+        shape.out_features,
+        shape.rank,
+    );
+    let s = opts.scale;
+    let dropout = opts.active_dropout();
+    let kp = dropout.map_or(1.0, |d| d.keep_scale());
+    let (xp, _gx) = dptr(gpu, "x", x)?;
+    let (wp, _gw) = dptr(gpu, "w", weights.w)?;
+    let (ap, _ga) = dptr(gpu, "a", weights.a)?;
+    let (bp, _gb) = dptr(gpu, "b", weights.b)?;
+    let (mp, _gm) = dptr(gpu, "magnitude", weights.magnitude)?;
+    let (hp, _gh) = dptr(gpu, "h", saved.h)?;
+    let (np, _gn) = dptr(gpu, "norm", saved.norm)?;
+    let zs = match saved.z {
+        Some(z) => Some(dptr(gpu, "z", z)?),
+        None => None,
+    };
+    let (dyp, _gdy) = dptr(gpu, "dy", dy)?;
+    let (dxp, _gdx) = dptr_mut(gpu, "dx", grads.dx)?;
+    let (dap, _gda) = dptr_mut(gpu, "da", grads.da)?;
+    let (dbp, _gdb) = dptr_mut(gpu, "db", grads.db)?;
+    let (dmp, _gdm) = dptr_mut(gpu, "dm", grads.dm)?;
+
+    // g ⊙ B [N, r] and gl = dy (g ⊙ B) [T, r] (scratch, written in full before reads).
+    let bg = gpu.scratch::<T>(shape.b_len())?;
+    let (bgp, _gbg) = dptr(gpu, "g_b", &bg)?;
+    launch_rowscale::<T>(gpu, shape, bp, bgp, mp, np)?;
+    let gl = gpu.scratch::<T>(shape.h_len())?;
+    let (glp, _ggl) = dptr(gpu, "gl", &gl)?;
+    gemm_rm::<T>(gpu, t, r, n, 1.0, dyp, false, bgp, false, 0.0, glp)?;
+    // dB = s · g ⊙ (dyᵀ h): the product, then its rows scaled in place.
+    gemm_rm::<T>(gpu, n, r, t, s, dyp, true, hp, false, 0.0, dbp)?;
+    launch_rowscale::<T>(gpu, shape, dbp, dbp, mp, np)?;
+    // dA = s · glᵀ drop(x).
+    match dropout {
+        None => gemm_rm::<T>(gpu, r, k, t, s, glp, true, xp, false, 0.0, dap)?,
+        Some(d) => launch_tn::<T>(gpu, xp, glp, t, k, r, 1, k as i64, s, dap, Some(d))?,
+    }
+
+    // Token chunks: z, dy ⊙ f with the partial sums of dy ⊙ z, and dX.
+    let chunk_elems = CHUNK_ELEMS.load(std::sync::atomic::Ordering::Relaxed);
+    let chunk = (chunk_elems / n.max(k)).max(DYZ_ROWS).min(t);
+    let chunk = if chunk < t {
+        chunk / DYZ_ROWS * DYZ_ROWS
+    } else {
+        t
+    };
+    let total_splits: usize = (0..t)
+        .step_by(chunk)
+        .map(|t0| chunk.min(t - t0).div_ceil(DYZ_ROWS))
+        .sum();
+    // SAFETY of the scratch: every (split, n) is written by exactly one dyz thread
+    // before the dm kernel reads it; the chunk buffers are written in full (by cuBLAS,
+    // the drop kernel or the dyz kernel) before they are read.
+    let part = gpu.scratch::<f32>(total_splits * n)?;
+    let (partp, _gp) = dptr(gpu, "partials", &part)?;
+    let dyf = gpu.scratch::<T>(chunk * n)?;
+    let (dyfp, _gdyf) = dptr(gpu, "dy_f", &dyf)?;
+    let zbuf = if zs.is_none() {
+        Some(gpu.scratch::<T>(chunk * n)?)
+    } else {
+        None
+    };
+    let zb = match &zbuf {
+        Some(zb) => Some(dptr(gpu, "z", zb)?),
+        None => None,
+    };
+    let xmbuf = if zs.is_none() && dropout.is_some() {
+        Some(gpu.scratch::<T>(chunk * k)?)
+    } else {
+        None
+    };
+    let xmb = match &xmbuf {
+        Some(b) => Some(dptr(gpu, "x_m", b)?),
+        None => None,
+    };
+    let mut split0 = 0usize;
+    for t0 in (0..t).step_by(chunk) {
+        let tn = chunk.min(t - t0);
+        let xc = offset::<T>(xp, t0 * k);
+        let dyc = offset::<T>(dyp, t0 * n);
+        let dxc = offset::<T>(dxp, t0 * k);
+        let zc = match (&zs, &zb) {
+            (Some(z), _) => offset::<T>(z.0, t0 * n),
+            (None, Some(zb)) => {
+                // z = s·h Bᵀ + drop(x) Wᵀ for this chunk.
+                let hc = offset::<T>(hp, t0 * r);
+                gemm_rm::<T>(gpu, tn, n, r, s, hc, false, bp, true, 0.0, zb.0)?;
+                match (dropout, &xmb) {
+                    (Some(d), Some(xm)) => {
+                        launch_drop::<T>(gpu, xc, xm.0, t0, tn, k, d)?;
+                        gemm_rm::<T>(gpu, tn, n, k, kp, xm.0, false, wp, true, 1.0, zb.0)?;
+                    }
+                    _ => gemm_rm::<T>(gpu, tn, n, k, 1.0, xc, false, wp, true, 1.0, zb.0)?,
+                }
+                zb.0
+            }
+            (None, None) => unreachable!("z scratch exists when z is not given"),
+        };
+        let splits = tn.div_ceil(DYZ_ROWS);
+        let params = LkDoraDyzParams {
+            dy: dyc as *const _,
+            z: zc as *const _,
+            dyf: dyfp as *mut _,
+            part: offset::<f32>(partp, split0 * n) as *mut f32,
+            mag: mp as *const _,
+            norm: np as *const f32,
+            t: tn as i32,
+            n: n as i32,
+            rows_per_block: DYZ_ROWS as i32,
+            minus_one: if dropout.is_some() { 1.0 } else { 0.0 },
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256) as u32, splits as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        gpu.launch(&format!("lk_dora_dyz_{}", T::DTYPE.suffix()), cfg, &params)?;
+        split0 += splits;
+        let glc = offset::<T>(glp, t0 * r);
+        match dropout {
+            None => {
+                // dX = (dy ⊙ g) W + s · gl A.
+                gemm_rm::<T>(gpu, tn, k, n, 1.0, dyfp, false, wp, false, 0.0, dxc)?;
+                gemm_rm::<T>(gpu, tn, k, r, s, glc, false, ap, false, 1.0, dxc)?;
+            }
+            Some(d) => {
+                // dX = dy W + ((dy ⊙ (g − 1)) W + s · gl A) ⊙ mask / (1 − p).
+                gemm_rm::<T>(gpu, tn, k, n, kp, dyfp, false, wp, false, 0.0, dxc)?;
+                gemm_rm::<T>(gpu, tn, k, r, s * kp, glc, false, ap, false, 1.0, dxc)?;
+                launch_drop::<T>(gpu, dxc, dxc, t0, tn, k, d)?;
+                gemm_rm::<T>(gpu, tn, k, n, 1.0, dyc, false, wp, false, 1.0, dxc)?;
+            }
+        }
+    }
+    let params = LkDoraDmParams {
+        part: partp as *const f32,
+        norm: np as *const f32,
+        dm: dmp as *mut _,
+        splits: total_splits as i32,
+        n: n as i32,
+    };
+    gpu.launch(
+        &format!("lk_dora_dm_{}", T::DTYPE.suffix()),
+        grid_1d(n, 256, u32::MAX),
+        &params,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_merge<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    scale: f32,
+    w: u64,
+    a: u64,
+    b: u64,
+    mag: u64,
+    norm: u64,
+    unmerge: bool,
+) -> Result<()> {
+    let params = LkDoraMergeParams {
+        w: w as *mut _,
+        a: a as *const _,
+        b: b as *const _,
+        mag: mag as *const _,
+        norm: norm as *const f32,
+        n: shape.out_features as i32,
+        k: shape.in_features as i32,
+        r: shape.rank as i32,
+        scale,
+        unmerge: unmerge as i32,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (
+            shape.out_features as u32,
+            shape.in_features.div_ceil(256) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: (shape.rank * 4) as u32,
+    };
+    gpu.launch(
+        &format!("lk_dora_merge_{}", T::DTYPE.suffix()),
+        cfg,
+        &params,
+    )
+}
+
+/// Merge in place: `W' = (m / ‖W + s·BA‖) ⊙ (W + s·BA)`. Writes the norms (of the
+/// unmerged W), which [`unmerge`] needs.
+#[allow(clippy::too_many_arguments)]
+pub fn merge<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>, F: DevicePtrMut<f32>>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    scale: f32,
+    w: &mut O,
+    a: &I,
+    b: &I,
+    magnitude: &I,
+    norm: &mut F,
+) -> Result<()> {
+    check_weight_op(
+        shape,
+        scale,
+        w.len(),
+        a.len(),
+        b.len(),
+        ("norm", norm.len()),
+    )?;
+    check_len("magnitude", magnitude.len(), shape.out_features)?;
+    let (wp, _gw) = dptr_mut(gpu, "w", w)?;
+    let (ap, _ga) = dptr(gpu, "a", a)?;
+    let (bp, _gb) = dptr(gpu, "b", b)?;
+    let (mp, _gm) = dptr(gpu, "magnitude", magnitude)?;
+    let (np, _gn) = dptr_mut(gpu, "norm", norm)?;
+    launch_norm::<T>(gpu, shape, scale, wp, ap, bp, np, 0)?;
+    launch_merge::<T>(gpu, shape, scale, wp, ap, bp, mp, np, false)
+}
+
+/// Unmerge in place: `W = W' · (‖·‖ / m) − s·BA` with the norms [`merge`] wrote. A row
+/// whose magnitude is 0 cannot be recovered and comes back non-finite.
+#[allow(clippy::too_many_arguments)]
+pub fn unmerge<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>, F: DevicePtr<f32>>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    scale: f32,
+    w: &mut O,
+    a: &I,
+    b: &I,
+    magnitude: &I,
+    norm: &F,
+) -> Result<()> {
+    check_weight_op(
+        shape,
+        scale,
+        w.len(),
+        a.len(),
+        b.len(),
+        ("norm", norm.len()),
+    )?;
+    check_len("magnitude", magnitude.len(), shape.out_features)?;
+    let (wp, _gw) = dptr_mut(gpu, "w", w)?;
+    let (ap, _ga) = dptr(gpu, "a", a)?;
+    let (bp, _gb) = dptr(gpu, "b", b)?;
+    let (mp, _gm) = dptr(gpu, "magnitude", magnitude)?;
+    let (np, _gn) = dptr(gpu, "norm", norm)?;
+    launch_merge::<T>(gpu, shape, scale, wp, ap, bp, mp, np, true)
+}

@@ -1,0 +1,537 @@
+//! GPU DoRA ops against the CPU oracle over odd shapes, every dtype, with and without
+//! bias, dropout and a saved z, and against peft's fixture. Outputs are poisoned (NaN)
+//! before each run. Without a GPU these tests print a loud SKIPPED note and return;
+//! `LORA_KERNELS_REQUIRE_GPU=1` makes them fail instead.
+
+mod common;
+
+use common::{abs, assert_close, gpu, poison, rel_err, Fixture, Rng};
+use lora_kernels::cpu::{dora as cpu, lora as cpu_lora};
+use lora_kernels::cuda::{dora as cuda, Gpu};
+use lora_kernels::{
+    bf16, f16, DoraGrads, DoraOutputs, DoraSaved, DoraWeights, Dropout, Element, Error, LoraGrads,
+    LoraOptions, LoraShape, LoraWeights,
+};
+
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    shape: LoraShape,
+    bias: bool,
+    dropout: bool,
+    save_z: bool,
+}
+
+fn cases() -> Vec<Case> {
+    const TS: [usize; 5] = [1, 3, 17, 128, 333];
+    const KS: [usize; 4] = [7, 64, 200, 1024];
+    const NS: [usize; 4] = [5, 64, 200, 1000];
+    const RS: [usize; 5] = [1, 8, 16, 64, 256];
+    let mut v = Vec::new();
+    for (ti, &t) in TS.iter().enumerate() {
+        for i in 0..4 {
+            v.push(Case {
+                shape: LoraShape::new(
+                    t,
+                    KS[(i + ti) % 4],
+                    NS[(i + 2 * ti + 1) % 4],
+                    RS[(i + ti) % 5],
+                ),
+                bias: (i + ti) % 2 == 0,
+                dropout: (i + ti) % 3 == 1,
+                save_z: (i + 2 * ti) % 2 == 1,
+            });
+        }
+    }
+    // Bench shapes, the fused small-T kernel's rank steps (r = 24, 32) and edges.
+    for (t, k, n, r) in [
+        (1, 4096, 4096, 16),
+        (16, 4096, 1000, 16),
+        (5, 128, 40, 32),
+        (32, 200, 77, 24),
+        (33, 96, 80, 8),
+    ] {
+        for dropout in [false, true] {
+            v.push(Case {
+                shape: LoraShape::new(t, k, n, r),
+                bias: true,
+                dropout,
+                save_z: dropout,
+            });
+        }
+    }
+    v
+}
+
+struct Host<T> {
+    x: Vec<T>,
+    w: Vec<T>,
+    a: Vec<T>,
+    b: Vec<T>,
+    bias: Option<Vec<T>>,
+    m: Vec<T>,
+    dy: Vec<T>,
+}
+
+fn host_data<T: Element>(rng: &mut Rng, c: &Case) -> Host<T> {
+    let s = c.shape;
+    let m: Vec<f64> = (0..s.out_features).map(|_| rng.uniform()).collect();
+    Host {
+        x: rng.vec(s.x_len(), 1.0),
+        w: rng.vec(s.w_len(), 1.0),
+        a: rng.vec(s.a_len(), 0.5),
+        b: rng.vec(s.b_len(), 0.5),
+        bias: c.bias.then(|| rng.vec(s.out_features, 1.0)),
+        // Around the typical row norm sqrt(K/3), both sides of it (g above and below 1).
+        m: m.iter()
+            .map(|u| T::from_f64((0.5 + *u) * (s.in_features as f64 / 3.0).sqrt()))
+            .collect(),
+        dy: rng.vec(s.y_len(), 1.0),
+    }
+}
+
+fn opts_for(c: &Case, seed: u64) -> LoraOptions {
+    let o = LoraOptions::new(1.75);
+    if c.dropout {
+        o.with_dropout(Dropout::new(0.25, seed, 12))
+    } else {
+        o
+    }
+}
+
+fn dw<'a, S: ?Sized>(
+    w: &'a S,
+    a: &'a S,
+    b: &'a S,
+    bias: Option<&'a S>,
+    m: &'a S,
+) -> DoraWeights<'a, S> {
+    DoraWeights {
+        w,
+        a,
+        b,
+        bias,
+        magnitude: m,
+    }
+}
+
+/// Per-column factor |g| + 1 times a per-element magnitude.
+fn scale_cols<T: Element>(v: &[T], n: usize, f: &[f64]) -> Vec<T> {
+    v.iter()
+        .enumerate()
+        .map(|(e, x)| T::from_f64(x.to_f64().abs() * f[e % n]))
+        .collect()
+}
+
+fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
+    let s = c.shape;
+    let (t, k, n, r) = (s.tokens, s.in_features, s.out_features, s.rank);
+    let what = format!(
+        "{} {:?} bias={} dropout={} z={}",
+        common::dtype_name::<T>(),
+        s,
+        c.bias,
+        c.dropout,
+        c.save_z
+    );
+    let mut rng = Rng::new(seed);
+    let d = host_data::<T>(&mut rng, c);
+    let opts = opts_for(c, seed);
+    let abs_opts = LoraOptions {
+        scale: opts.scale.abs(),
+        ..opts
+    };
+    let hw = || dw(&d.w[..], &d.a[..], &d.b[..], d.bias.as_deref(), &d.m[..]);
+
+    // Oracle forward.
+    let mut y_ref = vec![T::default(); s.y_len()];
+    let mut h_ref = vec![T::default(); s.h_len()];
+    let mut norm_ref = vec![0.0f32; n];
+    let mut z_ref = vec![T::default(); s.y_len()];
+    cpu::forward(
+        &s,
+        &opts,
+        &d.x,
+        hw(),
+        DoraOutputs {
+            y: &mut y_ref[..],
+            h: Some(&mut h_ref[..]),
+            norm: Some(&mut norm_ref[..]),
+            z: Some(&mut z_ref[..]),
+        },
+    )
+    .unwrap();
+    // Magnitudes for the tolerances: the LoRA terms on absolute values, times |g| + 1.
+    let (ax, aw, aa, ab) = (abs(&d.x), abs(&d.w), abs(&d.a), abs(&d.b));
+    let mut norm_mag = vec![0.0f32; n];
+    cpu::weight_norm(&s, abs_opts.scale, &aw, &aa, &ab, &mut norm_mag).unwrap();
+    let g1: Vec<f64> = (0..n)
+        .map(|o| (d.m[o].to_f64() / norm_ref[o] as f64).abs() + 1.0)
+        .collect();
+    let lw_abs = LoraWeights {
+        w: &aw[..],
+        a: &aa[..],
+        b: &ab[..],
+        bias: None,
+    };
+    let mut zl_mag = vec![T::default(); s.y_len()];
+    let mut h_mag = vec![T::default(); s.h_len()];
+    cpu_lora::forward(&s, &abs_opts, &ax, lw_abs, &mut zl_mag, Some(&mut h_mag)).unwrap();
+    let mut y_mag = scale_cols(&zl_mag, n, &g1.iter().map(|v| 2.0 * v).collect::<Vec<_>>());
+    if let Some(bias) = &d.bias {
+        for (e, v) in y_mag.iter_mut().enumerate() {
+            *v = T::from_f64(v.to_f64() + bias[e % n].to_f64().abs());
+        }
+    }
+
+    // GPU forward into poisoned outputs.
+    let up = |v: &[T]| gpu.upload(v).unwrap();
+    let (x, w, a, b, m) = (up(&d.x), up(&d.w), up(&d.a), up(&d.b), up(&d.m));
+    let bias = d.bias.as_ref().map(|v| up(v));
+    let mut y = up(&poison::<T>(s.y_len()));
+    let mut h = up(&poison::<T>(s.h_len()));
+    let mut z = up(&poison::<T>(s.y_len()));
+    let mut norm = gpu.upload(&vec![f32::NAN; n]).unwrap();
+    cuda::forward(
+        gpu,
+        &s,
+        &opts,
+        &x,
+        dw(&w, &a, &b, bias.as_ref(), &m),
+        DoraOutputs {
+            y: &mut y,
+            h: Some(&mut h),
+            norm: Some(&mut norm),
+            z: Some(&mut z),
+        },
+    )
+    .unwrap_or_else(|e| panic!("{what}: forward: {e}"));
+    let norm_gpu = gpu.download(&norm).unwrap();
+    for o in 0..n {
+        let (gv, wv) = (norm_gpu[o] as f64, norm_ref[o] as f64);
+        let tol = 4e-7 * wv + (k + r) as f64 * 2f64.powi(-24) * norm_mag[o] as f64;
+        assert!(
+            (gv - wv).abs() <= tol,
+            "{what}: norm[{o}]: {gv} vs {wv} (tol {tol:.3e})"
+        );
+    }
+    let h_gpu = gpu.download(&h).unwrap();
+    assert_close(&format!("{what}: h"), &h_gpu, &h_ref, &h_mag, k);
+    let z_gpu = gpu.download(&z).unwrap();
+    assert_close(&format!("{what}: z"), &z_gpu, &z_ref, &zl_mag, k + r + 1);
+    assert_close(
+        &format!("{what}: y"),
+        &gpu.download(&y).unwrap(),
+        &y_ref,
+        &y_mag,
+        k + r + 1,
+    );
+
+    // Backward, both sides from the GPU's h, norm and (when saved) z.
+    let zs = c.save_z.then_some(&z_gpu[..]);
+    let mut g_ref = [
+        vec![T::default(); s.x_len()],
+        vec![T::default(); s.a_len()],
+        vec![T::default(); s.b_len()],
+        vec![T::default(); n],
+    ];
+    {
+        let [dx, da, db, dm] = &mut g_ref;
+        cpu::backward(
+            &s,
+            &opts,
+            &d.x,
+            hw(),
+            DoraSaved {
+                h: &h_gpu[..],
+                norm: &norm_gpu[..],
+                z: zs,
+            },
+            &d.dy,
+            DoraGrads {
+                dx: &mut dx[..],
+                da: &mut da[..],
+                db: &mut db[..],
+                dm: &mut dm[..],
+            },
+        )
+        .unwrap();
+    }
+    // Magnitudes: LoRA's backward on absolute values with dy scaled by |g| + 1.
+    let dy_mag = scale_cols(&d.dy, n, &g1);
+    let (mut dx_mag, mut da_mag, mut db_mag) = (
+        vec![T::default(); s.x_len()],
+        vec![T::default(); s.a_len()],
+        vec![T::default(); s.b_len()],
+    );
+    cpu_lora::backward(
+        &s,
+        &abs_opts,
+        &ax,
+        lw_abs,
+        &abs(&h_gpu),
+        &dy_mag,
+        LoraGrads {
+            dx: &mut dx_mag[..],
+            da: &mut da_mag[..],
+            db: &mut db_mag[..],
+        },
+    )
+    .unwrap();
+    let dx_mag: Vec<T> = dx_mag
+        .iter()
+        .map(|v| T::from_f64(2.0 * v.to_f64()))
+        .collect();
+    let dm_mag: Vec<T> = (0..n)
+        .map(|o| {
+            let sum: f64 = (0..t)
+                .map(|i| d.dy[i * n + o].to_f64().abs() * 2.0 * zl_mag[i * n + o].to_f64())
+                .sum();
+            T::from_f64(sum / norm_gpu[o] as f64)
+        })
+        .collect();
+
+    let h_dev = up(&h_gpu);
+    let z_dev = up(&z_gpu);
+    let dy = up(&d.dy);
+    let mut dx = up(&poison::<T>(s.x_len()));
+    let mut da = up(&poison::<T>(s.a_len()));
+    let mut db = up(&poison::<T>(s.b_len()));
+    let mut dm = up(&poison::<T>(n));
+    cuda::backward(
+        gpu,
+        &s,
+        &opts,
+        &x,
+        dw(&w, &a, &b, None, &m),
+        DoraSaved {
+            h: &h_dev,
+            norm: &norm,
+            z: c.save_z.then_some(&z_dev),
+        },
+        &dy,
+        DoraGrads {
+            dx: &mut dx,
+            da: &mut da,
+            db: &mut db,
+            dm: &mut dm,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{what}: backward: {e}"));
+    let [dx_ref, da_ref, db_ref, dm_ref] = &g_ref;
+    let acc = n + t + r;
+    assert_close(
+        &format!("{what}: dx"),
+        &gpu.download(&dx).unwrap(),
+        dx_ref,
+        &dx_mag,
+        acc,
+    );
+    assert_close(
+        &format!("{what}: dA"),
+        &gpu.download(&da).unwrap(),
+        da_ref,
+        &da_mag,
+        acc,
+    );
+    assert_close(
+        &format!("{what}: dB"),
+        &gpu.download(&db).unwrap(),
+        db_ref,
+        &db_mag,
+        acc,
+    );
+    assert_close(
+        &format!("{what}: dm"),
+        &gpu.download(&dm).unwrap(),
+        dm_ref,
+        &dm_mag,
+        acc + k,
+    );
+
+    // Merge then unmerge: the merged W against the oracle's, and the restored W.
+    let mut w_ref = d.w.clone();
+    let mut mnorm_ref = vec![0.0f32; n];
+    cpu::merge(&s, opts.scale, &mut w_ref, &d.a, &d.b, &d.m, &mut mnorm_ref).unwrap();
+    let mut wg = up(&d.w);
+    let mut mnorm = gpu.upload(&vec![f32::NAN; n]).unwrap();
+    cuda::merge(gpu, &s, opts.scale, &mut wg, &a, &b, &m, &mut mnorm)
+        .unwrap_or_else(|e| panic!("{what}: merge: {e}"));
+    let wm_mag: Vec<T> = (0..s.w_len())
+        .map(|e| {
+            let o = e / k;
+            let low: f64 = (0..r)
+                .map(|j| ab[o * r + j].to_f64() * aa[j * k + e % k].to_f64())
+                .sum();
+            T::from_f64(g1[o] * (aw[e].to_f64() + abs_opts.scale as f64 * low))
+        })
+        .collect();
+    assert_close(
+        &format!("{what}: merged W"),
+        &gpu.download(&wg).unwrap(),
+        &w_ref,
+        &wm_mag,
+        k + r,
+    );
+    cuda::unmerge(gpu, &s, opts.scale, &mut wg, &a, &b, &m, &mnorm).unwrap();
+    let back = gpu.download(&wg).unwrap();
+    // Two roundings of W' (merge) and one of W: a few epsilons of the merged magnitude.
+    let eps = T::DTYPE.epsilon();
+    for e in 0..s.w_len() {
+        let o = e / k;
+        let tol = 4.0 * eps * (wm_mag[e].to_f64() / (g1[o] - 1.0).max(1e-3) + aw[e].to_f64())
+            + (k + r) as f64 * 2f64.powi(-24) * wm_mag[e].to_f64();
+        let err = (back[e].to_f64() - d.w[e].to_f64()).abs();
+        assert!(
+            err <= tol,
+            "{what}: unmerged W[{e}]: {} vs {}",
+            back[e].to_f64(),
+            d.w[e].to_f64()
+        );
+    }
+}
+
+fn run_all<T: Element>(seed0: u64) {
+    let Some(gpu) = gpu() else { return };
+    for (i, c) in cases().iter().enumerate() {
+        check_case::<T>(gpu, c, seed0 + i as u64);
+    }
+}
+
+#[test]
+fn gpu_dora_f32() {
+    run_all::<f32>(5000);
+}
+
+#[test]
+fn gpu_dora_f16() {
+    run_all::<f16>(6000);
+}
+
+#[test]
+fn gpu_dora_bf16() {
+    run_all::<bf16>(7000);
+}
+
+/// Backward in several token chunks (a small chunk bound) equals the oracle.
+#[test]
+fn gpu_dora_backward_in_chunks() {
+    let Some(gpu) = gpu() else { return };
+    cuda::set_backward_chunk_elems(64 * 200);
+    for (i, dropout) in [false, true].into_iter().enumerate() {
+        for save_z in [false, true] {
+            let c = Case {
+                shape: LoraShape::new(150, 200, 96, 8),
+                bias: true,
+                dropout,
+                save_z,
+            };
+            check_case::<bf16>(gpu, &c, 9000 + i as u64);
+            check_case::<f32>(gpu, &c, 9100 + i as u64);
+        }
+    }
+    cuda::set_backward_chunk_elems(cuda::BACKWARD_CHUNK_ELEMS);
+}
+
+#[test]
+fn gpu_matches_peft_dora_fixture() {
+    let Some(gpu) = gpu() else { return };
+    let fx = Fixture::open("peft_dora_48x80_r8.safetensors");
+    let s = LoraShape::new(
+        fx.meta_usize("T"),
+        fx.meta_usize("k"),
+        fx.meta_usize("n"),
+        fx.meta_usize("r"),
+    );
+    let opts = LoraOptions::new(fx.meta_f32("scaling"));
+    let up = |name: &str| gpu.upload(&fx.f32(name)).unwrap();
+    let (x, w, a, b, m, dyv) = (
+        up("x"),
+        up("W"),
+        up("A"),
+        up("B"),
+        up("magnitude"),
+        up("dy"),
+    );
+    let mut y = gpu.zeros::<f32>(s.y_len()).unwrap();
+    let mut h = gpu.zeros::<f32>(s.h_len()).unwrap();
+    let mut norm = gpu.zeros::<f32>(s.out_features).unwrap();
+    cuda::forward(
+        gpu,
+        &s,
+        &opts,
+        &x,
+        dw(&w, &a, &b, None, &m),
+        DoraOutputs {
+            y: &mut y,
+            h: Some(&mut h),
+            norm: Some(&mut norm),
+            z: None,
+        },
+    )
+    .unwrap();
+    let e = rel_err(&gpu.download(&y).unwrap(), &fx.f32("y"));
+    assert!(e < 1e-5, "y rel err {e}");
+    let mut g: Vec<_> = [s.x_len(), s.a_len(), s.b_len(), s.out_features]
+        .iter()
+        .map(|&l| gpu.zeros::<f32>(l).unwrap())
+        .collect();
+    let [dx, da, db, dm] = &mut g[..] else {
+        unreachable!()
+    };
+    cuda::backward(
+        gpu,
+        &s,
+        &opts,
+        &x,
+        dw(&w, &a, &b, None, &m),
+        DoraSaved {
+            h: &h,
+            norm: &norm,
+            z: None,
+        },
+        &dyv,
+        DoraGrads { dx, da, db, dm },
+    )
+    .unwrap();
+    for (name, got) in ["dx", "dA", "dB", "dmagnitude"].iter().zip(&g) {
+        let e = rel_err(&gpu.download(got).unwrap(), &fx.f32(name));
+        assert!(e < 1e-5, "{name} rel err {e}");
+    }
+}
+
+#[test]
+fn gpu_bad_arguments_are_errors() {
+    let Some(gpu) = gpu() else { return };
+    let s = LoraShape::new(2, 8, 4, 2);
+    let opts = LoraOptions::new(1.0);
+    let v = |l: usize| gpu.zeros::<bf16>(l).unwrap();
+    let (x, w, a, b, m) = (v(s.x_len()), v(s.w_len()), v(s.a_len()), v(s.b_len()), v(3));
+    let mut y = v(s.y_len());
+    let err = cuda::forward::<bf16, _, _, DevF32>(
+        gpu,
+        &s,
+        &opts,
+        &x,
+        dw(&w, &a, &b, None, &m),
+        DoraOutputs::y(&mut y),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Length {
+                name: "magnitude",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut norm = gpu.zeros::<f32>(5).unwrap();
+    let err = cuda::weight_norm(gpu, &s, 1.0, &w, &a, &b, &mut norm).unwrap_err();
+    assert!(matches!(err, Error::Length { name: "norm", .. }), "{err}");
+    let rank0 = LoraShape::new(2, 8, 4, 0);
+    let err = cuda::magnitude_init(gpu, &rank0, 1.0, &w, &a, &b, &mut y).unwrap_err();
+    assert!(matches!(err, Error::Dim { name: "rank", .. }), "{err}");
+}
+
+type DevF32 = cudarc::driver::CudaSlice<f32>;
