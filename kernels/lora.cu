@@ -233,6 +233,33 @@ LK_SMALL_FWD_TBS(LK_SMALL_FWD_S, bf16, __nv_bfloat16)
 constexpr int MMA_WARPS = 8;
 constexpr int MMA_BATCH = 2;  // 32-column chunks per register buffer (two buffers)
 
+// A warp's walk over its chunks ch0, ch0 + stride, ... (< chunks), double-buffered in
+// registers: the loads of the next chunk batch are issued before the compute of this
+// one, so a warp always has a batch in flight. load(buf, c) and compute(buf, c) are
+// always called with a literal buf (0 or 1), so the buffers stay in registers.
+template <class Load, class Compute>
+__device__ __forceinline__ void double_buffered(int ch0, int stride, int chunks, Load &&load, Compute &&compute) {
+  if (ch0 >= chunks) return;
+  load(0, ch0);
+  for (;;) {
+    const int next = ch0 + stride;
+    if (next >= chunks) {
+      compute(0, ch0);
+      break;
+    }
+    load(1, next);
+    compute(0, ch0);
+    const int next2 = next + stride;
+    if (next2 >= chunks) {
+      compute(1, next);
+      break;
+    }
+    load(0, next2);
+    compute(1, next);
+    ch0 = next2;
+  }
+}
+
 template <typename T> struct MmaOp;
 template <> struct MmaOp<__nv_bfloat16> {
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -525,26 +552,7 @@ __device__ __forceinline__ void mma_rows_dot(const T *__restrict__ x, const T *r
                                 dh->lo, dh->hi);
     }
   };
-  int ch0 = warp * MMA_BATCH;
-  if (ch0 >= chunks) return;
-  load(0, ch0);
-  for (;;) {
-    const int next = ch0 + STRIDE;
-    if (next >= chunks) {
-      compute(0, ch0);
-      break;
-    }
-    load(1, next);
-    compute(0, ch0);
-    const int next2 = next + STRIDE;
-    if (next2 >= chunks) {
-      compute(1, next);
-      break;
-    }
-    load(0, next2);
-    compute(1, next);
-    ch0 = next2;
-  }
+  double_buffered(warp * MMA_BATCH, STRIDE, chunks, load, compute);
 }
 
 // RK > 0: the fused DoRA forward. W-tasks also sum the squares of W + s·BA per row (the
@@ -680,10 +688,11 @@ __device__ __forceinline__ void small_fwd_mma(const LkSmallFwdParams &p) {
   }
 }
 
-template <typename T, int RK, int NB, bool PF_SMALL>
+// A is prefetched with W (registers) for r ≤ 32; a 4-chunk batch, with or without that
+// prefetch, measured slower (docs/PERF_NOTES_DORA.md, v3b).
+template <typename T, int RK>
 __device__ __forceinline__ void dora_norm_mma(const LkDoraNormParams &p) {
-  constexpr bool PF = PF_SMALL && RK <= 2;  // prefetch A with W (registers) for small ranks
-  constexpr int MMA_BATCH = NB;
+  constexpr bool PF = RK <= 2;
   __shared__ alignas(16) T ast[MMA_WARPS][4][16][8];
   __shared__ alignas(16) T bs[16 * 16 * RK];
   __shared__ float red[MMA_WARPS][16];
@@ -724,27 +733,7 @@ __device__ __forceinline__ void dora_norm_mma(const LkDoraNormParams &p) {
                             av[buf][u], p.scale, lo, hi);
     }
   };
-  int ch0 = warp * MMA_BATCH;
-  if (ch0 < chunks) {
-    load(0, ch0);
-    for (;;) {
-      const int next = ch0 + STRIDE;
-      if (next >= chunks) {
-        compute(0, ch0);
-        break;
-      }
-      load(1, next);
-      compute(0, ch0);
-      const int next2 = next + STRIDE;
-      if (next2 >= chunks) {
-        compute(1, next);
-        break;
-      }
-      load(0, next2);
-      compute(1, next);
-      ch0 = next2;
-    }
-  }
+  double_buffered(warp * MMA_BATCH, STRIDE, chunks, load, compute);
   dora_norm_reduce<MMA_WARPS>(lo, hi, red);
   __syncthreads();
   if (threadIdx.x < 16) {
@@ -762,7 +751,7 @@ __device__ __forceinline__ void dora_norm_mma(const LkDoraNormParams &p) {
 
 #define LK_DORA_NORM_MMA(DT, TYPE, RK)                                                          \
   extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32)                                  \
-      lk_lora_dora_norm_mma_##DT##_k##RK(LkDoraNormParams p) { dora_norm_mma<TYPE, RK, 2, true>(p); }
+      lk_lora_dora_norm_mma_##DT##_k##RK(LkDoraNormParams p) { dora_norm_mma<TYPE, RK>(p); }
 #define LK_DORA_NORM_MMA_ALL(DT, TYPE)                                                          \
   LK_DORA_NORM_MMA(DT, TYPE, 1)                                                                 \
   LK_DORA_NORM_MMA(DT, TYPE, 2)                                                                 \

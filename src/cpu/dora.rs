@@ -46,10 +46,22 @@ pub fn weight_norm<T: Element>(
         b.len(),
         ("norm", norm.len()),
     )?;
-    for (dst, v) in norm.iter_mut().zip(norms_f64(shape, scale, w, a, b)) {
-        *dst = v as f32;
-    }
+    write_norms(shape, scale, w, a, b, norm);
     Ok(())
+}
+
+/// The norms rounded once into `out` (f32 norms, or a magnitude in W's type).
+fn write_norms<T: Element, O: Element>(
+    shape: &LoraShape,
+    scale: f32,
+    w: &[T],
+    a: &[T],
+    b: &[T],
+    out: &mut [O],
+) {
+    for (dst, v) in out.iter_mut().zip(norms_f64(shape, scale, w, a, b)) {
+        *dst = O::from_f64(v);
+    }
 }
 
 /// peft's magnitude initialisation: `m = ‖W + s·BA‖` per row (`‖W‖` while B is zero,
@@ -70,9 +82,7 @@ pub fn magnitude_init<T: Element>(
         b.len(),
         ("magnitude", m.len()),
     )?;
-    for (dst, v) in m.iter_mut().zip(norms_f64(shape, scale, w, a, b)) {
-        *dst = T::from_f64(v);
-    }
+    write_norms(shape, scale, w, a, b, m);
     Ok(())
 }
 
