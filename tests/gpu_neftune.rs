@@ -13,6 +13,15 @@ use lora_kernels::cuda::{neftune as cuda, Gpu};
 use lora_kernels::neftune::{BackwardOptions, Index};
 use lora_kernels::{bf16, f16, Element, EmbedShape, Error, Noise, SeqLen};
 
+/// The GPU's index-error status is one per `Gpu`, and the tests share one `Gpu` from
+/// parallel threads: a test that provokes index errors must not have them taken by
+/// another test's `take_index_errors`. Every test here holds this lock throughout.
+static STATUS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn status_lock() -> std::sync::MutexGuard<'static, ()> {
+    STATUS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn up<I: Index>(gpu: &Gpu, v: &[I]) -> CudaSlice<I> {
     gpu.stream().clone_htod(v).unwrap()
 }
@@ -207,14 +216,17 @@ fn forward_all<T: Element>() {
 
 #[test]
 fn forward_f32() {
+    let _status = status_lock();
     forward_all::<f32>();
 }
 #[test]
 fn forward_f16() {
+    let _status = status_lock();
     forward_all::<f16>();
 }
 #[test]
 fn forward_bf16() {
+    let _status = status_lock();
     forward_all::<bf16>();
 }
 
@@ -222,6 +234,7 @@ fn forward_bf16() {
 /// scalar path runs; the results are the same bits.
 #[test]
 fn misaligned_views_take_the_scalar_path() {
+    let _status = status_lock();
     let Some(gpu) = gpu() else { return };
     let shape = EmbedShape::new(2, 7, 9, 64);
     let t = table::<bf16>(&shape, 3);
@@ -255,6 +268,7 @@ fn misaligned_views_take_the_scalar_path() {
 
 #[test]
 fn out_of_range_ids_and_lengths_are_reported_and_never_read() {
+    let _status = status_lock();
     let Some(gpu) = gpu() else { return };
     let shape = EmbedShape::new(2, 5, 10, 16);
     let t = table::<f32>(&shape, 5);
@@ -394,6 +408,7 @@ fn backward_case<T: Element>(gpu: &Gpu, shape: EmbedShape, seed: u64, padding: O
 
 #[test]
 fn table_gradient_every_dtype() {
+    let _status = status_lock();
     let Some(gpu) = gpu() else { return };
     for (i, &(b, s, v, d)) in [
         (1, 1, 1, 1),
@@ -414,6 +429,7 @@ fn table_gradient_every_dtype() {
 
 #[test]
 fn bad_arguments_are_errors_before_launch() {
+    let _status = status_lock();
     let Some(gpu) = gpu() else { return };
     let shape = EmbedShape::new(2, 3, 4, 8);
     let dt = gpu.zeros::<f32>(shape.table_len()).unwrap();
