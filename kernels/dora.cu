@@ -1,6 +1,7 @@
 // DoRA (src/dora.rs): the row norm of W + s·BA taken from its elements, the DoRA scale
-// applied to a product, and the element-wise and reduction steps of backward, merge and
-// unmerge. The products themselves are the LoRA kernels' and cuBLAS's.
+// applied to a product, and the element-wise and reduction steps of backward. Merge and
+// unmerge are modes of the LoRA merge kernel (lora.cu). The products themselves are the
+// LoRA kernels' and cuBLAS's.
 //
 // Shapes (row-major): x [T, K], W [N, K], A [r, K], B [N, r], mag [N], y [T, N]; norms
 // are f32 [N]; accumulation is f32.
@@ -149,26 +150,6 @@ __device__ __forceinline__ void drop_kernel(const LkDoraDropParams &p) {
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void merge_kernel(const LkDoraMergeParams &p) {
-  extern __shared__ float bs[];  // [r]
-  const int n = blockIdx.x;
-  const T *b = static_cast<const T *>(p.b);
-  const T *a = static_cast<const T *>(p.a);
-  for (int j = threadIdx.x; j < p.r; j += blockDim.x) bs[j] = ldg(b + (size_t)n * p.r + j);
-  __syncthreads();
-  const int k = blockIdx.y * blockDim.x + threadIdx.x;
-  if (k >= p.k) return;
-  float acc = 0.0f;
-  for (int j = 0; j < p.r; ++j) acc = fmaf(bs[j], ldg(a + (size_t)j * p.k + k), acc);
-  T *w = static_cast<T *>(p.w) + (size_t)n * p.k + k;
-  const float mag = ldg(static_cast<const T *>(p.mag) + n), nrm = __ldg(p.norm + n);
-  if (p.unmerge)
-    *w = from_f32<T>(to_f32(*w) * __fdiv_rn(nrm, mag) - p.scale * acc);
-  else
-    *w = from_f32<T>(__fdiv_rn(mag, nrm) * fmaf(p.scale, acc, to_f32(*w)));
-}
-
 }  // namespace
 
 #define LK_DORA(DT, TYPE)                                                                       \
@@ -190,8 +171,5 @@ __device__ __forceinline__ void merge_kernel(const LkDoraMergeParams &p) {
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(256) lk_dora_drop_##DT(LkDoraDropParams p) {     \
     drop_kernel<TYPE>(p);                                                                       \
-  }                                                                                             \
-  extern "C" __global__ void __launch_bounds__(256) lk_dora_merge_##DT(LkDoraMergeParams p) {   \
-    merge_kernel<TYPE>(p);                                                                      \
   }
 LK_FOR_EACH_DTYPE(LK_DORA)

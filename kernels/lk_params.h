@@ -86,13 +86,21 @@ typedef struct LkReduceParams {
   float alpha;
 } LkReduceParams;
 
-/* W[n, k] += scale * sum_j B[n, j] * A[j, k], in place (unmerge: scale negated). */
+/* In place over W [n, k], with P[n, k] = sum_j B[n, j] * A[j, k]:
+ *   mode 0 (LoRA merge; unmerge negates scale): W += scale * P
+ *   mode 1 (DoRA merge):   W = (mag[n] / norm[n]) * (W + scale * P)
+ *   mode 2 (DoRA unmerge): W = W * (norm[n] / mag[n]) - scale * P
+ * mag ([n], W's type) and norm ([n], f32) are read in modes 1 and 2 only.
+ * Grid (n, ceil(k / 256)), 256 threads, dynamic shared memory r floats. */
 typedef struct LkMergeParams {
   void *w;
   const void *a;
   const void *b;
+  const void *mag;
+  const float *norm;
   int32_t n, k, r;
   float scale;
+  int32_t mode;
 } LkMergeParams;
 
 /* y[t, n] = bias[n] for every row t. */
@@ -287,18 +295,6 @@ typedef struct LkDoraDropParams {
   LkDropout dropout;
 } LkDoraDropParams;
 
-/* Merge (unmerge = 0): W = (mag / norm) * (W + scale * B A); unmerge (1):
- * W = W * (norm / mag) - scale * B A. Grid (n, ceil(k / 256)), shared r floats. */
-typedef struct LkDoraMergeParams {
-  void *w;
-  const void *a;
-  const void *b;
-  const void *mag;
-  const float *norm;
-  int32_t n, k, r;
-  float scale;
-  int32_t unmerge;
-} LkDoraMergeParams;
 
 #ifdef __cplusplus
 }

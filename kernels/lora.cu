@@ -1057,7 +1057,7 @@ __device__ __forceinline__ void reduce_kernel(const LkReduceParams &p) {
 LK_FOR_EACH_DTYPE(LK_REDUCE)
 
 // =====================================================================================
-// Merge / unmerge: W[n, k] += scale * sum_j B[n, j] A[j, k]. Grid (N, ceil(K/256)).
+// Merge / unmerge of LoRA and DoRA (the modes of LkMergeParams). Grid (N, ceil(K/256)).
 // =====================================================================================
 template <typename T>
 __device__ __forceinline__ void merge_kernel(const LkMergeParams &p) {
@@ -1073,7 +1073,15 @@ __device__ __forceinline__ void merge_kernel(const LkMergeParams &p) {
   float acc = 0.0f;
   for (int j = 0; j < p.r; ++j) acc = fmaf(bs[j], ldg(a + (size_t)j * p.k + kc), acc);
   T *w = static_cast<T *>(p.w) + (size_t)n * p.k + k;
-  *w = from_f32<T>(to_f32(*w) + p.scale * acc);
+  if (p.mode == 0) {
+    *w = from_f32<T>(to_f32(*w) + p.scale * acc);
+    return;
+  }
+  const float mag = ldg(static_cast<const T *>(p.mag) + n), nrm = __ldg(p.norm + n);
+  if (p.mode == 2)
+    *w = from_f32<T>(to_f32(*w) * __fdiv_rn(nrm, mag) - p.scale * acc);
+  else
+    *w = from_f32<T>(__fdiv_rn(mag, nrm) * fmaf(p.scale, acc, to_f32(*w)));
 }
 #define LK_MERGE(DT, TYPE)                                                                      \
   extern "C" __global__ void __launch_bounds__(256) lk_merge_##DT(LkMergeParams p) {            \

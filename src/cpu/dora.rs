@@ -1,6 +1,7 @@
 //! CPU oracle of DoRA (see [`crate::dora`] for the math and layouts). Every
 //! intermediate is f64; each output is rounded once.
 
+use crate::cpu::lora::map_with_ba;
 use crate::cpu::par_rows;
 use crate::dora::{
     check_backward, check_forward, check_weight_op, BackwardLens, DoraGrads, DoraOutputs,
@@ -318,15 +319,8 @@ pub fn merge<T: Element>(
     for (dst, v) in norm.iter_mut().zip(&nrm) {
         *dst = *v as f32;
     }
-    let (k, r, s) = (shape.in_features, shape.rank, scale as f64);
-    let (a, b, m) = (f64s(a), f64s(b), f64s(magnitude));
-    par_rows(w, k, |o, row| {
-        let g = m[o] / nrm[o];
-        for (c, v) in row.iter_mut().enumerate() {
-            let ba: f64 = (0..r).map(|j| b[o * r + j] * a[j * k + c]).sum();
-            *v = T::from_f64(g * (v.to_f64() + s * ba));
-        }
-    });
+    let (s, m) = (scale as f64, f64s(magnitude));
+    map_with_ba(shape, w, a, b, |o, w, ba| m[o] / nrm[o] * (w + s * ba));
     Ok(())
 }
 
@@ -351,14 +345,9 @@ pub fn unmerge<T: Element>(
         ("norm", norm.len()),
     )?;
     crate::lora::check_len("magnitude", magnitude.len(), shape.out_features)?;
-    let (k, r, s) = (shape.in_features, shape.rank, scale as f64);
-    let (a, b, m) = (f64s(a), f64s(b), f64s(magnitude));
-    par_rows(w, k, |o, row| {
-        let inv = norm[o] as f64 / m[o];
-        for (c, v) in row.iter_mut().enumerate() {
-            let ba: f64 = (0..r).map(|j| b[o * r + j] * a[j * k + c]).sum();
-            *v = T::from_f64(v.to_f64() * inv - s * ba);
-        }
+    let (s, m) = (scale as f64, f64s(magnitude));
+    map_with_ba(shape, w, a, b, |o, w, ba| {
+        w * (norm[o] as f64 / m[o]) - s * ba
     });
     Ok(())
 }

@@ -185,16 +185,28 @@ pub fn merge<T: Element>(
 ) -> Result<()> {
     check_merge_lens(shape, w.len(), a.len(), b.len())?;
     crate::lora::LoraOptions::new(scale).validate()?;
+    let s = scale as f64;
+    map_with_ba(shape, w, a, b, |_, w, ba| w + s * ba);
+    Ok(())
+}
+
+/// `W[o, c] = f(o, W[o, c], (B A)[o, c])` in f64 over all of W, rounded once: the
+/// element-wise step of every merge and unmerge (LoRA's and DoRA's).
+pub(crate) fn map_with_ba<T: Element>(
+    shape: &LoraShape,
+    w: &mut [T],
+    a: &[T],
+    b: &[T],
+    f: impl Fn(usize, f64, f64) -> f64 + Sync,
+) {
     let (k, r) = (shape.in_features, shape.rank);
     let (a, b) = (f64s(a), f64s(b));
-    let s = scale as f64;
     par_rows(w, k, |o, row| {
         for (c, out) in row.iter_mut().enumerate() {
-            let v: f64 = (0..r).map(|j| b[o * r + j] * a[j * k + c]).sum();
-            *out = T::from_f64(out.to_f64() + s * v);
+            let ba: f64 = (0..r).map(|j| b[o * r + j] * a[j * k + c]).sum();
+            *out = T::from_f64(f(o, out.to_f64(), ba));
         }
     });
-    Ok(())
 }
 
 /// Unmerge in place: `W -= s · B A` (exact inverse of [`merge`] only up to rounding in

@@ -220,23 +220,31 @@ pub struct LkMergeParams {
     pub w: *mut ::core::ffi::c_void,
     pub a: *const ::core::ffi::c_void,
     pub b: *const ::core::ffi::c_void,
+    pub mag: *const ::core::ffi::c_void,
+    pub norm: *const f32,
     pub n: i32,
     pub k: i32,
     pub r: i32,
     pub scale: f32,
+    pub mode: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkMergeParams"][::core::mem::size_of::<LkMergeParams>() - 40usize];
+    ["Size of LkMergeParams"][::core::mem::size_of::<LkMergeParams>() - 64usize];
     ["Alignment of LkMergeParams"][::core::mem::align_of::<LkMergeParams>() - 8usize];
     ["Offset of field: LkMergeParams::w"][::core::mem::offset_of!(LkMergeParams, w) - 0usize];
     ["Offset of field: LkMergeParams::a"][::core::mem::offset_of!(LkMergeParams, a) - 8usize];
     ["Offset of field: LkMergeParams::b"][::core::mem::offset_of!(LkMergeParams, b) - 16usize];
-    ["Offset of field: LkMergeParams::n"][::core::mem::offset_of!(LkMergeParams, n) - 24usize];
-    ["Offset of field: LkMergeParams::k"][::core::mem::offset_of!(LkMergeParams, k) - 28usize];
-    ["Offset of field: LkMergeParams::r"][::core::mem::offset_of!(LkMergeParams, r) - 32usize];
+    ["Offset of field: LkMergeParams::mag"][::core::mem::offset_of!(LkMergeParams, mag) - 24usize];
+    ["Offset of field: LkMergeParams::norm"]
+        [::core::mem::offset_of!(LkMergeParams, norm) - 32usize];
+    ["Offset of field: LkMergeParams::n"][::core::mem::offset_of!(LkMergeParams, n) - 40usize];
+    ["Offset of field: LkMergeParams::k"][::core::mem::offset_of!(LkMergeParams, k) - 44usize];
+    ["Offset of field: LkMergeParams::r"][::core::mem::offset_of!(LkMergeParams, r) - 48usize];
     ["Offset of field: LkMergeParams::scale"]
-        [::core::mem::offset_of!(LkMergeParams, scale) - 36usize];
+        [::core::mem::offset_of!(LkMergeParams, scale) - 52usize];
+    ["Offset of field: LkMergeParams::mode"]
+        [::core::mem::offset_of!(LkMergeParams, mode) - 56usize];
 };
 impl Default for LkMergeParams {
     fn default() -> Self {
@@ -832,54 +840,6 @@ const _: () = {
         [::core::mem::offset_of!(LkDoraDropParams, dropout) - 32usize];
 };
 impl Default for LkDoraDropParams {
-    fn default() -> Self {
-        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
-        unsafe {
-            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
-            s.assume_init()
-        }
-    }
-}
-#[repr(C)]
-#[derive(Debug, Copy, Clone)]
-pub struct LkDoraMergeParams {
-    pub w: *mut ::core::ffi::c_void,
-    pub a: *const ::core::ffi::c_void,
-    pub b: *const ::core::ffi::c_void,
-    pub mag: *const ::core::ffi::c_void,
-    pub norm: *const f32,
-    pub n: i32,
-    pub k: i32,
-    pub r: i32,
-    pub scale: f32,
-    pub unmerge: i32,
-}
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of LkDoraMergeParams"][::core::mem::size_of::<LkDoraMergeParams>() - 64usize];
-    ["Alignment of LkDoraMergeParams"][::core::mem::align_of::<LkDoraMergeParams>() - 8usize];
-    ["Offset of field: LkDoraMergeParams::w"]
-        [::core::mem::offset_of!(LkDoraMergeParams, w) - 0usize];
-    ["Offset of field: LkDoraMergeParams::a"]
-        [::core::mem::offset_of!(LkDoraMergeParams, a) - 8usize];
-    ["Offset of field: LkDoraMergeParams::b"]
-        [::core::mem::offset_of!(LkDoraMergeParams, b) - 16usize];
-    ["Offset of field: LkDoraMergeParams::mag"]
-        [::core::mem::offset_of!(LkDoraMergeParams, mag) - 24usize];
-    ["Offset of field: LkDoraMergeParams::norm"]
-        [::core::mem::offset_of!(LkDoraMergeParams, norm) - 32usize];
-    ["Offset of field: LkDoraMergeParams::n"]
-        [::core::mem::offset_of!(LkDoraMergeParams, n) - 40usize];
-    ["Offset of field: LkDoraMergeParams::k"]
-        [::core::mem::offset_of!(LkDoraMergeParams, k) - 44usize];
-    ["Offset of field: LkDoraMergeParams::r"]
-        [::core::mem::offset_of!(LkDoraMergeParams, r) - 48usize];
-    ["Offset of field: LkDoraMergeParams::scale"]
-        [::core::mem::offset_of!(LkDoraMergeParams, scale) - 52usize];
-    ["Offset of field: LkDoraMergeParams::unmerge"]
-        [::core::mem::offset_of!(LkDoraMergeParams, unmerge) - 56usize];
-};
-impl Default for LkDoraMergeParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

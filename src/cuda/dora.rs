@@ -29,12 +29,13 @@
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::lora::{
-    dora_fused_small, forward_small, grid_1d, launch_down, launch_tn, DoraPtrs, FwdPtrs,
+    dora_fused_small, forward_small, grid_1d, launch_down, launch_merge, launch_tn, DoraPtrs,
+    FwdPtrs, MergeMode,
 };
 use super::{dptr, dptr_mut, gemm_rm, lk_dropout, Gpu};
 use super::{
-    LkDoraDmParams, LkDoraDropParams, LkDoraDyzParams, LkDoraMergeParams, LkDoraNormParams,
-    LkDoraRowScaleParams, LkDoraScaleParams,
+    LkDoraDmParams, LkDoraDropParams, LkDoraDyzParams, LkDoraNormParams, LkDoraRowScaleParams,
+    LkDoraScaleParams,
 };
 use crate::dora::{
     check_backward, check_forward, check_weight_op, BackwardLens, DoraGrads, DoraOutputs,
@@ -598,46 +599,6 @@ where
     )
 }
 
-#[allow(clippy::too_many_arguments)]
-fn launch_merge<T: Element>(
-    gpu: &Gpu,
-    shape: &LoraShape,
-    scale: f32,
-    w: u64,
-    a: u64,
-    b: u64,
-    mag: u64,
-    norm: u64,
-    unmerge: bool,
-) -> Result<()> {
-    let params = LkDoraMergeParams {
-        w: w as *mut _,
-        a: a as *const _,
-        b: b as *const _,
-        mag: mag as *const _,
-        norm: norm as *const f32,
-        n: shape.out_features as i32,
-        k: shape.in_features as i32,
-        r: shape.rank as i32,
-        scale,
-        unmerge: unmerge as i32,
-    };
-    let cfg = LaunchConfig {
-        grid_dim: (
-            shape.out_features as u32,
-            shape.in_features.div_ceil(256) as u32,
-            1,
-        ),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: (shape.rank * 4) as u32,
-    };
-    gpu.launch(
-        &format!("lk_dora_merge_{}", T::DTYPE.suffix()),
-        cfg,
-        &params,
-    )
-}
-
 /// Merge in place: `W' = (m / ‖W + s·BA‖) ⊙ (W + s·BA)`. Writes the norms (of the
 /// unmerged W), which [`unmerge`] needs.
 #[allow(clippy::too_many_arguments)]
@@ -666,7 +627,15 @@ pub fn merge<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>, F: DevicePtrMut<f3
     let (mp, _gm) = dptr(gpu, "magnitude", magnitude)?;
     let (np, _gn) = dptr_mut(gpu, "norm", norm)?;
     launch_norm::<T>(gpu, shape, scale, wp, ap, bp, np, 0)?;
-    launch_merge::<T>(gpu, shape, scale, wp, ap, bp, mp, np, false)
+    launch_merge::<T>(
+        gpu,
+        shape,
+        scale,
+        wp,
+        ap,
+        bp,
+        MergeMode::DoraMerge { mag: mp, norm: np },
+    )
 }
 
 /// Unmerge in place: `W = W' · (‖·‖ / m) − s·BA` with the norms [`merge`] wrote. A row
@@ -696,5 +665,13 @@ pub fn unmerge<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>, F: DevicePtr<f32
     let (bp, _gb) = dptr(gpu, "b", b)?;
     let (mp, _gm) = dptr(gpu, "magnitude", magnitude)?;
     let (np, _gn) = dptr(gpu, "norm", norm)?;
-    launch_merge::<T>(gpu, shape, scale, wp, ap, bp, mp, np, true)
+    launch_merge::<T>(
+        gpu,
+        shape,
+        scale,
+        wp,
+        ap,
+        bp,
+        MergeMode::DoraUnmerge { mag: mp, norm: np },
+    )
 }

@@ -535,14 +535,45 @@ pub fn merge<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     let (wp, _gw) = dptr_mut(gpu, "w", w)?;
     let (ap, _ga) = dptr(gpu, "a", a)?;
     let (bp, _gb) = dptr(gpu, "b", b)?;
+    launch_merge::<T>(gpu, shape, scale, wp, ap, bp, MergeMode::Lora)
+}
+
+/// What [`launch_merge`] does to each element of W (P = B A, row n).
+pub(crate) enum MergeMode {
+    /// `W += s·P`.
+    Lora,
+    /// `W = (mag/norm)[n] · (W + s·P)` (device addresses of mag and norm).
+    DoraMerge { mag: u64, norm: u64 },
+    /// `W = W · (norm/mag)[n] − s·P`.
+    DoraUnmerge { mag: u64, norm: u64 },
+}
+
+/// The merge kernel of LoRA and DoRA over validated device addresses.
+pub(crate) fn launch_merge<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    scale: f32,
+    w: u64,
+    a: u64,
+    b: u64,
+    mode: MergeMode,
+) -> Result<()> {
+    let (mode, mag, norm) = match mode {
+        MergeMode::Lora => (0, 0, 0),
+        MergeMode::DoraMerge { mag, norm } => (1, mag, norm),
+        MergeMode::DoraUnmerge { mag, norm } => (2, mag, norm),
+    };
     let params = LkMergeParams {
-        w: wp as *mut _,
-        a: ap as *const _,
-        b: bp as *const _,
+        w: w as *mut _,
+        a: a as *const _,
+        b: b as *const _,
+        mag: mag as *const _,
+        norm: norm as *const f32,
         n: shape.out_features as i32,
         k: shape.in_features as i32,
         r: shape.rank as i32,
         scale,
+        mode,
     };
     let cfg = LaunchConfig {
         grid_dim: (

@@ -68,7 +68,6 @@ unsafe impl DeviceRepr for LkDoraRowScaleParams {}
 unsafe impl DeviceRepr for LkDoraDyzParams {}
 unsafe impl DeviceRepr for LkDoraDmParams {}
 unsafe impl DeviceRepr for LkDoraDropParams {}
-unsafe impl DeviceRepr for LkDoraMergeParams {}
 
 /// Words of [`Gpu`]'s index-error status buffer (layout in kernels/lk_params.h).
 const STATUS_WORDS: usize = 8;
