@@ -206,21 +206,55 @@ typedef struct LkNf4 {
   int32_t rows, cols;
 } LkNf4;
 
-/* out[e] = NF4_CODE[code(e)] * absmax(e / blocksize), e < rows * cols, in out's type. */
+/* out[i] = NF4_CODE[code(e)] * absmax(e / blocksize) for e = start + i, i < count (a
+ * range of the row-major [rows, cols] elements: a panel of rows), in out's type. */
 typedef struct LkNf4DequantParams {
   LkNf4 w;
   void *out;
+  int64_t start, count;
 } LkNf4DequantParams;
 
-/* Small-T NF4 matmul: y[t, n] = sum_k x[t, k] * deq(W)[n, k] (+ bias[n]), the weight
- * read once and dequantized in registers. Needs cols % 32 == 0 and x 16-byte aligned. */
+/* Small-T NF4 matmul: y[t, n] = sum_k x[t, k] * deq(W)[n, k] (+ bias[n])
+ * (+ scale * sum_j h[t, j] * b[n, j], the QLoRA term, when h != NULL), the weight read
+ * once and dequantized in registers. Needs cols % 32 == 0 and x 16-byte aligned. */
 typedef struct LkNf4MmParams {
   LkNf4 w;
   const void *x;    /* [t, cols] */
   const void *bias; /* [rows] or NULL */
   void *y;          /* [t, rows] */
-  int32_t t;
+  const void *h;    /* [t, r] or NULL */
+  const void *b;    /* [rows, r] */
+  float scale;
+  int32_t t, r;
 } LkNf4MmParams;
+
+/* NF4 quantize, one warp per NF4 block (grid-stride): absmax[b] = max |w| over the block
+ * (NaN ignored), and the codes of its elements (code = the number of midpoints
+ * w * (1 / absmax) is strictly greater than; IEEE f32, no flush of subnormals), two per
+ * byte, first element in the high nibble; the nibble past an odd numel is 0. */
+typedef struct LkNf4QuantParams {
+  const void *w;    /* [numel] */
+  uint8_t *packed;  /* [ceil(numel / 2)] */
+  float *absmax;    /* [blocks] */
+  float mid[15];    /* NF4 code midpoints, ascending */
+  int64_t numel, blocks;
+  int32_t log2_blocksize;
+} LkNf4QuantParams;
+
+/* NF4 double quantization of absmax [blocks], in three launches with these params:
+ * lk_nf4_dq_sum (one thread per group of 256 blocks: part[g] = the f64 sum of its absmax
+ * in order), lk_nf4_dq_offset (one thread: offset = f32(sum of part in order / blocks)),
+ * lk_nf4_dq_quant (one block of 256 threads per group: absmax2[g] = max |absmax - offset|,
+ * q = bitsandbytes' 8-bit blockwise code of (absmax - offset) * (1 / absmax2[g])). */
+typedef struct LkNf4DoubleQuantParams {
+  const float *absmax; /* [blocks] */
+  const float *code;   /* [256] ascending */
+  double *part;        /* [groups] */
+  float *offset;       /* [1] */
+  uint8_t *q;          /* [blocks] */
+  float *absmax2;      /* [groups] */
+  int64_t blocks, groups;
+} LkNf4DoubleQuantParams;
 
 
 /* ---- DoRA (kernels/dora.cu) -------------------------------------------------------

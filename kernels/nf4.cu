@@ -56,28 +56,127 @@ template <typename T> __device__ void nf4_dequant(const LkNf4DequantParams &p) {
   __shared__ float lut[16];
   load_lut(lut);
   const LkNf4 &w = p.w;
-  const int64_t numel = (int64_t)w.rows * w.cols;
+  const int64_t start = p.start, count = p.count;
   T *out = reinterpret_cast<T *>(p.out);
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  const bool vec = numel % 8 == 0 && (uintptr_t)w.packed % 4 == 0 && (uintptr_t)p.out % 16 == 0;
+  const bool vec = start % 8 == 0 && count % 8 == 0 && (uintptr_t)w.packed % 4 == 0 &&
+                   (uintptr_t)p.out % 16 == 0;
   if (vec) {
     // 8 elements (one 32-bit word of codes) per thread and step: a warp reads 128
-    // consecutive bytes and writes 32 consecutive 8-element groups.
-    const uint32_t *words = reinterpret_cast<const uint32_t *>(w.packed);
-    for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < numel / 8; g += stride) {
+    // consecutive bytes and writes 32 consecutive 8-element groups. A group never
+    // crosses an NF4 block (blocksize >= 32, groups start at multiples of 8).
+    const uint32_t *words = reinterpret_cast<const uint32_t *>(w.packed) + start / 8;
+    for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < count / 8; g += stride) {
       uint32_t word;
       asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(word) : "l"(words + g));
       float v[8];
-      dequant8(lut, word, nf4_absmax(w, (8 * g) >> w.log2_blocksize), v);
+      dequant8(lut, word, nf4_absmax(w, (start + 8 * g) >> w.log2_blocksize), v);
       store8<T>(out + 8 * g, v);
     }
   } else {
-    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < numel; e += stride) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += stride) {
+      const int64_t e = start + i;
       const uint32_t byte = __ldg(w.packed + (e >> 1));
       const uint32_t c = (e & 1) ? (byte & 15u) : (byte >> 4);
-      out[e] = lk::from_f32<T>(__fmul_rn(lut[c], nf4_absmax(w, e >> w.log2_blocksize)));
+      out[i] = lk::from_f32<T>(__fmul_rn(lut[c], nf4_absmax(w, e >> w.log2_blocksize)));
     }
   }
+}
+
+// ---- quantize (bit-exact with bitsandbytes; see src/nf4.rs) -------------------------
+// IEEE f32 arithmetic without flushing subnormals, whatever -ftz the file is built
+// with: the host oracle (and bitsandbytes) round every step the same way.
+__device__ __forceinline__ float mul_ieee(float a, float b) {
+  float d;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
+__device__ __forceinline__ float add_ieee(float a, float b) {
+  float d;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
+__device__ __forceinline__ float sub_ieee(float a, float b) {
+  float d;
+  asm("sub.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
+__device__ __forceinline__ float rcp_ieee(float a) {
+  float d;
+  asm("rcp.rn.f32 %0, %1;" : "=f"(d) : "f"(a));
+  return d;
+}
+// a > b, IEEE (false when either is NaN; subnormals compared as they are).
+__device__ __forceinline__ bool gt_ieee(float a, float b) {
+  uint32_t r;
+  asm("{ .reg .pred p; setp.gt.f32 p, %1, %2; selp.u32 %0, 1, 0, p; }" : "=r"(r) : "f"(a), "f"(b));
+  return r != 0;
+}
+__device__ __forceinline__ bool lt_ieee(float a, float b) { return gt_ieee(b, a); }
+// |v| as bits, or 0 for NaN: the max of these is Rust's fold of f32::max over |v|
+// (which skips NaN), and bit order is value order for non-negative floats.
+__device__ __forceinline__ uint32_t abs_bits(float v) {
+  const uint32_t a = __float_as_uint(v) & 0x7fffffffu;
+  return a > 0x7f800000u ? 0u : a;
+}
+
+__device__ __forceinline__ uint32_t nf4_code_of(const float (&mid)[15], float x) {
+  uint32_t c = 0;
+#pragma unroll
+  for (int i = 0; i < 15; ++i) c += gt_ieee(x, mid[i]) ? 1u : 0u;
+  return c;
+}
+
+template <typename T> __device__ void nf4_quant(const LkNf4QuantParams &p) {
+  const T *w = reinterpret_cast<const T *>(p.w);
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = (int64_t)gridDim.x * blockDim.x / 32;
+  const int64_t bs = int64_t(1) << p.log2_blocksize;
+  float mid[15];
+#pragma unroll
+  for (int i = 0; i < 15; ++i) mid[i] = p.mid[i];
+  for (int64_t b = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; b < p.blocks; b += warps) {
+    const int64_t e0 = b * bs, e1 = min(e0 + bs, p.numel);
+    uint32_t m = 0;
+    for (int64_t e = e0 + lane; e < e1; e += 32) m = max(m, abs_bits(lk::ldg(w + e)));
+    m = __reduce_max_sync(0xffffffffu, m);
+    const float am = __uint_as_float(m);
+    if (lane == 0) p.absmax[b] = am;
+    const float inv = rcp_ieee(am);
+    // Lane i writes byte e/2 of elements e = e0 + 2i (high nibble) and e + 1 (low).
+    for (int64_t e = e0 + 2 * lane; e < e1; e += 64) {
+      const uint32_t hi = nf4_code_of(mid, mul_ieee(lk::ldg(w + e), inv));
+      const uint32_t lo = e + 1 < e1 ? nf4_code_of(mid, mul_ieee(lk::ldg(w + e + 1), inv)) : 0u;
+      p.packed[e >> 1] = (uint8_t)((hi << 4) | lo);
+    }
+  }
+}
+
+// bitsandbytes' 8-bit blockwise code of x: a 7-step binary search of the 256 ascending
+// values from the middle, then the nearer neighbour (see nf4::dynamic_code).
+__device__ __forceinline__ uint32_t dynamic_code(const float *code, float x) {
+  int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+  float lower = -1.0f, upper = 1.0f, val = code[pivot];
+  for (int i = 64; i > 0; i >>= 1) {
+    if (gt_ieee(x, val)) {
+      lower_pivot = pivot;
+      lower = val;
+      pivot += i;
+    } else {
+      upper_pivot = pivot;
+      upper = val;
+      pivot -= i;
+    }
+    val = code[pivot];
+  }
+  if (upper_pivot == 255) upper = code[upper_pivot];
+  if (lower_pivot == 0) lower = code[lower_pivot];
+  if (gt_ieee(x, val)) {
+    const float midv = mul_ieee(add_ieee(upper, val), 0.5f);
+    return gt_ieee(x, midv) ? upper_pivot : pivot;
+  }
+  const float midv = mul_ieee(add_ieee(lower, val), 0.5f);
+  return lt_ieee(x, midv) ? lower_pivot : pivot;
 }
 
 constexpr int MM_WARPS = 4;
@@ -141,16 +240,27 @@ template <typename T, int NT, int R> __device__ void nf4_mm(const LkNf4MmParams 
       }
     }
   }
+  // Lane t finishes token t of each row: the bias and (QLoRA) s * sum_j h[t, j] b[n, j].
+  const T *h = reinterpret_cast<const T *>(p.h);
+  const T *lb = reinterpret_cast<const T *>(p.b);
 #pragma unroll
   for (int r = 0; r < R; ++r) {
+    float mine = 0.0f;
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
       const float v = lk::warp_sum(acc[r][t]);
-      const int row = row0 + r;
-      if (lane == 0 && t < p.t && row < w.rows) {
-        const float b = p.bias ? lk::ldg(reinterpret_cast<const T *>(p.bias) + row) : 0.0f;
-        reinterpret_cast<T *>(p.y)[(int64_t)t * w.rows + row] = lk::from_f32<T>(v + b);
+      if (lane == t) mine = v;
+    }
+    const int row = row0 + r;
+    if (lane < p.t && row < w.rows) {
+      if (p.bias) mine += lk::ldg(reinterpret_cast<const T *>(p.bias) + row);
+      if (h) {
+        float low = 0.0f;
+        for (int j = 0; j < p.r; ++j)
+          low = fmaf(lk::ldg(h + (int64_t)lane * p.r + j), lk::ldg(lb + (int64_t)row * p.r + j), low);
+        mine = fmaf(p.scale, low, mine);
       }
+      reinterpret_cast<T *>(p.y)[(int64_t)lane * w.rows + row] = lk::from_f32<T>(mine);
     }
   }
 }
@@ -172,3 +282,42 @@ LK_FOR_EACH_DTYPE(LK_NF4_DQ)
   LK_NF4_MM(DT, T, 1, 2) LK_NF4_MM(DT, T, 2, 2) LK_NF4_MM(DT, T, 4, 2) LK_NF4_MM(DT, T, 8, 2) \
   LK_NF4_MM(DT, T, 16, 2) LK_NF4_MM(DT, T, 32, 1)
 LK_FOR_EACH_DTYPE(LK_NF4_MM_ALL)
+
+#define LK_NF4_Q(DT, T)                                                                        \
+  extern "C" __global__ void __launch_bounds__(256) lk_nf4_quant_##DT(LkNf4QuantParams p) {     \
+    nf4_quant<T>(p);                                                                           \
+  }
+LK_FOR_EACH_DTYPE(LK_NF4_Q)
+
+extern "C" __global__ void __launch_bounds__(256) lk_nf4_dq_sum(LkNf4DoubleQuantParams p) {
+  const int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (g >= p.groups) return;
+  double s = 0.0;
+  for (int64_t i = 256 * g; i < min(256 * g + 256, p.blocks); ++i) s += (double)p.absmax[i];
+  p.part[g] = s;
+}
+
+extern "C" __global__ void lk_nf4_dq_offset(LkNf4DoubleQuantParams p) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  double s = 0.0;
+  for (int64_t g = 0; g < p.groups; ++g) s += p.part[g];
+  *p.offset = __double2float_rn(__ddiv_rn(s, (double)p.blocks));
+}
+
+extern "C" __global__ void __launch_bounds__(256) lk_nf4_dq_quant(LkNf4DoubleQuantParams p) {
+  __shared__ float code[256];
+  __shared__ uint32_t wmax[8];
+  code[threadIdx.x] = p.code[threadIdx.x];
+  const int64_t g = blockIdx.x, i = 256 * g + threadIdx.x;
+  const float offset = *p.offset;
+  const float c = i < p.blocks ? sub_ieee(p.absmax[i], offset) : 0.0f;
+  uint32_t m = __reduce_max_sync(0xffffffffu, i < p.blocks ? abs_bits(c) : 0u);
+  if (threadIdx.x % 32 == 0) wmax[threadIdx.x / 32] = m;
+  __syncthreads();
+  m = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) m = max(m, wmax[j]);
+  const float am2 = __uint_as_float(m);
+  if (threadIdx.x == 0) p.absmax2[g] = am2;
+  if (i < p.blocks) p.q[i] = (uint8_t)dynamic_code(code, mul_ieee(c, rcp_ieee(am2)));
+}

@@ -10,6 +10,8 @@
 //!   [`cuda::neftune`], bit-equal.
 //! - [`nf4`]: NF4 weights in bitsandbytes' exact format (quantize, dequantize, double
 //!   quantization, `Linear4bit` checkpoints).
+//! - [`qlora`]: the QLoRA linear layer, LoRA over an NF4 base weight, forward and
+//!   backward; CPU in [`cpu::qlora`], CUDA in [`cuda::qlora`].
 //! - [`dora`]: DoRA, the LoRA linear with peft's weight-norm and magnitude scaling,
 //!   forward, backward, magnitude init, merge and unmerge; CPU in [`cpu::dora`], CUDA in
 //!   [`cuda::dora`].
@@ -47,6 +49,7 @@ pub mod lora;
 pub mod neftune;
 pub mod nf4;
 mod philox;
+pub mod qlora;
 
 pub use dora::{DoraGrads, DoraOutputs, DoraSaved, DoraWeights};
 pub use dtype::{DType, Element};
@@ -56,3 +59,4 @@ pub use lora::{LoraGrads, LoraOptions, LoraShape, LoraWeights};
 pub use neftune::{EmbedShape, Noise, SeqLen};
 pub use nf4::Nf4Weight;
 pub use philox::{philox4x32_10, philox_word, Dropout};
+pub use qlora::QloraWeights;

@@ -13,7 +13,8 @@
 //!   (bits 7..4) and 2i+1 (bits 3..0); `ceil(N·K / 2)` bytes.
 //! - Dequantized value: `NF4_CODE[code] · absmax[b]` (one f32 product), rounded to the
 //!   target type.
-//! - Double quantization: `offset` = mean of the absmax values (f32), then
+//! - Double quantization: `offset` = mean of the absmax values (f64 sums of each 256 in
+//!   order, then of those sums in order, divided, rounded to f32), then
 //!   `absmax − offset` is quantized blockwise (256 values per block) to 8 bits with
 //!   bitsandbytes' signed dynamic map ([`dynamic_map`]): `absmax2[j]` = max |v| over
 //!   block j, `q = nearest code of v · (1 / absmax2[j])` (bitsandbytes' binary search and
@@ -328,9 +329,14 @@ impl Nf4Weight {
 /// bitsandbytes' double quantization of the absmax values.
 fn double_quantize(absmax: &[f32]) -> DoubleQuant {
     let code = dynamic_map();
-    // The mean, correctly rounded (the sum of f32 values is exact in f64 for any
-    // realistic count).
-    let offset = (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len() as f64) as f32;
+    // The mean: f64 sums of each 256 values in order, then of those sums in order (the
+    // GPU quantizer's order, so both give the same bits; for any realistic absmax range
+    // every partial sum is exact in f64 and the f32 mean is correctly rounded).
+    let total: f64 = absmax
+        .chunks(NESTED_BLOCKSIZE)
+        .map(|c| c.iter().map(|&a| a as f64).sum::<f64>())
+        .sum();
+    let offset = (total / absmax.len() as f64) as f32;
     let centred: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
     let mut q = Vec::with_capacity(absmax.len());
     let mut absmax2 = Vec::new();

@@ -229,3 +229,110 @@ fn bad_arguments_are_errors() {
         Err(Error::Misaligned { name: "x", .. })
     ));
 }
+
+/// GPU quantize gives the host quantizer's bytes, scales, nested scales and offset (the
+/// host one is bitsandbytes-exact, see nf4_oracle), every dtype, blocksize and odd size,
+/// with an all-zero block, a NaN, an infinity-free block of subnormal-scaled values
+/// (f32: nothing may be flushed to zero) and repeated values.
+fn quant_all<T: Element>() {
+    let Some(gpu) = gpu() else { return };
+    let mut seed = 100;
+    for (n, k) in [(1, 1), (3, 7), (1, 33), (37, 96), (64, 128), (300, 4096)] {
+        for bs in [32, 64, 128, 256, 512, 1024, 2048, 4096] {
+            for dq in [false, true] {
+                let mut w = weight::<T>(n, k, seed);
+                let numel = n * k;
+                if numel > 100 {
+                    w[70] = T::from_f64(f64::NAN);
+                }
+                if T::DTYPE == lora_kernels::DType::F32 && numel > 300 {
+                    for (i, v) in w.iter_mut().enumerate().skip(256).take(32) {
+                        *v = T::from_f64(1e-39 * (i as f64 - 270.0));
+                    }
+                }
+                let want = Nf4Weight::quantize(&w, n, k, bs, dq).unwrap();
+                let dw = gpu.upload(&w).unwrap();
+                let got = cuda::quantize(gpu, &dw, n, k, bs, dq)
+                    .unwrap()
+                    .download(gpu)
+                    .unwrap();
+                assert_eq!(got.packed, want.packed, "packed {n}x{k} bs {bs} dq {dq}");
+                assert_eq!(got, want, "quantize {n}x{k} bs {bs} dq {dq} {:?}", T::DTYPE);
+                seed += 1;
+            }
+        }
+    }
+}
+
+#[test]
+fn quantize_f32() {
+    quant_all::<f32>();
+}
+#[test]
+fn quantize_f16() {
+    quant_all::<f16>();
+}
+#[test]
+fn quantize_bf16() {
+    quant_all::<bf16>();
+}
+
+/// GPU quantize of bitsandbytes' own input weight gives its packed codes and scales.
+#[test]
+fn gpu_quantize_matches_bitsandbytes() {
+    let Some(gpu) = gpu() else { return };
+    for (fx, dq) in [
+        ("nf4_64x128_bs64.safetensors", false),
+        ("nf4_64x128_bs64_dq.safetensors", true),
+    ] {
+        let fxb = std::fs::read(fixtures_dir().join(fx)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&fxb).unwrap();
+        let raw = |name: &str| st.tensor(name).unwrap().data().to_vec();
+        let f32s = |name: &str| -> Vec<f32> {
+            raw(name)
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        let w: Vec<bf16> = raw("weight_bf16")
+            .chunks_exact(2)
+            .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+            .collect();
+        let dw = gpu.upload(&w).unwrap();
+        let got = cuda::quantize(gpu, &dw, 64, 128, 64, dq)
+            .unwrap()
+            .download(gpu)
+            .unwrap();
+        assert_eq!(got.packed, raw("packed"), "{fx}: packed");
+        match &got.absmax {
+            lora_kernels::nf4::Absmax::F32(a) => assert_eq!(a, &f32s("absmax_f32"), "{fx}"),
+            lora_kernels::nf4::Absmax::Double(d) => {
+                assert_eq!(d.q, raw("absmax_u8"), "{fx}: absmax_u8");
+                assert_eq!(d.absmax2, f32s("nested_absmax"), "{fx}: nested_absmax");
+                assert_eq!(d.code, f32s("nested_code"), "{fx}: nested_code");
+                assert_eq!(d.offset, f32s("nested_offset")[0], "{fx}: nested_offset");
+            }
+        }
+    }
+}
+
+#[test]
+fn quantize_bad_arguments_are_errors() {
+    let Some(gpu) = gpu() else { return };
+    let w = gpu.upload(&[bf16::ONE; 64]).unwrap();
+    assert!(matches!(
+        cuda::quantize(gpu, &w, 8, 8, 48, false),
+        Err(Error::Dim {
+            name: "blocksize",
+            ..
+        })
+    ));
+    assert!(matches!(
+        cuda::quantize(gpu, &w, 8, 9, 64, false),
+        Err(Error::Length { name: "w", .. })
+    ));
+    assert!(matches!(
+        cuda::quantize(gpu, &w, 0, 64, 64, true),
+        Err(Error::Dim { name: "rows", .. })
+    ));
+}

@@ -268,3 +268,62 @@ fn rename(bytes: &[u8], from: &str, to: &str) -> Vec<u8> {
         .collect();
     safetensors::serialize(&views, None).unwrap()
 }
+
+/// The QLoRA oracle with B = 0 is bitsandbytes' `matmul_4bit` (its fixture y within two
+/// bf16 output roundings), and a base whose dims differ from the shape is an error.
+#[test]
+fn qlora_oracle_base_is_bitsandbytes_matmul() {
+    use lora_kernels::cpu::qlora;
+    use lora_kernels::{LoraOptions, LoraShape, QloraWeights};
+    for name in [
+        "nf4_64x128_bs64.safetensors",
+        "nf4_64x128_bs64_dq.safetensors",
+    ] {
+        let fx = Raw::open(name);
+        let w: Vec<bf16> = fx.bf16("weight_bf16");
+        let dq = name.contains("_dq");
+        let q = Nf4Weight::quantize(&w, 64, 128, 64, dq).unwrap();
+        for t in [1usize, 5] {
+            let s = LoraShape::new(t, 128, 64, 4);
+            let x = fx.bf16(&format!("x_T{t}"));
+            let want = fx.bf16(&format!("y_T{t}"));
+            let a = vec![bf16::ONE; s.a_len()];
+            let b = vec![bf16::ZERO; s.b_len()];
+            let mut y = vec![bf16::ZERO; s.y_len()];
+            let qw = QloraWeights {
+                w: &q,
+                a: &a[..],
+                b: &b[..],
+                bias: None,
+            };
+            qlora::forward(&s, &LoraOptions::new(2.0), &x, qw, &mut y, None).unwrap();
+            // Both are bf16 roundings of sums over the same bf16 products (f64 here, f32
+            // there): within two roundings of Σ |x| |deq(W)|.
+            let wd: Vec<bf16> = q.dequantize();
+            for (i, (g, e)) in y.iter().zip(&want).enumerate() {
+                let (tt, n) = (i / 64, i % 64);
+                let mag: f64 = (0..128)
+                    .map(|c| (x[tt * 128 + c].to_f64() * wd[n * 128 + c].to_f64()).abs())
+                    .sum();
+                let (g, e) = (g.to_f64(), e.to_f64());
+                assert!(
+                    (g - e).abs() <= 2.0 * 2f64.powi(-8) * mag,
+                    "{name} T{t} y[{i}]: {g} vs bitsandbytes {e}"
+                );
+            }
+            let s_bad = LoraShape::new(t, 128, 63, 4);
+            let mut y_bad = vec![bf16::ZERO; s_bad.y_len()];
+            let b_bad = vec![bf16::ZERO; s_bad.b_len()];
+            let qw = QloraWeights {
+                w: &q,
+                a: &a[..],
+                b: &b_bad[..],
+                bias: None,
+            };
+            assert!(matches!(
+                qlora::forward(&s_bad, &LoraOptions::new(2.0), &x, qw, &mut y_bad, None),
+                Err(Error::Dim { name: "w.rows", .. })
+            ));
+        }
+    }
+}

@@ -568,15 +568,21 @@ impl Default for LkNf4 {
 pub struct LkNf4DequantParams {
     pub w: LkNf4,
     pub out: *mut ::core::ffi::c_void,
+    pub start: i64,
+    pub count: i64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkNf4DequantParams"][::core::mem::size_of::<LkNf4DequantParams>() - 64usize];
+    ["Size of LkNf4DequantParams"][::core::mem::size_of::<LkNf4DequantParams>() - 80usize];
     ["Alignment of LkNf4DequantParams"][::core::mem::align_of::<LkNf4DequantParams>() - 8usize];
     ["Offset of field: LkNf4DequantParams::w"]
         [::core::mem::offset_of!(LkNf4DequantParams, w) - 0usize];
     ["Offset of field: LkNf4DequantParams::out"]
         [::core::mem::offset_of!(LkNf4DequantParams, out) - 56usize];
+    ["Offset of field: LkNf4DequantParams::start"]
+        [::core::mem::offset_of!(LkNf4DequantParams, start) - 64usize];
+    ["Offset of field: LkNf4DequantParams::count"]
+        [::core::mem::offset_of!(LkNf4DequantParams, count) - 72usize];
 };
 impl Default for LkNf4DequantParams {
     fn default() -> Self {
@@ -594,20 +600,110 @@ pub struct LkNf4MmParams {
     pub x: *const ::core::ffi::c_void,
     pub bias: *const ::core::ffi::c_void,
     pub y: *mut ::core::ffi::c_void,
+    pub h: *const ::core::ffi::c_void,
+    pub b: *const ::core::ffi::c_void,
+    pub scale: f32,
     pub t: i32,
+    pub r: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkNf4MmParams"][::core::mem::size_of::<LkNf4MmParams>() - 88usize];
+    ["Size of LkNf4MmParams"][::core::mem::size_of::<LkNf4MmParams>() - 112usize];
     ["Alignment of LkNf4MmParams"][::core::mem::align_of::<LkNf4MmParams>() - 8usize];
     ["Offset of field: LkNf4MmParams::w"][::core::mem::offset_of!(LkNf4MmParams, w) - 0usize];
     ["Offset of field: LkNf4MmParams::x"][::core::mem::offset_of!(LkNf4MmParams, x) - 56usize];
     ["Offset of field: LkNf4MmParams::bias"]
         [::core::mem::offset_of!(LkNf4MmParams, bias) - 64usize];
     ["Offset of field: LkNf4MmParams::y"][::core::mem::offset_of!(LkNf4MmParams, y) - 72usize];
-    ["Offset of field: LkNf4MmParams::t"][::core::mem::offset_of!(LkNf4MmParams, t) - 80usize];
+    ["Offset of field: LkNf4MmParams::h"][::core::mem::offset_of!(LkNf4MmParams, h) - 80usize];
+    ["Offset of field: LkNf4MmParams::b"][::core::mem::offset_of!(LkNf4MmParams, b) - 88usize];
+    ["Offset of field: LkNf4MmParams::scale"]
+        [::core::mem::offset_of!(LkNf4MmParams, scale) - 96usize];
+    ["Offset of field: LkNf4MmParams::t"][::core::mem::offset_of!(LkNf4MmParams, t) - 100usize];
+    ["Offset of field: LkNf4MmParams::r"][::core::mem::offset_of!(LkNf4MmParams, r) - 104usize];
 };
 impl Default for LkNf4MmParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkNf4QuantParams {
+    pub w: *const ::core::ffi::c_void,
+    pub packed: *mut u8,
+    pub absmax: *mut f32,
+    pub mid: [f32; 15usize],
+    pub numel: i64,
+    pub blocks: i64,
+    pub log2_blocksize: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkNf4QuantParams"][::core::mem::size_of::<LkNf4QuantParams>() - 112usize];
+    ["Alignment of LkNf4QuantParams"][::core::mem::align_of::<LkNf4QuantParams>() - 8usize];
+    ["Offset of field: LkNf4QuantParams::w"][::core::mem::offset_of!(LkNf4QuantParams, w) - 0usize];
+    ["Offset of field: LkNf4QuantParams::packed"]
+        [::core::mem::offset_of!(LkNf4QuantParams, packed) - 8usize];
+    ["Offset of field: LkNf4QuantParams::absmax"]
+        [::core::mem::offset_of!(LkNf4QuantParams, absmax) - 16usize];
+    ["Offset of field: LkNf4QuantParams::mid"]
+        [::core::mem::offset_of!(LkNf4QuantParams, mid) - 24usize];
+    ["Offset of field: LkNf4QuantParams::numel"]
+        [::core::mem::offset_of!(LkNf4QuantParams, numel) - 88usize];
+    ["Offset of field: LkNf4QuantParams::blocks"]
+        [::core::mem::offset_of!(LkNf4QuantParams, blocks) - 96usize];
+    ["Offset of field: LkNf4QuantParams::log2_blocksize"]
+        [::core::mem::offset_of!(LkNf4QuantParams, log2_blocksize) - 104usize];
+};
+impl Default for LkNf4QuantParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkNf4DoubleQuantParams {
+    pub absmax: *const f32,
+    pub code: *const f32,
+    pub part: *mut f64,
+    pub offset: *mut f32,
+    pub q: *mut u8,
+    pub absmax2: *mut f32,
+    pub blocks: i64,
+    pub groups: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkNf4DoubleQuantParams"][::core::mem::size_of::<LkNf4DoubleQuantParams>() - 64usize];
+    ["Alignment of LkNf4DoubleQuantParams"]
+        [::core::mem::align_of::<LkNf4DoubleQuantParams>() - 8usize];
+    ["Offset of field: LkNf4DoubleQuantParams::absmax"]
+        [::core::mem::offset_of!(LkNf4DoubleQuantParams, absmax) - 0usize];
+    ["Offset of field: LkNf4DoubleQuantParams::code"]
+        [::core::mem::offset_of!(LkNf4DoubleQuantParams, code) - 8usize];
+    ["Offset of field: LkNf4DoubleQuantParams::part"]
+        [::core::mem::offset_of!(LkNf4DoubleQuantParams, part) - 16usize];
+    ["Offset of field: LkNf4DoubleQuantParams::offset"]
+        [::core::mem::offset_of!(LkNf4DoubleQuantParams, offset) - 24usize];
+    ["Offset of field: LkNf4DoubleQuantParams::q"]
+        [::core::mem::offset_of!(LkNf4DoubleQuantParams, q) - 32usize];
+    ["Offset of field: LkNf4DoubleQuantParams::absmax2"]
+        [::core::mem::offset_of!(LkNf4DoubleQuantParams, absmax2) - 40usize];
+    ["Offset of field: LkNf4DoubleQuantParams::blocks"]
+        [::core::mem::offset_of!(LkNf4DoubleQuantParams, blocks) - 48usize];
+    ["Offset of field: LkNf4DoubleQuantParams::groups"]
+        [::core::mem::offset_of!(LkNf4DoubleQuantParams, groups) - 56usize];
+};
+impl Default for LkNf4DoubleQuantParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

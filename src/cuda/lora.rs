@@ -97,7 +97,10 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     if shape.tokens <= SMALL_T_MAX {
         forward_small::<T>(gpu, shape, opts, &ptrs)
     } else {
-        forward_large::<T>(gpu, shape, opts, &ptrs)
+        let (t, k, n) = (shape.tokens, shape.in_features, shape.out_features);
+        forward_large::<T>(gpu, shape, opts, &ptrs, || {
+            gemm_rm::<T>(gpu, t, n, k, 1.0, xp, false, wp, true, 1.0, yp)
+        })
     }
 }
 
@@ -204,11 +207,14 @@ pub(crate) fn forward_small<T: Element>(
     gpu.launch_cooperative(&func, cfg, &params)
 }
 
-fn forward_large<T: Element>(
+/// The large-T forward: h, then `y = s · h Bᵀ (+ bias)`, then `base()`, which must add
+/// `x Wᵀ` onto y (beta = 1). `p.w` is not read here.
+pub(crate) fn forward_large<T: Element>(
     gpu: &Gpu,
     shape: &LoraShape,
     opts: &LoraOptions,
     p: &FwdPtrs,
+    base: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
     let (t, k, n, r) = (
         shape.tokens,
@@ -260,8 +266,7 @@ fn forward_large<T: Element>(
         0.0
     };
     gemm_rm::<T>(gpu, t, n, r, opts.scale, hp, false, p.b, true, beta, p.y)?;
-    gemm_rm::<T>(gpu, t, n, k, 1.0, p.x, false, p.w, true, 1.0, p.y)?;
-    Ok(())
+    base()
 }
 
 /// `out[t, j] = alpha · Σ_c drop(x)[t, c] · V[j·v_sj + c·v_sc]` for j < r: split over
@@ -457,13 +462,7 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         },
     )?;
     opts.validate()?;
-    let (t, k, n, r) = (
-        shape.tokens,
-        shape.in_features,
-        shape.out_features,
-        shape.rank,
-    );
-    let dropout = opts.active_dropout();
+    let (t, k, n) = (shape.tokens, shape.in_features, shape.out_features);
     let (xp, _gx) = dptr(gpu, "x", x)?;
     let (wp, _gw) = dptr(gpu, "w", weights.w)?;
     let (ap, _ga) = dptr(gpu, "a", weights.a)?;
@@ -473,6 +472,50 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     let (dxp, _gdx) = dptr_mut(gpu, "dx", grads.dx)?;
     let (dap, _gda) = dptr_mut(gpu, "da", grads.da)?;
     let (dbp, _gdb) = dptr_mut(gpu, "db", grads.db)?;
+    let p = BwdPtrs {
+        x: xp,
+        a: ap,
+        b: bp,
+        h: hp,
+        dy: dyp,
+        dx: dxp,
+        da: dap,
+        db: dbp,
+    };
+    backward_with::<T>(gpu, shape, opts, &p, |beta| {
+        gemm_rm::<T>(gpu, t, k, n, 1.0, dyp, false, wp, false, beta, dxp)
+    })
+}
+
+/// Validated device addresses of one backward call.
+pub(crate) struct BwdPtrs {
+    pub x: u64,
+    pub a: u64,
+    pub b: u64,
+    pub h: u64,
+    pub dy: u64,
+    pub dx: u64,
+    pub da: u64,
+    pub db: u64,
+}
+
+/// The backward with the base layer's part of dX supplied: `base_dx(beta)` must write
+/// `dX = dY W + beta · dX`.
+pub(crate) fn backward_with<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    p: &BwdPtrs,
+    base_dx: impl FnOnce(f32) -> Result<()>,
+) -> Result<()> {
+    let (t, k, n, r) = (
+        shape.tokens,
+        shape.in_features,
+        shape.out_features,
+        shape.rank,
+    );
+    let dropout = opts.active_dropout();
+    let (xp, ap, bp, hp, dyp, dxp, dap, dbp) = (p.x, p.a, p.b, p.h, p.dy, p.dx, p.da, p.db);
 
     // g = dY B [T, r] (scratch, written in full by cuBLAS).
     let g = gpu.scratch::<T>(shape.h_len())?;
@@ -482,7 +525,7 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     match dropout {
         None => {
             // dX = dY W + s · g A;  dA = s · gᵀ x;  dB = s · dYᵀ h.
-            gemm_rm::<T>(gpu, t, k, n, 1.0, dyp, false, wp, false, 0.0, dxp)?;
+            base_dx(0.0)?;
             gemm_rm::<T>(gpu, t, k, r, opts.scale, gp, false, ap, false, 1.0, dxp)?;
             gemm_rm::<T>(gpu, r, k, t, opts.scale, gp, true, xp, false, 0.0, dap)?;
         }
@@ -512,7 +555,7 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
                 grid_1d((t * k).div_ceil(4), 256, gpu.sm_count() * 8),
                 &params,
             )?;
-            gemm_rm::<T>(gpu, t, k, n, 1.0, dyp, false, wp, false, 1.0, dxp)?;
+            base_dx(1.0)?;
             // dA[j, c] = s · Σ_t g[t, j] drop(x)[t, c], the mask regenerated in-kernel.
             launch_tn::<T>(gpu, xp, gp, t, k, r, 1, k as i64, opts.scale, dap, Some(d))?;
         }

@@ -8,6 +8,7 @@ pub mod dora;
 pub mod lora;
 pub mod neftune;
 pub mod nf4;
+pub mod qlora;
 
 #[allow(clippy::all)]
 #[rustfmt::skip]
@@ -62,6 +63,8 @@ unsafe impl DeviceRepr for LkNeftSortParams {}
 unsafe impl DeviceRepr for LkNeftSegsumParams {}
 unsafe impl DeviceRepr for LkNf4DequantParams {}
 unsafe impl DeviceRepr for LkNf4MmParams {}
+unsafe impl DeviceRepr for LkNf4QuantParams {}
+unsafe impl DeviceRepr for LkNf4DoubleQuantParams {}
 unsafe impl DeviceRepr for LkDoraNormParams {}
 unsafe impl DeviceRepr for LkDoraScaleParams {}
 unsafe impl DeviceRepr for LkDoraRowScaleParams {}
@@ -461,22 +464,47 @@ pub(crate) fn gemm_rm<T: Element>(
     beta: f32,
     c: u64,
 ) -> Result<()> {
+    let lda = if a_t { m } else { k };
+    let ldb = if b_t { k } else { n };
+    gemm_rm_ld::<T>(
+        gpu,
+        m,
+        n,
+        k,
+        alpha,
+        (a, lda),
+        a_t,
+        (b, ldb),
+        b_t,
+        beta,
+        (c, n),
+    )
+}
+
+/// [`gemm_rm`] on strided views: each matrix is (address, row stride in elements), so
+/// C can be a column panel of a wider matrix.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_rm_ld<T: Element>(
+    gpu: &Gpu,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    (a, lda): (u64, usize),
+    a_t: bool,
+    (b, ldb): (u64, usize),
+    b_t: bool,
+    beta: f32,
+    (c, ldc): (u64, usize),
+) -> Result<()> {
     use cublas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
     let dt = cublas_dtype(T::DTYPE);
     gpu.ctx.bind_to_thread()?;
     // Column-major view: Cᵀ [n, m] = op(B)ᵀ op(A)ᵀ.
-    let (op_first, ld_first) = if b_t {
-        (CUBLAS_OP_T, k)
-    } else {
-        (CUBLAS_OP_N, n)
-    };
-    let (op_second, ld_second) = if a_t {
-        (CUBLAS_OP_T, m)
-    } else {
-        (CUBLAS_OP_N, k)
-    };
+    let op_first = if b_t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+    let op_second = if a_t { CUBLAS_OP_T } else { CUBLAS_OP_N };
     // SAFETY: callers pass addresses of buffers validated to hold op(A), op(B) and C of
-    // these shapes; alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
+    // these shapes and strides; alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
     unsafe {
         cudarc::cublas::result::gemm_ex(
             *gpu.blas.handle(),
@@ -488,14 +516,14 @@ pub(crate) fn gemm_rm<T: Element>(
             (&alpha) as *const f32 as *const _,
             b as *const _,
             dt,
-            ld_first as i32,
+            ldb as i32,
             a as *const _,
             dt,
-            ld_second as i32,
+            lda as i32,
             (&beta) as *const f32 as *const _,
             c as *mut _,
             dt,
-            n as i32,
+            ldc as i32,
             cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )?;

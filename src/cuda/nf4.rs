@@ -6,13 +6,19 @@
 //!   [`Nf4Weight::dequantize`] (for callers that want it; the matmul does not use it).
 //! - [`matmul`]: `y = x Wᵀ (+ bias)` for T ≤ [`SMALL_T_MAX`] tokens, the 4-bit weight
 //!   read once and dequantized in registers, f32 accumulation.
+//! - [`quantize`]: a dense weight on the GPU to NF4, the same bytes as
+//!   [`Nf4Weight::quantize`] (and bitsandbytes' `quantize_4bit`).
+//!
+//! The QLoRA linear layer (LoRA over an NF4 W) is [`crate::cuda::qlora`].
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::{dptr, dptr_mut, Gpu, LkNf4, LkNf4DequantParams, LkNf4MmParams};
+use super::{LkNf4DoubleQuantParams, LkNf4QuantParams};
 use crate::lora::check_len;
-use crate::nf4::{Absmax, Nf4Weight};
-use crate::{Element, Error, Result};
+use crate::nf4::{check_blocksize, dynamic_map, Absmax, DoubleQuant, Nf4Weight};
+use crate::nf4::{NESTED_BLOCKSIZE, NF4_MIDPOINTS};
+use crate::{DType, Element, Error, Result};
 
 /// The largest T [`matmul`] takes.
 pub const SMALL_T_MAX: usize = 32;
@@ -27,6 +33,8 @@ pub struct Nf4Device {
     /// Plain f32 scales, or (double quantization) the 8-bit codes, nested scales,
     /// nested code table and offset.
     pub absmax: DeviceAbsmax,
+    /// The type the weight had before quantization (kept for [`Nf4Device::download`]).
+    pub dtype: DType,
 }
 
 /// Block scales on the GPU.
@@ -61,7 +69,37 @@ impl Nf4Device {
             blocksize: w.blocksize,
             packed: s.clone_htod(&w.packed)?,
             absmax,
+            dtype: w.dtype,
         })
+    }
+
+    /// Copies the weight back to the host (to save a checkpoint, or compare).
+    pub fn download(&self, gpu: &Gpu) -> Result<Nf4Weight> {
+        let s = gpu.stream();
+        let absmax = match &self.absmax {
+            DeviceAbsmax::F32(a) => Absmax::F32(s.clone_dtoh(a)?),
+            DeviceAbsmax::Double {
+                q,
+                absmax2,
+                code,
+                offset,
+            } => Absmax::Double(DoubleQuant {
+                q: s.clone_dtoh(q)?,
+                absmax2: s.clone_dtoh(absmax2)?,
+                code: s.clone_dtoh(code)?,
+                offset: *offset,
+            }),
+        };
+        let w = Nf4Weight {
+            rows: self.rows,
+            cols: self.cols,
+            blocksize: self.blocksize,
+            packed: s.clone_dtoh(&self.packed)?,
+            absmax,
+            dtype: self.dtype,
+        };
+        w.validate()?;
+        Ok(w)
     }
 
     /// Number of elements.
@@ -70,7 +108,10 @@ impl Nf4Device {
     }
 
     /// The kernels' descriptor, with the guards that keep the buffers' stream order.
-    fn desc<'a>(&'a self, gpu: &'a Gpu) -> Result<(LkNf4, Vec<cudarc::driver::SyncOnDrop<'a>>)> {
+    pub(crate) fn desc<'a>(
+        &'a self,
+        gpu: &'a Gpu,
+    ) -> Result<(LkNf4, Vec<cudarc::driver::SyncOnDrop<'a>>)> {
         crate::nf4::check_blocksize(self.blocksize)?;
         if self.rows == 0 || self.cols == 0 || self.numel() > i32::MAX as usize * 2 {
             return Err(Error::Dim {
@@ -136,11 +177,25 @@ pub fn dequantize<T: Element, O: DevicePtrMut<T>>(
     check_len("out", out.len(), w.numel())?;
     let (desc, _guards) = w.desc(gpu)?;
     let (op, _go) = dptr_mut(gpu, "out", out)?;
+    launch_dequant::<T>(gpu, &desc, 0, w.numel(), op)
+}
+
+/// Dequantizes elements `start..start + count` of the row-major weight into `out`
+/// (`count` elements of T; the caller validated `desc` and `out`).
+pub(crate) fn launch_dequant<T: Element>(
+    gpu: &Gpu,
+    desc: &LkNf4,
+    start: usize,
+    count: usize,
+    out: u64,
+) -> Result<()> {
     let params = LkNf4DequantParams {
-        w: desc,
-        out: op as *mut _,
+        w: *desc,
+        out: out as *mut _,
+        start: start as i64,
+        count: count as i64,
     };
-    let groups = w.numel().div_ceil(32);
+    let groups = count.div_ceil(32);
     let cfg = LaunchConfig {
         grid_dim: (
             groups.div_ceil(256).clamp(1, 8 * gpu.sm_count() as usize) as u32,
@@ -201,17 +256,55 @@ pub fn matmul<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         None => None,
     };
     let (yp, _gy) = dptr_mut(gpu, "y", y)?;
+    launch_mm::<T>(
+        gpu,
+        &desc,
+        tokens,
+        xp,
+        bias.as_ref().map_or(0, |b| b.0),
+        yp,
+        None,
+    )
+}
+
+/// The QLoRA term the small-T matmul adds: `scale · h Bᵀ`, h [T, r] and B [N, r] in T.
+pub(crate) struct MmLora {
+    pub h: u64,
+    pub b: u64,
+    pub r: usize,
+    pub scale: f32,
+}
+
+/// Launches the small-T matmul on validated addresses (x 16-byte aligned, K % 32 == 0,
+/// 1 ≤ tokens ≤ 32).
+pub(crate) fn launch_mm<T: Element>(
+    gpu: &Gpu,
+    desc: &LkNf4,
+    tokens: usize,
+    x: u64,
+    bias: u64,
+    y: u64,
+    lora: Option<MmLora>,
+) -> Result<()> {
     let nt = tokens.next_power_of_two();
     let rows_per_warp = if nt <= 16 { 2 } else { 1 };
     let params = LkNf4MmParams {
-        w: desc,
-        x: xp as *const _,
-        bias: bias.as_ref().map_or(0, |b| b.0) as *const _,
-        y: yp as *mut _,
+        w: *desc,
+        x: x as *const _,
+        bias: bias as *const _,
+        y: y as *mut _,
+        h: lora.as_ref().map_or(0, |l| l.h) as *const _,
+        b: lora.as_ref().map_or(0, |l| l.b) as *const _,
+        scale: lora.as_ref().map_or(0.0, |l| l.scale),
         t: tokens as i32,
+        r: lora.as_ref().map_or(0, |l| l.r) as i32,
     };
     let cfg = LaunchConfig {
-        grid_dim: (w.rows.div_ceil(4 * rows_per_warp) as u32, 1, 1),
+        grid_dim: (
+            (desc.rows as usize).div_ceil(4 * rows_per_warp) as u32,
+            1,
+            1,
+        ),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -220,4 +313,119 @@ pub fn matmul<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         cfg,
         &params,
     )
+}
+
+/// Quantizes `w` [rows, cols] on the GPU to NF4, as
+/// `quantize_4bit(w, blocksize, quant_type="nf4", compress_statistics=double_quant)`: the
+/// same bytes, scales, nested scales and offset as [`Nf4Weight::quantize`] on the host.
+pub fn quantize<T: Element, I: DevicePtr<T>>(
+    gpu: &Gpu,
+    w: &I,
+    rows: usize,
+    cols: usize,
+    blocksize: usize,
+    double_quant: bool,
+) -> Result<Nf4Device> {
+    check_blocksize(blocksize)?;
+    for (name, v) in [("rows", rows), ("cols", cols)] {
+        if v == 0 || v > i32::MAX as usize {
+            return Err(Error::Dim {
+                name,
+                value: v,
+                reason: "must be in 1..2^31",
+            });
+        }
+    }
+    let numel = rows * cols;
+    if numel > i32::MAX as usize * 2 {
+        return Err(Error::Dim {
+            name: "rows * cols",
+            value: numel,
+            reason: "must fit the kernels' indexing (< 2^32)",
+        });
+    }
+    check_len("w", w.len(), numel)?;
+    let blocks = numel.div_ceil(blocksize);
+    let s = gpu.stream();
+    let (wp, _gw) = dptr(gpu, "w", w)?;
+    // SAFETY of the allocations: the quantize kernel writes every byte of `packed` and
+    // every absmax; the double-quantization kernels write every part, q, absmax2 and the
+    // offset before they are read.
+    let mut packed = gpu.scratch::<u8>(numel.div_ceil(2))?;
+    let mut absmax = gpu.scratch::<f32>(blocks)?;
+    {
+        let (pp, _gp) = dptr_mut(gpu, "packed", &mut packed)?;
+        let (ap, _ga) = dptr_mut(gpu, "absmax", &mut absmax)?;
+        let params = LkNf4QuantParams {
+            w: wp as *const _,
+            packed: pp as *mut u8,
+            absmax: ap as *mut f32,
+            mid: NF4_MIDPOINTS,
+            numel: numel as i64,
+            blocks: blocks as i64,
+            log2_blocksize: blocksize.trailing_zeros() as i32,
+        };
+        // One warp per block.
+        let cfg = LaunchConfig {
+            grid_dim: (
+                blocks.div_ceil(8).clamp(1, 16 * gpu.sm_count() as usize) as u32,
+                1,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        gpu.launch(&format!("lk_nf4_quant_{}", T::DTYPE.suffix()), cfg, &params)?;
+    }
+    let absmax = if double_quant {
+        let groups = blocks.div_ceil(NESTED_BLOCKSIZE);
+        let code = s.clone_htod(&dynamic_map())?;
+        let mut part = gpu.scratch::<f64>(groups)?;
+        let mut offset = gpu.scratch::<f32>(1)?;
+        let mut q = gpu.scratch::<u8>(blocks)?;
+        let mut absmax2 = gpu.scratch::<f32>(groups)?;
+        {
+            let (ap, _ga) = dptr(gpu, "absmax", &absmax)?;
+            let (cp, _gc) = dptr(gpu, "code", &code)?;
+            let (pp, _gp) = dptr_mut(gpu, "part", &mut part)?;
+            let (op, _go) = dptr_mut(gpu, "offset", &mut offset)?;
+            let (qp, _gq) = dptr_mut(gpu, "q", &mut q)?;
+            let (a2p, _ga2) = dptr_mut(gpu, "absmax2", &mut absmax2)?;
+            let params = LkNf4DoubleQuantParams {
+                absmax: ap as *const f32,
+                code: cp as *const f32,
+                part: pp as *mut f64,
+                offset: op as *mut f32,
+                q: qp as *mut u8,
+                absmax2: a2p as *mut f32,
+                blocks: blocks as i64,
+                groups: groups as i64,
+            };
+            let one = |grid: usize, block: u32| LaunchConfig {
+                grid_dim: (grid as u32, 1, 1),
+                block_dim: (block, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            gpu.launch("lk_nf4_dq_sum", one(groups.div_ceil(256), 256), &params)?;
+            gpu.launch("lk_nf4_dq_offset", one(1, 32), &params)?;
+            gpu.launch("lk_nf4_dq_quant", one(groups, 256), &params)?;
+        }
+        let offset = s.clone_dtoh(&offset)?[0];
+        DeviceAbsmax::Double {
+            q,
+            absmax2,
+            code,
+            offset,
+        }
+    } else {
+        DeviceAbsmax::F32(absmax)
+    };
+    Ok(Nf4Device {
+        rows,
+        cols,
+        blocksize,
+        packed,
+        absmax,
+        dtype: T::DTYPE,
+    })
 }

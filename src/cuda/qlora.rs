@@ -1,0 +1,258 @@
+//! CUDA ops of the QLoRA linear layer (LoRA over an NF4 base; see [`crate::qlora`] for
+//! the math). Same arguments as [`crate::cpu::qlora`], with the base an [`Nf4Device`].
+//!
+//! Paths:
+//! - forward, T ≤ 32 (K % 32 == 0, x 16-byte aligned): `h = drop(x) Aᵀ` by the LoRA down
+//!   kernel, then one pass over the 4-bit weight ([`crate::cuda::nf4::matmul`]'s kernel)
+//!   that dequantizes it in registers and adds the bias and `s · h Bᵀ` in its epilogue.
+//! - forward, other T: as the dense LoRA linear's large-T path, with `y += x deq(W)ᵀ`
+//!   done one panel of rows at a time: the panel dequantized into a scratch buffer of at
+//!   most [`PANEL_ELEMS`] elements, then cuBLAS into y's columns.
+//! - backward: as the dense LoRA backward, with `dY deq(W)` accumulated over the same
+//!   row panels (`dX += dY[:, panel] · deq(W[panel])`).
+//!
+//! The whole dense W never exists in device memory; the extra memory is the panel
+//! (16 MiB in bf16) plus the LoRA path's O(T·r) buffers. The large-T target of the NF4
+//! issue (dequantizing tiles inside the GEMM's shared memory) waits for the crate's own
+//! GEMM core; this panel path is the interim.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use cudarc::driver::{DevicePtr, DevicePtrMut};
+
+use super::lora::{backward_with, forward_large, launch_down, BwdPtrs, FwdPtrs};
+use super::nf4::{launch_dequant, launch_mm, MmLora, Nf4Device};
+use super::{dptr, dptr_mut, gemm_rm_ld, Gpu, LkNf4};
+use crate::lora::{check_backward_lens, check_forward_lens, BackwardLens};
+use crate::qlora::{check_base, QloraWeights};
+use crate::{Element, LoraGrads, LoraOptions, LoraShape, Result};
+
+/// The most elements of one dequantized panel of W (2²³: 16 MiB in bf16).
+pub const PANEL_ELEMS: usize = 1 << 23;
+
+static PANEL_LIMIT: AtomicUsize = AtomicUsize::new(PANEL_ELEMS);
+
+/// Test hook: caps the panel at `elems` elements (at least one row; 0 restores
+/// [`PANEL_ELEMS`]), so tests can exercise many panels on small shapes.
+#[doc(hidden)]
+pub fn set_panel_elems(elems: usize) {
+    PANEL_LIMIT.store(
+        if elems == 0 { PANEL_ELEMS } else { elems },
+        Ordering::Relaxed,
+    );
+}
+
+/// Rows per panel: as many as fit the cap, a multiple of 8 when W has more rows (so
+/// every panel's columns of y start 16-byte aligned).
+fn panel_rows(rows: usize, cols: usize) -> usize {
+    let fit = (PANEL_LIMIT.load(Ordering::Relaxed) / cols).max(1);
+    if fit >= rows {
+        rows
+    } else if fit >= 8 {
+        fit / 8 * 8
+    } else {
+        fit
+    }
+}
+
+/// Calls `f(i, n0, nc, panel)` for each panel of rows `n0..n0 + nc` of W, the panel
+/// dequantized to T in a scratch buffer (address `panel`, row stride K).
+fn for_each_panel<T: Element>(
+    gpu: &Gpu,
+    desc: &LkNf4,
+    mut f: impl FnMut(usize, usize, usize, u64) -> Result<()>,
+) -> Result<()> {
+    let (rows, cols) = (desc.rows as usize, desc.cols as usize);
+    let pr = panel_rows(rows, cols);
+    // SAFETY of the scratch: each panel is written in full by the dequantize kernel
+    // before the GEMM that reads it (stream order), and the next panel's dequantize is
+    // queued after that GEMM.
+    let panel = gpu.scratch::<T>(pr * cols)?;
+    let (pp, _gp) = dptr(gpu, "panel", &panel)?;
+    for (i, n0) in (0..rows).step_by(pr).enumerate() {
+        let nc = pr.min(rows - n0);
+        launch_dequant::<T>(gpu, desc, n0 * cols, nc * cols, pp)?;
+        f(i, n0, nc, pp)?;
+    }
+    Ok(())
+}
+
+/// Forward: `y = x deq(W)ᵀ + bias + s · drop(x) Aᵀ Bᵀ`; writes `y` [T, N] and, if given,
+/// `h = drop(x) Aᵀ` [T, r] for [`backward`]. Queued on the GPU's stream.
+pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    x: &I,
+    weights: QloraWeights<'_, Nf4Device, I>,
+    y: &mut O,
+    h: Option<&mut O>,
+) -> Result<()> {
+    check_base(shape, weights.w.rows, weights.w.cols)?;
+    check_forward_lens(
+        shape,
+        x.len(),
+        shape.w_len(),
+        weights.a.len(),
+        weights.b.len(),
+        weights.bias.map(|b| b.len()),
+        y.len(),
+        h.as_ref().map(|h| h.len()),
+    )?;
+    opts.validate()?;
+    let (t, k, n, r) = (
+        shape.tokens,
+        shape.in_features,
+        shape.out_features,
+        shape.rank,
+    );
+    let (desc, _gw) = weights.w.desc(gpu)?;
+    let (xp, _gx) = dptr(gpu, "x", x)?;
+    let (ap, _ga) = dptr(gpu, "a", weights.a)?;
+    let (bp, _gb) = dptr(gpu, "b", weights.b)?;
+    let bias = match weights.bias {
+        Some(bias) => Some(dptr(gpu, "bias", bias)?),
+        None => None,
+    };
+    let biasp = bias.as_ref().map_or(0, |b| b.0);
+    let (yp, _gy) = dptr_mut(gpu, "y", y)?;
+    let h = match h {
+        Some(h) => Some(dptr_mut(gpu, "h", h)?),
+        None => None,
+    };
+    let hp = h.as_ref().map_or(0, |h| h.0);
+    let size = std::mem::size_of::<T>() as u64;
+
+    if t <= super::nf4::SMALL_T_MAX && k % 32 == 0 && xp % 16 == 0 {
+        // h in T (the caller's buffer or scratch, written in full by the down kernel),
+        // then the fused pass over the 4-bit weight.
+        let h_scratch;
+        let hp = if hp != 0 {
+            hp
+        } else {
+            h_scratch = gpu.scratch::<T>(shape.h_len())?;
+            dptr(gpu, "h", &h_scratch)?.0
+        };
+        launch_down::<T>(
+            gpu,
+            xp,
+            k as i64,
+            ap,
+            k as i64,
+            1,
+            t,
+            k,
+            r,
+            1.0,
+            hp,
+            opts.active_dropout(),
+        )?;
+        let lora = MmLora {
+            h: hp,
+            b: bp,
+            r,
+            scale: opts.scale,
+        };
+        return launch_mm::<T>(gpu, &desc, t, xp, biasp, yp, Some(lora));
+    }
+
+    let ptrs = FwdPtrs {
+        x: xp,
+        w: 0,
+        a: ap,
+        b: bp,
+        bias: biasp,
+        y: yp,
+        h: hp,
+        dora: None,
+    };
+    forward_large::<T>(gpu, shape, opts, &ptrs, || {
+        // y[:, panel] += x · deq(W[panel])ᵀ
+        for_each_panel::<T>(gpu, &desc, |_, n0, nc, pp| {
+            gemm_rm_ld::<T>(
+                gpu,
+                t,
+                nc,
+                k,
+                1.0,
+                (xp, k),
+                false,
+                (pp, k),
+                true,
+                1.0,
+                (yp + n0 as u64 * size, n),
+            )
+        })
+    })
+}
+
+/// Backward from `dy` [T, N]: writes dX [T, K] (through deq(W)), dA [r, K] and dB [N, r].
+/// `h` is what [`forward`] wrote; `weights.bias` is ignored (the base is frozen); the
+/// dropout mask is regenerated from `opts`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    x: &I,
+    weights: QloraWeights<'_, Nf4Device, I>,
+    h: &I,
+    dy: &I,
+    grads: LoraGrads<'_, O>,
+) -> Result<()> {
+    check_base(shape, weights.w.rows, weights.w.cols)?;
+    check_backward_lens(
+        shape,
+        &BackwardLens {
+            x: x.len(),
+            w: shape.w_len(),
+            a: weights.a.len(),
+            b: weights.b.len(),
+            h: h.len(),
+            dy: dy.len(),
+            dx: grads.dx.len(),
+            da: grads.da.len(),
+            db: grads.db.len(),
+        },
+    )?;
+    opts.validate()?;
+    let (t, k, n) = (shape.tokens, shape.in_features, shape.out_features);
+    let (desc, _gw) = weights.w.desc(gpu)?;
+    let (xp, _gx) = dptr(gpu, "x", x)?;
+    let (ap, _ga) = dptr(gpu, "a", weights.a)?;
+    let (bp, _gb) = dptr(gpu, "b", weights.b)?;
+    let (hp, _gh) = dptr(gpu, "h", h)?;
+    let (dyp, _gdy) = dptr(gpu, "dy", dy)?;
+    let (dxp, _gdx) = dptr_mut(gpu, "dx", grads.dx)?;
+    let (dap, _gda) = dptr_mut(gpu, "da", grads.da)?;
+    let (dbp, _gdb) = dptr_mut(gpu, "db", grads.db)?;
+    let p = BwdPtrs {
+        x: xp,
+        a: ap,
+        b: bp,
+        h: hp,
+        dy: dyp,
+        dx: dxp,
+        da: dap,
+        db: dbp,
+    };
+    let size = std::mem::size_of::<T>() as u64;
+    backward_with::<T>(gpu, shape, opts, &p, |beta| {
+        // dX = Σ_panels dY[:, panel] · deq(W[panel]) (+ beta · dX on the first panel).
+        for_each_panel::<T>(gpu, &desc, |i, n0, nc, pp| {
+            gemm_rm_ld::<T>(
+                gpu,
+                t,
+                k,
+                nc,
+                1.0,
+                (dyp + n0 as u64 * size, n),
+                false,
+                (pp, k),
+                false,
+                if i == 0 { beta } else { 1.0 },
+                (dxp, k),
+            )
+        })
+    })
+}

@@ -1,0 +1,313 @@
+//! GPU QLoRA linear (LoRA over an NF4 base) against the CPU oracle: every dtype, odd
+//! shapes, T on both sides of the fused small-T path, every blocksize class, plain and
+//! double-quantized scales, bias and dropout alternating, and the panel path with many
+//! (and ragged) panels. Outputs are poisoned (NaN) first. Without a GPU these tests
+//! print a loud SKIPPED note and return; `LORA_KERNELS_REQUIRE_GPU=1` makes them fail.
+
+mod common;
+
+use std::sync::Mutex;
+
+use common::{abs, assert_close, gpu, poison, Rng};
+use lora_kernels::cpu::{lora as cpu_lora, qlora as cpu};
+use lora_kernels::cuda::nf4::Nf4Device;
+use lora_kernels::cuda::{qlora as cuda, Gpu};
+use lora_kernels::{
+    bf16, f16, Dropout, Element, Error, LoraGrads, LoraOptions, LoraShape, LoraWeights, Nf4Weight,
+    QloraWeights,
+};
+
+/// The panel size is a process-wide setting: tests that change it hold this lock.
+static PANEL: Mutex<()> = Mutex::new(());
+
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    shape: LoraShape,
+    bs: usize,
+    dq: bool,
+    bias: bool,
+    dropout: bool,
+}
+
+fn cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    let shapes = [
+        (1, 64, 7, 8),
+        (3, 96, 200, 16),
+        (5, 200, 64, 8), // K % 32 != 0: the panel path at small T
+        (17, 4096, 64, 1),
+        (32, 128, 333, 64),
+        (33, 96, 80, 8),
+        (128, 200, 64, 16),
+        (1000, 64, 200, 8),
+        (1, 4096, 4096, 16),
+        (16, 4096, 1000, 16),
+        (300, 4096, 1000, 16),
+    ];
+    let bss = [32, 64, 128, 256, 4096];
+    for (i, &(t, k, n, r)) in shapes.iter().enumerate() {
+        v.push(Case {
+            shape: LoraShape::new(t, k, n, r),
+            bs: bss[i % bss.len()],
+            dq: i % 2 == 0,
+            bias: i % 3 != 1,
+            dropout: i % 3 == 2,
+        });
+    }
+    v
+}
+
+fn opts_for(c: &Case, seed: u64) -> LoraOptions {
+    let o = LoraOptions::new(1.75);
+    if c.dropout {
+        o.with_dropout(Dropout::new(0.25, seed, 12))
+    } else {
+        o
+    }
+}
+
+fn lw<'a, S: ?Sized>(w: &'a S, a: &'a S, b: &'a S, bias: Option<&'a S>) -> LoraWeights<'a, S> {
+    LoraWeights { w, a, b, bias }
+}
+
+fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
+    let s = c.shape;
+    let (t, k, n) = (s.tokens, s.in_features, s.out_features);
+    let what = format!(
+        "{} {:?} bs={} dq={} bias={} dropout={}",
+        common::dtype_name::<T>(),
+        s,
+        c.bs,
+        c.dq,
+        c.bias,
+        c.dropout
+    );
+    let mut rng = Rng::new(seed);
+    let w_dense: Vec<T> = rng.vec(s.w_len(), 0.05);
+    let q = Nf4Weight::quantize(&w_dense, n, k, c.bs, c.dq).unwrap();
+    let x: Vec<T> = rng.vec(s.x_len(), 1.0);
+    let a: Vec<T> = rng.vec(s.a_len(), 1.0);
+    let b: Vec<T> = rng.vec(s.b_len(), 1.0);
+    let bias: Option<Vec<T>> = c.bias.then(|| rng.vec(n, 1.0));
+    let dy: Vec<T> = rng.vec(s.y_len(), 1.0);
+    let opts = opts_for(c, seed);
+    let abs_opts = LoraOptions {
+        scale: opts.scale.abs(),
+        ..opts
+    };
+    let qw = |bias| QloraWeights {
+        w: &q,
+        a: &a[..],
+        b: &b[..],
+        bias,
+    };
+
+    // Oracle, and the LoRA oracle on absolute values (|deq(W)|) for the tolerance.
+    let mut y_ref = vec![T::default(); s.y_len()];
+    let mut h_ref = vec![T::default(); s.h_len()];
+    cpu::forward(
+        &s,
+        &opts,
+        &x,
+        qw(bias.as_deref()),
+        &mut y_ref,
+        Some(&mut h_ref),
+    )
+    .unwrap();
+    let wd_abs = abs(&q.dequantize::<T>());
+    let (ax, aa, ab) = (abs(&x), abs(&a), abs(&b));
+    let abias = bias.as_ref().map(|v| abs(v));
+    let mut y_mag = vec![T::default(); s.y_len()];
+    let mut h_mag = vec![T::default(); s.h_len()];
+    cpu_lora::forward(
+        &s,
+        &abs_opts,
+        &ax,
+        lw(&wd_abs[..], &aa[..], &ab[..], abias.as_deref()),
+        &mut y_mag,
+        Some(&mut h_mag),
+    )
+    .unwrap();
+
+    let up = |v: &[T]| gpu.upload(v).unwrap();
+    let dev = Nf4Device::upload(gpu, &q).unwrap();
+    let (xd, ad, bd) = (up(&x), up(&a), up(&b));
+    let biasd = bias.as_ref().map(|v| up(v));
+    let mut y = up(&poison::<T>(s.y_len()));
+    let mut h = up(&poison::<T>(s.h_len()));
+    let dw = |bias| QloraWeights {
+        w: &dev,
+        a: &ad,
+        b: &bd,
+        bias,
+    };
+    cuda::forward(
+        gpu,
+        &s,
+        &opts,
+        &xd,
+        dw(biasd.as_ref()),
+        &mut y,
+        Some(&mut h),
+    )
+    .unwrap_or_else(|e| panic!("{what}: forward: {e}"));
+    let h_gpu = gpu.download(&h).unwrap();
+    assert_close(&format!("{what}: h"), &h_gpu, &h_ref, &h_mag, k);
+    assert_close(
+        &format!("{what}: y"),
+        &gpu.download(&y).unwrap(),
+        &y_ref,
+        &y_mag,
+        k + s.rank + 1,
+    );
+
+    // Backward from the GPU's h on both sides.
+    let zeros = |len: usize| vec![T::default(); len];
+    let (mut dx_ref, mut da_ref, mut db_ref) =
+        (zeros(s.x_len()), zeros(s.a_len()), zeros(s.b_len()));
+    cpu::backward(
+        &s,
+        &opts,
+        &x,
+        qw(None),
+        &h_gpu,
+        &dy,
+        LoraGrads {
+            dx: &mut dx_ref[..],
+            da: &mut da_ref[..],
+            db: &mut db_ref[..],
+        },
+    )
+    .unwrap();
+    let (mut dx_mag, mut da_mag, mut db_mag) =
+        (zeros(s.x_len()), zeros(s.a_len()), zeros(s.b_len()));
+    cpu_lora::backward(
+        &s,
+        &abs_opts,
+        &ax,
+        lw(&wd_abs[..], &aa[..], &ab[..], None),
+        &abs(&h_gpu),
+        &abs(&dy),
+        LoraGrads {
+            dx: &mut dx_mag[..],
+            da: &mut da_mag[..],
+            db: &mut db_mag[..],
+        },
+    )
+    .unwrap();
+    let (hd, dyd) = (up(&h_gpu), up(&dy));
+    let mut dx = up(&poison::<T>(s.x_len()));
+    let mut da = up(&poison::<T>(s.a_len()));
+    let mut db = up(&poison::<T>(s.b_len()));
+    cuda::backward(
+        gpu,
+        &s,
+        &opts,
+        &xd,
+        dw(None),
+        &hd,
+        &dyd,
+        LoraGrads {
+            dx: &mut dx,
+            da: &mut da,
+            db: &mut db,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{what}: backward: {e}"));
+    let dl = |d| gpu.download(d).unwrap();
+    assert_close(
+        &format!("{what}: dx"),
+        &dl(&dx),
+        &dx_ref,
+        &dx_mag,
+        n + s.rank,
+    );
+    assert_close(&format!("{what}: dA"), &dl(&da), &da_ref, &da_mag, t + n);
+    assert_close(&format!("{what}: dB"), &dl(&db), &db_ref, &db_mag, t);
+}
+
+fn run_all<T: Element>(seed0: u64) {
+    let Some(gpu) = gpu() else { return };
+    let _lock = PANEL.lock().unwrap_or_else(|e| e.into_inner());
+    cuda::set_panel_elems(0);
+    for (i, c) in cases().iter().enumerate() {
+        check_case::<T>(gpu, c, seed0 + i as u64);
+    }
+}
+
+#[test]
+fn gpu_qlora_f32() {
+    run_all::<f32>(7000);
+}
+#[test]
+fn gpu_qlora_f16() {
+    run_all::<f16>(8000);
+}
+#[test]
+fn gpu_qlora_bf16() {
+    run_all::<bf16>(9000);
+}
+
+/// Many panels: 8-row panels, a 13-row cap (8-row panels, the last ragged) and 3-row
+/// panels (fewer than 8 rows fit), on the large-T path and the backward.
+#[test]
+fn gpu_qlora_many_panels() {
+    let Some(gpu) = gpu() else { return };
+    let _lock = PANEL.lock().unwrap_or_else(|e| e.into_inner());
+    for (i, (cap_rows, shape)) in [
+        (8, LoraShape::new(40, 96, 61, 8)),
+        (13, LoraShape::new(70, 64, 45, 4)),
+        (3, LoraShape::new(33, 200, 20, 16)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        cuda::set_panel_elems(cap_rows * shape.in_features);
+        let c = Case {
+            shape,
+            bs: 64,
+            dq: i % 2 == 0,
+            bias: true,
+            dropout: i == 1,
+        };
+        check_case::<bf16>(gpu, &c, 500 + i as u64);
+        check_case::<f32>(gpu, &c, 600 + i as u64);
+    }
+    cuda::set_panel_elems(0);
+}
+
+#[test]
+fn qlora_bad_arguments_are_errors() {
+    let Some(gpu) = gpu() else { return };
+    let s = LoraShape::new(2, 64, 8, 4);
+    let q = Nf4Weight::quantize(&vec![bf16::ONE; 64 * 9], 9, 64, 64, false).unwrap();
+    let dev = Nf4Device::upload(gpu, &q).unwrap();
+    let x = gpu.upload(&vec![bf16::ONE; s.x_len()]).unwrap();
+    let a = gpu.upload(&vec![bf16::ONE; s.a_len()]).unwrap();
+    let b = gpu.upload(&vec![bf16::ONE; s.b_len()]).unwrap();
+    let mut y = gpu.zeros::<bf16>(s.y_len()).unwrap();
+    let w = QloraWeights {
+        w: &dev,
+        a: &a,
+        b: &b,
+        bias: None,
+    };
+    let opts = LoraOptions::new(1.0);
+    assert!(matches!(
+        cuda::forward(gpu, &s, &opts, &x, w, &mut y, None),
+        Err(Error::Dim { name: "w.rows", .. })
+    ));
+    let q = Nf4Weight::quantize(&vec![bf16::ONE; 64 * 8], 8, 64, 64, false).unwrap();
+    let dev = Nf4Device::upload(gpu, &q).unwrap();
+    let w = QloraWeights { w: &dev, ..w };
+    let mut short = gpu.zeros::<bf16>(s.y_len() - 1).unwrap();
+    assert!(matches!(
+        cuda::forward(gpu, &s, &opts, &x, w, &mut short, None),
+        Err(Error::Length { name: "y", .. })
+    ));
+    let bad = LoraShape::new(2, 64, 8, 0);
+    assert!(matches!(
+        cuda::forward(gpu, &bad, &opts, &x, w, &mut y, None),
+        Err(Error::Dim { .. })
+    ));
+}
