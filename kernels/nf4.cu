@@ -6,6 +6,7 @@
 // code2[q] * absmax2 + offset as a product then a sum, as bitsandbytes computes them.
 
 #include "lk_common.cuh"
+#include "lk_mma.cuh"
 
 namespace {
 
@@ -265,6 +266,163 @@ template <typename T, int NT, int R> __device__ void nf4_mm(const LkNf4MmParams 
   }
 }
 
+
+// =====================================================================================
+// Small-T NF4 matmul on tensor cores (f16 / bf16; K % 32 == 0, x 16-byte aligned, packed
+// 8-byte aligned), mma.sync m16n8k16 with W as the A operand.
+//
+// A block of 8 warps owns 16 rows of W and splits K between its warps in 64-column
+// chunks. For a chunk at column c0, lane (g = lane / 4, q = lane % 4) loads 8 bytes of
+// codes (16 elements) of row g and of row g + 8 at columns c0 + 16q .. + 15, their block
+// scales (one each: 16 aligned elements never cross a block), and 2 x 16 bytes of token
+// g (+ 8 per n-tile) of x at the same columns. Byte j of the codes is the element pair
+// (2j, 2j + 1), dequantized (code * absmax in f32, as the standalone dequantize) and
+// rounded into one operand word; pairs 2s, 2s + 1 of rows g, g + 8 and of x feed mma
+// k-step s, the column permutation of the dense small-T kernel (lora.cu), the same for
+// both operands, so the dot product is unchanged. The NF4 table (and, with double
+// quantization, the nested code table) sits in shared memory; the q and absmax2 loads are
+// issued with the codes and resolved at compute time. Partial sums of the 8 warps are
+// reduced in shared memory; the bias and the QLoRA term are added by the epilogue.
+// =====================================================================================
+constexpr int NMMA_WARPS = 8;
+
+__device__ __forceinline__ uint2 ld_stream8(const void *p) {
+  uint2 r;
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+  return r;
+}
+
+// A block's scale as loaded: plain (a) or double-quantized (q, a2; resolved later).
+struct RawScale {
+  float a;
+  uint32_t q;
+};
+
+__device__ __forceinline__ RawScale load_scale(const LkNf4 &w, int64_t b) {
+  if (w.absmax != nullptr) return {__ldg(w.absmax + b), 0u};
+  return {__ldg(w.absmax2 + (b >> 8)), (uint32_t)__ldg(w.q + b)};
+}
+
+__device__ __forceinline__ float resolve_scale(const LkNf4 &w, const float *code2, RawScale s) {
+  if (w.absmax != nullptr) return s.a;
+  return __fadd_rn(__fmul_rn(code2[s.q], s.a), w.offset);
+}
+
+// The 8 operand words of 16 codes (bytes 0..7 of c): word j = elements (2j, 2j + 1).
+template <typename T>
+__device__ __forceinline__ void dequant16(const float *lut, uint2 c, float am, uint32_t (&o)[8]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t byte = ((j < 4 ? c.x : c.y) >> (8 * (j & 3))) & 0xffu;
+    o[j] = lk::pack2<T>(__fmul_rn(lut[byte >> 4], am), __fmul_rn(lut[byte & 15u], am));
+  }
+}
+
+// 64-column chunks per register buffer (two buffers): 2, or 1 at NT = 4 (registers).
+template <int NT> __host__ __device__ constexpr int nmma_batch() { return NT >= 4 ? 1 : 2; }
+
+template <typename T, int NT> __device__ void nf4_mm_mma(const LkNf4MmParams &p) {
+  constexpr int NMMA_BATCH = nmma_batch<NT>();
+  __shared__ float lut[16];
+  __shared__ float code2[256];
+  __shared__ float red[NMMA_WARPS][NT * 4][32];
+  const LkNf4 &w = p.w;
+  if (threadIdx.x < 16) lut[threadIdx.x] = NF4_CODE[threadIdx.x];
+  if (w.absmax == nullptr) code2[threadIdx.x] = __ldg(w.code2 + threadIdx.x);
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int K = w.cols, N = w.rows;
+  const T *x = reinterpret_cast<const T *>(p.x);
+  const T *xrow[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) xrow[nt] = x + (size_t)min(nt * 8 + g, p.t - 1) * K;
+  const int chunks = (K + 63) >> 6;
+  constexpr int STRIDE = NMMA_WARPS * NMMA_BATCH;
+
+  for (int tile = blockIdx.x; tile < (N + 15) / 16; tile += gridDim.x) {
+    const int row0 = tile * 16;
+    // Rows past N read row N - 1 (results discarded at the store): no branches.
+    const int64_t e_lo = (int64_t)min(row0 + g, N - 1) * K, e_hi = (int64_t)min(row0 + g + 8, N - 1) * K;
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[nt][c] = 0.0f;
+    uint2 cl[2][NMMA_BATCH], ch[2][NMMA_BATCH];
+    RawScale sl[2][NMMA_BATCH], sh[2][NMMA_BATCH];
+    uint4 xv[2][NMMA_BATCH][NT][2];
+    auto load = [&](int buf, int ch0) {
+#pragma unroll
+      for (int u = 0; u < NMMA_BATCH; ++u) {
+        const int col = (ch0 + u) * 64 + 16 * q;
+        const int c = col < K ? col : 0;  // K % 16 == 0: a lane's 16 columns are all in or out
+        cl[buf][u] = ld_stream8(w.packed + ((e_lo + c) >> 1));
+        ch[buf][u] = ld_stream8(w.packed + ((e_hi + c) >> 1));
+        sl[buf][u] = load_scale(w, (e_lo + c) >> w.log2_blocksize);
+        sh[buf][u] = load_scale(w, (e_hi + c) >> w.log2_blocksize);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint4 *xp = reinterpret_cast<const uint4 *>(xrow[nt] + c);
+          xv[buf][u][nt][0] = __ldg(xp);
+          xv[buf][u][nt][1] = __ldg(xp + 1);
+        }
+      }
+    };
+    auto compute = [&](int buf, int ch0) {
+#pragma unroll
+      for (int u = 0; u < NMMA_BATCH; ++u) {
+        const bool in = (ch0 + u) * 64 + 16 * q < K;
+        uint32_t wl[8], wh[8];
+        dequant16<T>(lut, cl[buf][u], resolve_scale(w, code2, sl[buf][u]), wl);
+        dequant16<T>(lut, ch[buf][u], resolve_scale(w, code2, sh[buf][u]), wh);
+        if (!in) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) wl[j] = wh[j] = 0u;
+        }
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          const uint32_t a[4] = {wl[2 * s], wh[2 * s], wl[2 * s + 1], wh[2 * s + 1]};
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const uint4 &v = xv[buf][u][nt][s >> 1];
+            const uint32_t b0 = (s & 1) ? v.z : v.x, b1 = (s & 1) ? v.w : v.y;
+            lk::MmaOp<T>::run(acc[nt], a, b0, b1);
+          }
+        }
+      }
+    };
+    lk::double_buffered(warp * NMMA_BATCH, STRIDE, chunks, load, compute);
+
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) red[warp][nt * 4 + c][lane] = acc[nt][c];
+    __syncthreads();
+    // Each thread finishes values (slot, l) of the 16 x (8 NT) output tile.
+    const T *h = reinterpret_cast<const T *>(p.h);
+    const T *lb = reinterpret_cast<const T *>(p.b);
+    for (int v = threadIdx.x; v < NT * 4 * 32; v += NMMA_WARPS * 32) {
+      const int slot = v >> 5, l = v & 31;
+      float sum = 0.0f;
+#pragma unroll
+      for (int wi = 0; wi < NMMA_WARPS; ++wi) sum += red[wi][slot][l];
+      const int nt = slot >> 2, c = slot & 3;
+      const int row = row0 + (l >> 2) + (c >= 2 ? 8 : 0);
+      const int tok = nt * 8 + 2 * (l & 3) + (c & 1);
+      if (row >= N || tok >= p.t) continue;
+      if (p.bias != nullptr) sum += lk::ldg(reinterpret_cast<const T *>(p.bias) + row);
+      if (h != nullptr) {
+        float low = 0.0f;
+        for (int j = 0; j < p.r; ++j)
+          low = fmaf(lk::ldg(h + (int64_t)tok * p.r + j), lk::ldg(lb + (int64_t)row * p.r + j), low);
+        sum = fmaf(p.scale, low, sum);
+      }
+      reinterpret_cast<T *>(p.y)[(int64_t)tok * N + row] = lk::from_f32<T>(sum);
+    }
+    __syncthreads();  // red[] is reused by the next tile
+  }
+}
 }  // namespace
 
 #define LK_NF4_DQ(DT, T)                                                                       \
@@ -321,3 +479,15 @@ extern "C" __global__ void __launch_bounds__(256) lk_nf4_dq_quant(LkNf4DoubleQua
   if (threadIdx.x == 0) p.absmax2[g] = am2;
   if (i < p.blocks) p.q[i] = (uint8_t)dynamic_code(code, mul_ieee(c, rcp_ieee(am2)));
 }
+
+#define LK_NF4_MMA(DT, T, NT)                                                                  \
+  extern "C" __global__ void __launch_bounds__(NMMA_WARPS * 32, 2)                             \
+      lk_nf4_mm_mma_##DT##_n##NT(LkNf4MmParams p) {                                            \
+    nf4_mm_mma<T, NT>(p);                                                                      \
+  }
+LK_NF4_MMA(f16, __half, 1)
+LK_NF4_MMA(f16, __half, 2)
+LK_NF4_MMA(f16, __half, 4)
+LK_NF4_MMA(bf16, __nv_bfloat16, 1)
+LK_NF4_MMA(bf16, __nv_bfloat16, 2)
+LK_NF4_MMA(bf16, __nv_bfloat16, 4)

@@ -5,7 +5,9 @@
 //! - [`dequantize`]: the dense weight in f32/f16/bf16, bit-equal to
 //!   [`Nf4Weight::dequantize`] (for callers that want it; the matmul does not use it).
 //! - [`matmul`]: `y = x Wᵀ (+ bias)` for T ≤ [`SMALL_T_MAX`] tokens, the 4-bit weight
-//!   read once and dequantized in registers, f32 accumulation.
+//!   read once and dequantized in registers, f32 accumulation: on tensor cores for
+//!   f16/bf16 (each dequantized value rounded to the activation type, as
+//!   `dequantize_4bit` does), SIMT f32 FMAs for f32.
 //! - [`quantize`]: a dense weight on the GPU to NF4, the same bytes as
 //!   [`Nf4Weight::quantize`] (and bitsandbytes' `quantize_4bit`).
 //!
@@ -286,8 +288,6 @@ pub(crate) fn launch_mm<T: Element>(
     y: u64,
     lora: Option<MmLora>,
 ) -> Result<()> {
-    let nt = tokens.next_power_of_two();
-    let rows_per_warp = if nt <= 16 { 2 } else { 1 };
     let params = LkNf4MmParams {
         w: *desc,
         x: x as *const _,
@@ -299,6 +299,27 @@ pub(crate) fn launch_mm<T: Element>(
         t: tokens as i32,
         r: lora.as_ref().map_or(0, |l| l.r) as i32,
     };
+    if T::DTYPE != DType::F32 && (desc.packed as u64) % 8 == 0 {
+        // Tensor cores: one block of 8 warps per 16 rows of W.
+        let nt = match tokens {
+            0..=8 => 1,
+            9..=16 => 2,
+            _ => 4,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: ((desc.rows as usize).div_ceil(16) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        return gpu.launch(
+            &format!("lk_nf4_mm_mma_{}_n{nt}", T::DTYPE.suffix()),
+            cfg,
+            &params,
+        );
+    }
+    // SIMT (f32): one warp per 2 rows (1 at T > 16).
+    let nt = tokens.next_power_of_two();
+    let rows_per_warp = if nt <= 16 { 2 } else { 1 };
     let cfg = LaunchConfig {
         grid_dim: (
             (desc.rows as usize).div_ceil(4 * rows_per_warp) as u32,

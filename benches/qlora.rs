@@ -1,0 +1,211 @@
+//! QLoRA benches: the LoRA linear over an NF4 base (blocksize 64, double quantization),
+//! bf16, K = 4096, N ∈ {4096, 11008}, r = 16, T ∈ {1, 16, 4096}; and the GPU NF4
+//! quantizer. In one process, on one device:
+//!
+//! - `cublas_base`: cuBLAS `y = x Wᵀ` with a dense bf16 W (the baseline);
+//! - `lora_bf16`: our LoRA linear forward over the dense bf16 W;
+//! - `qlora`: our QLoRA forward over the NF4 W;
+//! - at T = 4096 also forward + backward: `cublas_base_fb` (`x Wᵀ` then `dY W`),
+//!   `lora_bf16_fb` and `qlora_fb`;
+//! - `quantize`: our GPU quantizer (bf16 W to NF4 with double quantization), against
+//!   `copy`, a device-to-device copy of W (read + write bytes / time).
+//!
+//! Weights (dense, NF4 and adapters) are random and rotated over enough copies to
+//! exceed L2. Each figure is the median of CUDA-event-timed batches; a table is printed
+//! (and written to `$LORA_KERNELS_BENCH_OUT`); criterion records each op too.
+//! `LORA_KERNELS_BENCH_QUICK=1`: fewer samples.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+mod common;
+
+use cudarc::driver::CudaSlice;
+use lora_kernels::cuda::nf4::{self as nf4, Nf4Device};
+use lora_kernels::cuda::{gemm, lora, qlora, Gpu};
+use lora_kernels::{bf16, LoraGrads, LoraOptions, LoraShape, LoraWeights, QloraWeights};
+
+struct Weights {
+    w: CudaSlice<bf16>,
+    q: Nf4Device,
+    a: CudaSlice<bf16>,
+    b: CudaSlice<bf16>,
+}
+
+struct Acts {
+    x: CudaSlice<bf16>,
+    y: CudaSlice<bf16>,
+    h: CudaSlice<bf16>,
+    dy: CudaSlice<bf16>,
+    dx: CudaSlice<bf16>,
+    da: CudaSlice<bf16>,
+    db: CudaSlice<bf16>,
+}
+
+const OPS: [&str; 6] = [
+    "cublas_base",
+    "lora_bf16",
+    "qlora",
+    "cublas_base_fb",
+    "lora_bf16_fb",
+    "qlora_fb",
+];
+
+fn run(gpu: &Gpu, s: &LoraShape, op: &str, w: &Weights, z: &mut Acts) {
+    let (t, k, n) = (s.tokens, s.in_features, s.out_features);
+    let opts = LoraOptions::new(2.0);
+    let lw = LoraWeights {
+        w: &w.w,
+        a: &w.a,
+        b: &w.b,
+        bias: None,
+    };
+    let qw = QloraWeights {
+        w: &w.q,
+        a: &w.a,
+        b: &w.b,
+        bias: None,
+    };
+    let fb = op.ends_with("_fb");
+    match op.trim_end_matches("_fb") {
+        "cublas_base" => {
+            gemm(gpu, t, n, k, 1.0, &z.x, false, &w.w, true, 0.0, &mut z.y).unwrap();
+            if fb {
+                gemm(gpu, t, k, n, 1.0, &z.dy, false, &w.w, false, 0.0, &mut z.dx).unwrap();
+            }
+        }
+        "lora_bf16" => {
+            lora::forward(gpu, s, &opts, &z.x, lw, &mut z.y, Some(&mut z.h)).unwrap();
+            if fb {
+                let grads = LoraGrads {
+                    dx: &mut z.dx,
+                    da: &mut z.da,
+                    db: &mut z.db,
+                };
+                lora::backward(gpu, s, &opts, &z.x, lw, &z.h, &z.dy, grads).unwrap();
+            }
+        }
+        "qlora" => {
+            qlora::forward(gpu, s, &opts, &z.x, qw, &mut z.y, Some(&mut z.h)).unwrap();
+            if fb {
+                let grads = LoraGrads {
+                    dx: &mut z.dx,
+                    da: &mut z.da,
+                    db: &mut z.db,
+                };
+                qlora::backward(gpu, s, &opts, &z.x, qw, &z.h, &z.dy, grads).unwrap();
+            }
+        }
+        _ => unreachable!(),
+    }
+}
+
+fn main() {
+    let Some(gpu) = common::gpu_or_skip("qlora") else {
+        return;
+    };
+    let samples = common::samples();
+    let mut criterion = common::criterion();
+    let mut table = String::new();
+    writeln!(table, "{}", common::device_line(&gpu)).unwrap();
+    writeln!(
+        table,
+        "QLoRA: NF4 blocksize 64 + double quant, bf16, K = 4096, r = 16; median µs of \
+         {samples} CUDA-event batches; weights rotated past L2"
+    )
+    .unwrap();
+    writeln!(
+        table,
+        "{:>5} {:>6} {:>5} | {:>9} {:>9} {:>9} | {:>9} {:>9}",
+        "T", "N", "pass", "cublas", "lora bf16", "qlora", "q/cublas", "q/lora"
+    )
+    .unwrap();
+    let (k, r) = (4096usize, 16usize);
+    for n in [4096usize, 11008] {
+        let nsets = (128usize << 20).div_ceil(n * k * 2 + n * k / 2).clamp(2, 8);
+        let sets: Vec<Weights> = (0..nsets)
+            .map(|i| {
+                let host = common::random_bf16(n * k, 7 + i as u64, 0.02);
+                let w = gpu.upload(&host).unwrap();
+                Weights {
+                    q: nf4::quantize(&gpu, &w, n, k, 64, true).unwrap(),
+                    w,
+                    a: gpu
+                        .upload(&common::random_bf16(r * k, 50 + i as u64, 0.02))
+                        .unwrap(),
+                    b: gpu
+                        .upload(&common::random_bf16(n * r, 60 + i as u64, 0.02))
+                        .unwrap(),
+                }
+            })
+            .collect();
+        for t in [1usize, 16, 4096] {
+            let s = LoraShape::new(t, k, n, r);
+            let mut z = Acts {
+                x: gpu.upload(&common::random_bf16(t * k, 100, 1.0)).unwrap(),
+                y: gpu.zeros(t * n).unwrap(),
+                h: gpu.zeros(t * r).unwrap(),
+                dy: gpu.upload(&common::random_bf16(t * n, 101, 1.0)).unwrap(),
+                dx: gpu.zeros(t * k).unwrap(),
+                da: gpu.zeros(r * k).unwrap(),
+                db: gpu.zeros(n * r).unwrap(),
+            };
+            let passes: &[usize] = if t == 4096 { &[0, 3] } else { &[0] };
+            for &p in passes {
+                let us: Vec<f64> = (p..p + 3)
+                    .map(|op| {
+                        common::median_us(&gpu, samples, |i| {
+                            run(&gpu, &s, OPS[op], &sets[i % nsets], &mut z)
+                        })
+                    })
+                    .collect();
+                writeln!(
+                    table,
+                    "{:>5} {:>6} {:>5} | {:>9.1} {:>9.1} {:>9.1} | {:>8.3}x {:>8.3}x",
+                    t,
+                    n,
+                    if p == 0 { "fwd" } else { "f+b" },
+                    us[0],
+                    us[1],
+                    us[2],
+                    us[2] / us[0],
+                    us[2] / us[1]
+                )
+                .unwrap();
+                eprintln!("{}", table.lines().last().unwrap());
+                let mut group = criterion.benchmark_group(format!("qlora_bf16/T{t}_N{n}"));
+                for op in &OPS[p..p + 3] {
+                    group.bench_function(*op, |b| {
+                        b.iter_custom(|iters| {
+                            Duration::from_secs_f64(common::time_iters(&gpu, iters, |i| {
+                                run(&gpu, &s, op, &sets[i % nsets], &mut z)
+                            }))
+                        })
+                    });
+                }
+                group.finish();
+            }
+        }
+        // The GPU quantizer against a copy of W.
+        let mut out: CudaSlice<bf16> = gpu.zeros(n * k).unwrap();
+        let q_us = common::median_us(&gpu, samples, |i| {
+            let _ = nf4::quantize(&gpu, &sets[i % nsets].w, n, k, 64, true).unwrap();
+        });
+        let c_us = common::median_us(&gpu, samples, |i| {
+            gpu.stream()
+                .memcpy_dtod(&sets[i % nsets].w, &mut out)
+                .unwrap();
+        });
+        let bytes = (n * k * 2) as f64;
+        writeln!(
+            table,
+            "quantize {n}x{k} bf16 -> NF4 (dq): {q_us:.1} µs ({:.0} GB/s of W read); copy of W \
+             {c_us:.1} µs ({:.0} GB/s read + write)",
+            bytes / q_us * 1e-3,
+            2.0 * bytes / c_us * 1e-3
+        )
+        .unwrap();
+        eprintln!("{}", table.lines().last().unwrap());
+    }
+    common::finish(&table);
+}
