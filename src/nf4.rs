@@ -204,6 +204,27 @@ pub fn check_blocksize(blocksize: usize) -> Result<()> {
     Ok(())
 }
 
+/// Checks the arguments of a quantize call: blocksize, dims in 1..2³¹, and the length of
+/// the dense weight.
+pub(crate) fn check_quantize_args(
+    rows: usize,
+    cols: usize,
+    blocksize: usize,
+    len: usize,
+) -> Result<()> {
+    check_blocksize(blocksize)?;
+    for (name, v) in [("rows", rows), ("cols", cols)] {
+        if v == 0 || v > i32::MAX as usize {
+            return Err(Error::Dim {
+                name,
+                value: v,
+                reason: "must be in 1..2^31",
+            });
+        }
+    }
+    crate::lora::check_len("w", len, rows * cols)
+}
+
 impl Nf4Weight {
     /// Number of elements, `rows · cols`.
     pub fn numel(&self) -> usize {
@@ -224,17 +245,7 @@ impl Nf4Weight {
         blocksize: usize,
         double_quant: bool,
     ) -> Result<Self> {
-        check_blocksize(blocksize)?;
-        for (name, v) in [("rows", rows), ("cols", cols)] {
-            if v == 0 || v > i32::MAX as usize {
-                return Err(Error::Dim {
-                    name,
-                    value: v,
-                    reason: "must be in 1..2^31",
-                });
-            }
-        }
-        crate::lora::check_len("w", w.len(), rows * cols)?;
+        check_quantize_args(rows, cols, blocksize, w.len())?;
         let numel = rows * cols;
         let blocks = numel.div_ceil(blocksize);
         let mut absmax = vec![0f32; blocks];

@@ -18,7 +18,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use super::{dptr, dptr_mut, Gpu, LkNf4, LkNf4DequantParams, LkNf4MmParams};
 use super::{LkNf4DoubleQuantParams, LkNf4QuantParams};
 use crate::lora::check_len;
-use crate::nf4::{check_blocksize, dynamic_map, Absmax, DoubleQuant, Nf4Weight};
+use crate::nf4::{check_quantize_args, dynamic_map, Absmax, DoubleQuant, Nf4Weight};
 use crate::nf4::{NESTED_BLOCKSIZE, NF4_MIDPOINTS};
 use crate::{DType, Element, Error, Result};
 
@@ -347,16 +347,7 @@ pub fn quantize<T: Element, I: DevicePtr<T>>(
     blocksize: usize,
     double_quant: bool,
 ) -> Result<Nf4Device> {
-    check_blocksize(blocksize)?;
-    for (name, v) in [("rows", rows), ("cols", cols)] {
-        if v == 0 || v > i32::MAX as usize {
-            return Err(Error::Dim {
-                name,
-                value: v,
-                reason: "must be in 1..2^31",
-            });
-        }
-    }
+    check_quantize_args(rows, cols, blocksize, w.len())?;
     let numel = rows * cols;
     if numel > i32::MAX as usize * 2 {
         return Err(Error::Dim {
@@ -365,7 +356,6 @@ pub fn quantize<T: Element, I: DevicePtr<T>>(
             reason: "must fit the kernels' indexing (< 2^32)",
         });
     }
-    check_len("w", w.len(), numel)?;
     let blocks = numel.div_ceil(blocksize);
     let s = gpu.stream();
     let (wp, _gw) = dptr(gpu, "w", w)?;
