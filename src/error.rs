@@ -60,6 +60,8 @@ pub enum Error {
         value: i64,
         count: usize,
     },
+    /// A file could not be read or written; the message names the path.
+    Io(String),
     /// A checkpoint (safetensors, quant state) is malformed or uses an unsupported
     /// format; the message names the tensor or field.
     Checkpoint(String),
@@ -136,6 +138,7 @@ impl fmt::Display for Error {
                  position {position}"
             ),
             Error::Checkpoint(e) => write!(f, "checkpoint: {e}"),
+            Error::Io(e) => write!(f, "I/O error: {e}"),
             Error::Driver(e) => write!(f, "CUDA driver error: {e}"),
             Error::Cublas(e) => write!(f, "cuBLAS error: {e}"),
         }

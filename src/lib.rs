@@ -15,6 +15,7 @@
 //! - [`dora`]: DoRA, the LoRA linear with peft's weight-norm and magnitude scaling,
 //!   forward, backward, magnitude init, merge and unmerge; CPU in [`cpu::dora`], CUDA in
 //!   [`cuda::dora`].
+//! - [`peft`]: load and save peft adapters (LoRA, rsLoRA, DoRA) in peft's own files.
 //! - [`Dropout`]: counter-based (Philox4x32-10) dropout masks, regenerated in backward.
 //!
 //! Layouts follow PyTorch and peft: row-major, `x` [T, K], `W` [N, K], `A` [r, K],
@@ -48,6 +49,7 @@ mod error;
 pub mod lora;
 pub mod neftune;
 pub mod nf4;
+pub mod peft;
 mod philox;
 pub mod qlora;
 
