@@ -140,6 +140,9 @@ fn rslora_and_patterns_set_the_scale() {
     assert!(e.to_string().contains("rank_pattern"), "{e}");
 }
 
+/// An edit of a parsed adapter_config.json.
+type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+
 fn config_error(edit: impl FnOnce(&mut serde_json::Value)) -> String {
     let (cfg, st) = read("peft_lora_48x80_r8_adapter");
     let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
@@ -152,7 +155,7 @@ fn config_error(edit: impl FnOnce(&mut serde_json::Value)) -> String {
 
 #[test]
 fn unsupported_configs_are_errors_naming_the_field() {
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Value)>)> = vec![
+    let cases: Vec<(&str, Edit)> = vec![
         ("peft_type", Box::new(|v| v["peft_type"] = "LOHA".into())),
         (
             "fan_in_fan_out",
@@ -196,7 +199,10 @@ fn unsupported_configs_are_errors_naming_the_field() {
     assert!(matches!(e, Err(Error::Checkpoint(_))));
 }
 
-fn tensors_error(tensors: Vec<(&str, safetensors::Dtype, Vec<usize>)>, dora: bool) -> String {
+/// A tensor to write: key, dtype, shape.
+type Spec<'a> = (&'a str, safetensors::Dtype, Vec<usize>);
+
+fn tensors_error(tensors: Vec<Spec<'_>>, dora: bool) -> String {
     let data: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, d, s)| vec![0u8; s.iter().product::<usize>() * d.bitsize() / 8])
@@ -226,7 +232,7 @@ fn unsupported_tensors_are_errors_naming_the_tensor() {
     let a = "base_model.model.lin.lora_A.weight";
     let b = "base_model.model.lin.lora_B.weight";
     let m = "base_model.model.lin.lora_magnitude_vector";
-    let cases: Vec<(Vec<(&str, safetensors::Dtype, Vec<usize>)>, bool, &str)> = vec![
+    let cases: Vec<(Vec<Spec>, bool, &str)> = vec![
         (
             vec![(a, F32, vec![8, 80])],
             false,
