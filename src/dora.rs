@@ -38,11 +38,13 @@ use crate::Result;
 
 /// The frozen and trainable weights of one DoRA linear layer: the LoRA weights plus
 /// the magnitude `m` [N] (peft's `lora_magnitude_vector`). `S` is a host slice for the
-/// CPU oracle or a device buffer for the CUDA ops.
+/// CPU oracle or a device buffer for the CUDA ops; the base `W` has the same type, or
+/// for QDoRA ([`crate::cpu::qdora`], [`crate::cuda::qdora`]) is an NF4 weight
+/// ([`crate::Nf4Weight`], [`crate::cuda::nf4::Nf4Device`]).
 #[derive(Debug)]
-pub struct DoraWeights<'a, S: ?Sized> {
-    /// W [N, K], frozen.
-    pub w: &'a S,
+pub struct DoraWeights<'a, S: ?Sized, W: ?Sized = S> {
+    /// W [N, K], frozen (dense, or NF4 for QDoRA).
+    pub w: &'a W,
     /// A [r, K] (`lora_A.weight`).
     pub a: &'a S,
     /// B [N, r] (`lora_B.weight`).
@@ -53,12 +55,12 @@ pub struct DoraWeights<'a, S: ?Sized> {
     pub magnitude: &'a S,
 }
 
-impl<S: ?Sized> Clone for DoraWeights<'_, S> {
+impl<S: ?Sized, W: ?Sized> Clone for DoraWeights<'_, S, W> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<S: ?Sized> Copy for DoraWeights<'_, S> {}
+impl<S: ?Sized, W: ?Sized> Copy for DoraWeights<'_, S, W> {}
 
 /// What forward writes: `y` [T, N] always; optionally `h` [T, r], the row norms [N]
 /// (f32) and `z` [T, N] (the product before the DoRA scale), which [`DoraSaved`] hands

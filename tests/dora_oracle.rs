@@ -318,3 +318,53 @@ fn bad_arguments_are_errors() {
     .unwrap_err();
     assert!(matches!(err, Error::Value { name: "scale", .. }), "{err}");
 }
+
+/// QDoRA's oracle: with B = 0 and m from its own magnitude init, the layer is the NF4
+/// base layer (`x deq(W)ᵀ + bias`); a base of the wrong size is an error.
+#[test]
+fn qdora_oracle_at_init_is_the_nf4_base_layer() {
+    use lora_kernels::cpu::{nf4 as cpu_nf4, qdora};
+    use lora_kernels::Nf4Weight;
+    let shape = LoraShape::new(6, 128, 24, 4);
+    let mut rng = Rng::new(77);
+    let wd: Vec<f32> = rng.vec(shape.w_len(), 1.0);
+    let q = Nf4Weight::quantize(&wd, 24, 128, 64, true).unwrap();
+    let (x, a): (Vec<f32>, Vec<f32>) = (rng.vec(shape.x_len(), 1.0), rng.vec(shape.a_len(), 1.0));
+    let bias: Vec<f32> = rng.vec(24, 1.0);
+    let b = vec![0.0f32; shape.b_len()];
+    let mut m = vec![0.0f32; 24];
+    qdora::magnitude_init(&shape, 2.0, &q, &a, &b, &mut m).unwrap();
+    let mut y = vec![0.0f32; shape.y_len()];
+    let weights = DoraWeights {
+        w: &q,
+        a: &a[..],
+        b: &b[..],
+        bias: Some(&bias[..]),
+        magnitude: &m[..],
+    };
+    qdora::forward(
+        &shape,
+        &LoraOptions::new(2.0),
+        &x,
+        weights,
+        DoraOutputs::y(&mut y[..]),
+    )
+    .unwrap();
+    let mut base = vec![0.0f32; shape.y_len()];
+    cpu_nf4::matmul(6, &x, &q, Some(&bias), &mut base).unwrap();
+    let e = rel_err(&y, &base);
+    assert!(e < 1e-6, "rel err {e}");
+    let q9 = Nf4Weight::quantize(&vec![0.5f32; 25 * 128], 25, 128, 64, false).unwrap();
+    let e = qdora::forward(
+        &shape,
+        &LoraOptions::new(2.0),
+        &x,
+        DoraWeights { w: &q9, ..weights },
+        DoraOutputs::y(&mut y[..]),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, lora_kernels::Error::Dim { name: "w.rows", .. }),
+        "{e}"
+    );
+}

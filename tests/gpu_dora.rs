@@ -1,16 +1,18 @@
 //! GPU DoRA ops against the CPU oracle over odd shapes, every dtype, with and without
-//! bias, dropout and a saved z, and against peft's fixture. Outputs are poisoned (NaN)
+//! bias, dropout and a saved z, and against peft's fixture; QDoRA (an NF4 W) against
+//! its oracle over the same checks, on one and many row panels. Outputs are poisoned (NaN)
 //! before each run. Without a GPU these tests print a loud SKIPPED note and return;
 //! `LORA_KERNELS_REQUIRE_GPU=1` makes them fail instead.
 
 mod common;
 
 use common::{abs, assert_close, gpu, poison, rel_err, Fixture, Rng};
-use lora_kernels::cpu::{dora as cpu, lora as cpu_lora};
-use lora_kernels::cuda::{dora as cuda, Gpu};
+use lora_kernels::cpu::{dora as cpu, lora as cpu_lora, qdora as cpu_q};
+use lora_kernels::cuda::nf4::Nf4Device;
+use lora_kernels::cuda::{dora as cuda, qdora as cuda_q, qlora, Gpu};
 use lora_kernels::{
     bf16, f16, DoraGrads, DoraOutputs, DoraSaved, DoraWeights, Dropout, Element, Error, LoraGrads,
-    LoraOptions, LoraShape, LoraWeights,
+    LoraOptions, LoraShape, LoraWeights, Nf4Weight,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -19,6 +21,8 @@ struct Case {
     bias: bool,
     dropout: bool,
     save_z: bool,
+    /// QDoRA: W quantized to NF4 (blocksize, double quantization); None: dense W.
+    nf4: Option<(usize, bool)>,
 }
 
 fn cases() -> Vec<Case> {
@@ -39,6 +43,7 @@ fn cases() -> Vec<Case> {
                 bias: (i + ti) % 2 == 0,
                 dropout: (i + ti) % 3 == 1,
                 save_z: (i + 2 * ti) % 2 == 1,
+                nf4: None,
             });
         }
     }
@@ -56,6 +61,7 @@ fn cases() -> Vec<Case> {
                 bias: true,
                 dropout,
                 save_z: dropout,
+                nf4: None,
             });
         }
     }
@@ -126,15 +132,23 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
     let s = c.shape;
     let (t, k, n, r) = (s.tokens, s.in_features, s.out_features, s.rank);
     let what = format!(
-        "{} {:?} bias={} dropout={} z={}",
+        "{} {:?} bias={} dropout={} z={} nf4={:?}",
         common::dtype_name::<T>(),
         s,
         c.bias,
         c.dropout,
-        c.save_z
+        c.save_z,
+        c.nf4
     );
     let mut rng = Rng::new(seed);
-    let d = host_data::<T>(&mut rng, c);
+    let mut d = host_data::<T>(&mut rng, c);
+    // QDoRA: the oracle's W is the NF4 weight dequantized to T (as cpu::qdora does).
+    let q = c
+        .nf4
+        .map(|(bs, dq)| Nf4Weight::quantize(&d.w, n, k, bs, dq).unwrap());
+    if let Some(q) = &q {
+        d.w = q.dequantize::<T>();
+    }
     let opts = opts_for(c, seed);
     let abs_opts = LoraOptions {
         scale: opts.scale.abs(),
@@ -160,6 +174,21 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
         },
     )
     .unwrap();
+    if let Some(q) = &q {
+        let mut y_q = vec![T::default(); s.y_len()];
+        let qw = DoraWeights {
+            w: q,
+            a: &d.a[..],
+            b: &d.b[..],
+            bias: d.bias.as_deref(),
+            magnitude: &d.m[..],
+        };
+        cpu_q::forward(&s, &opts, &d.x, qw, DoraOutputs::y(&mut y_q[..])).unwrap();
+        assert!(
+            y_q == y_ref,
+            "{what}: cpu::qdora differs from cpu::dora over deq(W)"
+        );
+    }
     // Magnitudes for the tolerances: the LoRA terms on absolute values, times |g| + 1.
     let (ax, aw, aa, ab) = (abs(&d.x), abs(&d.w), abs(&d.a), abs(&d.b));
     let mut norm_mag = vec![0.0f32; n];
@@ -191,19 +220,26 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
     let mut h = up(&poison::<T>(s.h_len()));
     let mut z = up(&poison::<T>(s.y_len()));
     let mut norm = gpu.upload(&vec![f32::NAN; n]).unwrap();
-    cuda::forward(
-        gpu,
-        &s,
-        &opts,
-        &x,
-        dw(&w, &a, &b, bias.as_ref(), &m),
-        DoraOutputs {
-            y: &mut y,
-            h: Some(&mut h),
-            norm: Some(&mut norm),
-            z: Some(&mut z),
-        },
-    )
+    let wq = q.as_ref().map(|q| Nf4Device::upload(gpu, q).unwrap());
+    let outs = DoraOutputs {
+        y: &mut y,
+        h: Some(&mut h),
+        norm: Some(&mut norm),
+        z: Some(&mut z),
+    };
+    match &wq {
+        None => cuda::forward(gpu, &s, &opts, &x, dw(&w, &a, &b, bias.as_ref(), &m), outs),
+        Some(wq) => {
+            let qw = DoraWeights {
+                w: wq,
+                a: &a,
+                b: &b,
+                bias: bias.as_ref(),
+                magnitude: &m,
+            };
+            cuda_q::forward(gpu, &s, &opts, &x, qw, outs)
+        }
+    }
     .unwrap_or_else(|e| panic!("{what}: forward: {e}"));
     let norm_gpu = gpu.download(&norm).unwrap();
     for o in 0..n {
@@ -297,25 +333,39 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
     let mut da = up(&poison::<T>(s.a_len()));
     let mut db = up(&poison::<T>(s.b_len()));
     let mut dm = up(&poison::<T>(n));
-    cuda::backward(
-        gpu,
-        &s,
-        &opts,
-        &x,
-        dw(&w, &a, &b, None, &m),
-        DoraSaved {
-            h: &h_dev,
-            norm: &norm,
-            z: c.save_z.then_some(&z_dev),
-        },
-        &dy,
-        DoraGrads {
-            dx: &mut dx,
-            da: &mut da,
-            db: &mut db,
-            dm: &mut dm,
-        },
-    )
+    let saved = DoraSaved {
+        h: &h_dev,
+        norm: &norm,
+        z: c.save_z.then_some(&z_dev),
+    };
+    let grads = DoraGrads {
+        dx: &mut dx,
+        da: &mut da,
+        db: &mut db,
+        dm: &mut dm,
+    };
+    match &wq {
+        None => cuda::backward(
+            gpu,
+            &s,
+            &opts,
+            &x,
+            dw(&w, &a, &b, None, &m),
+            saved,
+            &dy,
+            grads,
+        ),
+        Some(wq) => {
+            let qw = DoraWeights {
+                w: wq,
+                a: &a,
+                b: &b,
+                bias: None,
+                magnitude: &m,
+            };
+            cuda_q::backward(gpu, &s, &opts, &x, qw, saved, &dy, grads)
+        }
+    }
     .unwrap_or_else(|e| panic!("{what}: backward: {e}"));
     let [dx_ref, da_ref, db_ref, dm_ref] = &g_ref;
     let acc = n + t + r;
@@ -348,6 +398,10 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
         acc + k,
     );
 
+    if wq.is_some() {
+        // An NF4 W is not merged in place (it would need requantizing).
+        return;
+    }
     // Merge then unmerge: the merged W against the oracle's, and the restored W.
     let mut w_ref = d.w.clone();
     let mut mnorm_ref = vec![0.0f32; n];
@@ -424,12 +478,158 @@ fn gpu_dora_backward_in_chunks() {
                 bias: true,
                 dropout,
                 save_z,
+                nf4: None,
             };
             check_case::<bf16>(gpu, &c, 9000 + i as u64);
             check_case::<f32>(gpu, &c, 9100 + i as u64);
         }
     }
     cuda::set_backward_chunk_elems(cuda::BACKWARD_CHUNK_ELEMS);
+}
+
+fn qdora_cases() -> Vec<Case> {
+    let shapes = [
+        (1, 64, 7, 8),
+        (3, 96, 200, 16),
+        (5, 200, 64, 8),
+        (17, 128, 333, 24),
+        (32, 4096, 64, 16),
+        (33, 96, 80, 8),
+        (300, 200, 100, 1),
+        (1, 4096, 4096, 16),
+    ];
+    let bss = [32, 64, 128, 256, 4096];
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(t, k, n, r))| Case {
+            shape: LoraShape::new(t, k, n, r),
+            bias: i % 2 == 0,
+            dropout: i % 3 == 1,
+            save_z: i % 4 < 2,
+            nf4: Some((bss[i % bss.len()], i % 2 == 1)),
+        })
+        .collect()
+}
+
+fn run_qdora<T: Element>(seed0: u64) {
+    let Some(gpu) = gpu() else { return };
+    for (i, c) in qdora_cases().iter().enumerate() {
+        check_case::<T>(gpu, c, seed0 + i as u64);
+    }
+}
+
+#[test]
+fn gpu_qdora_f32() {
+    run_qdora::<f32>(15000);
+}
+
+#[test]
+fn gpu_qdora_f16() {
+    run_qdora::<f16>(16000);
+}
+
+#[test]
+fn gpu_qdora_bf16() {
+    run_qdora::<bf16>(17000);
+}
+
+/// QDoRA over many row panels (8-row, a ragged 13-row cap, 3-row) and backward chunks;
+/// and its magnitude init and norms against the oracle's.
+#[test]
+fn gpu_qdora_many_panels() {
+    let Some(gpu) = gpu() else { return };
+    for (i, (cap_rows, shape)) in [
+        (8, LoraShape::new(40, 96, 61, 8)),
+        (13, LoraShape::new(70, 64, 45, 4)),
+        (3, LoraShape::new(3, 200, 20, 16)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        qlora::set_panel_elems(cap_rows * shape.in_features);
+        for dropout in [false, true] {
+            let c = Case {
+                shape,
+                bias: true,
+                dropout,
+                save_z: i == 1,
+                nf4: Some((64, i % 2 == 0)),
+            };
+            check_case::<bf16>(gpu, &c, 18000 + i as u64);
+            check_case::<f32>(gpu, &c, 18100 + i as u64);
+        }
+        // Magnitude init and norms over the panels, against the oracle.
+        let mut rng = Rng::new(18200 + i as u64);
+        let (k, n) = (shape.in_features, shape.out_features);
+        let wd: Vec<f32> = rng.vec(shape.w_len(), 1.0);
+        let a: Vec<f32> = rng.vec(shape.a_len(), 0.5);
+        let b: Vec<f32> = rng.vec(shape.b_len(), 0.5);
+        let q = Nf4Weight::quantize(&wd, n, k, 64, true).unwrap();
+        let mut m_ref = vec![0.0f32; n];
+        cpu_q::magnitude_init(&shape, 1.5, &q, &a, &b, &mut m_ref).unwrap();
+        let mut norm_ref = vec![0.0f32; n];
+        cpu_q::weight_norm(&shape, 1.5, &q, &a, &b, &mut norm_ref).unwrap();
+        let wq = Nf4Device::upload(gpu, &q).unwrap();
+        let (ad, bd) = (gpu.upload(&a).unwrap(), gpu.upload(&b).unwrap());
+        let mut m = gpu.upload(&vec![f32::NAN; n]).unwrap();
+        cuda_q::magnitude_init(gpu, &shape, 1.5, &wq, &ad, &bd, &mut m).unwrap();
+        let mut norm = gpu.upload(&vec![f32::NAN; n]).unwrap();
+        cuda_q::weight_norm(gpu, &shape, 1.5, &wq, &ad, &bd, &mut norm).unwrap();
+        for (what, got) in [
+            ("m", gpu.download(&m).unwrap()),
+            ("norm", gpu.download(&norm).unwrap()),
+        ] {
+            let want = if what == "m" { &m_ref } else { &norm_ref };
+            for o in 0..n {
+                // f32 sums of K + r terms against the oracle's f64.
+                let tol = (k + shape.rank) as f64 * 2f64.powi(-23) * want[o] as f64;
+                assert!(
+                    ((got[o] - want[o]) as f64).abs() <= tol,
+                    "panels {cap_rows}: {what}[{o}] {} vs {}",
+                    got[o],
+                    want[o]
+                );
+            }
+        }
+    }
+    qlora::set_panel_elems(0);
+}
+
+#[test]
+fn gpu_qdora_bad_arguments_are_errors() {
+    let Some(gpu) = gpu() else { return };
+    let s = LoraShape::new(2, 64, 8, 4);
+    let opts = LoraOptions::new(1.0);
+    let v = |l: usize| gpu.zeros::<bf16>(l).unwrap();
+    let q = Nf4Weight::quantize(&vec![bf16::ONE; 64 * 9], 9, 64, 64, false).unwrap();
+    let wq = Nf4Device::upload(gpu, &q).unwrap();
+    let (x, a, b, m) = (v(s.x_len()), v(s.a_len()), v(s.b_len()), v(8));
+    let mut y = v(s.y_len());
+    let qw = DoraWeights {
+        w: &wq,
+        a: &a,
+        b: &b,
+        bias: None,
+        magnitude: &m,
+    };
+    let e = cuda_q::forward::<bf16, _, _, DevF32>(gpu, &s, &opts, &x, qw, DoraOutputs::y(&mut y))
+        .unwrap_err();
+    assert!(matches!(e, Error::Dim { name: "w.rows", .. }), "{e}");
+    let mut norm = gpu.zeros::<f32>(8).unwrap();
+    let e = cuda_q::weight_norm(gpu, &s, 1.0, &wq, &a, &b, &mut norm).unwrap_err();
+    assert!(matches!(e, Error::Dim { name: "w.rows", .. }), "{e}");
+    let q = Nf4Weight::quantize(&vec![bf16::ONE; 64 * 8], 8, 64, 64, false).unwrap();
+    let wq = Nf4Device::upload(gpu, &q).unwrap();
+    let short = v(7);
+    let qw = DoraWeights {
+        w: &wq,
+        magnitude: &short,
+        ..qw
+    };
+    let e = cuda_q::forward::<bf16, _, _, DevF32>(gpu, &s, &opts, &x, qw, DoraOutputs::y(&mut y))
+        .unwrap_err();
+    assert!(matches!(e, Error::Length { .. }), "{e}");
 }
 
 #[test]

@@ -6,6 +6,7 @@ pub mod dora;
 pub mod lora;
 pub mod neftune;
 pub mod nf4;
+pub mod qdora;
 pub mod qlora;
 
 /// Runs `f(row, out_row)` over the rows of `out` (each `row_len` long), on all cores.

@@ -32,7 +32,8 @@ use super::lora::{
     dora_fused_small, forward_small, grid_1d, launch_down, launch_merge, launch_tn, DoraPtrs,
     FwdPtrs, MergeMode,
 };
-use super::{dptr, dptr_mut, gemm_rm, lk_dropout, Gpu};
+use super::qlora::for_each_panel;
+use super::{dptr, dptr_mut, gemm_rm, gemm_rm_ld, lk_dropout, Gpu, LkNf4};
 use super::{
     LkDoraDmParams, LkDoraDropParams, LkDoraDyzParams, LkDoraNormParams, LkDoraRowScaleParams,
     LkDoraScaleParams,
@@ -61,7 +62,7 @@ const DYZ_ROWS: usize = 32;
 
 /// `norm[n] = ‖W_n + s·(BA)_n‖` (f32), and `m_out = norm` in W's type when given.
 #[allow(clippy::too_many_arguments)]
-fn launch_norm<T: Element>(
+pub(crate) fn launch_norm<T: Element>(
     gpu: &Gpu,
     shape: &LoraShape,
     scale: f32,
@@ -110,7 +111,7 @@ fn launch_norm<T: Element>(
 
 /// `y = (m/norm − minus_one) ⊙ y + bias` over [t, n], saving y into `z` first if given.
 #[allow(clippy::too_many_arguments)]
-fn launch_scale<T: Element>(
+pub(crate) fn launch_scale<T: Element>(
     gpu: &Gpu,
     t: usize,
     n: usize,
@@ -190,6 +191,125 @@ fn launch_drop<T: Element>(
 
 fn offset<T>(base: u64, elems: usize) -> u64 {
     base + (elems * std::mem::size_of::<T>()) as u64
+}
+
+/// The frozen base weight of a DoRA layer, as the ops that read it see it: dense W, or
+/// NF4 read through row panels dequantized into bounded scratch (QDoRA; see
+/// [`crate::cuda::qdora`]).
+pub(crate) enum Base<'a> {
+    /// Address of W [N, K] in T.
+    Dense(u64),
+    /// The NF4 weight's device descriptor.
+    Nf4(&'a LkNf4),
+}
+
+impl Base<'_> {
+    /// `c[t, n] = alpha · x[t, k] Wᵀ + beta · c` (x row stride k, c row stride n).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn xwt<T: Element>(
+        &self,
+        gpu: &Gpu,
+        t: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        x: u64,
+        beta: f32,
+        c: u64,
+    ) -> Result<()> {
+        match self {
+            Base::Dense(w) => gemm_rm::<T>(gpu, t, n, k, alpha, x, false, *w, true, beta, c),
+            // Each panel owns its columns of c: beta applies to every panel.
+            Base::Nf4(desc) => for_each_panel::<T>(gpu, desc, |_, n0, nc, pp| {
+                gemm_rm_ld::<T>(
+                    gpu,
+                    t,
+                    nc,
+                    k,
+                    alpha,
+                    (x, k),
+                    false,
+                    (pp, k),
+                    true,
+                    beta,
+                    (offset::<T>(c, n0), n),
+                )
+            }),
+        }
+    }
+
+    /// `c[t, k] = alpha · d[t, n] W + beta · c` (d row stride n, c row stride k).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn dw<T: Element>(
+        &self,
+        gpu: &Gpu,
+        t: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        d: u64,
+        beta: f32,
+        c: u64,
+    ) -> Result<()> {
+        match self {
+            Base::Dense(w) => gemm_rm::<T>(gpu, t, k, n, alpha, d, false, *w, false, beta, c),
+            // The panels' products are summed into c: beta on the first only.
+            Base::Nf4(desc) => for_each_panel::<T>(gpu, desc, |i, n0, nc, pp| {
+                gemm_rm_ld::<T>(
+                    gpu,
+                    t,
+                    k,
+                    nc,
+                    alpha,
+                    (offset::<T>(d, n0), n),
+                    false,
+                    (pp, k),
+                    false,
+                    if i == 0 { beta } else { 1.0 },
+                    (c, k),
+                )
+            }),
+        }
+    }
+
+    /// The row norms `‖W + s·BA‖` into `norm` [N] (f32), and into `m_out` in T if
+    /// nonzero.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn norm<T: Element>(
+        &self,
+        gpu: &Gpu,
+        shape: &LoraShape,
+        scale: f32,
+        a: u64,
+        b: u64,
+        norm: u64,
+        m_out: u64,
+    ) -> Result<()> {
+        match self {
+            Base::Dense(w) => launch_norm::<T>(gpu, shape, scale, *w, a, b, norm, m_out),
+            Base::Nf4(desc) => for_each_panel::<T>(gpu, desc, |_, n0, nc, pp| {
+                let sub = LoraShape {
+                    out_features: nc,
+                    ..*shape
+                };
+                let m_sub = if m_out == 0 {
+                    0
+                } else {
+                    offset::<T>(m_out, n0)
+                };
+                launch_norm::<T>(
+                    gpu,
+                    &sub,
+                    scale,
+                    pp,
+                    a,
+                    offset::<T>(b, n0 * shape.rank),
+                    offset::<f32>(norm, n0),
+                    m_sub,
+                )
+            }),
+        }
+    }
 }
 
 /// The row norms `‖W + s·BA‖` [N] into an f32 buffer.
@@ -277,12 +397,7 @@ where
             z: out.z.as_ref().map(|z| z.len()),
         },
     )?;
-    let (t, k, n, r) = (
-        shape.tokens,
-        shape.in_features,
-        shape.out_features,
-        shape.rank,
-    );
+    let (t, n, r) = (shape.tokens, shape.out_features, shape.rank);
     let (xp, _gx) = dptr(gpu, "x", x)?;
     let (wp, _gw) = dptr(gpu, "w", weights.w)?;
     let (ap, _ga) = dptr(gpu, "a", weights.a)?;
@@ -367,46 +482,89 @@ where
         Some(d) => {
             launch_norm::<T>(gpu, shape, opts.scale, wp, ap, bp, np, 0)?;
             let (yp, _gy) = dptr_mut(gpu, "y", y)?;
-            // SAFETY of the scratch: `down` writes all T·r entries of h.
-            let h_scratch;
             let hd = match h {
                 Some(h) => Some(dptr_mut(gpu, "h", h)?),
                 None => None,
             };
-            let hp = match &hd {
-                Some(h) => h.0,
-                None => {
-                    h_scratch = gpu.scratch::<T>(shape.h_len())?;
-                    dptr(gpu, "h", &h_scratch)?.0
-                }
+            let p = DropFwdPtrs {
+                x: xp,
+                a: ap,
+                b: bp,
+                m: mp,
+                norm: np,
+                bias: biasp,
+                y: yp,
+                h: hd.as_ref().map_or(0, |h| h.0),
+                z: zptr,
             };
-            launch_down::<T>(
-                gpu,
-                xp,
-                k as i64,
-                ap,
-                k as i64,
-                1,
-                t,
-                k,
-                r,
-                1.0,
-                hp,
-                Some(d),
-            )?;
-            // SAFETY of the scratch: the drop kernel writes all T·K entries of x_m.
-            let xm = gpu.scratch::<T>(shape.x_len())?;
-            let (xmp, _gxm) = dptr(gpu, "x_m", &xm)?;
-            launch_drop::<T>(gpu, xp, xmp, 0, t, k, d)?;
-            // y = z = s·h Bᵀ + (1/(1−p))·x_m Wᵀ.
-            gemm_rm::<T>(gpu, t, n, r, opts.scale, hp, false, bp, true, 0.0, yp)?;
-            gemm_rm::<T>(gpu, t, n, k, d.keep_scale(), xmp, false, wp, true, 1.0, yp)?;
-            // y = (g − 1)⊙z + bias, then + s·h Bᵀ + x Wᵀ.
-            launch_scale::<T>(gpu, t, n, yp, zptr, biasp, mp, np, 1.0)?;
-            gemm_rm::<T>(gpu, t, n, r, opts.scale, hp, false, bp, true, 1.0, yp)?;
-            gemm_rm::<T>(gpu, t, n, k, 1.0, xp, false, wp, true, 1.0, yp)
+            forward_dropout::<T>(gpu, shape, opts, d, &p, &Base::Dense(wp))
         }
     }
+}
+
+/// Device addresses of a forward under dropout (`h`, `z`, `bias`: 0 when absent).
+pub(crate) struct DropFwdPtrs {
+    pub x: u64,
+    pub a: u64,
+    pub b: u64,
+    pub m: u64,
+    pub norm: u64,
+    pub bias: u64,
+    pub y: u64,
+    pub h: u64,
+    pub z: u64,
+}
+
+/// Forward under dropout, peft's formula with two base products, over any base; the
+/// norms are already in `p.norm`.
+pub(crate) fn forward_dropout<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    d: crate::Dropout,
+    p: &DropFwdPtrs,
+    base: &Base<'_>,
+) -> Result<()> {
+    let (t, k, n, r) = (
+        shape.tokens,
+        shape.in_features,
+        shape.out_features,
+        shape.rank,
+    );
+    let (xp, ap, bp, mp, np, biasp, yp, zptr) = (p.x, p.a, p.b, p.m, p.norm, p.bias, p.y, p.z);
+    // SAFETY of the scratch: `down` writes all T·r entries of h.
+    let h_scratch;
+    let hp = if p.h != 0 {
+        p.h
+    } else {
+        h_scratch = gpu.scratch::<T>(shape.h_len())?;
+        dptr(gpu, "h", &h_scratch)?.0
+    };
+    launch_down::<T>(
+        gpu,
+        xp,
+        k as i64,
+        ap,
+        k as i64,
+        1,
+        t,
+        k,
+        r,
+        1.0,
+        hp,
+        Some(d),
+    )?;
+    // SAFETY of the scratch: the drop kernel writes all T·K entries of x_m.
+    let xm = gpu.scratch::<T>(shape.x_len())?;
+    let (xmp, _gxm) = dptr(gpu, "x_m", &xm)?;
+    launch_drop::<T>(gpu, xp, xmp, 0, t, k, d)?;
+    // y = z = s·h Bᵀ + (1/(1−p))·x_m Wᵀ.
+    gemm_rm::<T>(gpu, t, n, r, opts.scale, hp, false, bp, true, 0.0, yp)?;
+    base.xwt::<T>(gpu, t, n, k, d.keep_scale(), xmp, 1.0, yp)?;
+    // y = (g − 1)⊙z + bias, then + s·h Bᵀ + x Wᵀ.
+    launch_scale::<T>(gpu, t, n, yp, zptr, biasp, mp, np, 1.0)?;
+    gemm_rm::<T>(gpu, t, n, r, opts.scale, hp, false, bp, true, 1.0, yp)?;
+    base.xwt::<T>(gpu, t, n, k, 1.0, xp, 1.0, yp)
 }
 
 /// Backward from `dy` [T, N]: dX, dA, dB and dm, from what forward saved (`h`, the
@@ -447,15 +605,6 @@ where
             dm: grads.dm.len(),
         },
     )?;
-    let (t, k, n, r) = (
-        shape.tokens,
-        shape.in_features,
-        shape.out_features,
-        shape.rank,
-    );
-    let s = opts.scale;
-    let dropout = opts.active_dropout();
-    let kp = dropout.map_or(1.0, |d| d.keep_scale());
     let (xp, _gx) = dptr(gpu, "x", x)?;
     let (wp, _gw) = dptr(gpu, "w", weights.w)?;
     let (ap, _ga) = dptr(gpu, "a", weights.a)?;
@@ -473,6 +622,59 @@ where
     let (dbp, _gdb) = dptr_mut(gpu, "db", grads.db)?;
     let (dmp, _gdm) = dptr_mut(gpu, "dm", grads.dm)?;
 
+    let p = BwdPtrs {
+        x: xp,
+        a: ap,
+        b: bp,
+        m: mp,
+        h: hp,
+        norm: np,
+        z: zs.as_ref().map(|z| z.0),
+        dy: dyp,
+        dx: dxp,
+        da: dap,
+        db: dbp,
+        dm: dmp,
+    };
+    backward_impl::<T>(gpu, shape, opts, &p, &Base::Dense(wp))
+}
+
+/// Device addresses of a backward call.
+pub(crate) struct BwdPtrs {
+    pub x: u64,
+    pub a: u64,
+    pub b: u64,
+    pub m: u64,
+    pub h: u64,
+    pub norm: u64,
+    pub z: Option<u64>,
+    pub dy: u64,
+    pub dx: u64,
+    pub da: u64,
+    pub db: u64,
+    pub dm: u64,
+}
+
+/// Backward over any base (dense W, or NF4 through dequantized row panels).
+pub(crate) fn backward_impl<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    p: &BwdPtrs,
+    base: &Base<'_>,
+) -> Result<()> {
+    let (t, k, n, r) = (
+        shape.tokens,
+        shape.in_features,
+        shape.out_features,
+        shape.rank,
+    );
+    let s = opts.scale;
+    let dropout = opts.active_dropout();
+    let kp = dropout.map_or(1.0, |d| d.keep_scale());
+    let (xp, ap, bp, mp, hp, np) = (p.x, p.a, p.b, p.m, p.h, p.norm);
+    let (dyp, dxp, dap, dbp, dmp) = (p.dy, p.dx, p.da, p.db, p.dm);
+    let zs = p.z;
     // g ⊙ B [N, r] and gl = dy (g ⊙ B) [T, r] (scratch, written in full before reads).
     let bg = gpu.scratch::<T>(shape.b_len())?;
     let (bgp, _gbg) = dptr(gpu, "g_b", &bg)?;
@@ -533,7 +735,7 @@ where
         let dyc = offset::<T>(dyp, t0 * n);
         let dxc = offset::<T>(dxp, t0 * k);
         let zc = match (&zs, &zb) {
-            (Some(z), _) => offset::<T>(z.0, t0 * n),
+            (Some(z), _) => offset::<T>(*z, t0 * n),
             (None, Some(zb)) => {
                 // z = s·h Bᵀ + drop(x) Wᵀ for this chunk.
                 let hc = offset::<T>(hp, t0 * r);
@@ -541,9 +743,9 @@ where
                 match (dropout, &xmb) {
                     (Some(d), Some(xm)) => {
                         launch_drop::<T>(gpu, xc, xm.0, t0, tn, k, d)?;
-                        gemm_rm::<T>(gpu, tn, n, k, kp, xm.0, false, wp, true, 1.0, zb.0)?;
+                        base.xwt::<T>(gpu, tn, n, k, kp, xm.0, 1.0, zb.0)?;
                     }
-                    _ => gemm_rm::<T>(gpu, tn, n, k, 1.0, xc, false, wp, true, 1.0, zb.0)?,
+                    _ => base.xwt::<T>(gpu, tn, n, k, 1.0, xc, 1.0, zb.0)?,
                 }
                 zb.0
             }
@@ -573,15 +775,15 @@ where
         match dropout {
             None => {
                 // dX = (dy ⊙ g) W + s · gl A.
-                gemm_rm::<T>(gpu, tn, k, n, 1.0, dyfp, false, wp, false, 0.0, dxc)?;
+                base.dw::<T>(gpu, tn, k, n, 1.0, dyfp, 0.0, dxc)?;
                 gemm_rm::<T>(gpu, tn, k, r, s, glc, false, ap, false, 1.0, dxc)?;
             }
             Some(d) => {
                 // dX = dy W + ((dy ⊙ (g − 1)) W + s · gl A) ⊙ mask / (1 − p).
-                gemm_rm::<T>(gpu, tn, k, n, kp, dyfp, false, wp, false, 0.0, dxc)?;
+                base.dw::<T>(gpu, tn, k, n, kp, dyfp, 0.0, dxc)?;
                 gemm_rm::<T>(gpu, tn, k, r, s * kp, glc, false, ap, false, 1.0, dxc)?;
                 launch_drop::<T>(gpu, dxc, dxc, t0, tn, k, d)?;
-                gemm_rm::<T>(gpu, tn, k, n, 1.0, dyc, false, wp, false, 1.0, dxc)?;
+                base.dw::<T>(gpu, tn, k, n, 1.0, dyc, 1.0, dxc)?;
             }
         }
     }

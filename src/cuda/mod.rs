@@ -8,6 +8,7 @@ pub mod dora;
 pub mod lora;
 pub mod neftune;
 pub mod nf4;
+pub mod qdora;
 pub mod qlora;
 
 #[allow(clippy::all)]

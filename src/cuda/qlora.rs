@@ -57,7 +57,7 @@ fn panel_rows(rows: usize, cols: usize) -> usize {
 
 /// Calls `f(i, n0, nc, panel)` for each panel of rows `n0..n0 + nc` of W, the panel
 /// dequantized to T in a scratch buffer (address `panel`, row stride K).
-fn for_each_panel<T: Element>(
+pub(crate) fn for_each_panel<T: Element>(
     gpu: &Gpu,
     desc: &LkNf4,
     mut f: impl FnMut(usize, usize, usize, u64) -> Result<()>,
