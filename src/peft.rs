@@ -286,11 +286,13 @@ impl AdapterConfig {
     /// `adapter_config.json` as peft 0.21 writes it for this config (every field peft
     /// reads, at peft's defaults where this config has no say).
     pub fn to_json(&self) -> String {
+        // f32 values written as their shortest decimal (0.05, not 0.0500000007...).
+        let f = |x: f32| x.to_string().parse::<f64>().unwrap_or(x as f64);
         let num = |x: f32| {
             if x.fract() == 0.0 && x.abs() < 1e9 {
                 json!(x as i64)
             } else {
-                json!(x as f64)
+                json!(f(x))
             }
         };
         let target = match &self.target_modules {
@@ -316,7 +318,7 @@ impl AdapterConfig {
             "loftq_config": {},
             "lora_alpha": num(self.lora_alpha),
             "lora_bias": false,
-            "lora_dropout": self.lora_dropout as f64,
+            "lora_dropout": f(self.lora_dropout),
             "megatron_config": null,
             "megatron_core": "megatron.core",
             "modules_to_save": null,
