@@ -3,6 +3,7 @@
 
     python3 scripts/bench_report.py RECORDS.jsonl --md BENCHMARKS.md \
         --svg docs/benchmarks.svg [--command "bash scripts/bench-report.sh"] [--commit HASH]
+        [--svg-link docs/benchmarks.svg]
 
 RECORDS.jsonl holds what the benches append to `$LORA_KERNELS_BENCH_JSON` (the schema is
 documented at `Recorder` in benches/common/mod.rs): one "run" record per bench process
@@ -307,6 +308,10 @@ def main():
         "--command", default="bash scripts/bench-report.sh", help="the command to name"
     )
     ap.add_argument("--commit", default="", help="the commit the benches were built from")
+    ap.add_argument(
+        "--svg-link",
+        help="the chart's path as the markdown links it (default: --svg relative to --md)",
+    )
     a = ap.parse_args()
     runs, rows = load(a.records)
     if not rows:
@@ -314,7 +319,7 @@ def main():
             f"no row records in {a.records}: did the benches run on a GPU? "
             "(without one they print 'SKIPPED' and record nothing); no report written"
         )
-    svg_link = os.path.relpath(
+    svg_link = a.svg_link or os.path.relpath(
         os.path.abspath(a.svg), os.path.dirname(os.path.abspath(a.md))
     ).replace(os.sep, "/")
     for p in (a.md, a.svg):
