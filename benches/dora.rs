@@ -153,10 +153,78 @@ fn run(gpu: &Gpu, s: &LoraShape, opts: &LoraOptions, op: Op, set: &mut Set) {
     }
 }
 
+/// The JSON records of one shape (`us` in the order of `ops` in `main`): our forward and
+/// both forward + backward variants against cuBLAS's base product, and the row norms.
+fn record(rec: &common::Recorder, s: &LoraShape, us: &[f64]) {
+    let (t, k, n, r) = (s.tokens, s.in_features, s.out_features, s.rank);
+    let shape = format!("T={t} K={k} N={n} r={r}");
+    let e = |v: usize| v as f64;
+    // Fewest bytes: W, A, B, m read; the norms' f32 written. Forward adds x read, y and
+    // h written; backward reads W, A, B, m, the norms, x, h, dY and writes dX, dA, dB,
+    // dm (a saved z, read or recomputed, is not counted: both variants get the same
+    // figure). Flops: the norms need B·A (2NrK); forward 2T(NK + rK + rN); backward as
+    // LoRA's, 2T(NK + 2Nr + 2rK).
+    let weights = 2.0 * e(n * k + r * k + n * r + n);
+    let norm_bytes = weights + 4.0 * e(n);
+    let norm_flops = 2.0 * e(n * r * k);
+    let fwd_bytes = norm_bytes + 2.0 * e(t * k + t * n + t * r);
+    let fwd_flops = norm_flops + 2.0 * e(t) * e(n * k + r * k + r * n);
+    let fb_bytes = fwd_bytes
+        + weights
+        + 4.0 * e(n)
+        + 2.0 * e(t * k + t * r + t * n)
+        + 2.0 * e(t * k + r * k + n * r + n);
+    let fb_flops = fwd_flops + 2.0 * e(t) * e(n * k + 2 * n * r + 2 * r * k);
+    let rows = [
+        (
+            "dora forward",
+            1,
+            Some(("cuBLAS x·Wᵀ alone", us[0])),
+            fwd_bytes,
+            fwd_flops,
+        ),
+        (
+            "dora forward + backward, z saved",
+            3,
+            Some(("cuBLAS x·Wᵀ and dY·W alone", us[2])),
+            fb_bytes,
+            fb_flops,
+        ),
+        (
+            "dora forward + backward, z recomputed",
+            4,
+            Some(("cuBLAS x·Wᵀ and dY·W alone", us[2])),
+            fb_bytes,
+            fb_flops,
+        ),
+        ("dora row norms ‖W + s·BA‖", 5, None, norm_bytes, norm_flops),
+    ];
+    for (kernel, ours, baseline, bytes, flops) in rows {
+        // The norms do not depend on T: one record, from the first T.
+        if baseline.is_none() && t != 1 {
+            continue;
+        }
+        rec.row(common::Row {
+            kernel,
+            shape: if baseline.is_none() {
+                format!("K={k} N={n} r={r}")
+            } else {
+                shape.clone()
+            },
+            dtype: "bf16",
+            ours_us: us[ours],
+            baseline,
+            bytes: Some(bytes),
+            flops: Some(flops),
+        });
+    }
+}
+
 fn main() {
     let Some(gpu) = common::gpu_or_skip("dora") else {
         return;
     };
+    let rec = common::Recorder::new(&gpu, "dora");
     let samples = common::samples();
     let mut criterion = common::criterion();
     let mut table = String::new();
@@ -216,6 +284,7 @@ fn main() {
             us[5], w_bytes / us[5] * 1e-3, extra[0], extra[1], extra[2]
         )
         .unwrap();
+        record(&rec, &s, &us);
         eprintln!("{}", table.lines().last().unwrap_or_default());
         let mut group = criterion.benchmark_group(format!("dora_bf16/T{t}_N4096_r16"));
         group.throughput(criterion::Throughput::Elements((t * 4096 * 4096) as u64));

@@ -215,10 +215,72 @@ fn time_iters(
     common::time_iters(gpu, iters, |i| run(gpu, s, opts, op, &mut sets[i % n]))
 }
 
+/// The JSON records of one shape: our forward and forward + backward, each against the
+/// composed cuBLAS LoRA and against cuBLAS's base product alone (`us` in `ops` order).
+fn record(rec: &common::Recorder, s: &LoraShape, us: &[f64]) {
+    let (t, k, n, r) = (s.tokens, s.in_features, s.out_features, s.rank);
+    let shape = format!("T={t} K={k} N={n} r={r}");
+    let e = |v: usize| v as f64;
+    // Fewest bytes: W, A, B, x read; y and h written; backward reads W, A, B, x, h, dY
+    // and writes dX, dA, dB. Flops: forward 2T(NK + rK + rN); backward dX = dY W,
+    // g = dY B, dX += s·g A, dA = s·gᵀ x, dB = s·dYᵀ h.
+    let weights = 2.0 * e(n * k + r * k + n * r);
+    let fwd_bytes = weights + 2.0 * e(t * k + t * n + t * r);
+    let bwd_bytes = weights + 2.0 * e(t * k + t * r + t * n) + 2.0 * e(t * k + r * k + n * r);
+    let fwd_flops = 2.0 * e(t) * e(n * k + r * k + r * n);
+    let bwd_flops = 2.0 * e(t) * e(n * k + 2 * n * r + 2 * r * k);
+    let rows = [
+        (
+            "lora forward",
+            2,
+            1,
+            "cuBLAS composed LoRA (3 GEMMs)",
+            fwd_bytes,
+            fwd_flops,
+        ),
+        (
+            "lora forward",
+            2,
+            0,
+            "cuBLAS x·Wᵀ alone",
+            fwd_bytes,
+            fwd_flops,
+        ),
+        (
+            "lora forward + backward",
+            5,
+            4,
+            "cuBLAS composed LoRA (7 GEMMs)",
+            fwd_bytes + bwd_bytes,
+            fwd_flops + bwd_flops,
+        ),
+        (
+            "lora forward + backward",
+            5,
+            3,
+            "cuBLAS x·Wᵀ and dY·W alone",
+            fwd_bytes + bwd_bytes,
+            fwd_flops + bwd_flops,
+        ),
+    ];
+    for (kernel, ours, base, name, bytes, flops) in rows {
+        rec.row(common::Row {
+            kernel,
+            shape: shape.clone(),
+            dtype: "bf16",
+            ours_us: us[ours],
+            baseline: Some((name, us[base])),
+            bytes: Some(bytes),
+            flops: Some(flops),
+        });
+    }
+}
+
 fn main() {
     let Some(gpu) = common::gpu_or_skip("lora") else {
         return;
     };
+    let rec = common::Recorder::new(&gpu, "lora");
     let (quick, samples) = (common::quick(), common::samples());
     let mut criterion = common::criterion();
 
@@ -270,6 +332,7 @@ fn main() {
                     t, n, r, us[0], us[1], us[2], us[1] / us[0], us[2] / us[0], us[2] / us[1],
                     us[3], us[4], us[5], us[5] / us[3], us[5] / us[4],
                     flops / us[0] * 1e-6, w_bytes / us[2] * 1e-3).unwrap();
+                record(&rec, &s, &us);
                 eprint!(
                     "{}",
                     table

@@ -96,10 +96,69 @@ fn time_iters(gpu: &Gpu, d: &mut Data, op: usize, iters: u64) -> f64 {
     common::time_iters(gpu, iters, |i| run(gpu, d, op, i))
 }
 
+/// The JSON records (`us` in `OPS` order): the gather against a copy of the output's
+/// size, each fused gather + noise against the two-pass composition, and the
+/// deterministic table gradient against the atomic one.
+fn record(rec: &common::Recorder, s: &EmbedShape, us: &[f64]) {
+    let shape = format!("B={} S={} d={} V={}", s.batch, s.seq, s.dim, s.vocab);
+    let tokens = s.tokens() as f64;
+    // Fewest bytes: the ids (i64) and the gathered table rows read, the output written
+    // (plus the mask or the lengths); the gradient reads the ids and d_out and updates
+    // one f32 table row per token (read + write).
+    let out = 2.0 * s.out_len() as f64;
+    let gather = 8.0 * tokens + 2.0 * out;
+    let two_pass = "gather, then noise in a second pass (ours)";
+    let bwd = 8.0 * tokens + out + 2.0 * 4.0 * tokens * s.dim as f64;
+    let rows = [
+        (
+            "embedding gather",
+            1,
+            Some(("copy of the output's bytes", us[0])),
+            gather,
+        ),
+        ("gather + noise, padded", 2, Some((two_pass, us[5])), gather),
+        (
+            "gather + noise, mask",
+            3,
+            Some((two_pass, us[5])),
+            gather + 8.0 * tokens,
+        ),
+        (
+            "gather + noise, lengths",
+            4,
+            Some((two_pass, us[5])),
+            gather + 8.0 * s.batch as f64,
+        ),
+        ("embedding backward, atomics", 6, None, bwd),
+        (
+            "embedding backward, deterministic",
+            7,
+            Some(("embedding backward, atomics (ours)", us[6])),
+            bwd,
+        ),
+    ];
+    for (kernel, ours, baseline, bytes) in rows {
+        rec.row(common::Row {
+            kernel,
+            shape: shape.clone(),
+            dtype: if kernel.starts_with("embedding backward") {
+                "bf16 d_out, f32 gradient"
+            } else {
+                "bf16"
+            },
+            ours_us: us[ours],
+            baseline,
+            bytes: Some(bytes),
+            flops: None,
+        });
+    }
+}
+
 fn main() {
     let Some(gpu) = common::gpu_or_skip("neftune") else {
         return;
     };
+    let rec = common::Recorder::new(&gpu, "neftune");
     let samples = common::samples();
     let mut criterion = common::criterion();
 
@@ -163,6 +222,7 @@ fn main() {
         .unwrap();
     }
     eprint!("{table}");
+    record(&rec, &shape, &us);
 
     let mut group = criterion.benchmark_group("neftune_bf16/B8_S512_d4096");
     group.throughput(criterion::Throughput::Bytes(moved as u64));

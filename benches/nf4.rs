@@ -73,6 +73,7 @@ fn main() {
     let Some(gpu) = common::gpu_or_skip("nf4") else {
         return;
     };
+    let rec = common::Recorder::new(&gpu, "nf4");
     let samples = common::samples();
     let mut criterion = common::criterion();
     let mut table = String::new();
@@ -136,6 +137,29 @@ fn main() {
                 bpp
             )
             .unwrap();
+            let nf4_bytes = bpp * (n * k) as f64 / 8.0; // codes + double-quantized absmax
+            let shape = format!("T={t} K={k} N={n}");
+            rec.row(common::Row {
+                kernel: "nf4 matmul",
+                shape: shape.clone(),
+                dtype: "bf16 x, NF4 W (bs 64, dq)",
+                ours_us: us[1],
+                baseline: Some(("cuBLAS bf16 x·Wᵀ, dense W", us[0])),
+                bytes: Some(nf4_bytes + 2.0 * (t * k + t * n) as f64),
+                flops: Some(2.0 * (t * n * k) as f64),
+            });
+            // The dequantize does not depend on T: one record, from the first T.
+            if t == 1 {
+                rec.row(common::Row {
+                    kernel: "nf4 dequantize",
+                    shape: format!("K={k} N={n}"),
+                    dtype: "NF4 (bs 64, dq) -> bf16",
+                    ours_us: us[2],
+                    baseline: Some(("copy of the bf16 output's bytes", us[3])),
+                    bytes: Some(nf4_bytes + (n * k * 2) as f64),
+                    flops: None,
+                });
+            }
             eprint!(
                 "{}",
                 table

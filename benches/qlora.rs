@@ -21,7 +21,7 @@ use std::time::Duration;
 mod common;
 
 use cudarc::driver::CudaSlice;
-use lora_kernels::cuda::nf4::{self as nf4, Nf4Device};
+use lora_kernels::cuda::nf4::{self as nf4, DeviceAbsmax, Nf4Device};
 use lora_kernels::cuda::{gemm, lora, qlora, Gpu};
 use lora_kernels::{bf16, LoraGrads, LoraOptions, LoraShape, LoraWeights, QloraWeights};
 
@@ -100,10 +100,58 @@ fn run(gpu: &Gpu, s: &LoraShape, op: &str, w: &Weights, z: &mut Acts) {
     }
 }
 
+/// Bytes an NF4 weight occupies on the device: codes and block scales.
+fn stored_bytes(q: &Nf4Device) -> f64 {
+    let scales = match &q.absmax {
+        DeviceAbsmax::F32(a) => 4 * a.len(),
+        DeviceAbsmax::Double {
+            q, absmax2, code, ..
+        } => q.len() + 4 * (absmax2.len() + code.len()),
+    };
+    (q.packed.len() + scales) as f64
+}
+
+/// The JSON records of one shape and pass (`us`: cuBLAS dense, our LoRA over the dense
+/// W, our QLoRA): our QLoRA against cuBLAS's base product with a dense bf16 W, and
+/// against our own LoRA linear over that dense W.
+fn record(rec: &common::Recorder, s: &LoraShape, fb: bool, w_bytes: f64, us: &[f64]) {
+    let (t, k, n, r) = (s.tokens, s.in_features, s.out_features, s.rank);
+    let e = |v: usize| v as f64;
+    // Fewest bytes: the NF4 W, A, B, x read; y and h written; backward reads them again
+    // with h and dY and writes dX, dA, dB. Flops as the LoRA linear's.
+    let weights = w_bytes + 2.0 * e(r * k + n * r);
+    let mut bytes = weights + 2.0 * e(t * k + t * n + t * r);
+    let mut flops = 2.0 * e(t) * e(n * k + r * k + r * n);
+    if fb {
+        bytes += weights + 2.0 * e(t * k + t * r + t * n) + 2.0 * e(t * k + r * k + n * r);
+        flops += 2.0 * e(t) * e(n * k + 2 * n * r + 2 * r * k);
+    }
+    let (kernel, cublas) = if fb {
+        (
+            "qlora forward + backward",
+            "cuBLAS x·Wᵀ and dY·W, dense bf16 W",
+        )
+    } else {
+        ("qlora forward", "cuBLAS x·Wᵀ, dense bf16 W")
+    };
+    for (name, base_us) in [(cublas, us[0]), ("our LoRA linear, dense bf16 W", us[1])] {
+        rec.row(common::Row {
+            kernel,
+            shape: format!("T={t} K={k} N={n} r={r}"),
+            dtype: "bf16, NF4 W (bs 64, dq)",
+            ours_us: us[2],
+            baseline: Some((name, base_us)),
+            bytes: Some(bytes),
+            flops: Some(flops),
+        });
+    }
+}
+
 fn main() {
     let Some(gpu) = common::gpu_or_skip("qlora") else {
         return;
     };
+    let rec = common::Recorder::new(&gpu, "qlora");
     let samples = common::samples();
     let mut criterion = common::criterion();
     let mut table = String::new();
@@ -172,6 +220,7 @@ fn main() {
                     us[2] / us[1]
                 )
                 .unwrap();
+                record(&rec, &s, p == 3, stored_bytes(&sets[0].q), &us);
                 eprintln!("{}", table.lines().last().unwrap());
                 let mut group = criterion.benchmark_group(format!("qlora_bf16/T{t}_N{n}"));
                 for op in &OPS[p..p + 3] {
@@ -197,6 +246,15 @@ fn main() {
                 .unwrap();
         });
         let bytes = (n * k * 2) as f64;
+        rec.row(common::Row {
+            kernel: "nf4 quantize on the GPU",
+            shape: format!("K={k} N={n}"),
+            dtype: "bf16 -> NF4 (bs 64, dq)",
+            ours_us: q_us,
+            baseline: Some(("copy of W's bytes", c_us)),
+            bytes: Some(bytes + stored_bytes(&sets[0].q)),
+            flops: None,
+        });
         writeln!(
             table,
             "quantize {n}x{k} bf16 -> NF4 (dq): {q_us:.1} µs ({:.0} GB/s of W read); copy of W \

@@ -4,11 +4,16 @@
 #
 #   bash scripts/gpu-bundle.sh [DIR]        # default: gpu-bundle/
 #   DIR/run.sh [all|tests|sanitize|example|bench] [NAME-FILTER]   # on the GPU machine
+#   DIR/run.sh bench-report                 # there: BENCHMARKS.md + benchmarks.svg in $OUT
 #   (also DIR.tar.xz, the same folder compressed: `tar -xJf DIR.tar.xz` there first)
 #
 # run.sh runs every test executable with LORA_KERNELS_REQUIRE_GPU=1 (a missing GPU is a
 # failure there, not a skip), the GPU suite under compute-sanitizer (memcheck,
 # racecheck, synccheck), the main example, then the benches. Logs go to $OUT (or DIR/out).
+# `run.sh bench-report` (not part of `all`) runs every bench with JSON records and then
+# bench_report.py (python3, standard library), writing $OUT/BENCHMARKS.md and
+# $OUT/benchmarks.svg: copy them to the repository as BENCHMARKS.md and
+# docs/benchmarks.svg (the markdown already links that path) and commit them.
 # CUDA_COMPUTE_CAP narrows the kernel archs as for any build (e.g. 90 for H100/H200).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -44,6 +49,13 @@ for line in sys.stdin:
   cp "$exe" "$dir/bin/$kind/$name"
 done
 cp -r "$fixtures"/. "$dir/fixtures/"
+cp scripts/bench_report.py "$dir/bench_report.py"
+# The commit the executables were built from, for the report.
+commit=$(git rev-parse --short HEAD 2> /dev/null || echo unknown)
+if ! git diff --quiet HEAD -- . 2> /dev/null; then
+  commit="$commit (with uncommitted changes)"
+fi
+echo "$commit" > "$dir/COMMIT"
 
 cat > "$dir/run.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -110,6 +122,37 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
       || { echo "FAILED: bench $name"; status=1; }
     cat "$out/bench-$name.txt" 2>/dev/null
   done
+fi
+if [ "$what" = bench-report ]; then
+  # Every bench with JSON records, then the report; refuses without a GPU.
+  if ! nvidia-smi -L > /dev/null 2>&1; then
+    echo "FAILED: bench-report: nvidia-smi missing or failing: no GPU, no report written"
+    exit 1
+  fi
+  records="$out/bench-records.jsonl"
+  : > "$records"
+  for b in "$here"/bin/bench/*; do
+    name=$(basename "$b")
+    case "$name" in *"$filter"*) ;; *) continue ;; esac
+    echo "== bench $name (records)"
+    before=$(wc -l < "$records")
+    LORA_KERNELS_BENCH_JSON="$records" LORA_KERNELS_BENCH_OUT="$out/bench-$name.txt" \
+      "$b" --bench > "$out/bench-$name.log" 2>&1 || { echo "FAILED: bench $name"; status=1; }
+    if [ "$(wc -l < "$records")" = "$before" ]; then
+      grep -h SKIPPED "$out/bench-$name.log"
+      echo "FAILED: bench $name recorded nothing (see $out/bench-$name.log)"
+      status=1
+    fi
+    cat "$out/bench-$name.txt" 2>/dev/null
+  done
+  if [ $status = 0 ]; then
+    python3 "$here/bench_report.py" "$records" --md "$out/BENCHMARKS.md" \
+      --svg "$out/benchmarks.svg" --svg-link docs/benchmarks.svg \
+      --command "gpu-bundle/run.sh bench-report${filter:+ $filter}" \
+      --commit "$(cat "$here/COMMIT" 2>/dev/null || echo unknown)" || status=1
+  else
+    echo "FAILED: bench-report: no report written"
+  fi
 fi
 exit $status
 RUN
