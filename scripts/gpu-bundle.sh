@@ -5,6 +5,7 @@
 #   bash scripts/gpu-bundle.sh [DIR]        # default: gpu-bundle/
 #   DIR/run.sh [all|tests|sanitize|example|bench] [NAME-FILTER]   # on the GPU machine
 #   DIR/run.sh bench-report                 # there: BENCHMARKS.md + benchmarks.svg in $OUT
+#   DIR/run.sh finetune                     # there: the finetune example (LoRA, DoRA) + peft check
 #   (also DIR.tar.xz, the same folder compressed: `tar -xJf DIR.tar.xz` there first)
 #
 # run.sh runs every test executable with LORA_KERNELS_REQUIRE_GPU=1 (a missing GPU is a
@@ -50,6 +51,7 @@ for line in sys.stdin:
 done
 cp -r "$fixtures"/. "$dir/fixtures/"
 cp scripts/bench_report.py "$dir/bench_report.py"
+cp scripts/check_finetune.py "$dir/check_finetune.py"
 # The commit the executables were built from, for the report.
 commit=$(git rev-parse --short HEAD 2> /dev/null || echo unknown)
 if ! git diff --quiet HEAD -- . 2> /dev/null; then
@@ -121,6 +123,21 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
     LORA_KERNELS_BENCH_OUT="$out/bench-$name.txt" "$b" --bench > "$out/bench-$name.log" 2>&1 \
       || { echo "FAILED: bench $name"; status=1; }
     cat "$out/bench-$name.txt" 2>/dev/null
+  done
+fi
+if [ "$what" = finetune ]; then
+  # The end-to-end example with LoRA and with DoRA adapters, each adapter then loaded
+  # by peft (python3 with torch and peft) and its logits compared with the crate's.
+  for variant in lora dora; do
+    flag=""
+    [ $variant = dora ] && flag=--dora
+    echo "== example finetune $flag"
+    # The log keeps every progress update; the terminal gets one line in ten.
+    "$here/bin/example/finetune" $flag --out "$out/finetune-$variant" 2>&1 \
+      | tr '\r' '\n' | tee "$out/finetune-$variant.log" | awk '!/^\[/ || /0\/[0-9]+ loss/'
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "FAILED: finetune $variant"; status=1; continue; }
+    python3 "$here/check_finetune.py" "$out/finetune-$variant" 2>&1 | tee -a "$out/finetune-$variant.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "FAILED: peft check of finetune $variant"; status=1; }
   done
 fi
 if [ "$what" = bench-report ]; then
