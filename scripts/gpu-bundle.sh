@@ -10,6 +10,8 @@
 # failure there, not a skip), the GPU suite under compute-sanitizer (memcheck,
 # racecheck, synccheck), the main example, then the benches. Logs go to $OUT (or DIR/out).
 # CUDA_COMPUTE_CAP narrows the kernel archs as for any build (e.g. 90 for H100/H200).
+# `run.sh crosscheck` (not part of `all`; needs python3 with torch and peft) writes fresh
+# random layers through the crate and compares them with peft (scripts/crosscheck.py).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 dir=${1:-"$repo/gpu-bundle"}
@@ -44,6 +46,7 @@ for line in sys.stdin:
   cp "$exe" "$dir/bin/$kind/$name"
 done
 cp -r "$fixtures"/. "$dir/fixtures/"
+cp scripts/crosscheck.py "$dir/crosscheck.py"
 
 cat > "$dir/run.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -100,6 +103,13 @@ fi
 if [ "$what" = all ] || [ "$what" = example ]; then
   echo "== example lora_layer"
   "$here/bin/example/lora_layer" 2>&1 | tee "$out/example.log" || { echo "FAILED: example"; status=1; }
+fi
+if [ "$what" = crosscheck ]; then
+  echo "== crosscheck against peft"
+  rm -rf "$out/crosscheck"
+  { "$here/bin/example/crosscheck" --out "$out/crosscheck" && python3 "$here/crosscheck.py" "$out/crosscheck"; } 2>&1 \
+    | tee "$out/crosscheck.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "FAILED: crosscheck"; status=1; }
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   for b in "$here"/bin/bench/*; do
