@@ -82,6 +82,8 @@ const PLAIN: Kind = Kind::Qlora {
 };
 
 /// The cases: odd shapes, both the small-T (T ≤ 32) and the large-T paths, f32 and bf16.
+/// Columns: name, kind, dtype, (T, K, N, r), alpha, rslora, bias.
+#[rustfmt::skip]
 const CASES: &[Case] = &[
     case("lora_bias_f32", Kind::Lora, DType::F32, (7, 80, 48, 8), 16.0, false, true),
     case("lora_bias_bf16", Kind::Lora, DType::BF16, (33, 96, 200, 16), 32.0, false, true),
@@ -343,8 +345,13 @@ fn run_case<T: Element>(c: &Case, seed: u64, dev: &Device) -> Res<Vec<Tensor>> {
                 }
                 Device::Gpu(gpu) => {
                     let up = |v: &[T]| gpu.upload(v).map_err(err("upload"));
-                    let (xd, wd, ad, bd, dyd) =
-                        (up(&inp.x)?, up(&inp.w)?, up(&inp.a)?, up(&inp.b)?, up(&inp.dy)?);
+                    let (xd, wd, ad, bd, dyd) = (
+                        up(&inp.x)?,
+                        up(&inp.w)?,
+                        up(&inp.a)?,
+                        up(&inp.b)?,
+                        up(&inp.dy)?,
+                    );
                     let biasd = inp.bias.as_deref().map(up).transpose()?;
                     let wts = LoraWeights {
                         w: &wd,
@@ -544,8 +551,14 @@ fn main() {
     let (dev, device_name) = match &gpu {
         Some(g) => {
             let (maj, min) = g.compute_capability();
-            println!("crosscheck: the crate's CUDA ops on {} (sm_{maj}{min})", g.name());
-            (Device::Gpu(g), format!("cuda: {} (sm_{maj}{min})", g.name()))
+            println!(
+                "crosscheck: the crate's CUDA ops on {} (sm_{maj}{min})",
+                g.name()
+            );
+            (
+                Device::Gpu(g),
+                format!("cuda: {} (sm_{maj}{min})", g.name()),
+            )
         }
         None => {
             eprintln!(
