@@ -16,6 +16,8 @@
 # $OUT/benchmarks.svg: copy them to the repository as BENCHMARKS.md and
 # docs/benchmarks.svg (the markdown already links that path) and commit them.
 # CUDA_COMPUTE_CAP narrows the kernel archs as for any build (e.g. 90 for H100/H200).
+# `run.sh crosscheck` (not part of `all`; needs python3 with torch and peft) writes fresh
+# random layers through the crate and compares them with peft (scripts/crosscheck.py).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 dir=${1:-"$repo/gpu-bundle"}
@@ -58,6 +60,7 @@ if ! git diff --quiet HEAD -- . 2> /dev/null; then
   commit="$commit (with uncommitted changes)"
 fi
 echo "$commit" > "$dir/COMMIT"
+cp scripts/crosscheck.py "$dir/crosscheck.py"
 
 cat > "$dir/run.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -114,6 +117,13 @@ fi
 if [ "$what" = all ] || [ "$what" = example ]; then
   echo "== example lora_layer"
   "$here/bin/example/lora_layer" 2>&1 | tee "$out/example.log" || { echo "FAILED: example"; status=1; }
+fi
+if [ "$what" = crosscheck ]; then
+  echo "== crosscheck against peft"
+  rm -rf "$out/crosscheck"
+  { "$here/bin/example/crosscheck" --out "$out/crosscheck" && python3 "$here/crosscheck.py" "$out/crosscheck"; } 2>&1 \
+    | tee "$out/crosscheck.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "FAILED: crosscheck"; status=1; }
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   for b in "$here"/bin/bench/*; do
