@@ -4,7 +4,9 @@
 //! - `base`: cuBLAS `y = x Wᵀ` (fwd+bwd: also `dX = dY W`);
 //! - `ours`: `cuda::dora::forward` (y, h and the norms saved), and fwd+bwd with
 //!   `backward` either from a saved `z` or recomputing it;
-//! - `norm`: the row norms alone, as GB/s of W read.
+//! - `norm`: the row norms alone, as GB/s of W read;
+//! - `qdora`: `cuda::qdora` (DoRA over W in NF4, blocksize 64, double-quantized) forward
+//!   and forward + backward with z saved, against the same dense cuBLAS base.
 //!
 //! Peak extra device memory of each of our ops is measured from the default memory
 //! pool's high-water mark (beyond the inputs and outputs, which are allocated before).
@@ -18,12 +20,14 @@ use std::time::Duration;
 mod common;
 
 use cudarc::driver::CudaSlice;
-use lora_kernels::cuda::{dora as cuda, gemm, Gpu};
+use lora_kernels::cuda::nf4::{quantize, Nf4Device};
+use lora_kernels::cuda::{dora as cuda, gemm, qdora, Gpu};
 use lora_kernels::{bf16, DoraGrads, DoraOutputs, DoraSaved, DoraWeights, LoraOptions, LoraShape};
 
 struct Set {
     x: CudaSlice<bf16>,
     w: CudaSlice<bf16>,
+    wq: Nf4Device,
     a: CudaSlice<bf16>,
     b: CudaSlice<bf16>,
     m: CudaSlice<bf16>,
@@ -44,9 +48,12 @@ fn random(gpu: &Gpu, n: usize, seed: u64, scale: f32) -> CudaSlice<bf16> {
 
 fn make_set(gpu: &Gpu, s: &LoraShape, seed: u64) -> Set {
     let k = s.in_features as f32;
+    let w = random(gpu, s.w_len(), seed + 1, 1.0 / k.sqrt());
+    let wq = quantize::<bf16, _>(gpu, &w, s.out_features, s.in_features, 64, true).unwrap();
     Set {
         x: random(gpu, s.x_len(), seed, 1.0),
-        w: random(gpu, s.w_len(), seed + 1, 1.0 / k.sqrt()),
+        w,
+        wq,
         a: random(gpu, s.a_len(), seed + 2, 1.0 / k.sqrt()),
         b: random(gpu, s.b_len(), seed + 3, 0.1),
         m: gpu
@@ -76,6 +83,8 @@ enum Op {
     BaseFwdBwd,
     OursFwdBwdZ,
     OursFwdBwd,
+    QdoraFwd,
+    QdoraFwdBwdZ,
 }
 
 impl Op {
@@ -87,6 +96,8 @@ impl Op {
             Op::BaseFwdBwd => "base_fwdbwd",
             Op::OursFwdBwdZ => "ours_fwdbwd_saved_z",
             Op::OursFwdBwd => "ours_fwdbwd_recompute_z",
+            Op::QdoraFwd => "qdora_fwd",
+            Op::QdoraFwdBwdZ => "qdora_fwdbwd_saved_z",
         }
     }
 }
@@ -150,6 +161,37 @@ fn run(gpu: &Gpu, s: &LoraShape, opts: &LoraOptions, op: Op, set: &mut Set) {
                 cuda::backward(gpu, s, opts, &set.x, wts, saved, &set.dy, grads).unwrap();
             }
         }
+        Op::QdoraFwd | Op::QdoraFwdBwdZ => {
+            let qw = DoraWeights {
+                w: &set.wq,
+                a: &set.a,
+                b: &set.b,
+                bias: None,
+                magnitude: &set.m,
+            };
+            let bwd = op == Op::QdoraFwdBwdZ;
+            let out = DoraOutputs {
+                y: &mut set.y,
+                h: Some(&mut set.h),
+                norm: Some(&mut set.norm),
+                z: if bwd { Some(&mut set.z) } else { None },
+            };
+            qdora::forward(gpu, s, opts, &set.x, qw, out).unwrap();
+            if bwd {
+                let saved = DoraSaved {
+                    h: &set.h,
+                    norm: &set.norm,
+                    z: Some(&set.z),
+                };
+                let grads = DoraGrads {
+                    dx: &mut set.dx,
+                    da: &mut set.da,
+                    db: &mut set.db,
+                    dm: &mut set.dm,
+                };
+                qdora::backward(gpu, s, opts, &set.x, qw, saved, &set.dy, grads).unwrap();
+            }
+        }
     }
 }
 
@@ -165,6 +207,8 @@ fn record(rec: &common::Recorder, s: &LoraShape, us: &[f64]) {
     // figure). Flops: the norms need B·A (2NrK); forward 2T(NK + rK + rN); backward as
     // LoRA's, 2T(NK + 2Nr + 2rK).
     let weights = 2.0 * e(n * k + r * k + n * r + n);
+    // NF4 W, blocksize 64, double-quantized: 4 bits per weight plus 1 byte per block.
+    let q_bytes = e(n * k) / 2.0 + e(n * k) / 64.0;
     let norm_bytes = weights + 4.0 * e(n);
     let norm_flops = 2.0 * e(n * r * k);
     let fwd_bytes = norm_bytes + 2.0 * e(t * k + t * n + t * r);
@@ -198,6 +242,20 @@ fn record(rec: &common::Recorder, s: &LoraShape, us: &[f64]) {
             fb_flops,
         ),
         ("dora row norms ‖W + s·BA‖", 5, None, norm_bytes, norm_flops),
+        (
+            "qdora forward (NF4 W)",
+            6,
+            Some(("cuBLAS x·Wᵀ alone (dense bf16 W)", us[0])),
+            fwd_bytes - 2.0 * e(n * k) + q_bytes,
+            fwd_flops,
+        ),
+        (
+            "qdora forward + backward, z saved (NF4 W)",
+            7,
+            Some(("cuBLAS x·Wᵀ and dY·W alone (dense bf16 W)", us[2])),
+            fb_bytes - 4.0 * e(n * k) + 2.0 * q_bytes,
+            fb_flops,
+        ),
     ];
     for (kernel, ours, baseline, bytes, flops) in rows {
         // The norms do not depend on T: one record, from the first T.
@@ -236,8 +294,9 @@ fn main() {
     .unwrap();
     writeln!(
         table,
-        "{:>5} | {:>8} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>7} {:>7} | {:>7} {:>8} | {:>6} {:>6} {:>6}",
-        "T", "base", "ours", "o/b", "base_fb", "ours_z", "ours_rc", "z/b", "rc/b", "norm", "GB/s", "x fwd", "x z", "x rc"
+        "{:>5} | {:>8} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>7} {:>7} | {:>7} {:>8} | {:>6} {:>6} {:>6} | {:>8} {:>7} {:>8} {:>7}",
+        "T", "base", "ours", "o/b", "base_fb", "ours_z", "ours_rc", "z/b", "rc/b", "norm", "GB/s", "x fwd", "x z", "x rc",
+        "qdora", "q/b", "qdora_fb", "qfb/b"
     )
     .unwrap();
     for &t in &[1usize, 16, 4096] {
@@ -254,6 +313,8 @@ fn main() {
             Op::OursFwdBwdZ,
             Op::OursFwdBwd,
             Op::Norm,
+            Op::QdoraFwd,
+            Op::QdoraFwdBwdZ,
         ];
         let us: Vec<f64> = ops
             .iter()
@@ -279,9 +340,10 @@ fn main() {
         let w_bytes = 2.0 * (4096 * 4096) as f64;
         writeln!(
             table,
-            "{:>5} | {:>8.1} {:>8.1} {:>7.3} | {:>8.1} {:>8.1} {:>8.1} {:>7.3} {:>7.3} | {:>7.1} {:>8.0} | {:>6.2} {:>6.2} {:>6.2}",
+            "{:>5} | {:>8.1} {:>8.1} {:>7.3} | {:>8.1} {:>8.1} {:>8.1} {:>7.3} {:>7.3} | {:>7.1} {:>8.0} | {:>6.2} {:>6.2} {:>6.2} | {:>8.1} {:>7.3} {:>8.1} {:>7.3}",
             t, us[0], us[1], us[1] / us[0], us[2], us[3], us[4], us[3] / us[2], us[4] / us[2],
-            us[5], w_bytes / us[5] * 1e-3, extra[0], extra[1], extra[2]
+            us[5], w_bytes / us[5] * 1e-3, extra[0], extra[1], extra[2],
+            us[6], us[6] / us[0], us[7], us[7] / us[2]
         )
         .unwrap();
         record(&rec, &s, &us);

@@ -22,9 +22,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use lora_kernels::cpu::{dora as cpu_dora, lora as cpu_lora, qlora as cpu_qlora};
+use lora_kernels::cpu::{
+    dora as cpu_dora, lora as cpu_lora, qdora as cpu_qdora, qlora as cpu_qlora,
+};
 use lora_kernels::cuda::nf4::{self as cuda_nf4, Nf4Device};
-use lora_kernels::cuda::{dora as cuda_dora, lora as cuda_lora, qlora as cuda_qlora, Gpu};
+use lora_kernels::cuda::{
+    dora as cuda_dora, lora as cuda_lora, qdora as cuda_qdora, qlora as cuda_qlora, Gpu,
+};
 use lora_kernels::{
     bf16, lora, DType, DoraGrads, DoraOutputs, DoraSaved, DoraWeights, Element, LoraGrads,
     LoraOptions, LoraShape, LoraWeights, Nf4Weight, QloraWeights,
@@ -38,7 +42,13 @@ const BLOCKSIZE: usize = 64;
 enum Kind {
     Lora,
     Dora,
-    Qlora { double_quant: bool },
+    Qlora {
+        double_quant: bool,
+    },
+    /// QDoRA: DoRA over the NF4 base.
+    Qdora {
+        double_quant: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -100,6 +110,9 @@ const CASES: &[Case] = &[
     case("qlora_dq_bias_bf16", DQ, DType::BF16, (7, 96, 48, 16), 32.0, false, true),
     case("qlora_dq_bf16_t33", DQ, DType::BF16, (33, 80, 200, 8), 16.0, false, false),
     case("qlora_plain_rslora_bf16", PLAIN, DType::BF16, (33, 96, 48, 16), 16.0, true, true),
+    case("qdora_dq_bias_f32", Kind::Qdora { double_quant: true }, DType::F32, (7, 96, 200, 8), 16.0, false, true),
+    case("qdora_dq_bf16_t33", Kind::Qdora { double_quant: true }, DType::BF16, (33, 80, 48, 16), 16.0, false, false),
+    case("qdora_plain_bias_bf16", Kind::Qdora { double_quant: false }, DType::BF16, (7, 96, 48, 8), 32.0, false, true),
 ];
 
 struct Args {
@@ -429,6 +442,104 @@ fn run_case<T: Element>(c: &Case, seed: u64, dev: &Device) -> Res<Vec<Tensor>> {
             };
             out.push(tensor("W_deq", &[n, k], &w_deq));
         }
+        Kind::Qdora { double_quant } => {
+            let q = Nf4Weight::quantize(&inp.w, n, k, BLOCKSIZE, double_quant)
+                .map_err(err("quantize"))?;
+            out.extend(nf4_tensors(&q)?);
+            out.push(tensor("magnitude", &[n], &inp.m));
+            let mut dm = zero(n);
+            let mut norm = vec![0f32; n];
+            let mut z = zero(s.y_len());
+            match dev {
+                Device::Cpu => {
+                    let wts = DoraWeights {
+                        w: &q,
+                        a: &inp.a[..],
+                        b: &inp.b[..],
+                        bias: inp.bias.as_deref(),
+                        magnitude: &inp.m[..],
+                    };
+                    let outs = DoraOutputs {
+                        y: &mut y[..],
+                        h: Some(&mut h[..]),
+                        norm: Some(&mut norm[..]),
+                        z: Some(&mut z[..]),
+                    };
+                    cpu_qdora::forward(&s, &opts, &inp.x, wts, outs).map_err(err("forward"))?;
+                    let saved = DoraSaved {
+                        h: &h[..],
+                        norm: &norm[..],
+                        z: c.save_z.then_some(&z[..]),
+                    };
+                    let grads = DoraGrads {
+                        dx: &mut dx[..],
+                        da: &mut da[..],
+                        db: &mut db[..],
+                        dm: &mut dm[..],
+                    };
+                    cpu_qdora::backward(&s, &opts, &inp.x, wts, saved, &inp.dy, grads)
+                        .map_err(err("backward"))?;
+                    out.push(tensor("W_deq", &[n, k], &q.dequantize::<T>()));
+                }
+                Device::Gpu(gpu) => {
+                    let up = |v: &[T]| gpu.upload(v).map_err(err("upload"));
+                    let wq = Nf4Device::upload(gpu, &q).map_err(err("upload NF4"))?;
+                    let (xd, ad, bd, md, dyd) = (
+                        up(&inp.x)?,
+                        up(&inp.a)?,
+                        up(&inp.b)?,
+                        up(&inp.m)?,
+                        up(&inp.dy)?,
+                    );
+                    let biasd = inp.bias.as_deref().map(up).transpose()?;
+                    let wts = DoraWeights {
+                        w: &wq,
+                        a: &ad,
+                        b: &bd,
+                        bias: biasd.as_ref(),
+                        magnitude: &md,
+                    };
+                    let (mut yd, mut hd, mut zd) = (up(&y)?, up(&h)?, up(&z)?);
+                    let mut normd = gpu.upload(&norm).map_err(err("upload"))?;
+                    let outs = DoraOutputs {
+                        y: &mut yd,
+                        h: Some(&mut hd),
+                        norm: Some(&mut normd),
+                        z: if c.save_z { Some(&mut zd) } else { None },
+                    };
+                    cuda_qdora::forward(gpu, &s, &opts, &xd, wts, outs).map_err(err("forward"))?;
+                    let (mut dxd, mut dad, mut dbd, mut dmd) =
+                        (up(&dx)?, up(&da)?, up(&db)?, up(&dm)?);
+                    let saved = DoraSaved {
+                        h: &hd,
+                        norm: &normd,
+                        z: c.save_z.then_some(&zd),
+                    };
+                    let grads = DoraGrads {
+                        dx: &mut dxd,
+                        da: &mut dad,
+                        db: &mut dbd,
+                        dm: &mut dmd,
+                    };
+                    cuda_qdora::backward(gpu, &s, &opts, &xd, wts, saved, &dyd, grads)
+                        .map_err(err("backward"))?;
+                    let mut wdd = up(&zero(s.w_len()))?;
+                    cuda_nf4::dequantize(gpu, &wq, &mut wdd).map_err(err("dequantize"))?;
+                    let down = |d| gpu.download(d).map_err(err("download"));
+                    (y, dx, da, db, dm) = (
+                        down(&yd)?,
+                        down(&dxd)?,
+                        down(&dad)?,
+                        down(&dbd)?,
+                        down(&dmd)?,
+                    );
+                    norm = gpu.download(&normd).map_err(err("download"))?;
+                    out.push(tensor("W_deq", &[n, k], &down(&wdd)?));
+                }
+            }
+            out.push(tensor("dm", &[n], &dm));
+            out.push(tensor("norm", &[n], &norm));
+        }
         Kind::Dora => {
             out.push(tensor("W", &[n, k], &inp.w));
             out.push(tensor("magnitude", &[n], &inp.m));
@@ -591,9 +702,10 @@ fn main() {
             DType::F16 => run_case::<half::f16>(c, case_seed, &dev),
         };
         let (qlora, double_quant) = match c.kind {
-            Kind::Qlora { double_quant } => (true, double_quant),
+            Kind::Qlora { double_quant } | Kind::Qdora { double_quant } => (true, double_quant),
             _ => (false, false),
         };
+        let dora = matches!(c.kind, Kind::Dora | Kind::Qdora { .. });
         let meta = serde_json::json!({
             "case": c.name,
             "dtype": dtype_name(c.dtype),
@@ -601,12 +713,12 @@ fn main() {
             "alpha": c.alpha,
             "scale": scale,
             "rslora": c.rslora,
-            "dora": c.kind == Kind::Dora,
+            "dora": dora,
             "qlora": qlora,
             "bias": c.bias,
             "blocksize": if qlora { Some(BLOCKSIZE) } else { None },
             "double_quant": double_quant,
-            "dora_z_saved": c.kind == Kind::Dora && c.save_z,
+            "dora_z_saved": dora && c.save_z,
             "dropout": 0.0,
             "seed": case_seed,
             "device": device_name,

@@ -128,8 +128,6 @@ def load_case(path):
             raise ValueError(f"{path}: meta has no `{key}`")
     if meta["dtype"] not in EPS:
         raise ValueError(f"{path}: dtype {meta['dtype']} is not supported")
-    if meta["qlora"] and meta["dora"]:
-        raise ValueError(f"{path}: QDoRA cases are not supported")
     if meta.get("dropout", 0.0) != 0.0:
         raise ValueError(f"{path}: dropout must be 0 (peft's mask comes from torch's RNG)")
     for name, shape in expected_tensors(meta).items():
@@ -387,7 +385,7 @@ def run(cases):
             gm1 = (g - 1).abs()
             mag = {
                 "y": ((1 + gm1 + gm) * (base_mag + ab) + gm * s * la, K + r),
-                "dx": ((1 + gm1 + gm) * (ady @ aW) + s * ((ady * gm) @ aB) @ aA, N + r),
+                "dx": ((ady * (1 + gm1 + gm)) @ aW + s * ((ady * gm) @ aB) @ aA, N + r),
                 "dA": (s * ((ady * gm) @ aB).T @ ax, N + T),
                 "dB": (s * gm[:, None] * (ady.T @ ha), K + T),
                 "dm": ((ady * (base_mag + ab + s * la)).sum(0) * nmag / nrm**2, K + r + T),
