@@ -201,6 +201,11 @@ def write_md(path, svg_link, runs, rows, command, commit):
         f.write("\n".join(out))
 
 
+def bar_label(r):
+    """A bar's label: kernel, shape and baseline."""
+    return f"{r['kernel']}  {r['shape']}  vs {r.get('baseline')}"
+
+
 def write_svg(path, runs, rows):
     """A horizontal bar chart of the speedups, log scale, bars from 1 (the baseline)."""
     benches = bench_order({r["bench"] for r in rows})
@@ -210,7 +215,11 @@ def write_svg(path, runs, rows):
     hi = max([s for _, s in bars] + [2.0])
     lo2, hi2 = math.floor(math.log2(lo)), math.ceil(math.log2(hi))
 
-    width, label_w, plot_w = 1180, 610, 470
+    # The label column fits the longest label (about 6.3 px per character at 11 px).
+    longest = max((len(bar_label(r)) for r, _ in bars), default=0)
+    plot_w = 470
+    label_w = max(610, int(16 + 6.3 * longest))
+    width = label_w + plot_w + 100
     bar_h, gap, group_h = 14, 4, 26
     top = 96
     x0 = label_w
@@ -277,7 +286,7 @@ def write_svg(path, runs, rows):
             )
             continue
         r, s = item
-        label = f"{r['kernel']}  {r['shape']}  vs {r.get('baseline')}"
+        label = bar_label(r)
         tip = (
             f"{r['bench']}: {r['kernel']}, {r['shape']}, {r.get('dtype', '')}: ours "
             f"{r['ours_us']:.2f} µs, {r.get('baseline')} {r['baseline_us']:.2f} µs, "
