@@ -57,7 +57,6 @@ fn err(e: impl std::fmt::Display) -> String {
 #[derive(Clone, Debug)]
 struct Args {
     dora: bool,
-    cpu: bool,
     steps: usize,
     lr: f32,
     loraplus_ratio: f32,
@@ -83,7 +82,6 @@ fn parse_args(gpu: bool) -> Res<Args> {
     // Defaults: a GPU-sized model, or one that finishes in a few minutes on 2 cores.
     let mut a = Args {
         dora: false,
-        cpu: !gpu,
         steps: if gpu { 300 } else { 150 },
         lr: 5e-3,
         loraplus_ratio: 1.0,
@@ -110,7 +108,8 @@ fn parse_args(gpu: bool) -> Res<Args> {
         }
         match flag.as_str() {
             "--dora" => a.dora = true,
-            "--cpu" => a.cpu = true,
+            // Read before the device is chosen (see `run`).
+            "--cpu" => {}
             "--steps" => num!(steps),
             "--lr" => num!(lr),
             "--loraplus-ratio" => num!(loraplus_ratio),
@@ -991,26 +990,16 @@ fn run() -> Res<()> {
         .iter()
         .map(|(k, s, d)| (k.as_str(), s.clone(), d.clone(), safetensors::Dtype::F32))
         .collect();
-    write_tensors(
-        &args.out.join("base_model.safetensors"),
-        &base_refs,
-        meta.clone(),
-    )?;
+    write_tensors(&args.out.join("base_model.safetensors"), &base_refs, meta)?;
     let mut cpu_model = Model {
-        args: Args {
-            cpu: true,
-            ..args.clone()
-        },
+        args: args.clone(),
         embed: model.embed.clone(),
         embed_dev: None,
-        blocks: Vec::new(),
+        blocks: (model.blocks.iter())
+            .map(|(u, d)| (clone_linear(u), clone_linear(d)))
+            .collect(),
         head: clone_linear(&model.head),
     };
-    cpu_model.blocks = model
-        .blocks
-        .iter()
-        .map(|(u, d)| (clone_linear(u), clone_linear(d)))
-        .collect();
     let (logits, _) = cpu_model.forward(&Dev::Cpu, &eval_ids, eval_batch, None)?;
     let ref_loss = cross_entropy(&logits, &eval_ids, eval_batch, args.seq, args.vocab).0;
     let ids_bytes: Vec<u8> = eval_ids.iter().flat_map(|x| x.to_le_bytes()).collect();

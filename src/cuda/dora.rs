@@ -26,7 +26,7 @@
 //! O(N·r + T·r) plus the chunk buffers, at most 2 × [`BACKWARD_CHUNK_ELEMS`] elements
 //! (3 × under dropout when `z` is not given).
 
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, SyncOnDrop};
 
 use super::lora::{
     dora_fused_small, forward_small, grid_1d, launch_down, launch_merge, launch_tn, DoraPtrs,
@@ -196,14 +196,14 @@ fn offset<T>(base: u64, elems: usize) -> u64 {
 /// The frozen base weight of a DoRA layer, as the ops that read it see it: dense W, or
 /// NF4 read through row panels dequantized into bounded scratch (QDoRA; see
 /// [`crate::cuda::qdora`]).
-pub(crate) enum Base<'a> {
+pub(crate) enum Base {
     /// Address of W [N, K] in T.
     Dense(u64),
     /// The NF4 weight's device descriptor.
-    Nf4(&'a LkNf4),
+    Nf4(LkNf4),
 }
 
-impl Base<'_> {
+impl Base {
     /// `c[t, n] = alpha · x[t, k] Wᵀ + beta · c` (x row stride k, c row stride n).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn xwt<T: Element>(
@@ -523,7 +523,7 @@ pub(crate) fn forward_dropout<T: Element>(
     opts: &LoraOptions,
     d: crate::Dropout,
     p: &DropFwdPtrs,
-    base: &Base<'_>,
+    base: &Base,
 ) -> Result<()> {
     let (t, k, n, r) = (
         shape.tokens,
@@ -586,12 +586,52 @@ where
     O: DevicePtrMut<T>,
     F: DevicePtr<f32>,
 {
+    let w_len = weights.w.len();
+    backward_over(
+        gpu,
+        shape,
+        opts,
+        x,
+        weights,
+        w_len,
+        saved,
+        dy,
+        grads,
+        || {
+            let (wp, gw) = dptr(gpu, "w", weights.w)?;
+            Ok((Base::Dense(wp), vec![gw]))
+        },
+    )
+}
+
+/// Backward over either base: the argument checks (W's length given as `w_len`), then
+/// `base()` (which may check the base further and pins it for the call), the device
+/// pointers, and [`backward_impl`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_over<'a, T, I, O, F, W: ?Sized>(
+    gpu: &'a Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    x: &'a I,
+    weights: DoraWeights<'a, I, W>,
+    w_len: usize,
+    saved: DoraSaved<'a, I, F>,
+    dy: &'a I,
+    grads: DoraGrads<'a, O>,
+    base: impl FnOnce() -> Result<(Base, Vec<SyncOnDrop<'a>>)>,
+) -> Result<()>
+where
+    T: Element,
+    I: DevicePtr<T>,
+    O: DevicePtrMut<T>,
+    F: DevicePtr<f32>,
+{
     check_backward(
         shape,
         opts,
         &BackwardLens {
             x: x.len(),
-            w: weights.w.len(),
+            w: w_len,
             a: weights.a.len(),
             b: weights.b.len(),
             m: weights.magnitude.len(),
@@ -605,8 +645,8 @@ where
             dm: grads.dm.len(),
         },
     )?;
+    let (base, _gw) = base()?;
     let (xp, _gx) = dptr(gpu, "x", x)?;
-    let (wp, _gw) = dptr(gpu, "w", weights.w)?;
     let (ap, _ga) = dptr(gpu, "a", weights.a)?;
     let (bp, _gb) = dptr(gpu, "b", weights.b)?;
     let (mp, _gm) = dptr(gpu, "magnitude", weights.magnitude)?;
@@ -636,7 +676,7 @@ where
         db: dbp,
         dm: dmp,
     };
-    backward_impl::<T>(gpu, shape, opts, &p, &Base::Dense(wp))
+    backward_impl::<T>(gpu, shape, opts, &p, &base)
 }
 
 /// Device addresses of a backward call.
@@ -661,7 +701,7 @@ pub(crate) fn backward_impl<T: Element>(
     shape: &LoraShape,
     opts: &LoraOptions,
     p: &BwdPtrs,
-    base: &Base<'_>,
+    base: &Base,
 ) -> Result<()> {
     let (t, k, n, r) = (
         shape.tokens,

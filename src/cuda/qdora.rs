@@ -18,12 +18,11 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
-use super::dora::{backward_impl, forward_dropout, launch_scale, Base, BwdPtrs, DropFwdPtrs};
+use super::dora::{backward_over, forward_dropout, launch_scale, Base, DropFwdPtrs};
 use super::nf4::Nf4Device;
 use super::{dptr, dptr_mut, Gpu};
 use crate::dora::{
-    check_backward, check_forward, check_weight_op, BackwardLens, DoraGrads, DoraOutputs,
-    DoraSaved, DoraWeights, ForwardLens,
+    check_forward, check_weight_op, DoraGrads, DoraOutputs, DoraSaved, DoraWeights, ForwardLens,
 };
 use crate::qlora::{check_base, QloraWeights};
 use crate::{Element, LoraOptions, LoraShape, Result};
@@ -51,7 +50,7 @@ pub fn weight_norm<T: Element, I: DevicePtr<T>, F: DevicePtrMut<f32>>(
     let (ap, _ga) = dptr(gpu, "a", a)?;
     let (bp, _gb) = dptr(gpu, "b", b)?;
     let (np, _gn) = dptr_mut(gpu, "norm", norm)?;
-    Base::Nf4(&desc).norm::<T>(gpu, shape, scale, ap, bp, np, 0)
+    Base::Nf4(desc).norm::<T>(gpu, shape, scale, ap, bp, np, 0)
 }
 
 /// peft's magnitude initialisation over the NF4 weight: `m = ‖deq(W) + s·BA‖` per row.
@@ -80,7 +79,7 @@ pub fn magnitude_init<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     // SAFETY of the scratch: the norm kernels write all N entries.
     let norm = gpu.scratch::<f32>(shape.out_features)?;
     let (np, _gn) = dptr(gpu, "norm", &norm)?;
-    Base::Nf4(&desc).norm::<T>(gpu, shape, scale, ap, bp, np, mp)
+    Base::Nf4(desc).norm::<T>(gpu, shape, scale, ap, bp, np, mp)
 }
 
 /// Forward: writes `y` and, where asked, `h`, the norms and `z` (see [`crate::dora`]).
@@ -118,7 +117,7 @@ where
     check_base(shape, weights.w.rows, weights.w.cols)?;
     let (t, n) = (shape.tokens, shape.out_features);
     let (desc, _gw) = weights.w.desc(gpu)?;
-    let base = Base::Nf4(&desc);
+    let base = Base::Nf4(desc);
     let (xp, _gx) = dptr(gpu, "x", x)?;
     let (ap, _ga) = dptr(gpu, "a", weights.a)?;
     let (bp, _gb) = dptr(gpu, "b", weights.b)?;
@@ -207,55 +206,20 @@ where
     O: DevicePtrMut<T>,
     F: DevicePtr<f32>,
 {
-    check_backward(
+    backward_over(
+        gpu,
         shape,
         opts,
-        &BackwardLens {
-            x: x.len(),
-            w: shape.w_len(),
-            a: weights.a.len(),
-            b: weights.b.len(),
-            m: weights.magnitude.len(),
-            h: saved.h.len(),
-            norm: saved.norm.len(),
-            z: saved.z.map(|z| z.len()),
-            dy: dy.len(),
-            dx: grads.dx.len(),
-            da: grads.da.len(),
-            db: grads.db.len(),
-            dm: grads.dm.len(),
+        x,
+        weights,
+        shape.w_len(),
+        saved,
+        dy,
+        grads,
+        || {
+            check_base(shape, weights.w.rows, weights.w.cols)?;
+            let (desc, guards) = weights.w.desc(gpu)?;
+            Ok((Base::Nf4(desc), guards))
         },
-    )?;
-    check_base(shape, weights.w.rows, weights.w.cols)?;
-    let (desc, _gw) = weights.w.desc(gpu)?;
-    let (xp, _gx) = dptr(gpu, "x", x)?;
-    let (ap, _ga) = dptr(gpu, "a", weights.a)?;
-    let (bp, _gb) = dptr(gpu, "b", weights.b)?;
-    let (mp, _gm) = dptr(gpu, "magnitude", weights.magnitude)?;
-    let (hp, _gh) = dptr(gpu, "h", saved.h)?;
-    let (np, _gn) = dptr(gpu, "norm", saved.norm)?;
-    let zs = match saved.z {
-        Some(z) => Some(dptr(gpu, "z", z)?),
-        None => None,
-    };
-    let (dyp, _gdy) = dptr(gpu, "dy", dy)?;
-    let (dxp, _gdx) = dptr_mut(gpu, "dx", grads.dx)?;
-    let (dap, _gda) = dptr_mut(gpu, "da", grads.da)?;
-    let (dbp, _gdb) = dptr_mut(gpu, "db", grads.db)?;
-    let (dmp, _gdm) = dptr_mut(gpu, "dm", grads.dm)?;
-    let p = BwdPtrs {
-        x: xp,
-        a: ap,
-        b: bp,
-        m: mp,
-        h: hp,
-        norm: np,
-        z: zs.as_ref().map(|z| z.0),
-        dy: dyp,
-        dx: dxp,
-        da: dap,
-        db: dbp,
-        dm: dmp,
-    };
-    backward_impl::<T>(gpu, shape, opts, &p, &Base::Nf4(&desc))
+    )
 }
