@@ -302,7 +302,12 @@ fn main() {
     for &t in &[1usize, 16, 4096] {
         let s = LoraShape::new(t, 4096, 4096, 16);
         let opts = LoraOptions::new(2.0);
-        let nsets = (128usize << 20).div_ceil(set_bytes(&s)).clamp(1, 8);
+        // Enough sets that the whole of each set, and the NF4 weights of QDoRA alone,
+        // exceed L2.
+        let nsets = (128usize << 20)
+            .div_ceil(set_bytes(&s))
+            .max((128usize << 20).div_ceil(s.w_len() / 2 + s.w_len() / 64))
+            .clamp(1, 16);
         let mut sets: Vec<Set> = (0..nsets)
             .map(|i| make_set(&gpu, &s, 100 * i as u64 + 7))
             .collect();

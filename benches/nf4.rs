@@ -95,7 +95,10 @@ fn main() {
         let host = common::random_bf16(n * k, n as u64, 0.02);
         let q = Nf4Weight::quantize(&host, n, k, 64, true).unwrap();
         let bpp = q.bits_per_param();
-        let nsets = (128usize << 20).div_ceil(n * k * 2).clamp(2, 8);
+        // Enough sets that the 4-bit weights alone (and so the dense ones too) exceed L2.
+        let nsets = (128usize << 20)
+            .div_ceil(n * k / 2 + n * k / 64)
+            .clamp(2, 16);
         let mut sets: Vec<Set> = (0..nsets)
             .map(|i| Set {
                 w: gpu

@@ -170,7 +170,10 @@ fn main() {
     .unwrap();
     let (k, r) = (4096usize, 16usize);
     for n in [4096usize, 11008] {
-        let nsets = (128usize << 20).div_ceil(n * k * 2 + n * k / 2).clamp(2, 8);
+        // Enough sets that the 4-bit weights alone (and so the dense ones too) exceed L2.
+        let nsets = (128usize << 20)
+            .div_ceil(n * k / 2 + n * k / 64)
+            .clamp(2, 16);
         let sets: Vec<Weights> = (0..nsets)
             .map(|i| {
                 let host = common::random_bf16(n * k, 7 + i as u64, 0.02);

@@ -318,6 +318,41 @@ __device__ __forceinline__ void dequant16(const float *lut, uint2 c, float am, u
   }
 }
 
+// The end of a tile of the tensor-core kernels: the 8 warps' partial sums (acc, in the
+// m16n8k16 accumulator layout) are reduced through red[], and each thread finishes
+// values (slot, l) of the 16 x (8 NT) output tile: bias, the QLoRA term, the store.
+template <typename T, int NT>
+__device__ __forceinline__ void mm_mma_finish(const LkNf4MmParams &p, float (*red)[NT * 4][32],
+                                              const float (&acc)[NT][4], int row0) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int N = p.w.rows;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) red[warp][nt * 4 + c][lane] = acc[nt][c];
+  __syncthreads();
+  const T *h = reinterpret_cast<const T *>(p.h);
+  const T *lb = reinterpret_cast<const T *>(p.b);
+  for (int v = threadIdx.x; v < NT * 4 * 32; v += NMMA_WARPS * 32) {
+    const int slot = v >> 5, l = v & 31;
+    float sum = 0.0f;
+#pragma unroll
+    for (int wi = 0; wi < NMMA_WARPS; ++wi) sum += red[wi][slot][l];
+    const int nt = slot >> 2, c = slot & 3;
+    const int row = row0 + (l >> 2) + (c >= 2 ? 8 : 0);
+    const int tok = nt * 8 + 2 * (l & 3) + (c & 1);
+    if (row >= N || tok >= p.t) continue;
+    if (p.bias != nullptr) sum += lk::ldg(reinterpret_cast<const T *>(p.bias) + row);
+    if (h != nullptr) {
+      float low = 0.0f;
+      for (int j = 0; j < p.r; ++j)
+        low = fmaf(lk::ldg(h + (int64_t)tok * p.r + j), lk::ldg(lb + (int64_t)row * p.r + j), low);
+      sum = fmaf(p.scale, low, sum);
+    }
+    reinterpret_cast<T *>(p.y)[(int64_t)tok * N + row] = lk::from_f32<T>(sum);
+  }
+}
+
 // 64-column chunks per register buffer (two buffers): 2, or 1 at NT = 4 (registers).
 template <int NT> __host__ __device__ constexpr int nmma_batch() { return NT >= 4 ? 1 : 2; }
 
@@ -394,35 +429,152 @@ template <typename T, int NT> __device__ void nf4_mm_mma(const LkNf4MmParams &p)
     };
     lk::double_buffered(warp * NMMA_BATCH, STRIDE, chunks, load, compute);
 
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) red[warp][nt * 4 + c][lane] = acc[nt][c];
-    __syncthreads();
-    // Each thread finishes values (slot, l) of the 16 x (8 NT) output tile.
-    const T *h = reinterpret_cast<const T *>(p.h);
-    const T *lb = reinterpret_cast<const T *>(p.b);
-    for (int v = threadIdx.x; v < NT * 4 * 32; v += NMMA_WARPS * 32) {
-      const int slot = v >> 5, l = v & 31;
-      float sum = 0.0f;
-#pragma unroll
-      for (int wi = 0; wi < NMMA_WARPS; ++wi) sum += red[wi][slot][l];
-      const int nt = slot >> 2, c = slot & 3;
-      const int row = row0 + (l >> 2) + (c >= 2 ? 8 : 0);
-      const int tok = nt * 8 + 2 * (l & 3) + (c & 1);
-      if (row >= N || tok >= p.t) continue;
-      if (p.bias != nullptr) sum += lk::ldg(reinterpret_cast<const T *>(p.bias) + row);
-      if (h != nullptr) {
-        float low = 0.0f;
-        for (int j = 0; j < p.r; ++j)
-          low = fmaf(lk::ldg(h + (int64_t)tok * p.r + j), lk::ldg(lb + (int64_t)row * p.r + j), low);
-        sum = fmaf(p.scale, low, sum);
-      }
-      reinterpret_cast<T *>(p.y)[(int64_t)tok * N + row] = lk::from_f32<T>(sum);
-    }
+    mm_mma_finish<T, NT>(p, red, acc, row0);
     __syncthreads();  // red[] is reused by the next tile
   }
 }
+
+// =====================================================================================
+// Small-T NF4 matmul on tensor cores, the block scale applied after the product
+// (f16 / bf16; K % 64 == 0 and blocksize >= 64, so a 64-column chunk of a row lies in one
+// NF4 block; x 16-byte aligned, packed 8-byte aligned).
+//
+// The tiling, loads and operand permutation are those of nf4_mm_mma above. What
+// changes is the dequantization: a chunk's codes go into the mma as the code values
+// themselves (NF4_CODE rounded to T), so one shared-memory load per byte gives both
+// elements' operand word, and the chunk's f32 product is multiplied by the row's block
+// scale afterwards (acc += absmax * part). The 256-entry byte table is replicated once
+// per lane ([256 bytes][32 lanes] words, 32 KB): lane l reads bank l whatever the byte,
+// so a warp's lookups are one conflict-free wavefront. One tile (16 rows) per block;
+// the table's memory holds the 8 warps' partial sums at the end.
+//
+// Rounding: each weight enters the product as round_T(code) * absmax (the block scale in
+// f32 after the product) instead of round_T(code * absmax): the same relative error
+// bound (half an ulp of T) per element, in a different place.
+// =====================================================================================
+constexpr int SA_TAB_WORDS = 256 * 32;
+
+template <typename T, int NT> __device__ void nf4_mm_sa(const LkNf4MmParams &p) {
+  static_assert(NMMA_WARPS * NT * 4 * 32 <= SA_TAB_WORDS, "red[] must fit in the table");
+  constexpr int NMMA_BATCH = nmma_batch<NT>();
+  __shared__ uint32_t tab[SA_TAB_WORDS];
+  __shared__ float code2[256];
+  const LkNf4 &w = p.w;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int K = w.cols, N = w.rows;
+  const int row0 = blockIdx.x * 16;
+  const T *x = reinterpret_cast<const T *>(p.x);
+  const T *xrow[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) xrow[nt] = x + (size_t)min(nt * 8 + g, p.t - 1) * K;
+  const int chunks = K >> 6;
+  constexpr int STRIDE = NMMA_WARPS * NMMA_BATCH;
+  // Rows past N read row N - 1 (results discarded at the store): no branches.
+  const int64_t e_lo = (int64_t)min(row0 + g, N - 1) * K, e_hi = (int64_t)min(row0 + g + 8, N - 1) * K;
+
+  uint2 cl[2][NMMA_BATCH], ch[2][NMMA_BATCH];
+  RawScale sl[2][NMMA_BATCH], sh[2][NMMA_BATCH];
+  uint4 xv[2][NMMA_BATCH][NT][2];
+  // x's two 16-byte pieces of token row nt at column c (zero for lanes of no token:
+  // their columns of the product are never stored).
+  auto load_x = [&](uint4 (&xo)[NT][2], int c) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint4 *xp = reinterpret_cast<const uint4 *>(xrow[nt] + c);
+      const bool real = nt * 8 + g < p.t;
+      xo[nt][0] = real ? __ldg(xp) : make_uint4(0, 0, 0, 0);
+      xo[nt][1] = real ? __ldg(xp + 1) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  auto load = [&](int buf, int ch0) {
+#pragma unroll
+    for (int u = 0; u < NMMA_BATCH; ++u) {
+      const int col = (ch0 + u) * 64 + 16 * q;
+      const int c = col < K ? col : 0;  // a chunk is all in or all out (K % 64 == 0)
+      cl[buf][u] = ld_stream8(w.packed + ((e_lo + c) >> 1));
+      ch[buf][u] = ld_stream8(w.packed + ((e_hi + c) >> 1));
+      sl[buf][u] = load_scale(w, (e_lo + c) >> w.log2_blocksize);
+      sh[buf][u] = load_scale(w, (e_hi + c) >> w.log2_blocksize);
+      load_x(xv[buf][u], c);
+    }
+  };
+  // The first batch is in flight while the tables are built.
+  if (warp * NMMA_BATCH < chunks) load(0, warp * NMMA_BATCH);
+#pragma unroll 8
+  for (int j = 0; j < 32; ++j) {
+    const int b = warp + NMMA_WARPS * j;  // uniform in the warp: constant-cache broadcasts
+    tab[b * 32 + lane] = lk::pack2<T>(NF4_CODE[b >> 4], NF4_CODE[b & 15]);
+  }
+  if (w.absmax == nullptr) code2[threadIdx.x] = __ldg(w.code2 + threadIdx.x);
+  __syncthreads();
+
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[nt][c] = 0.0f;
+  // Byte j of a lane's 8 code bytes -> its operand word (elements 2j, 2j + 1).
+  auto word = [&](uint2 c, int j) {
+    const uint32_t byte = ((j < 4 ? c.x : c.y) >> (8 * (j & 3))) & 0xffu;
+    return tab[(byte << 5) | lane];
+  };
+  auto compute = [&](int buf, int ch0) {
+#pragma unroll
+    for (int u = 0; u < NMMA_BATCH; ++u) {
+      if ((ch0 + u) >= chunks) continue;  // uniform in the warp
+      float part[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) part[nt][c] = 0.0f;
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const uint32_t a[4] = {word(cl[buf][u], 2 * s), word(ch[buf][u], 2 * s), word(cl[buf][u], 2 * s + 1),
+                               word(ch[buf][u], 2 * s + 1)};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint4 &v = xv[buf][u][nt][s >> 1];
+          const uint32_t b0 = (s & 1) ? v.z : v.x, b1 = (s & 1) ? v.w : v.y;
+          lk::MmaOp<T>::run(part[nt], a, b0, b1);
+        }
+      }
+      const float am_lo = resolve_scale(w, code2, sl[buf][u]);
+      const float am_hi = resolve_scale(w, code2, sh[buf][u]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        acc[nt][0] = fmaf(am_lo, part[nt][0], acc[nt][0]);
+        acc[nt][1] = fmaf(am_lo, part[nt][1], acc[nt][1]);
+        acc[nt][2] = fmaf(am_hi, part[nt][2], acc[nt][2]);
+        acc[nt][3] = fmaf(am_hi, part[nt][3], acc[nt][3]);
+      }
+    }
+  };
+  // The walk of lk::double_buffered, its first load already issued above.
+  int c0 = warp * NMMA_BATCH;
+  if (c0 < chunks) {
+    for (;;) {
+      const int next = c0 + STRIDE;
+      if (next >= chunks) {
+        compute(0, c0);
+        break;
+      }
+      load(1, next);
+      compute(0, c0);
+      const int next2 = next + STRIDE;
+      if (next2 >= chunks) {
+        compute(1, next);
+        break;
+      }
+      load(0, next2);
+      compute(1, next);
+      c0 = next2;
+    }
+  }
+  __syncthreads();  // every lookup is done: the table's memory takes the partial sums
+  mm_mma_finish<T, NT>(p, reinterpret_cast<float(*)[NT * 4][32]>(tab), acc, row0);
+}
+
 }  // namespace
 
 #define LK_NF4_DQ(DT, T)                                                                       \
@@ -491,3 +643,15 @@ LK_NF4_MMA(f16, __half, 4)
 LK_NF4_MMA(bf16, __nv_bfloat16, 1)
 LK_NF4_MMA(bf16, __nv_bfloat16, 2)
 LK_NF4_MMA(bf16, __nv_bfloat16, 4)
+
+#define LK_NF4_SA(DT, T, NT)                                                                   \
+  extern "C" __global__ void __launch_bounds__(NMMA_WARPS * 32, 2)                             \
+      lk_nf4_mm_sa_##DT##_n##NT(LkNf4MmParams p) {                                             \
+    nf4_mm_sa<T, NT>(p);                                                                       \
+  }
+LK_NF4_SA(f16, __half, 1)
+LK_NF4_SA(f16, __half, 2)
+LK_NF4_SA(f16, __half, 4)
+LK_NF4_SA(bf16, __nv_bfloat16, 1)
+LK_NF4_SA(bf16, __nv_bfloat16, 2)
+LK_NF4_SA(bf16, __nv_bfloat16, 4)

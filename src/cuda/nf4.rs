@@ -300,11 +300,19 @@ pub(crate) fn launch_mm<T: Element>(
         r: lora.as_ref().map_or(0, |l| l.r) as i32,
     };
     if T::DTYPE != DType::F32 && (desc.packed as u64) % 8 == 0 {
-        // Tensor cores: one block of 8 warps per 16 rows of W.
+        // Tensor cores: one block of 8 warps per 16 rows of W. Where every 64-column
+        // chunk of a row lies in one NF4 block (K % 64 == 0, blocksize ≥ 64), the codes
+        // enter the product as table values and the block scale multiplies each chunk's
+        // product (`sa`); otherwise each element is dequantized first (`mma`).
         let nt = match tokens {
             0..=8 => 1,
             9..=16 => 2,
             _ => 4,
+        };
+        let variant = if desc.cols % 64 == 0 && desc.log2_blocksize >= 6 {
+            "sa"
+        } else {
+            "mma"
         };
         let cfg = LaunchConfig {
             grid_dim: ((desc.rows as usize).div_ceil(16) as u32, 1, 1),
@@ -312,7 +320,7 @@ pub(crate) fn launch_mm<T: Element>(
             shared_mem_bytes: 0,
         };
         return gpu.launch(
-            &format!("lk_nf4_mm_mma_{}_n{nt}", T::DTYPE.suffix()),
+            &format!("lk_nf4_mm_{variant}_{}_n{nt}", T::DTYPE.suffix()),
             cfg,
             &params,
         );
