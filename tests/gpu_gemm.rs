@@ -361,3 +361,113 @@ fn gemm_sm90_bench_shape() {
     };
     check_case::<bf16>(gpu, &c, 700);
 }
+
+/// `cuda::lora::forward_core` (down kernel, then one core GEMM with the low-rank slice
+/// and the bias) against the LoRA oracle, as tests/gpu_lora.rs checks `forward`.
+fn check_lora_core<T: Element>(
+    gpu: &Gpu,
+    (t, k, n, r): (usize, usize, usize, usize),
+    bias: bool,
+    dropout: bool,
+    seed: u64,
+) {
+    use lora_kernels::cpu::lora as cpu;
+    use lora_kernels::cuda::lora as cuda;
+    use lora_kernels::{Dropout, LoraOptions, LoraShape, LoraWeights};
+    let s = LoraShape::new(t, k, n, r);
+    let what = format!(
+        "{} forward_core {s:?} bias={bias} dropout={dropout}",
+        common::dtype_name::<T>()
+    );
+    let mut rng = Rng::new(seed);
+    let (x, w, a, b) = (
+        rng.vec::<T>(s.x_len(), 1.0),
+        rng.vec::<T>(s.w_len(), 1.0),
+        rng.vec::<T>(s.a_len(), 1.0),
+        rng.vec::<T>(s.b_len(), 1.0),
+    );
+    let bv = bias.then(|| rng.vec::<T>(n, 1.0));
+    let mut opts = LoraOptions::new(1.75);
+    if dropout {
+        opts = opts.with_dropout(Dropout::new(0.25, seed, 12));
+    }
+    let abs_opts = LoraOptions {
+        scale: opts.scale.abs(),
+        ..opts
+    };
+    fn wts<'a, T>(
+        w: &'a [T],
+        a: &'a [T],
+        b: &'a [T],
+        bias: Option<&'a [T]>,
+    ) -> LoraWeights<'a, [T]> {
+        LoraWeights { w, a, b, bias }
+    }
+    let (mut y_ref, mut h_ref) = (vec![T::default(); s.y_len()], vec![T::default(); s.h_len()]);
+    cpu::forward(
+        &s,
+        &opts,
+        &x,
+        wts(&w, &a, &b, bv.as_deref()),
+        &mut y_ref,
+        Some(&mut h_ref),
+    )
+    .unwrap();
+    let ab = |v: &[T]| common::abs(v);
+    let abias = bv.as_ref().map(|v| ab(v));
+    let (mut y_mag, mut h_mag) = (vec![T::default(); s.y_len()], vec![T::default(); s.h_len()]);
+    cpu::forward(
+        &s,
+        &abs_opts,
+        &ab(&x),
+        wts(&ab(&w), &ab(&a), &ab(&b), abias.as_deref()),
+        &mut y_mag,
+        Some(&mut h_mag),
+    )
+    .unwrap();
+
+    let up = |v: &[T]| gpu.upload(v).unwrap();
+    let (xd, wd, ad, bd) = (up(&x), up(&w), up(&a), up(&b));
+    let biasd = bv.as_ref().map(|v| up(v));
+    let mut y = up(&poison::<T>(s.y_len()));
+    let mut h = up(&poison::<T>(s.h_len()));
+    let weights = LoraWeights {
+        w: &wd,
+        a: &ad,
+        b: &bd,
+        bias: biasd.as_ref(),
+    };
+    cuda::forward_core(gpu, &s, &opts, &xd, weights, &mut y, Some(&mut h))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_close(
+        &format!("{what}: h"),
+        &gpu.download(&h).unwrap(),
+        &h_ref,
+        &h_mag,
+        k,
+    );
+    assert_close(
+        &format!("{what}: y"),
+        &gpu.download(&y).unwrap(),
+        &y_ref,
+        &y_mag,
+        k + r + 1,
+    );
+}
+
+#[test]
+fn lora_forward_core() {
+    let Some(gpu) = gpu90("lora_forward_core") else {
+        return;
+    };
+    let cases = [
+        ((1000usize, 200usize, 264usize, 16usize), true, true),
+        ((129, 64, 1000, 3), false, false),
+        ((33, 4096, 520, 64), true, true),
+        ((512, 1024, 768, 8), true, false),
+    ];
+    for (i, &(shape, bias, dropout)) in cases.iter().enumerate() {
+        check_lora_core::<bf16>(gpu, shape, bias, dropout, 800 + i as u64);
+        check_lora_core::<f16>(gpu, shape, bias, dropout, 900 + i as u64);
+    }
+}

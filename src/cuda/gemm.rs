@@ -193,10 +193,7 @@ where
 
     let (xp, _gx) = dptr(gpu, "x", x)?;
     let (wp, _gw) = dptr(gpu, "w", w)?;
-    check_align_to("x", xp, 16)?;
-    check_align_to("w", wp, 16)?;
     let (yp, _gy) = dptr_mut(gpu, "y", y)?;
-    check_align_to("y", yp, 4)?;
     let bias = match epi.bias {
         Some(b) => Some(dptr(gpu, "bias", b)?),
         None => None,
@@ -206,17 +203,52 @@ where
         None => None,
     };
     let low_rank = match &epi.low_rank {
-        Some(lr) => {
-            let (up, gu) = dptr(gpu, "u", lr.u)?;
-            let (bp, gb) = dptr(gpu, "b", lr.b)?;
-            if lr.rank % 8 == 0 {
-                check_align_to("u", up, 16)?;
-                check_align_to("b", bp, 16)?;
-            }
-            Some((up, bp, lr.rank, gu, gb))
-        }
+        Some(lr) => Some((dptr(gpu, "u", lr.u)?, dptr(gpu, "b", lr.b)?, lr.rank)),
         None => None,
     };
+    let ptrs = CorePtrs {
+        x: xp,
+        w: wp,
+        y: yp,
+        bias: bias.as_ref().map_or(0, |b| b.0),
+        col_scale: scale.as_ref().map_or(0, |s| s.0),
+        low_rank: low_rank.as_ref().map(|(u, b, r)| (u.0, b.0, *r)),
+    };
+    launch_core::<T>(gpu, &ptrs, tokens, n, k)
+}
+
+/// Device addresses of one [`matmul_nt`] call (0 = absent), lengths already checked.
+pub(crate) struct CorePtrs {
+    pub x: u64,
+    pub w: u64,
+    pub y: u64,
+    pub bias: u64,
+    pub col_scale: u64,
+    /// (U, Bl, rank), rank in 1..=64.
+    pub low_rank: Option<(u64, u64, usize)>,
+}
+
+/// [`matmul_nt`] after the length checks: alignment, dtype and GPU checks, then the
+/// launch. Callers keep the buffers' guards alive until it returns.
+pub(crate) fn launch_core<T: Element>(
+    gpu: &Gpu,
+    p: &CorePtrs,
+    tokens: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    let (tiles_m, tiles_n) = (tokens.div_ceil(TILE_M), n.div_ceil(TILE_N));
+    let (xp, wp, yp) = (p.x, p.w, p.y);
+    check_align_to("x", xp, 16)?;
+    check_align_to("w", wp, 16)?;
+    check_align_to("y", yp, 4)?;
+    if let Some((up, bp, r)) = p.low_rank {
+        if r % 8 == 0 {
+            check_align_to("u", up, 16)?;
+            check_align_to("b", bp, 16)?;
+        }
+    }
+    let low_rank = p.low_rank;
 
     if T::DTYPE == DType::F32 {
         return Err(Error::Unsupported {
@@ -249,14 +281,14 @@ where
     // copied into [rows, rp] scratch (rp = r rounded up to 8). The scratch buffers are
     // freed in stream order after the GEMM has been queued.
     let mut _pads: Vec<CudaSlice<T>> = Vec::new();
-    let (u_map, bl_map) = match &low_rank {
-        Some((up, bp, r, _, _)) => {
-            let (r, rp) = (*r, r.next_multiple_of(8));
+    let (u_map, bl_map) = match low_rank {
+        Some((up, bp, r)) => {
+            let rp = r.next_multiple_of(8);
             let (u_addr, b_addr) = if r == rp {
-                (*up, *bp)
+                (up, bp)
             } else {
-                let u_pad = pad_cols::<T>(gpu, *up, tokens, r, rp)?;
-                let b_pad = pad_cols::<T>(gpu, *bp, n, r, rp)?;
+                let u_pad = pad_cols::<T>(gpu, up, tokens, r, rp)?;
+                let b_pad = pad_cols::<T>(gpu, bp, n, r, rp)?;
                 let addrs = (
                     raw_addr(gpu, &u_pad), // still owned by _pads below
                     raw_addr(gpu, &b_pad),
@@ -276,8 +308,8 @@ where
 
     let params = LkGemmParams {
         y: yp as *mut _,
-        bias: bias.as_ref().map_or(0, |b| b.0) as *const _,
-        col_scale: scale.as_ref().map_or(0, |s| s.0) as *const f32,
+        bias: p.bias as *const _,
+        col_scale: p.col_scale as *const f32,
         t: tokens as i32,
         n: n as i32,
         k_tiles: k.div_ceil(TILE_K) as i32,
