@@ -330,6 +330,30 @@ typedef struct LkDoraDropParams {
 } LkDoraDropParams;
 
 
+/* Hopper (sm_90a) tensor-core GEMM core, kernels/gemm.cu (lk_gemm_nt_*):
+ *   y[t, n] = col_scale[n] * (sum_k x[t, k] * W[n, k] + sum_j u[t, j] * bl[n, j]) + bias[n]
+ * x [t, k], W [n, k], u [t, r], bl [n, r] are read through TMA tensor maps passed as
+ * separate kernel parameters (not here); this struct holds the epilogue and the tiling.
+ * The low-rank sum is present iff low_rank != 0; col_scale and bias are optional (NULL). */
+typedef struct LkGemmParams {
+  void *y;                /* [t, n] out, the operand type */
+  const void *bias;       /* [n] in the operand type, or NULL: added after the scale */
+  const float *col_scale; /* [n] f32, or NULL: multiplies the accumulator */
+  int32_t t, n;           /* rows of x and y; rows of W = columns of y */
+  int32_t k_tiles;        /* ceil(k / 64): K-slices of the mainloop */
+  int32_t low_rank;       /* 1: one extra K-slice from the u / bl tensor maps */
+  int32_t tiles_m;        /* ceil(t / 128) */
+  int32_t tiles_n;        /* ceil(n / 256) */
+} LkGemmParams;
+
+/* Column padding of a 16-bit [rows, r] matrix to [rows, rp] (rp = r rounded up to 8,
+ * zeros in columns r .. rp), so its rows meet TMA's 16-byte stride rule. */
+typedef struct LkGemmPadParams {
+  const uint16_t *in; /* [rows, r] */
+  uint16_t *out;      /* [rows, rp] */
+  int32_t rows, r, rp;
+} LkGemmPadParams;
+
 #ifdef __cplusplus
 }
 #endif

@@ -65,6 +65,9 @@ pub enum Error {
     /// A checkpoint (safetensors, quant state) is malformed or uses an unsupported
     /// format; the message names the tensor or field.
     Checkpoint(String),
+    /// The op cannot run on this GPU or with these element types (e.g. the sm_90-only
+    /// GEMM core on another GPU, or f32 operands); `reason` says which and why.
+    Unsupported { op: &'static str, reason: String },
     /// An error from the CUDA driver.
     Driver(String),
     /// An error from cuBLAS.
@@ -137,6 +140,7 @@ impl fmt::Display for Error {
                 "`{name}` holds {count} out-of-range value(s); the first found is {value} at \
                  position {position}"
             ),
+            Error::Unsupported { op, reason } => write!(f, "`{op}` is not supported: {reason}"),
             Error::Checkpoint(e) => write!(f, "checkpoint: {e}"),
             Error::Io(e) => write!(f, "I/O error: {e}"),
             Error::Driver(e) => write!(f, "CUDA driver error: {e}"),

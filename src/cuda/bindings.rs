@@ -944,3 +944,76 @@ impl Default for LkDoraDropParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkGemmParams {
+    pub y: *mut ::core::ffi::c_void,
+    pub bias: *const ::core::ffi::c_void,
+    pub col_scale: *const f32,
+    pub t: i32,
+    pub n: i32,
+    pub k_tiles: i32,
+    pub low_rank: i32,
+    pub tiles_m: i32,
+    pub tiles_n: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkGemmParams"][::core::mem::size_of::<LkGemmParams>() - 48usize];
+    ["Alignment of LkGemmParams"][::core::mem::align_of::<LkGemmParams>() - 8usize];
+    ["Offset of field: LkGemmParams::y"][::core::mem::offset_of!(LkGemmParams, y) - 0usize];
+    ["Offset of field: LkGemmParams::bias"][::core::mem::offset_of!(LkGemmParams, bias) - 8usize];
+    ["Offset of field: LkGemmParams::col_scale"]
+        [::core::mem::offset_of!(LkGemmParams, col_scale) - 16usize];
+    ["Offset of field: LkGemmParams::t"][::core::mem::offset_of!(LkGemmParams, t) - 24usize];
+    ["Offset of field: LkGemmParams::n"][::core::mem::offset_of!(LkGemmParams, n) - 28usize];
+    ["Offset of field: LkGemmParams::k_tiles"]
+        [::core::mem::offset_of!(LkGemmParams, k_tiles) - 32usize];
+    ["Offset of field: LkGemmParams::low_rank"]
+        [::core::mem::offset_of!(LkGemmParams, low_rank) - 36usize];
+    ["Offset of field: LkGemmParams::tiles_m"]
+        [::core::mem::offset_of!(LkGemmParams, tiles_m) - 40usize];
+    ["Offset of field: LkGemmParams::tiles_n"]
+        [::core::mem::offset_of!(LkGemmParams, tiles_n) - 44usize];
+};
+impl Default for LkGemmParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkGemmPadParams {
+    pub in_: *const u16,
+    pub out: *mut u16,
+    pub rows: i32,
+    pub r: i32,
+    pub rp: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkGemmPadParams"][::core::mem::size_of::<LkGemmPadParams>() - 32usize];
+    ["Alignment of LkGemmPadParams"][::core::mem::align_of::<LkGemmPadParams>() - 8usize];
+    ["Offset of field: LkGemmPadParams::in_"]
+        [::core::mem::offset_of!(LkGemmPadParams, in_) - 0usize];
+    ["Offset of field: LkGemmPadParams::out"]
+        [::core::mem::offset_of!(LkGemmPadParams, out) - 8usize];
+    ["Offset of field: LkGemmPadParams::rows"]
+        [::core::mem::offset_of!(LkGemmPadParams, rows) - 16usize];
+    ["Offset of field: LkGemmPadParams::r"][::core::mem::offset_of!(LkGemmPadParams, r) - 20usize];
+    ["Offset of field: LkGemmPadParams::rp"]
+        [::core::mem::offset_of!(LkGemmPadParams, rp) - 24usize];
+};
+impl Default for LkGemmPadParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

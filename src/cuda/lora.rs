@@ -104,6 +104,118 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     }
 }
 
+/// Opt-in large-T forward through the Hopper GEMM core ([`super::gemm`]): the same
+/// result as [`forward`], with `y` written once. `h = drop(x) Aᵀ` by the down kernel
+/// (into `h` when given), `U = s · drop(x) Aᵀ` by the same kernel with alpha = s
+/// (rounded once to the activation type), then one core GEMM
+/// `y = x Wᵀ + U Bᵀ + bias` (the low-rank term as its extra K-slice).
+///
+/// Needs sm_90, f16/bf16, rank ≤ 64, K % 8 == 0 and x, W (and A, B for rank % 8 == 0)
+/// 16-byte aligned; otherwise an error (`Error::Unsupported` off sm_90 or for f32),
+/// before anything is launched. The existing [`forward`] paths are unchanged.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_core<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    x: &I,
+    weights: LoraWeights<'_, I>,
+    y: &mut O,
+    h: Option<&mut O>,
+) -> Result<()> {
+    use super::gemm::{self, CorePtrs};
+    check_forward_lens(
+        shape,
+        x.len(),
+        weights.w.len(),
+        weights.a.len(),
+        weights.b.len(),
+        weights.bias.map(|b| b.len()),
+        y.len(),
+        h.as_ref().map(|h| h.len()),
+    )?;
+    opts.validate()?;
+    let (t, k, n, r) = (
+        shape.tokens,
+        shape.in_features,
+        shape.out_features,
+        shape.rank,
+    );
+    if r > gemm::MAX_RANK {
+        return Err(crate::Error::Dim {
+            name: "rank",
+            value: r,
+            reason: "the GEMM core's low-rank K-slice takes 1..=64",
+        });
+    }
+    if k % 8 != 0 {
+        return Err(crate::Error::Dim {
+            name: "in_features",
+            value: k,
+            reason: "the GEMM core needs K % 8 == 0 (TMA's 16-byte row stride)",
+        });
+    }
+    if T::DTYPE == crate::DType::F32 || !gemm::supported(gpu) {
+        let (major, minor) = gpu.compute_capability();
+        return Err(crate::Error::Unsupported {
+            op: "lora::forward_core",
+            reason: format!(
+                "needs f16/bf16 on sm_90 with sm_90a code; got {:?} on {} (sm_{major}{minor})",
+                T::DTYPE,
+                gpu.name()
+            ),
+        });
+    }
+    let (xp, _gx) = dptr(gpu, "x", x)?;
+    let (wp, _gw) = dptr(gpu, "w", weights.w)?;
+    let (ap, _ga) = dptr(gpu, "a", weights.a)?;
+    let (bp, _gb) = dptr(gpu, "b", weights.b)?;
+    let bias = match weights.bias {
+        Some(bias) => Some(dptr(gpu, "bias", bias)?),
+        None => None,
+    };
+    let (yp, _gy) = dptr_mut(gpu, "y", y)?;
+    let h = match h {
+        Some(h) => Some(dptr_mut(gpu, "h", h)?),
+        None => None,
+    };
+    for (name, p) in [("x", xp), ("w", wp)] {
+        if p % 16 != 0 {
+            return Err(crate::Error::Misaligned {
+                name,
+                address: p,
+                align: 16,
+            });
+        }
+    }
+    if r % 8 == 0 && bp % 16 != 0 {
+        return Err(crate::Error::Misaligned {
+            name: "b",
+            address: bp,
+            align: 16,
+        });
+    }
+    let drop = opts.active_dropout();
+    if let Some((hp, _)) = &h {
+        launch_down::<T>(gpu, xp, k as i64, ap, k as i64, 1, t, k, r, 1.0, *hp, drop)?;
+    }
+    // U = s · drop(x) Aᵀ: written in full by the down kernel before the GEMM reads it.
+    let u = gpu.scratch::<T>(t * r)?;
+    let (up, _gu) = dptr(gpu, "u", &u)?;
+    launch_down::<T>(
+        gpu, xp, k as i64, ap, k as i64, 1, t, k, r, opts.scale, up, drop,
+    )?;
+    let ptrs = CorePtrs {
+        x: xp,
+        w: wp,
+        y: yp,
+        bias: bias.as_ref().map_or(0, |b| b.0),
+        col_scale: 0,
+        low_rank: Some((up, bp, r)),
+    };
+    gemm::launch_core::<T>(gpu, &ptrs, t, n, k)
+}
+
 /// Validated device addresses of one forward call (0 = absent).
 pub(crate) struct FwdPtrs {
     pub x: u64,

@@ -5,6 +5,7 @@
 //! `// SAFETY:` note.
 
 pub mod dora;
+pub mod gemm;
 pub mod lora;
 pub mod neftune;
 pub mod nf4;
@@ -72,6 +73,8 @@ unsafe impl DeviceRepr for LkDoraRowScaleParams {}
 unsafe impl DeviceRepr for LkDoraDyzParams {}
 unsafe impl DeviceRepr for LkDoraDmParams {}
 unsafe impl DeviceRepr for LkDoraDropParams {}
+unsafe impl DeviceRepr for LkGemmParams {}
+unsafe impl DeviceRepr for LkGemmPadParams {}
 
 /// Words of [`Gpu`]'s index-error status buffer (layout in kernels/lk_params.h).
 const STATUS_WORDS: usize = 8;
@@ -141,6 +144,7 @@ impl Gpu {
             ("neftune", load_module(&ctx, "neftune")?),
             ("nf4", load_module(&ctx, "nf4")?),
             ("dora", load_module(&ctx, "dora")?),
+            ("gemm", load_module(&ctx, "gemm")?),
         ];
         let sync = stream.alloc_zeros::<u32>(2)?;
         let status = stream.alloc_zeros::<u32>(STATUS_WORDS)?;
@@ -270,6 +274,8 @@ impl Gpu {
             "nf4"
         } else if name.starts_with("lk_dora_") {
             "dora"
+        } else if name.starts_with("lk_gemm_") {
+            "gemm"
         } else {
             "lora"
         };

@@ -1,0 +1,434 @@
+//! The Hopper (sm_90a) tensor-core GEMM core, v1 (kernels/gemm.cu): one kernel for
+//!
+//! ```text
+//! y[T, N] = col_scale ⊙ (x[T, K] · W[N, K]ᵀ + U[T, r] · Bl[N, r]ᵀ) + bias
+//! ```
+//!
+//! with x, W, U, Bl, bias and y in f16 or bf16 (all the same type), col_scale in f32,
+//! f32 accumulation, every matrix row-major (PyTorch's layout: `y = x Wᵀ`). The
+//! low-rank term is one extra K-slice of the mainloop (r ≤ 64, padded to 64 by TMA's
+//! zero fill), so `y = x Wᵀ + U Blᵀ` is written once; with `U = s · h` that is the LoRA
+//! forward. `col_scale` is applied to the accumulator before the bias (DoRA's
+//! `m / ‖·‖`): `y = scale ⊙ acc + bias`.
+//!
+//! Kernel: warp-specialized, one producer warp issuing TMA loads (128-byte swizzle) into
+//! a 4-stage shared-memory ring, two consumer warpgroups issuing `wgmma.m64n256k16`, one
+//! 128 × 256 tile of y per CTA in a grouped order for L2 reuse. See kernels/gemm.cu and
+//! docs/PERF_NOTES_GEMM.md.
+//!
+//! Limits: sm_90 only ([`supported`]; other GPUs get [`Error::Unsupported`]), f16/bf16
+//! only, K % 8 == 0 and x, W (and U, Bl when r % 8 == 0) 16-byte aligned (TMA's rules),
+//! y 4-byte aligned. Any T, N ≥ 1. When r % 8 != 0, U and Bl are first copied into
+//! column-padded scratch buffers (rows of a multiple of 8 elements) by a small kernel.
+
+use cudarc::driver::sys as dsys;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::{dptr, dptr_mut, Gpu, LkGemmPadParams, LkGemmParams};
+use crate::lora::check_len;
+use crate::{DType, Element, Error, Result};
+
+/// Rows of y per CTA tile.
+pub const TILE_M: usize = 128;
+/// Columns of y (rows of W) per CTA tile.
+pub const TILE_N: usize = 256;
+/// K per pipeline stage (one 128-byte swizzle row of 16-bit elements).
+pub const TILE_K: usize = 64;
+/// Depth of the shared-memory ring.
+pub const STAGES: usize = 4;
+/// The largest rank of the low-rank K-slice.
+pub const MAX_RANK: usize = TILE_K;
+
+const THREADS: u32 = 384;
+/// Ring bytes plus 1 KB so the kernel can align the ring to 1024 bytes.
+const DYN_SMEM: u32 = (STAGES * (TILE_M + TILE_N) * TILE_K * 2 + 1024) as u32;
+
+/// The low-rank K-slice `U Blᵀ`: `u` [T, rank], `b` [N, rank] (LoRA's B), same type as x.
+#[derive(Debug)]
+pub struct LowRank<'a, I: ?Sized> {
+    pub u: &'a I,
+    pub b: &'a I,
+    pub rank: usize,
+}
+
+impl<I: ?Sized> Clone for LowRank<'_, I> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<I: ?Sized> Copy for LowRank<'_, I> {}
+
+/// What [`matmul_nt`] adds to `x Wᵀ`: an optional low-rank K-slice, an optional f32
+/// per-column scale of the accumulator and an optional bias (after the scale).
+///
+/// ```ignore
+/// let epi = GemmEpilogue::new().with_bias(&bias).with_low_rank(&u, &b, 16);
+/// let epi = GemmEpilogue::new().with_col_scale(&scale); // S = the scale's buffer type
+/// ```
+#[derive(Debug)]
+pub struct GemmEpilogue<'a, I: ?Sized, S: ?Sized = CudaSlice<f32>> {
+    /// [N], x's type: added unscaled.
+    pub bias: Option<&'a I>,
+    /// [N], f32: `y = col_scale ⊙ acc + bias`.
+    pub col_scale: Option<&'a S>,
+    /// `acc += U Blᵀ` in the same accumulator.
+    pub low_rank: Option<LowRank<'a, I>>,
+}
+
+impl<I: ?Sized> GemmEpilogue<'_, I> {
+    /// No low-rank term, no scale, no bias: `y = x Wᵀ`.
+    pub fn new() -> Self {
+        GemmEpilogue {
+            bias: None,
+            col_scale: None,
+            low_rank: None,
+        }
+    }
+}
+
+impl<I: ?Sized> Default for GemmEpilogue<'_, I> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<'a, I: ?Sized, S: ?Sized> GemmEpilogue<'a, I, S> {
+    /// Adds `bias` [N] after the scale.
+    pub fn with_bias(mut self, bias: &'a I) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+
+    /// Scales column n of the accumulator by `scale[n]` (f32, [N]) before the bias.
+    pub fn with_col_scale<S2: ?Sized>(self, scale: &'a S2) -> GemmEpilogue<'a, I, S2> {
+        GemmEpilogue {
+            bias: self.bias,
+            col_scale: Some(scale),
+            low_rank: self.low_rank,
+        }
+    }
+
+    /// Adds `u [T, rank] · b [N, rank]ᵀ` to the accumulator (1 ≤ rank ≤ [`MAX_RANK`]).
+    pub fn with_low_rank(mut self, u: &'a I, b: &'a I, rank: usize) -> Self {
+        self.low_rank = Some(LowRank { u, b, rank });
+        self
+    }
+}
+
+/// Whether [`matmul_nt`] runs on this GPU: compute capability 9.0 and a build that
+/// holds sm_90a code (the kernels of other targets are stubs).
+pub fn supported(gpu: &Gpu) -> bool {
+    gpu.compute_capability() == (9, 0) && super::built_archs().split(',').any(|a| a == "90")
+}
+
+/// `y = col_scale ⊙ (x Wᵀ + U Blᵀ) + bias` on the GPU's stream (see the module docs):
+/// x [T, K], w [N, K], y [T, N], f16 or bf16, sm_90 only.
+///
+/// Errors, before anything is launched: [`Error::Dim`] for a zero or too large T, N or
+/// K, K % 8 != 0 or a rank outside 1..=64; [`Error::Length`] for a buffer that does not
+/// match the shape; [`Error::Misaligned`] for x or w (or u, b when rank % 8 == 0) not
+/// 16-byte aligned, y not 4-byte aligned; [`Error::Unsupported`] for f32 or a GPU other
+/// than sm_90 (checked last, so argument errors show on any GPU).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_nt<T, I, S, O>(
+    gpu: &Gpu,
+    x: &I,
+    w: &I,
+    y: &mut O,
+    epi: &GemmEpilogue<'_, I, S>,
+    tokens: usize,
+    n: usize,
+    k: usize,
+) -> Result<()>
+where
+    T: Element,
+    I: DevicePtr<T> + ?Sized,
+    S: DevicePtr<f32> + ?Sized,
+    O: DevicePtrMut<T> + ?Sized,
+{
+    for (name, v) in [("tokens", tokens), ("n", n), ("k", k)] {
+        if v == 0 || v > i32::MAX as usize {
+            return Err(Error::Dim {
+                name,
+                value: v,
+                reason: "must be in 1..2^31",
+            });
+        }
+    }
+    if k % 8 != 0 {
+        return Err(Error::Dim {
+            name: "k",
+            value: k,
+            reason: "the GEMM core needs K % 8 == 0 (TMA's 16-byte row stride)",
+        });
+    }
+    let (tiles_m, tiles_n) = (tokens.div_ceil(TILE_M), n.div_ceil(TILE_N));
+    if tiles_m * tiles_n > i32::MAX as usize {
+        return Err(Error::Dim {
+            name: "tokens * n",
+            value: tokens * n,
+            reason: "too many output tiles for one grid",
+        });
+    }
+    check_len("x", x.len(), tokens * k)?;
+    check_len("w", w.len(), n * k)?;
+    check_len("y", y.len(), tokens * n)?;
+    if let Some(b) = epi.bias {
+        check_len("bias", b.len(), n)?;
+    }
+    if let Some(s) = epi.col_scale {
+        check_len("col_scale", s.len(), n)?;
+    }
+    if let Some(lr) = &epi.low_rank {
+        if lr.rank == 0 || lr.rank > MAX_RANK {
+            return Err(Error::Dim {
+                name: "rank",
+                value: lr.rank,
+                reason: "the GEMM core's low-rank K-slice takes 1..=64",
+            });
+        }
+        check_len("u", lr.u.len(), tokens * lr.rank)?;
+        check_len("b", lr.b.len(), n * lr.rank)?;
+    }
+
+    let (xp, _gx) = dptr(gpu, "x", x)?;
+    let (wp, _gw) = dptr(gpu, "w", w)?;
+    let (yp, _gy) = dptr_mut(gpu, "y", y)?;
+    let bias = match epi.bias {
+        Some(b) => Some(dptr(gpu, "bias", b)?),
+        None => None,
+    };
+    let scale = match epi.col_scale {
+        Some(s) => Some(dptr(gpu, "col_scale", s)?),
+        None => None,
+    };
+    let low_rank = match &epi.low_rank {
+        Some(lr) => Some((dptr(gpu, "u", lr.u)?, dptr(gpu, "b", lr.b)?, lr.rank)),
+        None => None,
+    };
+    let ptrs = CorePtrs {
+        x: xp,
+        w: wp,
+        y: yp,
+        bias: bias.as_ref().map_or(0, |b| b.0),
+        col_scale: scale.as_ref().map_or(0, |s| s.0),
+        low_rank: low_rank.as_ref().map(|(u, b, r)| (u.0, b.0, *r)),
+    };
+    launch_core::<T>(gpu, &ptrs, tokens, n, k)
+}
+
+/// Device addresses of one [`matmul_nt`] call (0 = absent), lengths already checked.
+pub(crate) struct CorePtrs {
+    pub x: u64,
+    pub w: u64,
+    pub y: u64,
+    pub bias: u64,
+    pub col_scale: u64,
+    /// (U, Bl, rank), rank in 1..=64.
+    pub low_rank: Option<(u64, u64, usize)>,
+}
+
+/// [`matmul_nt`] after the length checks: alignment, dtype and GPU checks, then the
+/// launch. Callers keep the buffers' guards alive until it returns.
+pub(crate) fn launch_core<T: Element>(
+    gpu: &Gpu,
+    p: &CorePtrs,
+    tokens: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    let (tiles_m, tiles_n) = (tokens.div_ceil(TILE_M), n.div_ceil(TILE_N));
+    let (xp, wp, yp) = (p.x, p.w, p.y);
+    check_align_to("x", xp, 16)?;
+    check_align_to("w", wp, 16)?;
+    check_align_to("y", yp, 4)?;
+    if let Some((up, bp, r)) = p.low_rank {
+        if r % 8 == 0 {
+            check_align_to("u", up, 16)?;
+            check_align_to("b", bp, 16)?;
+        }
+    }
+    let low_rank = p.low_rank;
+
+    if T::DTYPE == DType::F32 {
+        return Err(Error::Unsupported {
+            op: "gemm::matmul_nt",
+            reason: "f32 operands (the GEMM core takes f16 and bf16)".into(),
+        });
+    }
+    if !supported(gpu) {
+        let (major, minor) = gpu.compute_capability();
+        return Err(Error::Unsupported {
+            op: "gemm::matmul_nt",
+            reason: format!(
+                "{} is sm_{major}{minor}; the GEMM core needs sm_90 (H100/H200) and a build \
+                 with sm_90a code (built: sm_{})",
+                gpu.name(),
+                super::built_archs()
+            ),
+        });
+    }
+
+    let dt = match T::DTYPE {
+        DType::BF16 => dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        _ => dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    };
+    gpu.context().bind_to_thread()?;
+    let x_map = tensor_map(dt, xp, k, tokens, k, TILE_M)?;
+    let w_map = tensor_map(dt, wp, k, n, k, TILE_N)?;
+
+    // The low-rank operands: as given when their rows are 16-byte multiples, else
+    // copied into [rows, rp] scratch (rp = r rounded up to 8). The scratch buffers are
+    // freed in stream order after the GEMM has been queued.
+    let mut _pads: Vec<CudaSlice<T>> = Vec::new();
+    let (u_map, bl_map) = match low_rank {
+        Some((up, bp, r)) => {
+            let rp = r.next_multiple_of(8);
+            let (u_addr, b_addr) = if r == rp {
+                (up, bp)
+            } else {
+                let u_pad = pad_cols::<T>(gpu, up, tokens, r, rp)?;
+                let b_pad = pad_cols::<T>(gpu, bp, n, r, rp)?;
+                let addrs = (
+                    raw_addr(gpu, &u_pad), // still owned by _pads below
+                    raw_addr(gpu, &b_pad),
+                );
+                _pads.push(u_pad);
+                _pads.push(b_pad);
+                addrs
+            };
+            (
+                tensor_map(dt, u_addr, r, tokens, rp, TILE_M)?,
+                tensor_map(dt, b_addr, r, n, rp, TILE_N)?,
+            )
+        }
+        // Unused by the kernel without the low-rank slice.
+        None => (x_map, w_map),
+    };
+
+    let params = LkGemmParams {
+        y: yp as *mut _,
+        bias: p.bias as *const _,
+        col_scale: p.col_scale as *const f32,
+        t: tokens as i32,
+        n: n as i32,
+        k_tiles: k.div_ceil(TILE_K) as i32,
+        low_rank: low_rank.is_some() as i32,
+        tiles_m: tiles_m as i32,
+        tiles_n: tiles_n as i32,
+    };
+    let name = format!("lk_gemm_nt_{}", T::DTYPE.suffix());
+    let func = gpu.function(&name)?;
+    func.set_attribute(
+        dsys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        DYN_SMEM as i32,
+    )?;
+    let cfg = LaunchConfig {
+        grid_dim: ((tiles_m * tiles_n) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: DYN_SMEM,
+    };
+    let mut b = gpu.stream().launch_builder(&func);
+    b.arg(&x_map)
+        .arg(&w_map)
+        .arg(&u_map)
+        .arg(&bl_map)
+        .arg(&params);
+    // SAFETY: the tensor maps describe x [T, K], W [N, K], U [T, r] and Bl [N, r] exactly
+    // as validated above (lengths, 16-byte alignment, K % 8 == 0; U and Bl possibly
+    // padded copies that live until the launch is queued and are freed in stream order);
+    // TMA never reads outside them (out-of-bounds boxes are zero-filled). The kernel
+    // writes y only at rows < T and columns < N, reads bias / col_scale only at columns
+    // < N, and needs DYN_SMEM bytes of dynamic shared memory, set just above. The guards
+    // keep every buffer's stream order until the launch is queued.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// A TMA descriptor for a row-major [rows, cols] matrix of 16-bit elements with a row
+/// stride of `stride` elements, read in boxes of 64 columns × `box_rows` rows with the
+/// 128-byte swizzle, out-of-bounds elements read as zero.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct TensorMap(dsys::CUtensorMap);
+
+// SAFETY: CUtensorMap is the driver's plain 128-byte, 128-byte aligned struct, passed by
+// value to the kernels' `const __grid_constant__ LkTmap` parameters (the same 128 bytes).
+unsafe impl DeviceRepr for TensorMap {}
+
+fn tensor_map(
+    dt: dsys::CUtensorMapDataType,
+    addr: u64,
+    cols: usize,
+    rows: usize,
+    stride: usize,
+    box_rows: usize,
+) -> Result<TensorMap> {
+    let mut map = dsys::CUtensorMap { opaque: [0; 16] };
+    let dims: [u64; 2] = [cols as u64, rows as u64];
+    let strides: [u64; 1] = [(stride * 2) as u64]; // bytes, dims 1.. only
+    let boxes: [u32; 2] = [TILE_K as u32, box_rows as u32];
+    let elem_strides: [u32; 2] = [1, 1];
+    // SAFETY: a pure encoding call: every pointer is to a live local array of the
+    // length the rank (2) implies; `addr` is a validated, 16-byte aligned device address
+    // of at least rows × stride elements and the stride is a multiple of 16 bytes.
+    unsafe {
+        dsys::cuTensorMapEncodeTiled(
+            &mut map,
+            dt,
+            2,
+            addr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem_strides.as_ptr(),
+            dsys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            dsys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            dsys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            dsys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+        .map_err(|e| Error::Driver(format!("cuTensorMapEncodeTiled ({rows} × {cols}): {e}")))?;
+    }
+    Ok(TensorMap(map))
+}
+
+/// A copy of the [rows, r] matrix at `src` as [rows, rp] (zeros in columns r .. rp).
+fn pad_cols<T: Element>(
+    gpu: &Gpu,
+    src: u64,
+    rows: usize,
+    r: usize,
+    rp: usize,
+) -> Result<CudaSlice<T>> {
+    // lk_gemm_pad_cols writes every element of the scratch buffer.
+    let out = gpu.scratch::<T>(rows * rp)?;
+    let params = LkGemmPadParams {
+        in_: src as *const u16,
+        out: raw_addr(gpu, &out) as *mut u16,
+        rows: rows as i32,
+        r: r as i32,
+        rp: rp as i32,
+    };
+    let cfg = super::lora::grid_1d(rows * rp, 256, 8 * gpu.sm_count());
+    gpu.launch("lk_gemm_pad_cols", cfg, &params)?;
+    Ok(out)
+}
+
+/// The device address of a buffer this module owns (its guard dropped at once: the
+/// buffer is only used on the GPU's own stream).
+fn raw_addr<T>(gpu: &Gpu, s: &CudaSlice<T>) -> u64 {
+    let (p, _g) = s.device_ptr(gpu.stream());
+    p
+}
+
+fn check_align_to(name: &'static str, ptr: u64, align: usize) -> Result<()> {
+    if ptr % align as u64 != 0 {
+        return Err(Error::Misaligned {
+            name,
+            address: ptr,
+            align,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,473 @@
+//! The Hopper GEMM core (`cuda::gemm::matmul_nt`) against an f64 oracle of the rounded
+//! operands, over odd shapes (T, N and K not multiples of any tile), bf16 and f16, with
+//! and without bias, column scale and the low-rank K-slice; plus the argument errors.
+//! Outputs are poisoned (NaN) before each run, so an unwritten element fails.
+//!
+//! Without a GPU these tests print a loud SKIPPED note and return
+//! (`LORA_KERNELS_REQUIRE_GPU=1` makes them fail instead). The kernel is sm_90 only: on
+//! another GPU the numeric tests check that the op refuses with `Error::Unsupported`
+//! and say loudly that they were skipped.
+
+mod common;
+
+use std::io::Write;
+
+use common::{assert_close, gpu, poison, Rng};
+use cudarc::driver::CudaSlice;
+use lora_kernels::cuda::gemm::{self, GemmEpilogue};
+use lora_kernels::cuda::Gpu;
+use lora_kernels::{bf16, f16, Element, Error};
+
+const TS: [usize; 5] = [1, 3, 17, 129, 1000];
+const NS: [usize; 4] = [8, 24, 200, 1000];
+const KS: [usize; 4] = [8, 64, 72, 1000];
+const RS: [usize; 4] = [1, 8, 16, 64];
+
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    t: usize,
+    n: usize,
+    k: usize,
+    bias: bool,
+    scale: bool,
+    /// The low-rank K-slice's rank, or 0 for none.
+    r: usize,
+}
+
+/// Every T with four (N, K) pairs cycling so each value meets several others, and the
+/// epilogue options cycling through none, bias, scale, all three, low-rank alone.
+fn odd_cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    for (ti, &t) in TS.iter().enumerate() {
+        for i in 0..4 {
+            let e = (i + ti) % 5;
+            let n = NS[(i + ti) % 4];
+            let k = KS[(i + 2 * ti) % 4];
+            // Keep the oracle's work bounded: at most one T = N = K = 1000 case.
+            let k = if t == 1000 && n == 1000 && k == 1000 && i != 0 {
+                72
+            } else {
+                k
+            };
+            v.push(Case {
+                t,
+                n,
+                k,
+                bias: e == 1 || e == 3,
+                scale: e == 2 || e == 3,
+                r: if e >= 3 { RS[(i + ti) % 4] } else { 0 },
+            });
+        }
+    }
+    v
+}
+
+/// The shared GPU if the GEMM core runs on it. On another GPU, checks that the op
+/// refuses with `Error::Unsupported` and prints a loud note naming `test`.
+fn gpu90(test: &str) -> Option<&'static Gpu> {
+    let g = gpu()?;
+    if gemm::supported(g) {
+        return Some(g);
+    }
+    let x: CudaSlice<bf16> = g.zeros(64).unwrap();
+    let w: CudaSlice<bf16> = g.zeros(64).unwrap();
+    let mut y: CudaSlice<bf16> = g.zeros(64).unwrap();
+    let e = gemm::matmul_nt(g, &x, &w, &mut y, &GemmEpilogue::new(), 8, 8, 8).unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    let (major, minor) = g.compute_capability();
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** {test} SKIPPED: the GEMM core needs sm_90, this GPU is sm_{major}{minor} \
+         (it refused with: {e}) ***\n"
+    );
+    None
+}
+
+struct Host<T> {
+    x: Vec<T>,
+    w: Vec<T>,
+    bias: Option<Vec<T>>,
+    scale: Option<Vec<f32>>,
+    u: Option<Vec<T>>,
+    bl: Option<Vec<T>>,
+}
+
+fn host_data<T: Element>(rng: &mut Rng, c: &Case) -> Host<T> {
+    Host {
+        x: rng.vec(c.t * c.k, 1.0),
+        w: rng.vec(c.n * c.k, 1.0),
+        bias: c.bias.then(|| rng.vec(c.n, 1.0)),
+        scale: c.scale.then(|| {
+            (0..c.n)
+                .map(|_| (1.0 + 0.5 * rng.uniform()) as f32)
+                .collect()
+        }),
+        u: (c.r > 0).then(|| rng.vec(c.t * c.r, 1.0)),
+        bl: (c.r > 0).then(|| rng.vec(c.n * c.r, 1.0)),
+    }
+}
+
+/// `y = scale ⊙ (x Wᵀ + U Blᵀ) + bias` in f64 over the rounded operands, rounded to T
+/// once; with `abs`, the same over absolute values (the tolerance's magnitude).
+fn oracle<T: Element>(c: &Case, d: &Host<T>, abs: bool) -> Vec<T> {
+    let f = |v: &[T]| -> Vec<f64> {
+        v.iter()
+            .map(|e| if abs { e.to_f64().abs() } else { e.to_f64() })
+            .collect()
+    };
+    let (x, w) = (f(&d.x), f(&d.w));
+    let u = d.u.as_deref().map(f);
+    let bl = d.bl.as_deref().map(f);
+    let bias = d.bias.as_deref().map(f);
+    let mut y = vec![T::default(); c.t * c.n];
+    for t in 0..c.t {
+        let xr = &x[t * c.k..][..c.k];
+        for n in 0..c.n {
+            let wr = &w[n * c.k..][..c.k];
+            let mut acc: f64 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+            if let (Some(u), Some(bl)) = (&u, &bl) {
+                acc += (0..c.r)
+                    .map(|j| u[t * c.r + j] * bl[n * c.r + j])
+                    .sum::<f64>();
+            }
+            if let Some(s) = &d.scale {
+                let s = s[n] as f64;
+                acc *= if abs { s.abs() } else { s };
+            }
+            if let Some(b) = &bias {
+                acc += b[n];
+            }
+            y[t * c.n + n] = T::from_f64(acc);
+        }
+    }
+    y
+}
+
+fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
+    let what = format!("{} {c:?}", common::dtype_name::<T>());
+    let mut rng = Rng::new(seed);
+    let d = host_data::<T>(&mut rng, c);
+    let want = oracle(c, &d, false);
+    let mag = oracle(c, &d, true);
+
+    let x = gpu.upload(&d.x).unwrap();
+    let w = gpu.upload(&d.w).unwrap();
+    let bias = d.bias.as_ref().map(|b| gpu.upload(b).unwrap());
+    let scale = d.scale.as_ref().map(|s| gpu.upload(s).unwrap());
+    let u = d.u.as_ref().map(|u| gpu.upload(u).unwrap());
+    let bl = d.bl.as_ref().map(|b| gpu.upload(b).unwrap());
+    let mut y = gpu.upload(&poison::<T>(c.t * c.n)).unwrap();
+
+    let mut epi = GemmEpilogue::new();
+    if let Some(b) = &bias {
+        epi = epi.with_bias(b);
+    }
+    if let (Some(u), Some(bl)) = (&u, &bl) {
+        epi = epi.with_low_rank(u, bl, c.r);
+    }
+    if let Some(s) = &scale {
+        epi = epi.with_col_scale(s);
+    }
+    gemm::matmul_nt(gpu, &x, &w, &mut y, &epi, c.t, c.n, c.k)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let got = gpu.download(&y).unwrap();
+    assert_close(&what, &got, &want, &mag, c.k + c.r);
+}
+
+#[test]
+fn gemm_odd_shapes_bf16() {
+    let Some(gpu) = gpu90("gemm_odd_shapes_bf16") else {
+        return;
+    };
+    for (i, c) in odd_cases().iter().enumerate() {
+        check_case::<bf16>(gpu, c, 100 + i as u64);
+    }
+}
+
+#[test]
+fn gemm_odd_shapes_f16() {
+    let Some(gpu) = gpu90("gemm_odd_shapes_f16") else {
+        return;
+    };
+    for (i, c) in odd_cases().iter().enumerate() {
+        check_case::<f16>(gpu, c, 200 + i as u64);
+    }
+}
+
+/// K = 4096 (64 K-slices: the ring wraps 16 times), with every epilogue option.
+#[test]
+fn gemm_k4096() {
+    let Some(gpu) = gpu90("gemm_k4096") else {
+        return;
+    };
+    let c = Case {
+        t: 129,
+        n: 200,
+        k: 4096,
+        bias: true,
+        scale: true,
+        r: 16,
+    };
+    check_case::<bf16>(gpu, &c, 301);
+    check_case::<f16>(gpu, &c, 302);
+    let plain = Case {
+        bias: false,
+        scale: false,
+        r: 0,
+        ..c
+    };
+    check_case::<bf16>(gpu, &plain, 303);
+}
+
+/// Every rank the low-rank slice takes, including ranks that are not multiples of 8
+/// (padded copies of U and Bl), against small and odd shapes.
+#[test]
+fn gemm_low_rank_ranks() {
+    let Some(gpu) = gpu90("gemm_low_rank_ranks") else {
+        return;
+    };
+    for (i, &r) in [1usize, 3, 8, 16, 17, 64].iter().enumerate() {
+        for (j, &(t, n, k)) in [(3usize, 24usize, 72usize), (130, 260, 64)]
+            .iter()
+            .enumerate()
+        {
+            let c = Case {
+                t,
+                n,
+                k,
+                bias: j == 1,
+                scale: i % 2 == 1,
+                r,
+            };
+            check_case::<bf16>(gpu, &c, 400 + 10 * i as u64 + j as u64);
+            check_case::<f16>(gpu, &c, 500 + 10 * i as u64 + j as u64);
+        }
+    }
+}
+
+/// Many tiles in both directions, the last L2 group partial (9 tile rows: 8 + 1) and
+/// odd N (scalar stores).
+#[test]
+fn gemm_many_tiles() {
+    let Some(gpu) = gpu90("gemm_many_tiles") else {
+        return;
+    };
+    for (i, &(t, n, k, r)) in [(1100usize, 520usize, 64usize, 16usize), (1030, 777, 136, 0)]
+        .iter()
+        .enumerate()
+    {
+        let c = Case {
+            t,
+            n,
+            k,
+            bias: true,
+            scale: i == 0,
+            r,
+        };
+        check_case::<bf16>(gpu, &c, 600 + i as u64);
+    }
+}
+
+/// Argument errors come before the architecture check, so they show on any GPU.
+#[test]
+fn gemm_errors() {
+    let Some(g) = gpu() else {
+        return;
+    };
+    let (t, n, k) = (17usize, 24usize, 64usize);
+    let x: CudaSlice<bf16> = g.zeros(t * k + 8).unwrap();
+    let w: CudaSlice<bf16> = g.zeros(n * k).unwrap();
+    let u: CudaSlice<bf16> = g.zeros(t * 64).unwrap();
+    let bl: CudaSlice<bf16> = g.zeros(n * 64).unwrap();
+    let mut y: CudaSlice<bf16> = g.zeros(t * n).unwrap();
+    let xv = x.slice(0..t * k);
+    let wv = w.slice(..);
+    let none = GemmEpilogue::new();
+
+    // K % 8 != 0.
+    let x12 = x.slice(0..t * 12);
+    let w12: CudaSlice<bf16> = g.zeros(n * 12).unwrap();
+    let e = gemm::matmul_nt(g, &x12, &w12.slice(..), &mut y, &none, t, n, 12).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Dim {
+                name: "k",
+                value: 12,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // x misaligned to 16 bytes (one element in).
+    let x_off = x.slice(1..1 + t * k);
+    let e = gemm::matmul_nt(g, &x_off, &wv, &mut y, &none, t, n, k).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Misaligned {
+                name: "x",
+                align: 16,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // Wrong lengths.
+    let e = gemm::matmul_nt(g, &xv, &wv, &mut y, &none, t, n + 1, k).unwrap_err();
+    assert!(matches!(e, Error::Length { name: "w", .. }), "{e}");
+    // Rank 0 and 65.
+    for r in [0usize, 65] {
+        let uv = u.slice(..);
+        let bv = bl.slice(..);
+        let epi = GemmEpilogue::new().with_low_rank(&uv, &bv, r);
+        let e = gemm::matmul_nt(g, &xv, &wv, &mut y, &epi, t, n, k).unwrap_err();
+        assert!(
+            matches!(e, Error::Dim { name: "rank", value, .. } if value == r),
+            "{e}"
+        );
+    }
+    // U misaligned with r % 8 == 0 (TMA reads it in place).
+    let u_off = u.slice(1..1 + t * 8);
+    let bv = bl.slice(0..n * 8);
+    let epi = GemmEpilogue::new().with_low_rank(&u_off, &bv, 8);
+    let e = gemm::matmul_nt(g, &xv, &wv, &mut y, &epi, t, n, k).unwrap_err();
+    assert!(matches!(e, Error::Misaligned { name: "u", .. }), "{e}");
+    // Zero sizes.
+    let e = gemm::matmul_nt(g, &xv, &wv, &mut y, &none, 0, n, k).unwrap_err();
+    assert!(matches!(e, Error::Dim { name: "tokens", .. }), "{e}");
+    // f32 operands: unsupported on every GPU.
+    let xf: CudaSlice<f32> = g.zeros(t * k).unwrap();
+    let wf: CudaSlice<f32> = g.zeros(n * k).unwrap();
+    let mut yf: CudaSlice<f32> = g.zeros(t * n).unwrap();
+    let e = gemm::matmul_nt(g, &xf, &wf, &mut yf, &GemmEpilogue::new(), t, n, k).unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+}
+
+/// Runs only on sm_90 (and says so when skipped): a bench-sized bf16 product with the
+/// r = 16 slice and a bias, so the lead's first GPU run exercises the full grid.
+#[test]
+fn gemm_sm90_bench_shape() {
+    let Some(gpu) = gpu90("gemm_sm90_bench_shape") else {
+        return;
+    };
+    let c = Case {
+        t: 512,
+        n: 1024,
+        k: 4096,
+        bias: true,
+        scale: false,
+        r: 16,
+    };
+    check_case::<bf16>(gpu, &c, 700);
+}
+
+/// `cuda::lora::forward_core` (down kernel, then one core GEMM with the low-rank slice
+/// and the bias) against the LoRA oracle, as tests/gpu_lora.rs checks `forward`.
+fn check_lora_core<T: Element>(
+    gpu: &Gpu,
+    (t, k, n, r): (usize, usize, usize, usize),
+    bias: bool,
+    dropout: bool,
+    seed: u64,
+) {
+    use lora_kernels::cpu::lora as cpu;
+    use lora_kernels::cuda::lora as cuda;
+    use lora_kernels::{Dropout, LoraOptions, LoraShape, LoraWeights};
+    let s = LoraShape::new(t, k, n, r);
+    let what = format!(
+        "{} forward_core {s:?} bias={bias} dropout={dropout}",
+        common::dtype_name::<T>()
+    );
+    let mut rng = Rng::new(seed);
+    let (x, w, a, b) = (
+        rng.vec::<T>(s.x_len(), 1.0),
+        rng.vec::<T>(s.w_len(), 1.0),
+        rng.vec::<T>(s.a_len(), 1.0),
+        rng.vec::<T>(s.b_len(), 1.0),
+    );
+    let bv = bias.then(|| rng.vec::<T>(n, 1.0));
+    let mut opts = LoraOptions::new(1.75);
+    if dropout {
+        opts = opts.with_dropout(Dropout::new(0.25, seed, 12));
+    }
+    let abs_opts = LoraOptions {
+        scale: opts.scale.abs(),
+        ..opts
+    };
+    fn wts<'a, T>(
+        w: &'a [T],
+        a: &'a [T],
+        b: &'a [T],
+        bias: Option<&'a [T]>,
+    ) -> LoraWeights<'a, [T]> {
+        LoraWeights { w, a, b, bias }
+    }
+    let (mut y_ref, mut h_ref) = (vec![T::default(); s.y_len()], vec![T::default(); s.h_len()]);
+    cpu::forward(
+        &s,
+        &opts,
+        &x,
+        wts(&w, &a, &b, bv.as_deref()),
+        &mut y_ref,
+        Some(&mut h_ref),
+    )
+    .unwrap();
+    let ab = |v: &[T]| common::abs(v);
+    let abias = bv.as_ref().map(|v| ab(v));
+    let (mut y_mag, mut h_mag) = (vec![T::default(); s.y_len()], vec![T::default(); s.h_len()]);
+    cpu::forward(
+        &s,
+        &abs_opts,
+        &ab(&x),
+        wts(&ab(&w), &ab(&a), &ab(&b), abias.as_deref()),
+        &mut y_mag,
+        Some(&mut h_mag),
+    )
+    .unwrap();
+
+    let up = |v: &[T]| gpu.upload(v).unwrap();
+    let (xd, wd, ad, bd) = (up(&x), up(&w), up(&a), up(&b));
+    let biasd = bv.as_ref().map(|v| up(v));
+    let mut y = up(&poison::<T>(s.y_len()));
+    let mut h = up(&poison::<T>(s.h_len()));
+    let weights = LoraWeights {
+        w: &wd,
+        a: &ad,
+        b: &bd,
+        bias: biasd.as_ref(),
+    };
+    cuda::forward_core(gpu, &s, &opts, &xd, weights, &mut y, Some(&mut h))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_close(
+        &format!("{what}: h"),
+        &gpu.download(&h).unwrap(),
+        &h_ref,
+        &h_mag,
+        k,
+    );
+    assert_close(
+        &format!("{what}: y"),
+        &gpu.download(&y).unwrap(),
+        &y_ref,
+        &y_mag,
+        k + r + 1,
+    );
+}
+
+#[test]
+fn lora_forward_core() {
+    let Some(gpu) = gpu90("lora_forward_core") else {
+        return;
+    };
+    let cases = [
+        ((1000usize, 200usize, 264usize, 16usize), true, true),
+        ((129, 64, 1000, 3), false, false),
+        ((33, 4096, 520, 64), true, true),
+        ((512, 1024, 768, 8), true, false),
+    ];
+    for (i, &(shape, bias, dropout)) in cases.iter().enumerate() {
+        check_lora_core::<bf16>(gpu, shape, bias, dropout, 800 + i as u64);
+        check_lora_core::<f16>(gpu, shape, bias, dropout, 900 + i as u64);
+    }
+}
