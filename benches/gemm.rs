@@ -3,7 +3,9 @@
 //! - `cublas`: cuBLAS `y = x Wᵀ` (f32 accumulation);
 //! - `ours`: the GEMM core, `y = x Wᵀ`;
 //! - `ours_lr16`: the GEMM core with the r = 16 low-rank K-slice, `y = x Wᵀ + U Blᵀ`
-//!   (compared with cuBLAS's base product alone: the fused LoRA forward's target).
+//!   (compared with cuBLAS's base product alone: the fused LoRA forward's target);
+//! - `w256`, `w128`: the core with its tile width forced to 256 or 128 columns (the
+//!   table's last columns; `ours` is the per-call choice, `cuda::gemm::tile_n_for`).
 //!
 //! Shapes: K = 4096, (T, N) ∈ {(4096, 4096), (4096, 11008), (512, 4096)}, plus 4096³
 //! (the same as the first, kept as the reference row). Inputs are random and rotated over
@@ -51,6 +53,8 @@ enum Op {
     Cublas,
     Ours,
     OursLr16,
+    Wide,
+    Narrow,
 }
 
 impl Op {
@@ -59,6 +63,8 @@ impl Op {
             Op::Cublas => "cublas",
             Op::Ours => "ours",
             Op::OursLr16 => "ours_lr16",
+            Op::Wide => "w256",
+            Op::Narrow => "w128",
         }
     }
 }
@@ -72,6 +78,16 @@ fn run(gpu: &Gpu, (t, n, k): (usize, usize, usize), op: Op, s: &mut Set) {
         Op::OursLr16 => {
             let epi = GemmEpilogue::new().with_low_rank(&s.u, &s.bl, RANK);
             core::matmul_nt(gpu, &s.x, &s.w, &mut s.y, &epi, t, n, k).unwrap()
+        }
+        Op::Wide | Op::Narrow => {
+            let w = if matches!(op, Op::Wide) {
+                core::TILE_N
+            } else {
+                core::TILE_N_NARROW
+            };
+            core::set_tile_n_override(Some(w)).unwrap();
+            core::matmul_nt(gpu, &s.x, &s.w, &mut s.y, &GemmEpilogue::new(), t, n, k).unwrap();
+            core::set_tile_n_override(None).unwrap();
         }
     }
 }
@@ -98,7 +114,7 @@ fn main() {
     .unwrap();
     writeln!(
         table,
-        "{:>6} {:>6} {:>6} | {:>9} {:>9} {:>9} | {:>8} {:>8} {:>8} | {:>8} {:>9}",
+        "{:>6} {:>6} {:>6} | {:>9} {:>9} {:>9} | {:>8} {:>8} {:>8} | {:>8} {:>9} | {:>9} {:>9}",
         "T",
         "N",
         "K",
@@ -109,7 +125,9 @@ fn main() {
         "ours TF",
         "o+r TF",
         "ours/cuB",
-        "o+r/cuB"
+        "o+r/cuB",
+        "w256/cuB",
+        "w128/cuB"
     )
     .unwrap();
 
@@ -128,7 +146,7 @@ fn main() {
         let mut sets: Vec<Set> = (0..nsets)
             .map(|i| make_set(&gpu, t, n, k, 100 * i as u64 + 1))
             .collect();
-        let ops = [Op::Cublas, Op::Ours, Op::OursLr16];
+        let ops = [Op::Cublas, Op::Ours, Op::OursLr16, Op::Wide, Op::Narrow];
         let us: Vec<f64> = ops
             .iter()
             .map(|&op| {
@@ -142,7 +160,7 @@ fn main() {
         let flops_lr = 2.0 * (t * n * (k + RANK)) as f64;
         writeln!(
             table,
-            "{:>6} {:>6} {:>6} | {:>9.1} {:>9.1} {:>9.1} | {:>8.1} {:>8.1} {:>8.1} | {:>8.3} {:>9.3}",
+            "{:>6} {:>6} {:>6} | {:>9.1} {:>9.1} {:>9.1} | {:>8.1} {:>8.1} {:>8.1} | {:>8.3} {:>9.3} | {:>9.3} {:>9.3}",
             t,
             n,
             k,
@@ -153,7 +171,9 @@ fn main() {
             flops / us[1] * 1e-6,
             flops_lr / us[2] * 1e-6,
             us[1] / us[0],
-            us[2] / us[0]
+            us[2] / us[0],
+            us[3] / us[0],
+            us[4] / us[0]
         )
         .unwrap();
         eprint!(
@@ -187,7 +207,7 @@ fn main() {
 
         let mut group = criterion.benchmark_group(format!("gemm_bf16/{tag}"));
         group.throughput(criterion::Throughput::Elements((t * n * k) as u64));
-        for &op in &ops {
+        for &op in &ops[..3] {
             group.bench_function(op.name(), |bch| {
                 bch.iter_custom(|iters| {
                     let m = sets.len();

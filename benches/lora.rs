@@ -4,7 +4,11 @@
 //! - `base`: cuBLAS `y = x Wᵀ` alone (fwd+bwd: also `dX = dY W`);
 //! - `composed`: the plain cuBLAS LoRA (base, `h = x Aᵀ`, `y += s·h Bᵀ` with beta = 1;
 //!   fwd+bwd adds `g = dY B`, `dX = dY W + s·g A`, `dA = s·gᵀ x`, `dB = s·dYᵀ h`);
-//! - `ours`: `cuda::lora::forward` (and `backward`).
+//! - `ours`: `cuda::lora::forward` (and `backward`); on sm_90 its T > 32 forward is the
+//!   GEMM core path;
+//! - `ours_cublas_path` (the table's last column, forward only): `forward` with the GEMM
+//!   core path switched off (`set_core_dispatch(false)`), the down kernel, a skinny
+//!   cuBLAS product and a beta = 1 cuBLAS base GEMM.
 //!
 //! Inputs are random and rotated over enough copies to exceed the L2 cache (≥ 128 MB per
 //! rotation). Each figure is the median of many CUDA-event-timed batches. A table of µs,
@@ -70,6 +74,7 @@ enum Op {
     BaseFwdBwd,
     ComposedFwdBwd,
     OursFwdBwd,
+    OursFwdCublas,
 }
 
 impl Op {
@@ -81,6 +86,7 @@ impl Op {
             Op::BaseFwdBwd => "base_fwdbwd",
             Op::ComposedFwdBwd => "composed_fwdbwd",
             Op::OursFwdBwd => "ours_fwdbwd",
+            Op::OursFwdCublas => "ours_fwd_cublas_path",
         }
     }
 }
@@ -182,14 +188,16 @@ fn run(gpu: &Gpu, s: &LoraShape, opts: &LoraOptions, op: Op, set: &mut Set) {
                 .unwrap();
             }
         }
-        Op::OursFwd | Op::OursFwdBwd => {
+        Op::OursFwd | Op::OursFwdBwd | Op::OursFwdCublas => {
             let wts = LoraWeights {
                 w: &set.w,
                 a: &set.a,
                 b: &set.b,
                 bias: None,
             };
+            cuda::set_core_dispatch(op != Op::OursFwdCublas);
             cuda::forward(gpu, s, opts, &set.x, wts, &mut set.y, Some(&mut set.h)).unwrap();
+            cuda::set_core_dispatch(true);
             if op == Op::OursFwdBwd {
                 let grads = LoraGrads {
                     dx: &mut set.dx,
@@ -291,8 +299,8 @@ fn main() {
         "bf16, K = 4096; median µs of {samples} CUDA-event batches; inputs rotated past L2"
     )
     .unwrap();
-    writeln!(table, "{:>6} {:>6} {:>4} | {:>9} {:>9} {:>9} | {:>7} {:>7} {:>7} | {:>9} {:>9} {:>9} | {:>7} {:>7} | {:>8} {:>8}",
-        "T", "N", "r", "base", "composed", "ours", "comp/b", "ours/b", "o/comp", "base_fb", "comp_fb", "ours_fb", "ours/b", "o/comp", "base TF", "ours GB/s").unwrap();
+    writeln!(table, "{:>6} {:>6} {:>4} | {:>9} {:>9} {:>9} | {:>7} {:>7} {:>7} | {:>9} {:>9} {:>9} | {:>7} {:>7} | {:>8} {:>8} | {:>9}",
+        "T", "N", "r", "base", "composed", "ours", "comp/b", "ours/b", "o/comp", "base_fb", "comp_fb", "ours_fb", "ours/b", "o/comp", "base TF", "ours GB/s", "cuBpath/b").unwrap();
 
     let ns: &[usize] = &[4096, 11008];
     let rs: &[usize] = if quick { &[16] } else { &[16, 64] };
@@ -316,6 +324,7 @@ fn main() {
                     Op::BaseFwdBwd,
                     Op::ComposedFwdBwd,
                     Op::OursFwdBwd,
+                    Op::OursFwdCublas,
                 ];
                 let us: Vec<f64> = ops
                     .iter()
@@ -328,10 +337,10 @@ fn main() {
                     .collect();
                 let flops = 2.0 * (t * n * 4096) as f64;
                 let w_bytes = 2.0 * (n * 4096) as f64;
-                writeln!(table, "{:>6} {:>6} {:>4} | {:>9.1} {:>9.1} {:>9.1} | {:>7.3} {:>7.3} {:>7.3} | {:>9.1} {:>9.1} {:>9.1} | {:>7.3} {:>7.3} | {:>8.1} {:>8.0}",
+                writeln!(table, "{:>6} {:>6} {:>4} | {:>9.1} {:>9.1} {:>9.1} | {:>7.3} {:>7.3} {:>7.3} | {:>9.1} {:>9.1} {:>9.1} | {:>7.3} {:>7.3} | {:>8.1} {:>8.0} | {:>9.3}",
                     t, n, r, us[0], us[1], us[2], us[1] / us[0], us[2] / us[0], us[2] / us[1],
                     us[3], us[4], us[5], us[5] / us[3], us[5] / us[4],
-                    flops / us[0] * 1e-6, w_bytes / us[2] * 1e-3).unwrap();
+                    flops / us[0] * 1e-6, w_bytes / us[2] * 1e-3, us[6] / us[0]).unwrap();
                 record(&rec, &s, &us);
                 eprint!(
                     "{}",
@@ -344,7 +353,7 @@ fn main() {
 
                 let mut group = criterion.benchmark_group(format!("lora_bf16/{tag}"));
                 group.throughput(criterion::Throughput::Elements((t * n * 4096) as u64));
-                for &op in &ops {
+                for &op in &ops[..6] {
                     group.bench_function(op.name(), |bch| {
                         bch.iter_custom(|iters| {
                             Duration::from_secs_f64(time_iters(

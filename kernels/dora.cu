@@ -76,6 +76,8 @@ __device__ __forceinline__ void norm_kernel(const LkDoraNormParams &p) {
       const float nrm = sqrtf(s);
       p.norm[row] = nrm;
       if (p.m_out != nullptr) static_cast<T *>(p.m_out)[row] = from_f32<T>(nrm);
+      if (p.g_out != nullptr)
+        p.g_out[row] = __fdiv_rn(ldg(static_cast<const T *>(p.mag) + row), nrm);
     }
   }
 }

@@ -1,23 +1,30 @@
-// Hopper (sm_90a) tensor-core GEMM core, v1: y = x Wᵀ (+ U Blᵀ), then the epilogue.
+// Hopper (sm_90a) tensor-core GEMM core, v2: y = x Wᵀ (+ U Blᵀ), then the epilogue.
 //
 //   y[T, N] = col_scale ⊙ (x[T, K] · W[N, K]ᵀ + U[T, r] · Bl[N, r]ᵀ) + bias     (f32 accumulate)
+//   z[T, N] = x · Wᵀ + U · Blᵀ  (optional: the unscaled accumulator, DoRA's z)
 //
 // Operands are K-major row-major (PyTorch's layout), bf16 or f16; y is written in the
 // operand type. The low-rank term (U = s·h from the LoRA down product, Bl = LoRA's B) is
 // one extra K-slice of the same mainloop, so y is written once.
 //
-// Structure (one CTA = one 128 × 256 tile of y, 384 threads = 3 warpgroups):
+// Structure (a persistent grid of clusters of 2 CTAs, at most one CTA per SM; the two
+// CTAs of a cluster take tile rows 2q and 2q + 1 of one tile column, each tile 128 × BN
+// of y, BN = 256 or 128; 384 threads = 3 warpgroups per CTA):
 // - warpgroup 0, the producer: `setmaxnreg.dec` to 40 registers; one thread issues the
-//   TMA loads (cp.async.bulk.tensor.2d, 128-byte swizzle) of a 128 × 64 tile of x and a
-//   256 × 64 tile of W per K-slice into a 4-stage shared-memory ring. Each stage has a
-//   `full` mbarrier (1 arrival + the transaction bytes: the producer's expect_tx, the
-//   TMA's complete_tx) and an `empty` mbarrier (8 arrivals: lane 0 of each consumer warp
-//   once its wgmmas that read the stage are complete).
+//   TMA loads (cp.async.bulk.tensor.2d, 128-byte swizzle) of its CTA's 128 × 64 x tile
+//   and of half (BN/2 rows) of the BN × 64 W tile per K-slice, that half multicast into
+//   both CTAs of the cluster, so W crosses L2 once per pair. The ring has 4 stages for
+//   BN = 256, 6 for 128. Each stage has a `full` mbarrier (1 arrival + the transaction
+//   bytes: the producer's expect_tx, the TMA's complete_tx from its own and the peer's
+//   loads) and an `empty` mbarrier (16 arrivals: lane 0 of each consumer warp of both
+//   CTAs once its wgmmas that read the stage are complete: the peer's multicast
+//   overwrites the stage in both). The producer runs on into the next tile while the
+//   consumers store the last one.
 // - warpgroups 1 and 2, the consumers: `setmaxnreg.inc` to 232; consumer c owns rows
-//   64c .. 64c + 63 of the tile and issues four `wgmma.m64n256k16` per K-slice (A: its
+//   64c .. 64c + 63 of the tile and issues four `wgmma.m64nBNk16` per K-slice (A: its
 //   64-row half of the x tile, B: the whole W tile, both through smem descriptors),
 //   keeping one wgmma group in flight (wait_group 1) and releasing the previous stage.
-// - epilogue: registers → global directly (v1), predicated at the T and N edges.
+// - epilogue: registers → global directly, predicated at the T and N edges.
 //
 // Edges: TMA zero-fills every out-of-bounds element of a box (rows ≥ T or ≥ N, columns
 // ≥ K or ≥ r), and still counts the whole box in complete_tx, so the mainloop has no
@@ -25,7 +32,8 @@
 // rule (checked on the host).
 //
 // Registers: 2 × 128 × 232 + 128 × 40 = 64 512 ≤ 65 536 per SM (one CTA per SM).
-// Shared memory: 4 stages × (16 + 32) KB + 1 KB alignment slack = 193 KB dynamic.
+// Shared memory: 4 × (16 + 32) KB or 6 × (16 + 16) KB + 1 KB alignment slack = 193 KB
+// dynamic.
 //
 // Everything is under __CUDA_ARCH_FEAT_SM90_ALL (compute_90a): the sm_80/86/89 SASS and
 // the compute_80 PTX get a stub that traps; the host never launches it off sm_90.
@@ -51,16 +59,24 @@ struct alignas(64) LkTmap {
 #ifdef LK_GEMM_SM90
 namespace {
 
-constexpr int BM = 128;                          // tile rows (of x and y)
-constexpr int BN = 256;                          // tile columns (rows of W, columns of y)
-constexpr int BK = 64;                           // K per stage: 64 × 2 B = one 128-byte swizzle row
-constexpr int STAGES = 4;                        // ring depth
-constexpr int A_BYTES = BM * BK * 2;             // 16 KB: x tile [128][64]
-constexpr int B_BYTES = BN * BK * 2;             // 32 KB: W tile [256][64]
-constexpr int STAGE_BYTES = A_BYTES + B_BYTES;   // 48 KB, a multiple of 1024
-constexpr int GROUP_M = 8;                       // tile rows per L2 group (grouped order)
-constexpr int EMPTY_ARRIVALS = 8;                // lane 0 of each of the 8 consumer warps
+constexpr int BM = 128;                 // tile rows (of x and y)
+constexpr int BK = 64;                  // K per stage: 64 × 2 B = one 128-byte swizzle row
+constexpr int A_BYTES = BM * BK * 2;    // 16 KB: x tile [128][64]
+constexpr int GROUP_M = 8;              // tile rows per L2 group (grouped order)
+constexpr int CLUSTER = 2;              // CTAs per cluster: tile rows 2q and 2q + 1
+constexpr int EMPTY_ARRIVALS = 8 * CLUSTER;  // lane 0 of each consumer warp of both CTAs
+constexpr int MAX_STAGES = 6;
 
+// The two tile widths. BN = 256: 4 stages of 16 + 32 KB; BN = 128: 6 stages of
+// 16 + 16 KB. Both use 192 KB of ring (+ 1 KB alignment slack), chosen on the host.
+template <int BN_> struct Tile {
+  static constexpr int HALF_B_BYTES = BN_ / 2 * BK * 2; // the W rows one CTA loads
+  static constexpr int STAGES = BN_ == 256 ? 4 : 6;     // ring depth
+  static constexpr int B_BYTES = BN_ * BK * 2;          // W tile [BN][64]
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES; // a multiple of 1024
+  static constexpr int ACC = BN_ / 2;                   // f32 accumulators per consumer thread
+};
+static_assert(Tile<256>::STAGES <= MAX_STAGES && Tile<128>::STAGES <= MAX_STAGES, "ring");
 
 __device__ __forceinline__ uint32_t smem_u32(const void *p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -75,9 +91,6 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
                : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 // Waits until the phase of parity `parity` has completed. On a fresh barrier (phase 0 in
 // progress) parity 1 counts as completed, which is what lets the producer fill every
@@ -110,6 +123,54 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const LkTmap *map, int
       : "memory");
 }
 
+// The same load, multicast: the box lands at dst in every CTA of the cluster named in
+// cta_mask, and completes its bytes on the mbarrier at the same offset in each of them.
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const LkTmap *map, int c0,
+                                                      int c1, uint32_t bar, uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(cta_mask)
+      : "memory");
+}
+
+// ---- clusters ---------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ uint32_t cluster_id_x() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ uint32_t cluster_count_x() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(r));
+  return r;
+}
+// Every thread of both CTAs: release this CTA's prior shared-memory writes (the barrier
+// inits) to the cluster, wait for the peer's.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\n"
+               "barrier.cluster.wait.acquire;" ::: "memory");
+}
+// Arrives on the mbarrier at the same shared-memory offset as `bar` in cluster CTA `cta`
+// (the default .release.cta semantics, as CUTLASS's ClusterBarrier: a .cluster-scope
+// release would fence every arrival, measured 2.4× slower overall). The arrival only
+// says that this warp's wgmmas reading the stage have completed (wgmma.wait_group).
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t cta) {
+  asm volatile(
+      "{\n"
+      ".reg .b32 ra;\n"
+      "mapa.shared::cluster.u32 ra, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [ra];\n"
+      "}" ::"r"(bar),
+      "r"(cta)
+      : "memory");
+}
+
 // ---- wgmma -----------------------------------------------------------------------------
 // Shared-memory matrix descriptor of a K-major tile written by TMA with the 128-byte
 // swizzle: rows of 64 16-bit elements (128 B) stored back to back, the 16-byte chunk c
@@ -134,54 +195,58 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
 // Keeps the compiler from moving accumulator reads/writes across a wgmma wait.
-__device__ __forceinline__ void fence_regs(float (&d)[128]) {
+template <int N> __device__ __forceinline__ void fence_regs(float (&d)[N]) {
 #pragma unroll
-  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// The 128 accumulator operands of an m64n256 wgmma, d[0] .. d[127] (the D fragment).
-#define LK_WGMMA_D256 \
-      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
-      "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
-      "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
-      "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
-      "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
-      "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
-      "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
-      "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
-      "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+// The accumulator operands of an m64n256 (128) and an m64n128 (64) wgmma.
+#define LK_WGMMA_D128 \
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+#define LK_WGMMA_D64 \
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
 
-// One m64n256k16 step: D[64, 256] += A[64, 16] · B[256, 16]ᵀ, A and B K-major in shared
-// memory (descriptors da, db), f32 accumulators. Operands: d (128 regs), da, db,
-// scale-d = 1 (accumulate), imm-scale-a = imm-scale-b = 1, tnsp-a = tnsp-b = 0 (both
-// K-major, as x and W are).
+// One m64nNk16 step: D[64, N] += A[64, 16] · B[N, 16]ᵀ, A and B K-major in shared memory
+// (descriptors da, db), f32 accumulators. Operands: d, da, db, scale-d = 1 (accumulate),
+// imm-scale-a = imm-scale-b = 1, tnsp-a = tnsp-b = 0 (both K-major, as x and W are).
 #define LK_WGMMA_M64N256K16(TY)                                                   \
   asm volatile("{\n"                                                             \
                "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY "\n"      \
                "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127},\n" \
                "%128, %129, 1, 1, 1, 0, 0;\n"                                     \
                "}\n"                                                             \
-               : LK_WGMMA_D256                                                    \
+               : LK_WGMMA_D128                                                    \
+               : "l"(da), "l"(db))
+#define LK_WGMMA_M64N128K16(TY)                                                   \
+  asm volatile("{\n"                                                             \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY "\n"      \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},\n" \
+               "%64, %65, 1, 1, 1, 0, 0;\n"                                       \
+               "}\n"                                                             \
+               : LK_WGMMA_D64                                                     \
                : "l"(da), "l"(db))
 
-template <bool F16> __device__ __forceinline__ void wgmma_k16(float (&d)[128], uint64_t da, uint64_t db) {
-  if constexpr (F16) {
-    LK_WGMMA_M64N256K16("f16");
+template <bool F16, int ACC>
+__device__ __forceinline__ void wgmma_k16(float (&d)[ACC], uint64_t da, uint64_t db) {
+  if constexpr (ACC == 128) {
+    if constexpr (F16) {
+      LK_WGMMA_M64N256K16("f16");
+    } else {
+      LK_WGMMA_M64N256K16("bf16");
+    }
   } else {
-    LK_WGMMA_M64N256K16("bf16");
+    static_assert(ACC == 64, "m64n128 or m64n256");
+    if constexpr (F16) {
+      LK_WGMMA_M64N128K16("f16");
+    } else {
+      LK_WGMMA_M64N128K16("bf16");
+    }
   }
 }
 
-// The grouped (L2-friendly) tile order: consecutive CTAs walk GROUP_M tile rows down one
-// tile column before moving right, so a group reuses its GROUP_M x tiles and each W tile
-// from L2. Returns (tile row, tile column).
+// The grouped (L2-friendly) tile order: consecutive tile indices walk GROUP_M tile rows
+// down one tile column before moving right, so the CTAs working at the same time reuse
+// their GROUP_M x tiles and each W tile from L2. Returns (tile row, tile column).
 __device__ __forceinline__ void tile_of(int pid, int tiles_m, int tiles_n, int &tm, int &tn) {
   const int per_group = GROUP_M * tiles_n;
   const int group = pid / per_group;
@@ -202,27 +267,155 @@ template <> struct Pair<__half> {
   static __device__ __forceinline__ type make(float a, float b) { return __floats2half2_rn(a, b); }
 };
 
-// x_map: x [T, K], box 64 (K) × 128 (rows); w_map: W [N, K], box 64 × 256;
+// The consumer warpgroups' part of gemm_nt_body: wgmma over the ring, then the epilogue,
+// tile after tile.
+template <typename T, bool F16, int BN>
+__device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar,
+                                         const uint64_t *empty_bar, uint32_t rank, int pairs_m,
+                                         int pairs, int cluster, int clusters, int iters,
+                                         const LkGemmParams &p) {
+  using C = Tile<BN>;
+  constexpr int STAGES = C::STAGES;
+  const int c = threadIdx.x / 128 - 1;      // consumer: rows 64c .. 64c + 63 of the tile
+  const int lane = threadIdx.x % 32;
+  const int warp = (threadIdx.x / 32) % 4;  // warp within the warpgroup
+  using P = Pair<T>;
+  T *y = static_cast<T *>(p.y);
+  T *z = static_cast<T *>(p.z);
+  const T *bias = static_cast<const T *>(p.bias);
+  const bool even_n = (p.n & 1) == 0;  // pairs of columns are 4-byte aligned in y
+
+  uint32_t g = 0;  // K-slices consumed by this CTA so far (all tiles)
+  for (int pair = cluster; pair < pairs; pair += clusters) {
+    int pm, tn;
+    tile_of(pair, pairs_m, p.tiles_n, pm, tn);
+    const int m0 = (2 * pm + static_cast<int>(rank)) * BM, n0 = tn * BN;
+
+    // Accumulator D [64, BN] in wgmma's m64nNk16 fragment layout: thread (warp, lane)
+    // holds d[i] = D[row, col] with
+    //   row = 16 · warp + lane / 4 + 8 · ((i / 2) % 2)
+    //   col = 8 · (i / 4) + 2 · (lane % 4) + i % 2
+    // (each 8-column chunk j = i / 4 is mma.sync's m16n8 C fragment for the warp's 16 rows).
+    float d[C::ACC];
+#pragma unroll
+    for (int i = 0; i < C::ACC; ++i) d[i] = 0.0f;
+
+    for (int it = 0; it < iters; ++it, ++g) {
+      const uint32_t s = g % STAGES;
+      mbar_wait(smem_u32(&full_bar[s]), (g / STAGES) & 1);
+      const uint32_t a_tile = ring + s * C::STAGE_BYTES + c * (64 * 128);  // this consumer's 64 rows
+      const uint32_t b_tile = ring + s * C::STAGE_BYTES + A_BYTES;
+      const uint64_t da = desc_sw128(a_tile);
+      const uint64_t db = desc_sw128(b_tile);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        // k16 step kk starts 32 bytes further along each 128-byte row: +2 in the >> 4
+        // start-address field; the hardware applies the swizzle on the full address.
+        wgmma_k16<F16>(d, da + 2 * kk, db + 2 * kk);
+      }
+      wgmma_commit();
+      // At most one group (this slice's) still running: the previous slice's stage is free.
+      wgmma_wait<1>();
+      fence_regs(d);
+      if (it > 0 && lane == 0) {
+        const uint32_t e = smem_u32(&empty_bar[(g - 1) % STAGES]);
+        mbar_arrive_cluster(e, 0);
+        mbar_arrive_cluster(e, 1);
+      }
+    }
+    wgmma_wait<0>();
+    fence_regs(d);
+    // The tile's last stage is free too: the producer may refill it during the epilogue.
+    if (lane == 0) {
+      const uint32_t e = smem_u32(&empty_bar[(g - 1) % STAGES]);
+      mbar_arrive_cluster(e, 0);
+      mbar_arrive_cluster(e, 1);
+    }
+
+    // ---- epilogue: y = col_scale ⊙ acc + bias (and z = acc), cast, predicated stores --
+    const int row0 = m0 + 64 * c + 16 * warp + lane / 4;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      const int col = n0 + 8 * j + 2 * (lane % 4);
+      if (col >= p.n) continue;
+      const bool has1 = col + 1 < p.n;
+      float s0 = 1.0f, s1 = 1.0f, b0 = 0.0f, b1 = 0.0f;
+      if (p.col_scale != nullptr) {
+        s0 = __ldg(p.col_scale + col);
+        if (has1) s1 = __ldg(p.col_scale + col + 1);
+      }
+      if (bias != nullptr) {
+        b0 = lk::ldg(bias + col);
+        if (has1) b1 = lk::ldg(bias + col + 1);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = row0 + 8 * h;
+        if (row >= p.t) continue;
+        const float v0 = fmaf(s0, d[4 * j + 2 * h], b0);
+        const float v1 = fmaf(s1, d[4 * j + 2 * h + 1], b1);
+        T *dst = y + static_cast<size_t>(row) * p.n + col;
+        if (even_n) {
+          *reinterpret_cast<typename P::type *>(dst) = P::make(v0, v1);
+        } else {
+          dst[0] = lk::from_f32<T>(v0);
+          if (has1) dst[1] = lk::from_f32<T>(v1);
+        }
+        if (z != nullptr) {
+          const float a0 = d[4 * j + 2 * h], a1 = d[4 * j + 2 * h + 1];
+          T *zd = z + static_cast<size_t>(row) * p.n + col;
+          if (even_n) {
+            *reinterpret_cast<typename P::type *>(zd) = P::make(a0, a1);
+          } else {
+            zd[0] = lk::from_f32<T>(a0);
+            if (has1) zd[1] = lk::from_f32<T>(a1);
+          }
+        }
+      }
+    }
+  }
+}
+
+// x_map: x [T, K], box 64 (K) × 128 (rows); w_map: W [N, K], box 64 × BN/2;
 // u_map: U [T, r] (row stride rp ≥ r, rp % 8 == 0), box 64 × 128, columns ≥ r zero-filled;
-// bl_map: Bl [N, r], box 64 × 256. Without the low-rank term u_map / bl_map are unused.
-template <typename T, bool F16>
+// bl_map: Bl [N, r], box 64 × BN/2. Without the low-rank term u_map / bl_map are unused.
+//
+// Clusters of 2 CTAs (__cluster_dims__ on the entry points): the CTAs of a cluster work
+// on tile rows 2q and 2q + 1 of the same tile column at the same time, so they need the
+// same W tile. Each loads its own x tile and half of the W tile (BN/2 rows), the half
+// multicast into both CTAs' shared memory: W is read from L2 once per pair, a third less
+// L2 traffic per K-slice (32 KB instead of 48 KB per CTA at BN = 256). A stage may only
+// be refilled when the consumers of both CTAs are done with it, so each consumer warp
+// releases a stage on the empty barriers of both CTAs (16 arrivals).
+//
+// Persistent: cluster c takes tile pairs c, c + clusters, ... in the grouped order (over
+// pairs). The producer and the consumers count K-slices across tiles (g), so the ring
+// runs on from one tile into the next: while the consumers run the epilogue of a tile,
+// the producer already fills the ring with the next tile's first slices. With an odd
+// number of tile rows the last pairs' second tile lies past T: TMA zero-fills its x
+// rows and its stores are all predicated off, but it still loads its W half for the peer.
+template <typename T, bool F16, int BN>
 __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &w_map,
                                              const LkTmap &u_map, const LkTmap &bl_map,
                                              const LkGemmParams &p) {
+  using C = Tile<BN>;
+  constexpr int STAGES = C::STAGES;
   extern __shared__ uint8_t smem_raw[];
-  __shared__ __align__(8) uint64_t full_bar[STAGES];
-  __shared__ __align__(8) uint64_t empty_bar[STAGES];
+  __shared__ __align__(8) uint64_t full_bar[MAX_STAGES];
+  __shared__ __align__(8) uint64_t empty_bar[MAX_STAGES];
 
   // Stage s: x tile at ring + s · STAGE_BYTES ([128][64], 16 KB), W tile after it
-  // ([256][64], 32 KB). The ring starts 1024-byte aligned (the host adds 1 KB of slack).
+  // ([BN][64]; rank-0's half, then rank-1's). The ring starts 1024-byte aligned (the
+  // host adds 1 KB of slack), at the same offset in both CTAs.
   const uint32_t ring = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const int wg = threadIdx.x / 128;  // 0: producer, 1 and 2: consumers
-
-  int tm, tn;
-  tile_of(blockIdx.x, p.tiles_m, p.tiles_n, tm, tn);
-  const int m0 = tm * BM;  // first row of x / y of this tile
-  const int n0 = tn * BN;  // first row of W = first column of y
-  const int iters = p.k_tiles + (p.low_rank ? 1 : 0);
+  const uint32_t rank = cluster_ctarank();
+  const int pairs_m = (p.tiles_m + 1) / 2;
+  const int pairs = pairs_m * p.tiles_n;
+  const int cluster = static_cast<int>(cluster_id_x());
+  const int clusters = static_cast<int>(cluster_count_x());
+  const int iters = p.k_tiles + (p.low_rank ? 1 : 0);  // K-slices per tile
 
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -233,128 +426,81 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
     // Makes the initialized barriers visible to the async proxy (TMA) as well.
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  __syncthreads();
+  // Both CTAs' barriers exist before either CTA multicasts or arrives remotely.
+  cluster_sync();
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (threadIdx.x == 0) {
-      for (int it = 0; it < iters; ++it) {
-        const int s = it % STAGES;
-        const uint32_t phase = (it / STAGES) & 1;
-        mbar_wait(smem_u32(&empty_bar[s]), phase ^ 1);
-        const uint32_t full = smem_u32(&full_bar[s]);
-        const uint32_t a_dst = ring + s * STAGE_BYTES;
-        const uint32_t b_dst = a_dst + A_BYTES;
-        // Whole boxes are counted, out-of-bounds zero fill included.
-        mbar_arrive_expect_tx(full, STAGE_BYTES);
-        if (it < p.k_tiles) {
-          tma_load_2d(a_dst, &x_map, it * BK, m0, full);
-          tma_load_2d(b_dst, &w_map, it * BK, n0, full);
-        } else {
-          // The low-rank K-slice: U's and Bl's columns 0 .. 63, zeros from r on.
-          tma_load_2d(a_dst, &u_map, 0, m0, full);
-          tma_load_2d(b_dst, &bl_map, 0, n0, full);
+      uint32_t g = 0;  // K-slices issued by this CTA so far (all tiles)
+      for (int pair = cluster; pair < pairs; pair += clusters) {
+        int pm, tn;
+        tile_of(pair, pairs_m, p.tiles_n, pm, tn);
+        const int m0 = (2 * pm + static_cast<int>(rank)) * BM;
+        const int n_half = tn * BN + static_cast<int>(rank) * (BN / 2);  // this CTA's W rows
+        for (int it = 0; it < iters; ++it, ++g) {
+          const uint32_t s = g % STAGES;
+          const uint32_t phase = (g / STAGES) & 1;
+          // Free in both CTAs: 16 arrivals, 8 from each CTA's consumer warps.
+          mbar_wait(smem_u32(&empty_bar[s]), phase ^ 1);
+          const uint32_t full = smem_u32(&full_bar[s]);
+          const uint32_t a_dst = ring + s * C::STAGE_BYTES;
+          const uint32_t b_dst = a_dst + A_BYTES + rank * C::HALF_B_BYTES;
+          // This CTA's phase completes on its x tile and both W halves (its own and the
+          // peer's multicast); whole boxes are counted, out-of-bounds zero fill included.
+          mbar_arrive_expect_tx(full, C::STAGE_BYTES);
+          if (it < p.k_tiles) {
+            tma_load_2d(a_dst, &x_map, it * BK, m0, full);
+            tma_load_2d_multicast(b_dst, &w_map, it * BK, n_half, full, 0x3);
+          } else {
+            // The low-rank K-slice: U's and Bl's columns 0 .. 63, zeros from r on.
+            tma_load_2d(a_dst, &u_map, 0, m0, full);
+            tma_load_2d_multicast(b_dst, &bl_map, 0, n_half, full, 0x3);
+          }
         }
       }
     }
-    return;
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    consumer<T, F16, BN>(ring, full_bar, empty_bar, rank, pairs_m, pairs, cluster, clusters,
+                         iters, p);
   }
-
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int c = wg - 1;                  // consumer: rows 64c .. 64c + 63 of the tile
-  const int lane = threadIdx.x % 32;
-  const int warp = (threadIdx.x / 32) % 4;  // warp within the warpgroup
-
-  // Accumulator D [64, 256] in wgmma's m64nNk16 fragment layout: thread (warp, lane)
-  // holds d[i] = D[row, col] with
-  //   row = 16 · warp + lane / 4 + 8 · ((i / 2) % 2)
-  //   col = 8 · (i / 4) + 2 · (lane % 4) + i % 2
-  // (each 8-column chunk j = i / 4 is mma.sync's m16n8 C fragment for the warp's 16 rows).
-  float d[128];
-#pragma unroll
-  for (int i = 0; i < 128; ++i) d[i] = 0.0f;
-
-  for (int it = 0; it < iters; ++it) {
-    const int s = it % STAGES;
-    mbar_wait(smem_u32(&full_bar[s]), (it / STAGES) & 1);
-    const uint32_t a_tile = ring + s * STAGE_BYTES + c * (64 * 128);  // this consumer's 64 rows
-    const uint32_t b_tile = ring + s * STAGE_BYTES + A_BYTES;
-    const uint64_t da = desc_sw128(a_tile);
-    const uint64_t db = desc_sw128(b_tile);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      // k16 step kk starts 32 bytes further along each 128-byte row: +2 in the >> 4
-      // start-address field; the hardware applies the swizzle on the full address.
-      wgmma_k16<F16>(d, da + 2 * kk, db + 2 * kk);
-    }
-    wgmma_commit();
-    // At most one group (this slice's) still running: the previous slice's stage is free.
-    wgmma_wait<1>();
-    fence_regs(d);
-    if (it > 0 && lane == 0) mbar_arrive(smem_u32(&empty_bar[(it - 1) % STAGES]));
-  }
-  wgmma_wait<0>();
-  fence_regs(d);
-
-  // ---- epilogue: y = col_scale ⊙ acc + bias, cast, predicated stores -----------------
-  using P = Pair<T>;
-  T *y = static_cast<T *>(p.y);
-  const T *bias = static_cast<const T *>(p.bias);
-  const int row0 = m0 + 64 * c + 16 * warp + lane / 4;
-  const bool even_n = (p.n & 1) == 0;  // pairs of columns are 4-byte aligned in y
-#pragma unroll
-  for (int j = 0; j < 32; ++j) {
-    const int col = n0 + 8 * j + 2 * (lane % 4);
-    if (col >= p.n) continue;
-    const bool has1 = col + 1 < p.n;
-    float s0 = 1.0f, s1 = 1.0f, b0 = 0.0f, b1 = 0.0f;
-    if (p.col_scale != nullptr) {
-      s0 = __ldg(p.col_scale + col);
-      if (has1) s1 = __ldg(p.col_scale + col + 1);
-    }
-    if (bias != nullptr) {
-      b0 = lk::ldg(bias + col);
-      if (has1) b1 = lk::ldg(bias + col + 1);
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = row0 + 8 * h;
-      if (row >= p.t) continue;
-      const float v0 = fmaf(s0, d[4 * j + 2 * h], b0);
-      const float v1 = fmaf(s1, d[4 * j + 2 * h + 1], b1);
-      T *dst = y + static_cast<size_t>(row) * p.n + col;
-      if (even_n) {
-        *reinterpret_cast<typename P::type *>(dst) = P::make(v0, v1);
-      } else {
-        dst[0] = lk::from_f32<T>(v0);
-        if (has1) dst[1] = lk::from_f32<T>(v1);
-      }
-    }
-  }
+  // No CTA leaves while its peer may still arrive on its barriers or multicast into it.
+  cluster_sync();
 }
 
 }  // namespace
 #endif  // LK_GEMM_SM90
 
-#ifdef LK_GEMM_SM90
-#define LK_GEMM_BODY(T, F16) gemm_nt_body<T, F16>(x_map, w_map, u_map, bl_map, p)
+// Clusters of 2 CTAs exist from sm_90 on; the other targets' stubs are never launched.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define LK_GEMM_CLUSTER __cluster_dims__(2, 1, 1)
 #else
-#define LK_GEMM_BODY(T, F16) __trap()
+#define LK_GEMM_CLUSTER
 #endif
 
-// Entry points. Shapes: x [T, K], W [N, K], U [T, r], Bl [N, r], y [T, N]; grid
-// (tiles_m · tiles_n) CTAs of 384 threads, STAGES · 48 KB + 1 KB dynamic shared memory.
-#define LK_GEMM_ENTRY(SUFFIX, T, F16)                                                       \
-  extern "C" __global__ void __launch_bounds__(LK_GEMM_THREADS, 1) lk_gemm_nt_##SUFFIX(             \
+#ifdef LK_GEMM_SM90
+#define LK_GEMM_BODY(T, F16, BN) gemm_nt_body<T, F16, BN>(x_map, w_map, u_map, bl_map, p)
+#else
+#define LK_GEMM_BODY(T, F16, BN) __trap()
+#endif
+
+// Entry points, lk_gemm_nt_{bf16,f16} (128 × 256 tiles) and lk_gemm_nt_n128_{bf16,f16}
+// (128 × 128 tiles). Shapes: x [T, K], W [N, K], U [T, r], Bl [N, r], y [T, N]; grid
+// min(tiles_m · tiles_n, SMs) CTAs of 384 threads (persistent), 192 KB + 1 KB dynamic
+// shared memory.
+#define LK_GEMM_ENTRY(NAME, T, F16, BN)                                                     \
+  extern "C" __global__ void LK_GEMM_CLUSTER __launch_bounds__(LK_GEMM_THREADS, 1) NAME(   \
       const __grid_constant__ LkTmap x_map, const __grid_constant__ LkTmap w_map,           \
       const __grid_constant__ LkTmap u_map, const __grid_constant__ LkTmap bl_map,          \
       const LkGemmParams p) {                                                               \
-    LK_GEMM_BODY(T, F16);                                                                   \
+    LK_GEMM_BODY(T, F16, BN);                                                                   \
   }
 
-LK_GEMM_ENTRY(bf16, __nv_bfloat16, false)
-LK_GEMM_ENTRY(f16, __half, true)
+LK_GEMM_ENTRY(lk_gemm_nt_bf16, __nv_bfloat16, false, 256)
+LK_GEMM_ENTRY(lk_gemm_nt_f16, __half, true, 256)
+LK_GEMM_ENTRY(lk_gemm_nt_n128_bf16, __nv_bfloat16, false, 128)
+LK_GEMM_ENTRY(lk_gemm_nt_n128_f16, __half, true, 128)
 
 // out[i, j] = in[i, j] for j < r, 0 for r ≤ j < rp: any arch (a grid-stride loop).
 extern "C" __global__ void __launch_bounds__(256) lk_gemm_pad_cols(const LkGemmPadParams p) {

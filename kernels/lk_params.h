@@ -52,13 +52,16 @@ typedef struct LkSmallFwdParams {
  *   part[s][t * r + j] = sum_{c in chunk s} drop(x)[t, c] * V[j * v_sj + c * v_sc]
  * x is [t, cols] with row stride ldx; part is f32 [splits, t * r] (reduced by
  * LkReduceParams' kernel). With one split and out != NULL, out[t * r + j] =
- * alpha * sum is written directly in the activation type instead (part unused). */
+ * alpha * sum is written directly in the activation type instead (part unused), and
+ * out2[t * r + j] = alpha2 * sum as well when out2 != NULL. */
 typedef struct LkDownParams {
   const void *x;
   const void *v;
   float *part;
   void *out;
+  void *out2;
   float alpha;
+  float alpha2;
   int64_t ldx;
   int64_t v_sj, v_sc;
   int32_t t, cols, r, c_chunk;
@@ -77,13 +80,16 @@ typedef struct LkTnParams {
   LkDropout dropout;
 } LkTnParams;
 
-/* out[i] = alpha * sum_s part[s][i] (cast to the activation type), i < count. */
+/* out[i] = alpha * sum_s part[s][i] (cast to the activation type), i < count; also
+ * out2[i] = alpha2 * sum when out2 != NULL. */
 typedef struct LkReduceParams {
   const float *part;
   void *out;
+  void *out2;
   int64_t count;
   int32_t splits;
   float alpha;
+  float alpha2;
 } LkReduceParams;
 
 /* In place over W [n, k], with P[n, k] = sum_j B[n, j] * A[j, k]:
@@ -262,14 +268,17 @@ typedef struct LkNf4DoubleQuantParams {
  * 0 or 1: the dropout form of peft's formula uses g - 1). */
 
 /* norm[n] = sqrt(sum_k (W[n, k] + scale * sum_j B[n, j] * A[j, k])^2) in f32, from the
- * elements (no expanded square); m_out[n] = norm[n] in W's type when m_out != NULL.
+ * elements (no expanded square); m_out[n] = norm[n] in W's type when m_out != NULL;
+ * g_out[n] = mag[n] / norm[n] (f32, the DoRA scale) when g_out != NULL.
  * Grid ceil(n / 8), 256 threads, dynamic shared memory 8 * r floats. */
 typedef struct LkDoraNormParams {
-  const void *w; /* [n, k] */
-  const void *a; /* [r, k] */
-  const void *b; /* [n, r] */
-  float *norm;   /* [n] */
-  void *m_out;   /* [n] or NULL */
+  const void *w;   /* [n, k] */
+  const void *a;   /* [r, k] */
+  const void *b;   /* [n, r] */
+  float *norm;     /* [n] */
+  void *m_out;     /* [n] or NULL */
+  const void *mag; /* [n] in W's type, read when g_out != NULL */
+  float *g_out;    /* [n] or NULL */
   int32_t n, k, r;
   float scale;
 } LkDoraNormParams;
@@ -343,7 +352,9 @@ typedef struct LkGemmParams {
   int32_t k_tiles;        /* ceil(k / 64): K-slices of the mainloop */
   int32_t low_rank;       /* 1: one extra K-slice from the u / bl tensor maps */
   int32_t tiles_m;        /* ceil(t / 128) */
-  int32_t tiles_n;        /* ceil(n / 256) */
+  int32_t tiles_n;        /* ceil(n / tile width), the width 256 or 128 by the kernel */
+  void *z;                /* [t, n] in the operand type, or NULL: the accumulator before
+                           * the scale and the bias (DoRA's z), written beside y */
 } LkGemmParams;
 
 /* Column padding of a 16-bit [rows, r] matrix to [rows, rp] (rp = r rounded up to 8,

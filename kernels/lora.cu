@@ -690,6 +690,8 @@ __device__ __forceinline__ void dora_norm_mma(const LkDoraNormParams &p) {
       const float nrm = sqrtf(s);
       p.norm[row] = nrm;
       if (p.m_out != nullptr) static_cast<T *>(p.m_out)[row] = from_f32<T>(nrm);
+      if (p.g_out != nullptr)
+        p.g_out[row] = __fdiv_rn(ldg(static_cast<const T *>(p.mag) + row), nrm);
     }
   }
 }
@@ -802,10 +804,13 @@ __device__ __forceinline__ void down_kernel(const LkDownParams &p) {
     for (int b = 0; b < RPT; ++b) {
       const int j = j0 + tx * RPT + b;
       if (j >= p.r) continue;
-      if (p.out != nullptr)
+      if (p.out != nullptr) {
         static_cast<T *>(p.out)[(size_t)t * p.r + j] = from_f32<T>(p.alpha * acc[a][b]);
-      else
+        if (p.out2 != nullptr)
+          static_cast<T *>(p.out2)[(size_t)t * p.r + j] = from_f32<T>(p.alpha2 * acc[a][b]);
+      } else {
         part[(size_t)t * p.r + j] = acc[a][b];
+      }
     }
   }
 }
@@ -873,10 +878,13 @@ __device__ __forceinline__ void down_mma_kernel(const LkDownParams &p) {
     const int j = j0 + nt * 8 + 2 * (l & 3) + (c & 1);
     if (t < p.t && j < p.r) {
       const float val = drop ? sum * p.dropout.keep_scale : sum;
-      if (p.out != nullptr)
+      if (p.out != nullptr) {
         static_cast<T *>(p.out)[(size_t)t * p.r + j] = from_f32<T>(p.alpha * val);
-      else
+        if (p.out2 != nullptr)
+          static_cast<T *>(p.out2)[(size_t)t * p.r + j] = from_f32<T>(p.alpha2 * val);
+      } else {
         part[(size_t)t * p.r + j] = val;
+      }
     }
   }
 }
@@ -993,6 +1001,7 @@ __device__ __forceinline__ void reduce_kernel(const LkReduceParams &p) {
     float acc = 0.0f;
     for (int s = 0; s < p.splits; ++s) acc += p.part[(size_t)s * p.count + i];
     static_cast<T *>(p.out)[i] = from_f32<T>(p.alpha * acc);
+    if (p.out2 != nullptr) static_cast<T *>(p.out2)[i] = from_f32<T>(p.alpha2 * acc);
   }
 }
 #define LK_REDUCE(DT, TYPE)                                                                     \

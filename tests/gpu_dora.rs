@@ -466,6 +466,22 @@ fn gpu_dora_bf16() {
     run_all::<bf16>(7000);
 }
 
+/// On an sm_90 GPU the f16/bf16 forward above T = 32 without dropout takes the GEMM core
+/// (scale in its epilogue); this runs those cases again with the core path switched off
+/// for this thread, so the norm-LoRA-scale composition stays checked on every GPU.
+#[test]
+fn gpu_dora_cublas_path_f16_bf16() {
+    let Some(gpu) = gpu() else { return };
+    lora_kernels::cuda::lora::set_core_dispatch(false);
+    for (i, c) in cases().iter().enumerate() {
+        if c.shape.tokens > lora_kernels::cuda::lora::SMALL_T_MAX && !c.dropout {
+            check_case::<bf16>(gpu, c, 7500 + i as u64);
+            check_case::<f16>(gpu, c, 7700 + i as u64);
+        }
+    }
+    lora_kernels::cuda::lora::set_core_dispatch(true);
+}
+
 /// Backward in several token chunks (a small chunk bound) equals the oracle.
 #[test]
 fn gpu_dora_backward_in_chunks() {

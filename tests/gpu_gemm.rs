@@ -268,6 +268,52 @@ fn gemm_many_tiles() {
     }
 }
 
+/// Both tile widths (128 × 256 and 128 × 128), forced, on a grid of more tiles than SMs
+/// so each persistent cluster runs several tiles and the ring's phases carry from one tile to
+/// the next (3 K-slices a tile: not a multiple of either ring depth, 4 or 6), and on a
+/// small odd shape with every epilogue option; then the per-call choice again.
+#[test]
+fn gemm_tile_widths_persistent() {
+    let Some(gpu) = gpu90("gemm_tile_widths_persistent") else {
+        return;
+    };
+    let sms = gpu.sm_count() as usize;
+    // Rows and columns of tiles enough for more than one round of each width, an odd
+    // number of tile rows (the last pairs of the 2-CTA clusters have a tile past T).
+    let t = (sms.isqrt() + 1) * gemm::TILE_M + 5;
+    let n = (sms.div_ceil(t.div_ceil(gemm::TILE_M)) + 1) * gemm::TILE_N - 3;
+    assert!(t.div_ceil(gemm::TILE_M) * n.div_ceil(gemm::TILE_N) > sms);
+    for (i, &w) in [gemm::TILE_N, gemm::TILE_N_NARROW].iter().enumerate() {
+        gemm::set_tile_n_override(Some(w)).unwrap();
+        let big = Case {
+            t,
+            n,
+            k: 136,
+            bias: true,
+            scale: false,
+            r: 0,
+        };
+        check_case::<bf16>(gpu, &big, 800 + i as u64);
+        let small = Case {
+            t: 37,
+            n: 301,
+            k: 200,
+            bias: true,
+            scale: true,
+            r: 17,
+        };
+        check_case::<bf16>(gpu, &small, 810 + i as u64);
+        check_case::<f16>(gpu, &small, 820 + i as u64);
+    }
+    gemm::set_tile_n_override(None).unwrap();
+    assert!(gemm::set_tile_n_override(Some(64)).is_err());
+    // The per-call choice: the narrow tile where it halves a single round's work, the
+    // wide one on the large shapes.
+    assert_eq!(gemm::tile_n_for(512, 4096, 132), gemm::TILE_N_NARROW);
+    assert_eq!(gemm::tile_n_for(4096, 4096, 132), gemm::TILE_N);
+    assert_eq!(gemm::tile_n_for(4096, 11008, 132), gemm::TILE_N);
+}
+
 /// Argument errors come before the architecture check, so they show on any GPU.
 #[test]
 fn gemm_errors() {

@@ -268,6 +268,22 @@ fn gpu_lora_bf16() {
     run_all::<bf16>(3000);
 }
 
+/// On an sm_90 GPU the f16/bf16 forward above T = 32 takes the GEMM core path; this runs
+/// the large-T cases again with that path switched off for this thread, so the cuBLAS
+/// path stays checked on every GPU.
+#[test]
+fn gpu_lora_cublas_path_f16_bf16() {
+    let Some(gpu) = gpu() else { return };
+    cuda::set_core_dispatch(false);
+    for (i, c) in cases().iter().enumerate() {
+        if c.shape.tokens > cuda::SMALL_T_MAX {
+            check_case::<bf16>(gpu, c, 4000 + i as u64);
+            check_case::<f16>(gpu, c, 5000 + i as u64);
+        }
+    }
+    cuda::set_core_dispatch(true);
+}
+
 fn merge_case<T: Element>(gpu: &Gpu, s: LoraShape, seed: u64) {
     let mut rng = Rng::new(seed);
     let (w0, a, b): (Vec<T>, Vec<T>, Vec<T>) = (

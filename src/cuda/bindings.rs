@@ -100,7 +100,9 @@ pub struct LkDownParams {
     pub v: *const ::core::ffi::c_void,
     pub part: *mut f32,
     pub out: *mut ::core::ffi::c_void,
+    pub out2: *mut ::core::ffi::c_void,
     pub alpha: f32,
+    pub alpha2: f32,
     pub ldx: i64,
     pub v_sj: i64,
     pub v_sc: i64,
@@ -112,24 +114,27 @@ pub struct LkDownParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkDownParams"][::core::mem::size_of::<LkDownParams>() - 104usize];
+    ["Size of LkDownParams"][::core::mem::size_of::<LkDownParams>() - 112usize];
     ["Alignment of LkDownParams"][::core::mem::align_of::<LkDownParams>() - 8usize];
     ["Offset of field: LkDownParams::x"][::core::mem::offset_of!(LkDownParams, x) - 0usize];
     ["Offset of field: LkDownParams::v"][::core::mem::offset_of!(LkDownParams, v) - 8usize];
     ["Offset of field: LkDownParams::part"][::core::mem::offset_of!(LkDownParams, part) - 16usize];
     ["Offset of field: LkDownParams::out"][::core::mem::offset_of!(LkDownParams, out) - 24usize];
+    ["Offset of field: LkDownParams::out2"][::core::mem::offset_of!(LkDownParams, out2) - 32usize];
     ["Offset of field: LkDownParams::alpha"]
-        [::core::mem::offset_of!(LkDownParams, alpha) - 32usize];
-    ["Offset of field: LkDownParams::ldx"][::core::mem::offset_of!(LkDownParams, ldx) - 40usize];
-    ["Offset of field: LkDownParams::v_sj"][::core::mem::offset_of!(LkDownParams, v_sj) - 48usize];
-    ["Offset of field: LkDownParams::v_sc"][::core::mem::offset_of!(LkDownParams, v_sc) - 56usize];
-    ["Offset of field: LkDownParams::t"][::core::mem::offset_of!(LkDownParams, t) - 64usize];
-    ["Offset of field: LkDownParams::cols"][::core::mem::offset_of!(LkDownParams, cols) - 68usize];
-    ["Offset of field: LkDownParams::r"][::core::mem::offset_of!(LkDownParams, r) - 72usize];
+        [::core::mem::offset_of!(LkDownParams, alpha) - 40usize];
+    ["Offset of field: LkDownParams::alpha2"]
+        [::core::mem::offset_of!(LkDownParams, alpha2) - 44usize];
+    ["Offset of field: LkDownParams::ldx"][::core::mem::offset_of!(LkDownParams, ldx) - 48usize];
+    ["Offset of field: LkDownParams::v_sj"][::core::mem::offset_of!(LkDownParams, v_sj) - 56usize];
+    ["Offset of field: LkDownParams::v_sc"][::core::mem::offset_of!(LkDownParams, v_sc) - 64usize];
+    ["Offset of field: LkDownParams::t"][::core::mem::offset_of!(LkDownParams, t) - 72usize];
+    ["Offset of field: LkDownParams::cols"][::core::mem::offset_of!(LkDownParams, cols) - 76usize];
+    ["Offset of field: LkDownParams::r"][::core::mem::offset_of!(LkDownParams, r) - 80usize];
     ["Offset of field: LkDownParams::c_chunk"]
-        [::core::mem::offset_of!(LkDownParams, c_chunk) - 76usize];
+        [::core::mem::offset_of!(LkDownParams, c_chunk) - 84usize];
     ["Offset of field: LkDownParams::dropout"]
-        [::core::mem::offset_of!(LkDownParams, dropout) - 80usize];
+        [::core::mem::offset_of!(LkDownParams, dropout) - 88usize];
 };
 impl Default for LkDownParams {
     fn default() -> Self {
@@ -187,23 +192,29 @@ impl Default for LkTnParams {
 pub struct LkReduceParams {
     pub part: *const f32,
     pub out: *mut ::core::ffi::c_void,
+    pub out2: *mut ::core::ffi::c_void,
     pub count: i64,
     pub splits: i32,
     pub alpha: f32,
+    pub alpha2: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkReduceParams"][::core::mem::size_of::<LkReduceParams>() - 32usize];
+    ["Size of LkReduceParams"][::core::mem::size_of::<LkReduceParams>() - 48usize];
     ["Alignment of LkReduceParams"][::core::mem::align_of::<LkReduceParams>() - 8usize];
     ["Offset of field: LkReduceParams::part"]
         [::core::mem::offset_of!(LkReduceParams, part) - 0usize];
     ["Offset of field: LkReduceParams::out"][::core::mem::offset_of!(LkReduceParams, out) - 8usize];
+    ["Offset of field: LkReduceParams::out2"]
+        [::core::mem::offset_of!(LkReduceParams, out2) - 16usize];
     ["Offset of field: LkReduceParams::count"]
-        [::core::mem::offset_of!(LkReduceParams, count) - 16usize];
+        [::core::mem::offset_of!(LkReduceParams, count) - 24usize];
     ["Offset of field: LkReduceParams::splits"]
-        [::core::mem::offset_of!(LkReduceParams, splits) - 24usize];
+        [::core::mem::offset_of!(LkReduceParams, splits) - 32usize];
     ["Offset of field: LkReduceParams::alpha"]
-        [::core::mem::offset_of!(LkReduceParams, alpha) - 28usize];
+        [::core::mem::offset_of!(LkReduceParams, alpha) - 36usize];
+    ["Offset of field: LkReduceParams::alpha2"]
+        [::core::mem::offset_of!(LkReduceParams, alpha2) - 40usize];
 };
 impl Default for LkReduceParams {
     fn default() -> Self {
@@ -720,6 +731,8 @@ pub struct LkDoraNormParams {
     pub b: *const ::core::ffi::c_void,
     pub norm: *mut f32,
     pub m_out: *mut ::core::ffi::c_void,
+    pub mag: *const ::core::ffi::c_void,
+    pub g_out: *mut f32,
     pub n: i32,
     pub k: i32,
     pub r: i32,
@@ -727,7 +740,7 @@ pub struct LkDoraNormParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkDoraNormParams"][::core::mem::size_of::<LkDoraNormParams>() - 56usize];
+    ["Size of LkDoraNormParams"][::core::mem::size_of::<LkDoraNormParams>() - 72usize];
     ["Alignment of LkDoraNormParams"][::core::mem::align_of::<LkDoraNormParams>() - 8usize];
     ["Offset of field: LkDoraNormParams::w"][::core::mem::offset_of!(LkDoraNormParams, w) - 0usize];
     ["Offset of field: LkDoraNormParams::a"][::core::mem::offset_of!(LkDoraNormParams, a) - 8usize];
@@ -737,14 +750,18 @@ const _: () = {
         [::core::mem::offset_of!(LkDoraNormParams, norm) - 24usize];
     ["Offset of field: LkDoraNormParams::m_out"]
         [::core::mem::offset_of!(LkDoraNormParams, m_out) - 32usize];
+    ["Offset of field: LkDoraNormParams::mag"]
+        [::core::mem::offset_of!(LkDoraNormParams, mag) - 40usize];
+    ["Offset of field: LkDoraNormParams::g_out"]
+        [::core::mem::offset_of!(LkDoraNormParams, g_out) - 48usize];
     ["Offset of field: LkDoraNormParams::n"]
-        [::core::mem::offset_of!(LkDoraNormParams, n) - 40usize];
+        [::core::mem::offset_of!(LkDoraNormParams, n) - 56usize];
     ["Offset of field: LkDoraNormParams::k"]
-        [::core::mem::offset_of!(LkDoraNormParams, k) - 44usize];
+        [::core::mem::offset_of!(LkDoraNormParams, k) - 60usize];
     ["Offset of field: LkDoraNormParams::r"]
-        [::core::mem::offset_of!(LkDoraNormParams, r) - 48usize];
+        [::core::mem::offset_of!(LkDoraNormParams, r) - 64usize];
     ["Offset of field: LkDoraNormParams::scale"]
-        [::core::mem::offset_of!(LkDoraNormParams, scale) - 52usize];
+        [::core::mem::offset_of!(LkDoraNormParams, scale) - 68usize];
 };
 impl Default for LkDoraNormParams {
     fn default() -> Self {
@@ -956,10 +973,11 @@ pub struct LkGemmParams {
     pub low_rank: i32,
     pub tiles_m: i32,
     pub tiles_n: i32,
+    pub z: *mut ::core::ffi::c_void,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkGemmParams"][::core::mem::size_of::<LkGemmParams>() - 48usize];
+    ["Size of LkGemmParams"][::core::mem::size_of::<LkGemmParams>() - 56usize];
     ["Alignment of LkGemmParams"][::core::mem::align_of::<LkGemmParams>() - 8usize];
     ["Offset of field: LkGemmParams::y"][::core::mem::offset_of!(LkGemmParams, y) - 0usize];
     ["Offset of field: LkGemmParams::bias"][::core::mem::offset_of!(LkGemmParams, bias) - 8usize];
@@ -975,6 +993,7 @@ const _: () = {
         [::core::mem::offset_of!(LkGemmParams, tiles_m) - 40usize];
     ["Offset of field: LkGemmParams::tiles_n"]
         [::core::mem::offset_of!(LkGemmParams, tiles_n) - 44usize];
+    ["Offset of field: LkGemmParams::z"][::core::mem::offset_of!(LkGemmParams, z) - 48usize];
 };
 impl Default for LkGemmParams {
     fn default() -> Self {

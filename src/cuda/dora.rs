@@ -10,9 +10,13 @@
 //!   the LoRA linear's fused small-T tensor-core kernel, extended: one pass over W gives
 //!   the base product, the low-rank term, each row's norm (the same tensor-core norm
 //!   as above, on W's registers) and the scale, and writes y (and z, the norms) once;
+//! - forward without dropout, T > 32, where the LoRA linear takes the GEMM core (sm_90,
+//!   f16/bf16, r ≤ 64, K % 8 == 0, aligned): the norms and `g = m/‖·‖` in one launch,
+//!   the down kernel, then one core GEMM with the low-rank K-slice whose epilogue writes
+//!   `y = g ⊙ acc + bias` (and `z = acc` when asked): y is written once;
 //! - other forwards without dropout: the norms, the LoRA linear's forward without bias
-//!   (its small-T kernels or its large-T path), then one pass over y applying the scale
-//!   and the bias (saving `z` on the way when asked);
+//!   (its small-T kernels or its large-T cuBLAS path), then one pass over y applying the
+//!   scale and the bias (saving `z` on the way when asked);
 //! - forward under dropout (peft's formula, two base products): `h` from the LoRA
 //!   down kernel, `z = (1/(1−p))·x_m Wᵀ + s·h Bᵀ` with `x_m` the masked x (scratch
 //!   [T, K]), `y = (g − 1)⊙z + bias + s·h Bᵀ + x Wᵀ`;
@@ -29,8 +33,8 @@
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, SyncOnDrop};
 
 use super::lora::{
-    dora_fused_small, forward_small, grid_1d, launch_down, launch_merge, launch_tn, DoraPtrs,
-    FwdPtrs, MergeMode,
+    core_takes, dora_fused_small, forward_core_launch, forward_large, forward_small, grid_1d,
+    launch_down, launch_merge, launch_tn, DoraPtrs, FwdPtrs, MergeMode,
 };
 use super::qlora::for_each_panel;
 use super::{dptr, dptr_mut, gemm_rm, gemm_rm_ld, lk_dropout, Gpu, LkNf4};
@@ -43,7 +47,7 @@ use crate::dora::{
     DoraSaved, DoraWeights, ForwardLens,
 };
 use crate::lora::check_len;
-use crate::{Element, LoraOptions, LoraShape, LoraWeights, Result};
+use crate::{Element, LoraOptions, LoraShape, Result};
 
 /// The most elements of one backward chunk buffer ([chunk, N] or [chunk, K]).
 pub const BACKWARD_CHUNK_ELEMS: usize = 1 << 23;
@@ -72,12 +76,32 @@ pub(crate) fn launch_norm<T: Element>(
     norm: u64,
     m_out: u64,
 ) -> Result<()> {
+    launch_norm_g::<T>(gpu, shape, scale, w, a, b, norm, m_out, None)
+}
+
+/// [`launch_norm`], and with `g = Some((mag, g_out))` also the DoRA scale
+/// `g_out[n] = mag[n] / norm[n]` (f32) from the same launch.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_norm_g<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    scale: f32,
+    w: u64,
+    a: u64,
+    b: u64,
+    norm: u64,
+    m_out: u64,
+    g: Option<(u64, u64)>,
+) -> Result<()> {
+    let (mag, g_out) = g.unwrap_or((0, 0));
     let params = LkDoraNormParams {
         w: w as *const _,
         a: a as *const _,
         b: b as *const _,
         norm: norm as *mut f32,
         m_out: m_out as *mut _,
+        mag: mag as *const _,
+        g_out: g_out as *mut f32,
         n: shape.out_features as i32,
         k: shape.in_features as i32,
         r: shape.rank as i32,
@@ -467,16 +491,39 @@ where
             launch_scale::<T>(gpu, t, n, yp, zptr, biasp, mp, np, 0.0)
         }
         None => {
-            launch_norm::<T>(gpu, shape, opts.scale, wp, ap, bp, np, 0)?;
-            // y = z = x Wᵀ + s·h Bᵀ by the LoRA linear (no bias), then the scale.
-            let lw = LoraWeights {
-                w: weights.w,
-                a: weights.a,
-                b: weights.b,
-                bias: None,
-            };
-            super::lora::forward(gpu, shape, opts, x, lw, y, h)?;
             let (yp, _gy) = dptr_mut(gpu, "y", y)?;
+            let hd = match h {
+                Some(h) => Some(dptr_mut(gpu, "h", h)?),
+                None => None,
+            };
+            let ptrs = FwdPtrs {
+                x: xp,
+                w: wp,
+                a: ap,
+                b: bp,
+                bias: biasp,
+                y: yp,
+                h: hd.as_ref().map_or(0, |h| h.0),
+                dora: None,
+            };
+            if core_takes::<T>(gpu, shape, &ptrs) && (zptr == 0 || zptr % 4 == 0) {
+                // The GEMM core: norms and g = m/‖·‖ in one launch, then one GEMM with
+                // the low-rank slice whose epilogue writes y = g ⊙ acc + bias (and
+                // z = acc when asked): y is written once, no scale pass over it.
+                // SAFETY of the scratch: the norm kernel writes all N entries of g.
+                let g = gpu.scratch::<f32>(n)?;
+                let (gp, _gg) = dptr(gpu, "g", &g)?;
+                launch_norm_g::<T>(gpu, shape, opts.scale, wp, ap, bp, np, 0, Some((mp, gp)))?;
+                return forward_core_launch::<T>(gpu, shape, opts, &ptrs, gp, zptr);
+            }
+            launch_norm::<T>(gpu, shape, opts.scale, wp, ap, bp, np, 0)?;
+            // y = z = x Wᵀ + s·h Bᵀ by the LoRA linear's large-T cuBLAS path (no bias),
+            // then the scale.
+            let k = shape.in_features;
+            let lora_ptrs = FwdPtrs { bias: 0, ..ptrs };
+            forward_large::<T>(gpu, shape, opts, &lora_ptrs, || {
+                gemm_rm::<T>(gpu, t, n, k, 1.0, xp, false, wp, true, 1.0, yp)
+            })?;
             launch_scale::<T>(gpu, t, n, yp, zptr, biasp, mp, np, 0.0)
         }
         Some(d) => {

@@ -12,9 +12,12 @@
 //! `m / ‖·‖`): `y = scale ⊙ acc + bias`.
 //!
 //! Kernel: warp-specialized, one producer warp issuing TMA loads (128-byte swizzle) into
-//! a 4-stage shared-memory ring, two consumer warpgroups issuing `wgmma.m64n256k16`, one
-//! 128 × 256 tile of y per CTA in a grouped order for L2 reuse. See kernels/gemm.cu and
-//! docs/PERF_NOTES_GEMM.md.
+//! a shared-memory ring, two consumer warpgroups issuing `wgmma`; a persistent grid (at
+//! most one CTA per SM) walks the 128 × [`TILE_N`] tiles of y in a grouped order for L2
+//! reuse, the producer loading the next tile while the consumers store the last. The
+//! tile width is chosen per call ([`tile_n_for`]): 256 columns (4-stage ring), or 128
+//! (6-stage ring) when that fills the GPU's SMs in fewer tile rounds, as at T = 512.
+//! See kernels/gemm.cu and docs/PERF_NOTES_GEMM.md.
 //!
 //! Limits: sm_90 only ([`supported`]; other GPUs get [`Error::Unsupported`]), f16/bf16
 //! only, K % 8 == 0 and x, W (and U, Bl when r % 8 == 0) 16-byte aligned (TMA's rules),
@@ -30,18 +33,66 @@ use crate::{DType, Element, Error, Result};
 
 /// Rows of y per CTA tile.
 pub const TILE_M: usize = 128;
-/// Columns of y (rows of W) per CTA tile.
+/// Columns of y (rows of W) per CTA tile, the wide variant (ring of 4 stages).
 pub const TILE_N: usize = 256;
+/// Columns of y per CTA tile, the narrow variant (ring of 6 stages).
+pub const TILE_N_NARROW: usize = 128;
 /// K per pipeline stage (one 128-byte swizzle row of 16-bit elements).
 pub const TILE_K: usize = 64;
-/// Depth of the shared-memory ring.
-pub const STAGES: usize = 4;
 /// The largest rank of the low-rank K-slice.
 pub const MAX_RANK: usize = TILE_K;
 
 const THREADS: u32 = 384;
-/// Ring bytes plus 1 KB so the kernel can align the ring to 1024 bytes.
-const DYN_SMEM: u32 = (STAGES * (TILE_M + TILE_N) * TILE_K * 2 + 1024) as u32;
+/// Ring bytes (4 × (16 + 32) KB or 6 × (16 + 16) KB) plus 1 KB so the kernel can align
+/// the ring to 1024 bytes.
+const DYN_SMEM: u32 = (192 * 1024 + 1024) as u32;
+
+thread_local! {
+    /// 0: choose the tile width per call; else the width this thread's calls use.
+    static TILE_N_OVERRIDE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Forces the later core launches made from this thread to use tiles of `tile_n` columns
+/// ([`TILE_N`] or [`TILE_N_NARROW`]), or restores the per-call choice with `None`. For
+/// benches and tests that measure or check one variant; any other width is refused.
+#[doc(hidden)]
+pub fn set_tile_n_override(tile_n: Option<usize>) -> Result<()> {
+    let v = match tile_n {
+        None => 0,
+        Some(w) if w == TILE_N || w == TILE_N_NARROW => w,
+        Some(w) => {
+            return Err(Error::Dim {
+                name: "tile_n",
+                value: w,
+                reason: "the GEMM core has tiles of 256 or 128 columns",
+            })
+        }
+    };
+    TILE_N_OVERRIDE.with(|c| c.set(v));
+    Ok(())
+}
+
+/// The tile width the core uses for a [T, N] output on a GPU of `sms` SMs: the width
+/// with the smaller estimated time, counting whole rounds of tiles over the persistent
+/// grid (`ceil(tiles / sms)`, each CTA runs that many tiles back to back) times the
+/// tile's work, the narrow tile charged 10% more per column (its wgmmas read more
+/// shared memory per flop). 4096 × 4096: 4 rounds of 256 wide against 8 of 128, wide;
+/// 512 × 4096: 1 round either way, narrow (half the work per CTA).
+pub fn tile_n_for(tokens: usize, n: usize, sms: usize) -> usize {
+    let forced = TILE_N_OVERRIDE.with(|c| c.get());
+    if forced != 0 {
+        return forced;
+    }
+    let sms = sms.max(1);
+    let rounds = |w: usize| (tokens.div_ceil(TILE_M) * n.div_ceil(w)).div_ceil(sms);
+    let wide = rounds(TILE_N) * 10 * TILE_N;
+    let narrow = rounds(TILE_N_NARROW) * 11 * TILE_N_NARROW;
+    if narrow < wide {
+        TILE_N_NARROW
+    } else {
+        TILE_N
+    }
+}
 
 /// The low-rank K-slice `U Blᵀ`: `u` [T, rank], `b` [N, rank] (LoRA's B), same type as x.
 #[derive(Debug)]
@@ -162,7 +213,7 @@ where
             reason: "the GEMM core needs K % 8 == 0 (TMA's 16-byte row stride)",
         });
     }
-    let (tiles_m, tiles_n) = (tokens.div_ceil(TILE_M), n.div_ceil(TILE_N));
+    let (tiles_m, tiles_n) = (tokens.div_ceil(TILE_M), n.div_ceil(TILE_N_NARROW));
     if tiles_m * tiles_n > i32::MAX as usize {
         return Err(Error::Dim {
             name: "tokens * n",
@@ -212,6 +263,7 @@ where
         y: yp,
         bias: bias.as_ref().map_or(0, |b| b.0),
         col_scale: scale.as_ref().map_or(0, |s| s.0),
+        z: 0,
         low_rank: low_rank.as_ref().map(|(u, b, r)| (u.0, b.0, *r)),
     };
     launch_core::<T>(gpu, &ptrs, tokens, n, k)
@@ -224,6 +276,8 @@ pub(crate) struct CorePtrs {
     pub y: u64,
     pub bias: u64,
     pub col_scale: u64,
+    /// [T, N] in the operand type: the unscaled accumulator (DoRA's z), or 0.
+    pub z: u64,
     /// (U, Bl, rank), rank in 1..=64.
     pub low_rank: Option<(u64, u64, usize)>,
 }
@@ -237,11 +291,15 @@ pub(crate) fn launch_core<T: Element>(
     n: usize,
     k: usize,
 ) -> Result<()> {
-    let (tiles_m, tiles_n) = (tokens.div_ceil(TILE_M), n.div_ceil(TILE_N));
+    let tile_n = tile_n_for(tokens, n, gpu.sm_count() as usize);
+    let (tiles_m, tiles_n) = (tokens.div_ceil(TILE_M), n.div_ceil(tile_n));
     let (xp, wp, yp) = (p.x, p.w, p.y);
     check_align_to("x", xp, 16)?;
     check_align_to("w", wp, 16)?;
     check_align_to("y", yp, 4)?;
+    if p.z != 0 {
+        check_align_to("z", p.z, 4)?;
+    }
     if let Some((up, bp, r)) = p.low_rank {
         if r % 8 == 0 {
             check_align_to("u", up, 16)?;
@@ -275,7 +333,8 @@ pub(crate) fn launch_core<T: Element>(
     };
     gpu.context().bind_to_thread()?;
     let x_map = tensor_map(dt, xp, k, tokens, k, TILE_M)?;
-    let w_map = tensor_map(dt, wp, k, n, k, TILE_N)?;
+    // Each CTA of a cluster loads half of the W tile (multicast to both).
+    let w_map = tensor_map(dt, wp, k, n, k, tile_n / 2)?;
 
     // The low-rank operands: as given when their rows are 16-byte multiples, else
     // copied into [rows, rp] scratch (rp = r rounded up to 8). The scratch buffers are
@@ -299,7 +358,7 @@ pub(crate) fn launch_core<T: Element>(
             };
             (
                 tensor_map(dt, u_addr, r, tokens, rp, TILE_M)?,
-                tensor_map(dt, b_addr, r, n, rp, TILE_N)?,
+                tensor_map(dt, b_addr, r, n, rp, tile_n / 2)?,
             )
         }
         // Unused by the kernel without the low-rank slice.
@@ -316,15 +375,20 @@ pub(crate) fn launch_core<T: Element>(
         low_rank: low_rank.is_some() as i32,
         tiles_m: tiles_m as i32,
         tiles_n: tiles_n as i32,
+        z: p.z as *mut _,
     };
-    let name = format!("lk_gemm_nt_{}", T::DTYPE.suffix());
+    let name = if tile_n == TILE_N {
+        format!("lk_gemm_nt_{}", T::DTYPE.suffix())
+    } else {
+        format!("lk_gemm_nt_n128_{}", T::DTYPE.suffix())
+    };
     let func = gpu.function(&name)?;
-    func.set_attribute(
-        dsys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        DYN_SMEM as i32,
-    )?;
+    let max_clusters = prepare(gpu, &name, &func)?;
+    // Persistent clusters of 2 CTAs (compiled in), each pair of CTAs walking pairs of
+    // tile rows; no more clusters than fit on the GPU at once (one CTA per SM).
+    let pairs = tiles_m.div_ceil(2) * tiles_n;
     let cfg = LaunchConfig {
-        grid_dim: ((tiles_m * tiles_n) as u32, 1, 1),
+        grid_dim: ((2 * pairs.min(max_clusters)) as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: DYN_SMEM,
     };
@@ -338,11 +402,53 @@ pub(crate) fn launch_core<T: Element>(
     // as validated above (lengths, 16-byte alignment, K % 8 == 0; U and Bl possibly
     // padded copies that live until the launch is queued and are freed in stream order);
     // TMA never reads outside them (out-of-bounds boxes are zero-filled). The kernel
-    // writes y only at rows < T and columns < N, reads bias / col_scale only at columns
-    // < N, and needs DYN_SMEM bytes of dynamic shared memory, set just above. The guards
-    // keep every buffer's stream order until the launch is queued.
+    // writes y (and z, when set: a [T, N] buffer whose length the caller checked) only at
+    // rows < T and columns < N, reads bias / col_scale only at columns < N, and needs
+    // DYN_SMEM bytes of dynamic shared memory, set just above. The guards keep every
+    // buffer's stream order until the launch is queued.
     unsafe { b.launch(cfg) }?;
     Ok(())
+}
+
+/// Per loaded kernel: its dynamic shared memory limit raised to DYN_SMEM (once), and
+/// how many of its 2-CTA clusters fit on the GPU at once (asked once, then cached).
+fn prepare(gpu: &Gpu, name: &str, func: &cudarc::driver::CudaFunction) -> Result<usize> {
+    if let Some(&c) = gpu.cluster_grid.lock().unwrap().get(name) {
+        return Ok(c);
+    }
+    func.set_attribute(
+        dsys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        DYN_SMEM as i32,
+    )?;
+    let fallback = (gpu.sm_count() as usize / 2).max(1);
+    let config = dsys::CUlaunchConfig {
+        gridDimX: 2 * fallback as u32,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: THREADS,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: DYN_SMEM,
+        hStream: gpu.stream().cu_stream(),
+        attrs: std::ptr::null_mut(),
+        numAttrs: 0,
+    };
+    let mut n: std::ffi::c_int = 0;
+    // SAFETY: `func` is a loaded kernel with compile-time cluster dimensions, `config` a
+    // fully initialized launch description without attributes, `n` a valid out pointer;
+    // the call only reads them and writes `n`.
+    let r = unsafe { dsys::cuOccupancyMaxActiveClusters(&mut n, func.cu_function(), &config) };
+    // A driver that cannot answer leaves the grid at one CTA per SM.
+    let clusters = if r == dsys::CUresult::CUDA_SUCCESS && n > 0 {
+        n as usize
+    } else {
+        fallback
+    };
+    gpu.cluster_grid
+        .lock()
+        .unwrap()
+        .insert(name.to_string(), clusters);
+    Ok(clusters)
 }
 
 /// A TMA descriptor for a row-major [rows, cols] matrix of 16-bit elements with a row

@@ -46,8 +46,26 @@ pub(crate) fn grid_1d(total: usize, block: u32, cap: u32) -> LaunchConfig {
     }
 }
 
+thread_local! {
+    /// Whether [`forward`] may take the GEMM core path (see [`set_core_dispatch`]).
+    static CORE_DISPATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Lets (`true`, the default) or stops [`forward`] calls made from this thread taking
+/// the GEMM core path, so a bench can time the cuBLAS path on the same GPU.
+#[doc(hidden)]
+pub fn set_core_dispatch(enabled: bool) {
+    CORE_DISPATCH.with(|c| c.set(enabled));
+}
+
 /// Forward: `y = x Wᵀ + bias + s · drop(x) Aᵀ Bᵀ`. Writes `y` [T, N] and, if given,
 /// `h = drop(x) Aᵀ` [T, r] for [`backward`]. Queued on the GPU's stream.
+///
+/// Paths: T ≤ [`SMALL_T_MAX`], one fused pass over W; larger T on an sm_90 GPU, f16 or
+/// bf16, r ≤ 64, K % 8 == 0, x, W (and B when r % 8 == 0) 16-byte aligned and y 4-byte
+/// aligned: [`forward_core`] (the down kernel, then one GEMM-core launch that writes y
+/// once); otherwise the down kernel, a skinny cuBLAS product into y and a beta = 1
+/// cuBLAS base GEMM.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     gpu: &Gpu,
@@ -96,6 +114,8 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     };
     if shape.tokens <= SMALL_T_MAX {
         forward_small::<T>(gpu, shape, opts, &ptrs)
+    } else if core_takes::<T>(gpu, shape, &ptrs) {
+        forward_core_launch::<T>(gpu, shape, opts, &ptrs, 0, 0)
     } else {
         let (t, k, n) = (shape.tokens, shape.in_features, shape.out_features);
         forward_large::<T>(gpu, shape, opts, &ptrs, || {
@@ -104,15 +124,15 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     }
 }
 
-/// Opt-in large-T forward through the Hopper GEMM core ([`super::gemm`]): the same
-/// result as [`forward`], with `y` written once. `h = drop(x) Aᵀ` by the down kernel
-/// (into `h` when given), `U = s · drop(x) Aᵀ` by the same kernel with alpha = s
-/// (rounded once to the activation type), then one core GEMM
-/// `y = x Wᵀ + U Bᵀ + bias` (the low-rank term as its extra K-slice).
+/// The forward through the Hopper GEMM core ([`super::gemm`]) at any T, the path
+/// [`forward`] takes for T > [`SMALL_T_MAX`] where it can: the same result, with `y`
+/// written once. `U = s · drop(x) Aᵀ` and (into `h` when given) `h = drop(x) Aᵀ` come
+/// from one down-kernel launch (each rounded once to the activation type), then one core
+/// GEMM `y = x Wᵀ + U Bᵀ + bias` (the low-rank term as its extra K-slice).
 ///
-/// Needs sm_90, f16/bf16, rank ≤ 64, K % 8 == 0 and x, W (and A, B for rank % 8 == 0)
-/// 16-byte aligned; otherwise an error (`Error::Unsupported` off sm_90 or for f32),
-/// before anything is launched. The existing [`forward`] paths are unchanged.
+/// Needs sm_90, f16/bf16, rank ≤ 64, K % 8 == 0, x, W (and B for rank % 8 == 0) 16-byte
+/// aligned and y 4-byte aligned; otherwise an error (`Error::Unsupported` off sm_90 or
+/// for f32), before anything is launched.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_core<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     gpu: &Gpu,
@@ -123,7 +143,7 @@ pub fn forward_core<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     y: &mut O,
     h: Option<&mut O>,
 ) -> Result<()> {
-    use super::gemm::{self, CorePtrs};
+    use super::gemm;
     check_forward_lens(
         shape,
         x.len(),
@@ -135,12 +155,7 @@ pub fn forward_core<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         h.as_ref().map(|h| h.len()),
     )?;
     opts.validate()?;
-    let (t, k, n, r) = (
-        shape.tokens,
-        shape.in_features,
-        shape.out_features,
-        shape.rank,
-    );
+    let (k, r) = (shape.in_features, shape.rank);
     if r > gemm::MAX_RANK {
         return Err(crate::Error::Dim {
             name: "rank",
@@ -179,12 +194,12 @@ pub fn forward_core<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         Some(h) => Some(dptr_mut(gpu, "h", h)?),
         None => None,
     };
-    for (name, p) in [("x", xp), ("w", wp)] {
-        if p % 16 != 0 {
+    for (name, p, align) in [("x", xp, 16), ("w", wp, 16), ("y", yp, 4)] {
+        if p % align != 0 {
             return Err(crate::Error::Misaligned {
                 name,
                 address: p,
-                align: 16,
+                align: align as usize,
             });
         }
     }
@@ -195,25 +210,80 @@ pub fn forward_core<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
             align: 16,
         });
     }
-    let drop = opts.active_dropout();
-    if let Some((hp, _)) = &h {
-        launch_down::<T>(gpu, xp, k as i64, ap, k as i64, 1, t, k, r, 1.0, *hp, drop)?;
-    }
-    // U = s · drop(x) Aᵀ: written in full by the down kernel before the GEMM reads it.
-    let u = gpu.scratch::<T>(t * r)?;
-    let (up, _gu) = dptr(gpu, "u", &u)?;
-    launch_down::<T>(
-        gpu, xp, k as i64, ap, k as i64, 1, t, k, r, opts.scale, up, drop,
-    )?;
-    let ptrs = CorePtrs {
+    let ptrs = FwdPtrs {
         x: xp,
         w: wp,
-        y: yp,
+        a: ap,
+        b: bp,
         bias: bias.as_ref().map_or(0, |b| b.0),
-        col_scale: 0,
-        low_rank: Some((up, bp, r)),
+        y: yp,
+        h: h.as_ref().map_or(0, |h| h.0),
+        dora: None,
     };
-    gemm::launch_core::<T>(gpu, &ptrs, t, n, k)
+    forward_core_launch::<T>(gpu, shape, opts, &ptrs, 0, 0)
+}
+
+/// Whether the GEMM core path can take this large-T forward (see [`forward`]'s paths),
+/// and this thread has not switched it off ([`set_core_dispatch`]).
+pub(crate) fn core_takes<T: Element>(gpu: &Gpu, shape: &LoraShape, p: &FwdPtrs) -> bool {
+    CORE_DISPATCH.with(|c| c.get())
+        && T::DTYPE != crate::DType::F32
+        && shape.rank <= super::gemm::MAX_RANK
+        && shape.in_features % 8 == 0
+        && p.x % 16 == 0
+        && p.w % 16 == 0
+        && p.y % 4 == 0
+        && (shape.rank % 8 != 0 || p.b % 16 == 0)
+        && super::gemm::supported(gpu)
+}
+
+/// The core path's launches, arguments checked: `U = s · drop(x) Aᵀ` (and `h` from the
+/// same sums when `p.h` is set) by the down kernel, then `y = x Wᵀ + U Bᵀ + bias` by
+/// one GEMM-core launch; with `col_scale` (f32 [N], DoRA's m/‖·‖) `y = col_scale ⊙ (…)
+/// + bias`, and with `z` the unscaled sum is also written there.
+pub(crate) fn forward_core_launch<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    p: &FwdPtrs,
+    col_scale: u64,
+    z: u64,
+) -> Result<()> {
+    use super::gemm::{self, CorePtrs};
+    let (t, k, n, r) = (
+        shape.tokens,
+        shape.in_features,
+        shape.out_features,
+        shape.rank,
+    );
+    // U: written in full by the down kernel before the GEMM reads it.
+    let u = gpu.scratch::<T>(t * r)?;
+    let (up, _gu) = dptr(gpu, "u", &u)?;
+    launch_down2::<T>(
+        gpu,
+        p.x,
+        k as i64,
+        p.a,
+        k as i64,
+        1,
+        t,
+        k,
+        r,
+        opts.scale,
+        up,
+        (p.h != 0).then_some((1.0, p.h)),
+        opts.active_dropout(),
+    )?;
+    let core = CorePtrs {
+        x: p.x,
+        w: p.w,
+        y: p.y,
+        bias: p.bias,
+        col_scale,
+        z,
+        low_rank: Some((up, p.b, r)),
+    };
+    gemm::launch_core::<T>(gpu, &core, t, n, k)
 }
 
 /// Validated device addresses of one forward call (0 = absent).
@@ -398,6 +468,30 @@ pub(crate) fn launch_down<T: Element>(
     out: u64,
     dropout: Option<crate::Dropout>,
 ) -> Result<()> {
+    launch_down2::<T>(
+        gpu, x, ldx, v, v_sj, v_sc, t, cols, r, alpha, out, None, dropout,
+    )
+}
+
+/// [`launch_down`], and with `second = Some((alpha2, out2))` also
+/// `out2[t, j] = alpha2 · Σ_c …` from the same sums (each output rounded once).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_down2<T: Element>(
+    gpu: &Gpu,
+    x: u64,
+    ldx: i64,
+    v: u64,
+    v_sj: i64,
+    v_sc: i64,
+    t: usize,
+    cols: usize,
+    r: usize,
+    alpha: f32,
+    out: u64,
+    second: Option<(f32, u64)>,
+    dropout: Option<crate::Dropout>,
+) -> Result<()> {
+    let (alpha2, out2) = second.unwrap_or((0.0, 0));
     // Tensor cores for f16/bf16 when rows are 16-byte aligned and V is contiguous in c.
     let mma = T::DTYPE != crate::DType::F32
         && cols % 8 == 0
@@ -445,7 +539,13 @@ pub(crate) fn launch_down<T: Element>(
         } else {
             std::ptr::null_mut()
         },
+        out2: if splits == 1 {
+            out2 as *mut _
+        } else {
+            std::ptr::null_mut()
+        },
         alpha,
+        alpha2,
         ldx,
         v_sj,
         v_sc,
@@ -466,12 +566,13 @@ pub(crate) fn launch_down<T: Element>(
     };
     gpu.launch(&name, cfg, &params)?;
     if splits > 1 {
-        launch_reduce::<T>(gpu, part_p, splits, t * r, alpha, out)?;
+        launch_reduce::<T>(gpu, part_p, splits, t * r, alpha, out, (alpha2, out2))?;
     }
     Ok(())
 }
 
-/// `out[i] = alpha · Σ_s part[s][i]`, cast to T.
+/// `out[i] = alpha · Σ_s part[s][i]`, cast to T; also `out2[i] = alpha2 · Σ` when
+/// `second.1` (out2) is not 0.
 fn launch_reduce<T: Element>(
     gpu: &Gpu,
     part: u64,
@@ -479,13 +580,16 @@ fn launch_reduce<T: Element>(
     count: usize,
     alpha: f32,
     out: u64,
+    second: (f32, u64),
 ) -> Result<()> {
     let reduce = LkReduceParams {
         part: part as *const f32,
         out: out as *mut _,
+        out2: second.1 as *mut _,
         count: count as i64,
         splits: splits as i32,
         alpha,
+        alpha2: second.0,
     };
     gpu.launch(
         &format!("lk_reduce_{}", T::DTYPE.suffix()),
@@ -542,7 +646,7 @@ pub(crate) fn launch_tn<T: Element>(
         shared_mem_bytes: 0,
     };
     gpu.launch(&format!("lk_tn_r{br}_{}", T::DTYPE.suffix()), cfg, &params)?;
-    launch_reduce::<T>(gpu, part_p, splits, cols * r, alpha, out)
+    launch_reduce::<T>(gpu, part_p, splits, cols * r, alpha, out, (0.0, 0))
 }
 
 /// Backward from `dy` [T, N]: writes dX [T, K], dA [r, K] and dB [N, r]. `h` is what

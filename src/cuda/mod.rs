@@ -91,6 +91,8 @@ pub struct Gpu {
     modules: Vec<(&'static str, Arc<CudaModule>)>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     coop_grid: Mutex<HashMap<String, u32>>,
+    /// Per GEMM-core kernel name: its co-resident 2-CTA clusters (set up once).
+    pub(crate) cluster_grid: Mutex<HashMap<String, usize>>,
     /// Counters of the cooperative small-T kernels: zero between launches.
     pub(crate) sync: CudaSlice<u32>,
     /// Out-of-range index reports of the NEFTune kernels (see [`Gpu::take_index_errors`]).
@@ -155,6 +157,7 @@ impl Gpu {
             modules,
             functions: Mutex::new(HashMap::new()),
             coop_grid: Mutex::new(HashMap::new()),
+            cluster_grid: Mutex::new(HashMap::new()),
             sync,
             status,
             name,
