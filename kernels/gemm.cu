@@ -24,7 +24,11 @@
 //   64c .. 64c + 63 of the tile and issues four `wgmma.m64nBNk16` per K-slice (A: its
 //   64-row half of the x tile, B: the whole W tile, both through smem descriptors),
 //   keeping one wgmma group in flight (wait_group 1) and releasing the previous stage.
-// - epilogue: registers → global directly, predicated at the T and N edges.
+// - epilogue: with N % 8 == 0 and y (z) 16-byte aligned, each consumer warp writes its
+//   16 rows × 64 columns at a time into a 128-byte-swizzled staging buffer (two per
+//   warp) and one lane issues a TMA store (bulk async, clipped at T and N), so the
+//   warp goes on to the next chunk and tile without waiting for global memory;
+//   otherwise registers → global directly, predicated at the T and N edges.
 //
 // Edges: TMA zero-fills every out-of-bounds element of a box (rows ≥ T or ≥ N, columns
 // ≥ K or ≥ r), and still counts the whole box in complete_tx, so the mainloop has no
@@ -32,8 +36,8 @@
 // rule (checked on the host).
 //
 // Registers: 2 × 128 × 232 + 128 × 40 = 64 512 ≤ 65 536 per SM (one CTA per SM).
-// Shared memory: 4 × (16 + 32) KB or 6 × (16 + 16) KB + 1 KB alignment slack = 193 KB
-// dynamic.
+// Shared memory: the ring, 4 × (16 + 32) KB or 6 × (16 + 16) KB, + 32 KB of epilogue
+// staging + 1 KB alignment slack = 225 KB dynamic.
 //
 // Everything is under __CUDA_ARCH_FEAT_SM90_ALL (compute_90a): the sm_80/86/89 SASS and
 // the compute_80 PTX get a stub that traps; the host never launches it off sm_90.
@@ -66,6 +70,12 @@ constexpr int GROUP_M = 8;              // tile rows per L2 group (grouped order
 constexpr int CLUSTER = 2;              // CTAs per cluster: tile rows 2q and 2q + 1
 constexpr int EMPTY_ARRIVALS = 8 * CLUSTER;  // lane 0 of each consumer warp of both CTAs
 constexpr int MAX_STAGES = 6;
+constexpr int RING_BYTES = 192 * 1024;  // both tile widths' rings
+// The TMA-store epilogue's staging: per consumer warp two buffers of 16 rows × 64
+// columns (2 KB each, 128-byte swizzled rows), after the ring: 8 × 4 KB = 32 KB.
+constexpr int STORE_BUF_BYTES = 16 * 64 * 2;
+constexpr int STORE_BYTES = 8 * 2 * STORE_BUF_BYTES;
+static_assert(RING_BYTES + STORE_BYTES + 1024 <= 227 * 1024, "dynamic shared memory");
 
 // The two tile widths. BN = 256: 4 stages of 16 + 32 KB; BN = 128: 6 stages of
 // 16 + 16 KB. Both use 192 KB of ring (+ 1 KB alignment slack), chosen on the host.
@@ -171,6 +181,29 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t cta) 
       : "memory");
 }
 
+// Stores the box at (c0 = column, c1 = row) of the tensor map from shared memory at src
+// (laid out as the map's 128-byte swizzle); elements outside the tensor are not written.
+__device__ __forceinline__ void tma_store_2d(const LkTmap *map, uint32_t src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(c0), "r"(c1), "r"(src)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() {
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+// Waits until at most N of this thread's committed bulk stores still read shared memory.
+template <int N> __device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+// Makes this thread's generic-proxy shared-memory writes visible to the async proxy (TMA).
+__device__ __forceinline__ void fence_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+
 // ---- wgmma -----------------------------------------------------------------------------
 // Shared-memory matrix descriptor of a K-major tile written by TMA with the 128-byte
 // swizzle: rows of 64 16-bit elements (128 B) stored back to back, the 16-byte chunk c
@@ -261,10 +294,18 @@ template <typename T> struct Pair;
 template <> struct Pair<__nv_bfloat16> {
   using type = __nv_bfloat162;
   static __device__ __forceinline__ type make(float a, float b) { return __floats2bfloat162_rn(a, b); }
+  static __device__ __forceinline__ uint32_t bits(float a, float b) {
+    const type v = make(a, b);
+    return *reinterpret_cast<const uint32_t *>(&v);
+  }
 };
 template <> struct Pair<__half> {
   using type = __half2;
   static __device__ __forceinline__ type make(float a, float b) { return __floats2half2_rn(a, b); }
+  static __device__ __forceinline__ uint32_t bits(float a, float b) {
+    const type v = make(a, b);
+    return *reinterpret_cast<const uint32_t *>(&v);
+  }
 };
 
 // The consumer warpgroups' part of gemm_nt_body: wgmma over the ring, then the epilogue,
@@ -273,6 +314,7 @@ template <typename T, bool F16, int BN>
 __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar,
                                          const uint64_t *empty_bar, uint32_t rank, int pairs_m,
                                          int pairs, int cluster, int clusters, int iters,
+                                         const LkTmap &y_map, const LkTmap &z_map,
                                          const LkGemmParams &p) {
   using C = Tile<BN>;
   constexpr int STAGES = C::STAGES;
@@ -284,6 +326,9 @@ __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar
   T *z = static_cast<T *>(p.z);
   const T *bias = static_cast<const T *>(p.bias);
   const bool even_n = (p.n & 1) == 0;  // pairs of columns are 4-byte aligned in y
+  // This warp's two staging buffers for the TMA-store epilogue.
+  const uint32_t stage_buf = ring + RING_BYTES + (4 * c + warp) * 2 * STORE_BUF_BYTES;
+  uint32_t buf = 0;  // which of the two buffers the next chunk uses
 
   uint32_t g = 0;  // K-slices consumed by this CTA so far (all tiles)
   for (int pair = cluster; pair < pairs; pair += clusters) {
@@ -333,7 +378,59 @@ __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar
       mbar_arrive_cluster(e, 1);
     }
 
-    // ---- epilogue: y = col_scale ⊙ acc + bias (and z = acc), cast, predicated stores --
+    // ---- epilogue: y = col_scale ⊙ acc + bias (and z = acc), cast ---------------------
+    if (p.tma_store) {
+      // Per 64-column chunk: the warp's 16 × 64 block into a staging buffer (128-byte
+      // swizzled: the 16-byte piece q of row i at q ^ (i % 8), so the 8 rows a store
+      // instruction touches fall in 8 different bank groups), then one TMA store by lane
+      // 0, which clips rows ≥ T and columns ≥ N. Two buffers: a chunk's writes wait only
+      // for the store two chunks back to have read its buffer.
+      const int wrow0 = m0 + 64 * c + 16 * warp;  // the warp's first row
+      if (wrow0 < p.t) {
+#pragma unroll
+        for (int q = 0; q < BN / 64; ++q) {
+          float sc[16], bi[16];  // scale and bias of this thread's 16 columns of the chunk
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj) {
+            const int col = n0 + 64 * q + 8 * jj + 2 * (lane % 4);
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const bool in = col + e < p.n;
+              sc[2 * jj + e] = (p.col_scale != nullptr && in) ? __ldg(p.col_scale + col + e) : 1.0f;
+              bi[2 * jj + e] = (bias != nullptr && in) ? lk::ldg(bias + col + e) : 0.0f;
+            }
+          }
+#pragma unroll
+          for (int out = 0; out < 2; ++out) {
+            if (out == 1 && z == nullptr) break;
+            const uint32_t sb = stage_buf + buf * STORE_BUF_BYTES;
+            if (lane == 0) bulk_wait_read<1>();
+            __syncwarp();
+#pragma unroll
+            for (int jj = 0; jj < 8; ++jj) {
+              const int j = 8 * q + jj;
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const int r = lane / 4 + 8 * h;
+                const float a0 = d[4 * j + 2 * h], a1 = d[4 * j + 2 * h + 1];
+                const uint32_t v = out == 0 ? P::bits(fmaf(sc[2 * jj], a0, bi[2 * jj]),
+                                                      fmaf(sc[2 * jj + 1], a1, bi[2 * jj + 1]))
+                                            : P::bits(a0, a1);
+                st_shared_u32(sb + r * 128 + ((jj ^ (r % 8)) * 16) + 4 * (lane % 4), v);
+              }
+            }
+            fence_async_smem();
+            __syncwarp();
+            if (lane == 0) {
+              tma_store_2d(out == 0 ? &y_map : &z_map, sb, n0 + 64 * q, wrow0);
+              bulk_commit();
+            }
+            buf ^= 1;
+          }
+        }
+      }
+      continue;
+    }
     const int row0 = m0 + 64 * c + 16 * warp + lane / 4;
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) {
@@ -374,7 +471,9 @@ __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar
         }
       }
     }
-  }
+   }
+  // The staging buffers must outlive the stores' reads of them.
+  if (lane == 0) bulk_wait_read<0>();
 }
 
 // x_map: x [T, K], box 64 (K) × 128 (rows); w_map: W [N, K], box 64 × BN/2;
@@ -398,6 +497,7 @@ __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar
 template <typename T, bool F16, int BN>
 __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &w_map,
                                              const LkTmap &u_map, const LkTmap &bl_map,
+                                             const LkTmap &y_map, const LkTmap &z_map,
                                              const LkGemmParams &p) {
   using C = Tile<BN>;
   constexpr int STAGES = C::STAGES;
@@ -463,7 +563,7 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     consumer<T, F16, BN>(ring, full_bar, empty_bar, rank, pairs_m, pairs, cluster, clusters,
-                         iters, p);
+                         iters, y_map, z_map, p);
   }
   // No CTA leaves while its peer may still arrive on its barriers or multicast into it.
   cluster_sync();
@@ -480,7 +580,8 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
 #endif
 
 #ifdef LK_GEMM_SM90
-#define LK_GEMM_BODY(T, F16, BN) gemm_nt_body<T, F16, BN>(x_map, w_map, u_map, bl_map, p)
+#define LK_GEMM_BODY(T, F16, BN) \
+  gemm_nt_body<T, F16, BN>(x_map, w_map, u_map, bl_map, y_map, z_map, p)
 #else
 #define LK_GEMM_BODY(T, F16, BN) __trap()
 #endif
@@ -493,6 +594,7 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
   extern "C" __global__ void LK_GEMM_CLUSTER __launch_bounds__(LK_GEMM_THREADS, 1) NAME(   \
       const __grid_constant__ LkTmap x_map, const __grid_constant__ LkTmap w_map,           \
       const __grid_constant__ LkTmap u_map, const __grid_constant__ LkTmap bl_map,          \
+      const __grid_constant__ LkTmap y_map, const __grid_constant__ LkTmap z_map,           \
       const LkGemmParams p) {                                                               \
     LK_GEMM_BODY(T, F16, BN);                                                                   \
   }

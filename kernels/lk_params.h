@@ -355,6 +355,8 @@ typedef struct LkGemmParams {
   int32_t tiles_n;        /* ceil(n / tile width), the width 256 or 128 by the kernel */
   void *z;                /* [t, n] in the operand type, or NULL: the accumulator before
                            * the scale and the bias (DoRA's z), written beside y */
+  int32_t tma_store;      /* 1: y (and z) written by TMA stores through the y_map / z_map
+                           * tensor maps (n % 8 == 0, 16-byte aligned); 0: direct stores */
 } LkGemmParams;
 
 /* Column padding of a 16-bit [rows, r] matrix to [rows, rp] (rp = r rounded up to 8,

@@ -974,10 +974,11 @@ pub struct LkGemmParams {
     pub tiles_m: i32,
     pub tiles_n: i32,
     pub z: *mut ::core::ffi::c_void,
+    pub tma_store: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkGemmParams"][::core::mem::size_of::<LkGemmParams>() - 56usize];
+    ["Size of LkGemmParams"][::core::mem::size_of::<LkGemmParams>() - 64usize];
     ["Alignment of LkGemmParams"][::core::mem::align_of::<LkGemmParams>() - 8usize];
     ["Offset of field: LkGemmParams::y"][::core::mem::offset_of!(LkGemmParams, y) - 0usize];
     ["Offset of field: LkGemmParams::bias"][::core::mem::offset_of!(LkGemmParams, bias) - 8usize];
@@ -994,6 +995,8 @@ const _: () = {
     ["Offset of field: LkGemmParams::tiles_n"]
         [::core::mem::offset_of!(LkGemmParams, tiles_n) - 44usize];
     ["Offset of field: LkGemmParams::z"][::core::mem::offset_of!(LkGemmParams, z) - 48usize];
+    ["Offset of field: LkGemmParams::tma_store"]
+        [::core::mem::offset_of!(LkGemmParams, tma_store) - 56usize];
 };
 impl Default for LkGemmParams {
     fn default() -> Self {

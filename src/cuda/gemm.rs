@@ -43,9 +43,9 @@ pub const TILE_K: usize = 64;
 pub const MAX_RANK: usize = TILE_K;
 
 const THREADS: u32 = 384;
-/// Ring bytes (4 × (16 + 32) KB or 6 × (16 + 16) KB) plus 1 KB so the kernel can align
-/// the ring to 1024 bytes.
-const DYN_SMEM: u32 = (192 * 1024 + 1024) as u32;
+/// Ring bytes (4 × (16 + 32) KB or 6 × (16 + 16) KB), the epilogue's staging buffers
+/// (8 warps × 2 × 2 KB) and 1 KB so the kernel can align the ring to 1024 bytes.
+const DYN_SMEM: u32 = (192 * 1024 + 32 * 1024 + 1024) as u32;
 
 thread_local! {
     /// 0: choose the tile width per call; else the width this thread's calls use.
@@ -365,6 +365,20 @@ pub(crate) fn launch_core<T: Element>(
         None => (x_map, w_map),
     };
 
+    // The TMA-store epilogue: rows of y (and z) must be 16-byte multiples and the bases
+    // 16-byte aligned; else the kernel stores directly. Boxes of 64 columns × 16 rows.
+    let tma_store = n % 8 == 0 && yp % 16 == 0 && (p.z == 0 || p.z % 16 == 0);
+    let (y_map, z_map) = if tma_store {
+        let y_map = tensor_map(dt, yp, n, tokens, n, 16)?;
+        let z_map = if p.z != 0 {
+            tensor_map(dt, p.z, n, tokens, n, 16)?
+        } else {
+            y_map
+        };
+        (y_map, z_map)
+    } else {
+        (x_map, x_map) // unused
+    };
     let params = LkGemmParams {
         y: yp as *mut _,
         bias: p.bias as *const _,
@@ -376,6 +390,7 @@ pub(crate) fn launch_core<T: Element>(
         tiles_m: tiles_m as i32,
         tiles_n: tiles_n as i32,
         z: p.z as *mut _,
+        tma_store: tma_store as i32,
     };
     let name = if tile_n == TILE_N {
         format!("lk_gemm_nt_{}", T::DTYPE.suffix())
@@ -397,6 +412,8 @@ pub(crate) fn launch_core<T: Element>(
         .arg(&w_map)
         .arg(&u_map)
         .arg(&bl_map)
+        .arg(&y_map)
+        .arg(&z_map)
         .arg(&params);
     // SAFETY: the tensor maps describe x [T, K], W [N, K], U [T, r] and Bl [N, r] exactly
     // as validated above (lengths, 16-byte alignment, K % 8 == 0; U and Bl possibly
