@@ -839,7 +839,7 @@ __device__ __forceinline__ void down_mma_kernel(const LkDownParams &p) {
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[nt][c] = 0.0f;
   const int chunks = (c_end - c_begin + 31) >> 5;
-#pragma unroll 2
+#pragma unroll 4
   for (int ch = warp; ch < chunks; ch += MMA_WARPS) {
     const int col = c_begin + ch * 32 + 8 * q;
     const bool in = col < c_end;

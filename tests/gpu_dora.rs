@@ -54,6 +54,10 @@ fn cases() -> Vec<Case> {
         (5, 128, 40, 32),
         (32, 200, 77, 24),
         (33, 96, 80, 8),
+        // Enough tiles for the GEMM core path on an sm_90 GPU (f16/bf16): DoRA's scale in
+        // the core's epilogue, z written beside y (odd N: direct stores; N % 8 == 0: TMA).
+        (300, 72, 2901, 16),
+        (257, 64, 3072, 8),
     ] {
         for dropout in [false, true] {
             v.push(Case {

@@ -285,15 +285,18 @@ fn gemm_tile_widths_persistent() {
     assert!(t.div_ceil(gemm::TILE_M) * n.div_ceil(gemm::TILE_N) > sms);
     for (i, &w) in [gemm::TILE_N, gemm::TILE_N_NARROW].iter().enumerate() {
         gemm::set_tile_n_override(Some(w)).unwrap();
-        let big = Case {
-            t,
-            n,
-            k: 136,
-            bias: true,
-            scale: false,
-            r: 0,
-        };
-        check_case::<bf16>(gpu, &big, 800 + i as u64);
+        // N odd: the direct-store epilogue; N + 3 (a multiple of 8): the TMA-store one.
+        for (j, n) in [n, n + 3].into_iter().enumerate() {
+            let big = Case {
+                t,
+                n,
+                k: 136,
+                bias: true,
+                scale: j == 1,
+                r: 0,
+            };
+            check_case::<bf16>(gpu, &big, 800 + 2 * i as u64 + j as u64);
+        }
         let small = Case {
             t: 37,
             n: 301,

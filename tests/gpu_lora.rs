@@ -48,6 +48,10 @@ fn cases() -> Vec<Case> {
         (32, 4096, 4096, 64),
         (33, 96, 80, 8),
         (2, 8, 8, 256),
+        // Enough tiles for the GEMM core path on an sm_90 GPU (f16/bf16): odd T and N,
+        // r not a multiple of 8 (padded copies), N % 8 == 0 (TMA-store epilogue).
+        (300, 72, 2900, 12),
+        (515, 64, 1800, 64),
     ] {
         v.push(Case {
             shape: LoraShape::new(t, k, n, r),

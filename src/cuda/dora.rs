@@ -11,8 +11,8 @@
 //!   the base product, the low-rank term, each row's norm (the same tensor-core norm
 //!   as above, on W's registers) and the scale, and writes y (and z, the norms) once;
 //! - forward without dropout, T > 32, where the LoRA linear takes the GEMM core (sm_90,
-//!   f16/bf16, r ≤ 64, K % 8 == 0, aligned): the norms and `g = m/‖·‖` in one launch,
-//!   the down kernel, then one core GEMM with the low-rank K-slice whose epilogue writes
+//!   f16/bf16, r ≤ 64, K % 8 == 0, aligned, enough tiles): the norms and `g = m/‖·‖`
+//!   in one launch, the down kernel, then one core GEMM with the low-rank K-slice whose epilogue writes
 //!   `y = g ⊙ acc + bias` (and `z = acc` when asked): y is written once;
 //! - other forwards without dropout: the norms, the LoRA linear's forward without bias
 //!   (its small-T kernels or its large-T cuBLAS path), then one pass over y applying the

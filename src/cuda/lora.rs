@@ -62,10 +62,11 @@ pub fn set_core_dispatch(enabled: bool) {
 /// `h = drop(x) Aᵀ` [T, r] for [`backward`]. Queued on the GPU's stream.
 ///
 /// Paths: T ≤ [`SMALL_T_MAX`], one fused pass over W; larger T on an sm_90 GPU, f16 or
-/// bf16, r ≤ 64, K % 8 == 0, x, W (and B when r % 8 == 0) 16-byte aligned and y 4-byte
-/// aligned: [`forward_core`] (the down kernel, then one GEMM-core launch that writes y
-/// once); otherwise the down kernel, a skinny cuBLAS product into y and a beta = 1
-/// cuBLAS base GEMM.
+/// bf16, r ≤ 64, K % 8 == 0, x, W (and B when r % 8 == 0) 16-byte aligned, y 4-byte
+/// aligned, and enough output tiles to occupy at least half the SMs (T ≥ 129 and
+/// ceil(T/128) · ceil(N/128) ≥ SMs/2): [`forward_core`] (the down kernel, then one
+/// GEMM-core launch that writes y once); otherwise the down kernel, a skinny cuBLAS
+/// product into y and a beta = 1 cuBLAS base GEMM.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     gpu: &Gpu,
@@ -227,6 +228,7 @@ pub fn forward_core<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
 /// and this thread has not switched it off ([`set_core_dispatch`]).
 pub(crate) fn core_takes<T: Element>(gpu: &Gpu, shape: &LoraShape, p: &FwdPtrs) -> bool {
     CORE_DISPATCH.with(|c| c.get())
+        && core_fills_gpu(shape.tokens, shape.out_features, gpu.sm_count() as usize)
         && T::DTYPE != crate::DType::F32
         && shape.rank <= super::gemm::MAX_RANK
         && shape.in_features % 8 == 0
@@ -235,6 +237,16 @@ pub(crate) fn core_takes<T: Element>(gpu: &Gpu, shape: &LoraShape, p: &FwdPtrs) 
         && p.y % 4 == 0
         && (shape.rank % 8 != 0 || p.b % 16 == 0)
         && super::gemm::supported(gpu)
+}
+
+/// Whether a [T, N] output has enough 128 × 128 tiles for the core's clusters of 2 CTAs
+/// to occupy at least half the SMs, with at least two tile rows (one tile row leaves the
+/// second CTA of every cluster idle): T ≥ 129 and ceil(T/128) · ceil(N/128) ≥ SMs / 2.
+/// Below that (T ≤ 128, or T ≤ 256 at N = 4096 on 132 SMs) the forward stays on cuBLAS,
+/// which spreads a W-bound product over every SM.
+fn core_fills_gpu(tokens: usize, n: usize, sms: usize) -> bool {
+    let tiles_m = tokens.div_ceil(super::gemm::TILE_M);
+    tiles_m >= 2 && 2 * tiles_m * n.div_ceil(super::gemm::TILE_N_NARROW) >= sms
 }
 
 /// The core path's launches, arguments checked: `U = s · drop(x) Aᵀ` (and `h` from the
