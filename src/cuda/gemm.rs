@@ -1,4 +1,4 @@
-//! The Hopper (sm_90a) tensor-core GEMM core, v1 (kernels/gemm.cu): one kernel for
+//! The Hopper (sm_90a) tensor-core GEMM core, v2 (kernels/gemm.cu): one kernel for
 //!
 //! ```text
 //! y[T, N] = col_scale ⊙ (x[T, K] · W[N, K]ᵀ + U[T, r] · Bl[N, r]ᵀ) + bias
@@ -12,12 +12,15 @@
 //! `m / ‖·‖`): `y = scale ⊙ acc + bias`.
 //!
 //! Kernel: warp-specialized, one producer warp issuing TMA loads (128-byte swizzle) into
-//! a shared-memory ring, two consumer warpgroups issuing `wgmma`; a persistent grid (at
-//! most one CTA per SM) walks the 128 × [`TILE_N`] tiles of y in a grouped order for L2
-//! reuse, the producer loading the next tile while the consumers store the last. The
-//! tile width is chosen per call ([`tile_n_for`]): 256 columns (4-stage ring), or 128
-//! (6-stage ring) when that fills the GPU's SMs in fewer tile rounds, as at T = 512.
-//! See kernels/gemm.cu and docs/PERF_NOTES_GEMM.md.
+//! a shared-memory ring, two consumer warpgroups issuing `wgmma`; a persistent grid of
+//! clusters of 2 CTAs (at most one CTA per SM, as many clusters as fit at once) walks
+//! pairs of 128 × [`TILE_N`] tiles of y in a grouped order for L2 reuse, each CTA of a
+//! pair loading half of the shared W tile and multicasting it into both; the producer
+//! loads the next tile while the consumers store the last, through TMA stores when
+//! N % 8 == 0 and y is 16-byte aligned (direct stores otherwise). The tile width is
+//! chosen per call ([`tile_n_for`]): 256 columns (4-stage ring), or 128 (6-stage ring)
+//! when that fills the GPU's SMs in fewer tile rounds, as at T = 512. See
+//! kernels/gemm.cu and docs/PERF_NOTES_GEMM.md.
 //!
 //! Limits: sm_90 only ([`supported`]; other GPUs get [`Error::Unsupported`]), f16/bf16
 //! only, K % 8 == 0 and x, W (and U, Bl when r % 8 == 0) 16-byte aligned (TMA's rules),

@@ -125,7 +125,7 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     }
 }
 
-/// The forward through the Hopper GEMM core ([`super::gemm`]) at any T, the path
+/// The forward through the Hopper GEMM core ([`mod@super::gemm`]) at any T, the path
 /// [`forward`] takes for T > [`SMALL_T_MAX`] where it can: the same result, with `y`
 /// written once. `U = s · drop(x) Aᵀ` and (into `h` when given) `h = drop(x) Aᵀ` come
 /// from one down-kernel launch (each rounded once to the activation type), then one core
