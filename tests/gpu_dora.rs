@@ -68,6 +68,17 @@ fn cases() -> Vec<Case> {
                 nf4: None,
             });
         }
+        // Without dropout and with z saved: on the core path, z comes from the core's
+        // epilogue (stored beside y).
+        if t >= 257 {
+            v.push(Case {
+                shape: LoraShape::new(t, k, n, r),
+                bias: t % 2 == 0,
+                dropout: false,
+                save_z: true,
+                nf4: None,
+            });
+        }
     }
     v
 }
