@@ -456,29 +456,35 @@ where
         None => None,
     };
     let zptr = zp.as_ref().map_or(0, |z| z.0);
+    let (yp, _gy) = dptr_mut(gpu, "y", y)?;
+    let hd = match h {
+        Some(h) => Some(dptr_mut(gpu, "h", h)?),
+        None => None,
+    };
+    let hp = hd.as_ref().map_or(0, |h| h.0);
+    // The LoRA linear's view of the call (the paths without dropout start from it).
+    let lora_ptrs = FwdPtrs {
+        x: xp,
+        w: wp,
+        a: ap,
+        b: bp,
+        bias: biasp,
+        y: yp,
+        h: hp,
+        dora: None,
+    };
     match opts.active_dropout() {
         None if shape.tokens <= super::lora::SMALL_T_MAX => {
             // One pass over W: base product, low-rank term, norm and scale together,
             // when the tensor-core kernel takes the shape; else the composition below.
-            let (yp, _gy) = dptr_mut(gpu, "y", y)?;
-            let hd = match h {
-                Some(h) => Some(dptr_mut(gpu, "h", h)?),
-                None => None,
-            };
             let mut ptrs = FwdPtrs {
-                x: xp,
-                w: wp,
-                a: ap,
-                b: bp,
-                bias: biasp,
-                y: yp,
-                h: hd.as_ref().map_or(0, |h| h.0),
                 dora: Some(DoraPtrs {
                     mag: mp,
                     norm: np,
                     z: zptr,
                     rank_steps: r.div_ceil(16),
                 }),
+                ..lora_ptrs
             };
             if dora_fused_small::<T>(shape, &ptrs) {
                 return forward_small::<T>(gpu, shape, opts, &ptrs);
@@ -491,22 +497,7 @@ where
             launch_scale::<T>(gpu, t, n, yp, zptr, biasp, mp, np, 0.0)
         }
         None => {
-            let (yp, _gy) = dptr_mut(gpu, "y", y)?;
-            let hd = match h {
-                Some(h) => Some(dptr_mut(gpu, "h", h)?),
-                None => None,
-            };
-            let ptrs = FwdPtrs {
-                x: xp,
-                w: wp,
-                a: ap,
-                b: bp,
-                bias: biasp,
-                y: yp,
-                h: hd.as_ref().map_or(0, |h| h.0),
-                dora: None,
-            };
-            if core_takes::<T>(gpu, shape, &ptrs) && (zptr == 0 || zptr % 4 == 0) {
+            if core_takes::<T>(gpu, shape, &lora_ptrs) && (zptr == 0 || zptr % 4 == 0) {
                 // The GEMM core: norms and g = m/‖·‖ in one launch, then one GEMM with
                 // the low-rank slice whose epilogue writes y = g ⊙ acc + bias (and
                 // z = acc when asked): y is written once, no scale pass over it.
@@ -514,25 +505,23 @@ where
                 let g = gpu.scratch::<f32>(n)?;
                 let (gp, _gg) = dptr(gpu, "g", &g)?;
                 launch_norm_g::<T>(gpu, shape, opts.scale, wp, ap, bp, np, 0, Some((mp, gp)))?;
-                return forward_core_launch::<T>(gpu, shape, opts, &ptrs, gp, zptr);
+                return forward_core_launch::<T>(gpu, shape, opts, &lora_ptrs, gp, zptr);
             }
             launch_norm::<T>(gpu, shape, opts.scale, wp, ap, bp, np, 0)?;
             // y = z = x Wᵀ + s·h Bᵀ by the LoRA linear's large-T cuBLAS path (no bias),
             // then the scale.
             let k = shape.in_features;
-            let lora_ptrs = FwdPtrs { bias: 0, ..ptrs };
-            forward_large::<T>(gpu, shape, opts, &lora_ptrs, || {
+            let no_bias = FwdPtrs {
+                bias: 0,
+                ..lora_ptrs
+            };
+            forward_large::<T>(gpu, shape, opts, &no_bias, || {
                 gemm_rm::<T>(gpu, t, n, k, 1.0, xp, false, wp, true, 1.0, yp)
             })?;
             launch_scale::<T>(gpu, t, n, yp, zptr, biasp, mp, np, 0.0)
         }
         Some(d) => {
             launch_norm::<T>(gpu, shape, opts.scale, wp, ap, bp, np, 0)?;
-            let (yp, _gy) = dptr_mut(gpu, "y", y)?;
-            let hd = match h {
-                Some(h) => Some(dptr_mut(gpu, "h", h)?),
-                None => None,
-            };
             let p = DropFwdPtrs {
                 x: xp,
                 a: ap,
@@ -541,7 +530,7 @@ where
                 norm: np,
                 bias: biasp,
                 y: yp,
-                h: hd.as_ref().map_or(0, |h| h.0),
+                h: hp,
                 z: zptr,
             };
             forward_dropout::<T>(gpu, shape, opts, d, &p, &Base::Dense(wp))

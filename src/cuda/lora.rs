@@ -77,52 +77,7 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     y: &mut O,
     h: Option<&mut O>,
 ) -> Result<()> {
-    check_forward_lens(
-        shape,
-        x.len(),
-        weights.w.len(),
-        weights.a.len(),
-        weights.b.len(),
-        weights.bias.map(|b| b.len()),
-        y.len(),
-        h.as_ref().map(|h| h.len()),
-    )?;
-    opts.validate()?;
-    let (xp, _gx) = dptr(gpu, "x", x)?;
-    let (wp, _gw) = dptr(gpu, "w", weights.w)?;
-    let (ap, _ga) = dptr(gpu, "a", weights.a)?;
-    let (bp, _gb) = dptr(gpu, "b", weights.b)?;
-    let bias = match weights.bias {
-        Some(bias) => Some(dptr(gpu, "bias", bias)?),
-        None => None,
-    };
-    let biasp = bias.as_ref().map_or(0, |b| b.0);
-    let (yp, _gy) = dptr_mut(gpu, "y", y)?;
-    let h = match h {
-        Some(h) => Some(dptr_mut(gpu, "h", h)?),
-        None => None,
-    };
-    let hp = h.as_ref().map_or(0, |h| h.0);
-    let ptrs = FwdPtrs {
-        x: xp,
-        w: wp,
-        a: ap,
-        b: bp,
-        bias: biasp,
-        y: yp,
-        h: hp,
-        dora: None,
-    };
-    if shape.tokens <= SMALL_T_MAX {
-        forward_small::<T>(gpu, shape, opts, &ptrs)
-    } else if core_takes::<T>(gpu, shape, &ptrs) {
-        forward_core_launch::<T>(gpu, shape, opts, &ptrs, 0, 0)
-    } else {
-        let (t, k, n) = (shape.tokens, shape.in_features, shape.out_features);
-        forward_large::<T>(gpu, shape, opts, &ptrs, || {
-            gemm_rm::<T>(gpu, t, n, k, 1.0, xp, false, wp, true, 1.0, yp)
-        })
-    }
+    forward_impl(gpu, shape, opts, x, weights, y, h, false)
 }
 
 /// The forward through the Hopper GEMM core ([`mod@super::gemm`]) at any T, the path
@@ -144,7 +99,22 @@ pub fn forward_core<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     y: &mut O,
     h: Option<&mut O>,
 ) -> Result<()> {
-    use super::gemm;
+    forward_impl(gpu, shape, opts, x, weights, y, h, true)
+}
+
+/// [`forward`] (`core_only` false: the path chosen per call) and [`forward_core`]
+/// (`core_only`: the core path or an error naming why not, before any launch).
+#[allow(clippy::too_many_arguments)]
+fn forward_impl<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    x: &I,
+    weights: LoraWeights<'_, I>,
+    y: &mut O,
+    h: Option<&mut O>,
+    core_only: bool,
+) -> Result<()> {
     check_forward_lens(
         shape,
         x.len(),
@@ -156,6 +126,50 @@ pub fn forward_core<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         h.as_ref().map(|h| h.len()),
     )?;
     opts.validate()?;
+    if core_only {
+        check_core_args::<T>(gpu, shape)?;
+    }
+    let (xp, _gx) = dptr(gpu, "x", x)?;
+    let (wp, _gw) = dptr(gpu, "w", weights.w)?;
+    let (ap, _ga) = dptr(gpu, "a", weights.a)?;
+    let (bp, _gb) = dptr(gpu, "b", weights.b)?;
+    let bias = match weights.bias {
+        Some(bias) => Some(dptr(gpu, "bias", bias)?),
+        None => None,
+    };
+    let (yp, _gy) = dptr_mut(gpu, "y", y)?;
+    let h = match h {
+        Some(h) => Some(dptr_mut(gpu, "h", h)?),
+        None => None,
+    };
+    let ptrs = FwdPtrs {
+        x: xp,
+        w: wp,
+        a: ap,
+        b: bp,
+        bias: bias.as_ref().map_or(0, |b| b.0),
+        y: yp,
+        h: h.as_ref().map_or(0, |h| h.0),
+        dora: None,
+    };
+    if core_only {
+        check_core_alignment(shape, &ptrs)?;
+        forward_core_launch::<T>(gpu, shape, opts, &ptrs, 0, 0)
+    } else if shape.tokens <= SMALL_T_MAX {
+        forward_small::<T>(gpu, shape, opts, &ptrs)
+    } else if core_takes::<T>(gpu, shape, &ptrs) {
+        forward_core_launch::<T>(gpu, shape, opts, &ptrs, 0, 0)
+    } else {
+        let (t, k, n) = (shape.tokens, shape.in_features, shape.out_features);
+        forward_large::<T>(gpu, shape, opts, &ptrs, || {
+            gemm_rm::<T>(gpu, t, n, k, 1.0, xp, false, wp, true, 1.0, yp)
+        })
+    }
+}
+
+/// [`forward_core`]'s shape, dtype and GPU requirements, as errors.
+fn check_core_args<T: Element>(gpu: &Gpu, shape: &LoraShape) -> Result<()> {
+    use super::gemm;
     let (k, r) = (shape.in_features, shape.rank);
     if r > gemm::MAX_RANK {
         return Err(crate::Error::Dim {
@@ -182,46 +196,29 @@ pub fn forward_core<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
             ),
         });
     }
-    let (xp, _gx) = dptr(gpu, "x", x)?;
-    let (wp, _gw) = dptr(gpu, "w", weights.w)?;
-    let (ap, _ga) = dptr(gpu, "a", weights.a)?;
-    let (bp, _gb) = dptr(gpu, "b", weights.b)?;
-    let bias = match weights.bias {
-        Some(bias) => Some(dptr(gpu, "bias", bias)?),
-        None => None,
-    };
-    let (yp, _gy) = dptr_mut(gpu, "y", y)?;
-    let h = match h {
-        Some(h) => Some(dptr_mut(gpu, "h", h)?),
-        None => None,
-    };
-    for (name, p, align) in [("x", xp, 16), ("w", wp, 16), ("y", yp, 4)] {
-        if p % align != 0 {
+    Ok(())
+}
+
+/// [`forward_core`]'s alignment requirements (TMA's), as errors, so that a misaligned
+/// buffer is refused before the down kernel launches.
+fn check_core_alignment(shape: &LoraShape, p: &FwdPtrs) -> Result<()> {
+    for (name, addr, align) in [("x", p.x, 16), ("w", p.w, 16), ("y", p.y, 4)] {
+        if addr % align != 0 {
             return Err(crate::Error::Misaligned {
                 name,
-                address: p,
+                address: addr,
                 align: align as usize,
             });
         }
     }
-    if r % 8 == 0 && bp % 16 != 0 {
+    if shape.rank % 8 == 0 && p.b % 16 != 0 {
         return Err(crate::Error::Misaligned {
             name: "b",
-            address: bp,
+            address: p.b,
             align: 16,
         });
     }
-    let ptrs = FwdPtrs {
-        x: xp,
-        w: wp,
-        a: ap,
-        b: bp,
-        bias: bias.as_ref().map_or(0, |b| b.0),
-        y: yp,
-        h: h.as_ref().map_or(0, |h| h.0),
-        dora: None,
-    };
-    forward_core_launch::<T>(gpu, shape, opts, &ptrs, 0, 0)
+    Ok(())
 }
 
 /// Whether the GEMM core path can take this large-T forward (see [`forward`]'s paths),
