@@ -1,8 +1,12 @@
-//! NF4 benches, bf16 activations, K = 4096, N ∈ {4096, 11008}, T ∈ {1, 16}, blocksize 64
-//! with double quantization (bitsandbytes' QLoRA default). In one process, on one device:
+//! NF4 benches, bf16 activations, K = 4096, N ∈ {4096, 11008}, T ∈ {1, 16, 4096},
+//! blocksize 64 with double quantization (bitsandbytes' QLoRA default). In one process,
+//! on one device:
 //!
 //! - `cublas_bf16`: cuBLAS `y = x Wᵀ` with a dense bf16 W (the baseline);
-//! - `nf4_mm`: our fused NF4 matmul (4-bit W read once, dequantized in registers);
+//! - `nf4_mm`: at T ≤ 16 our fused NF4 matmul (4-bit W read once, dequantized in
+//!   registers); at T = 4096 the GEMM core's NF4 kernel (`gemm::matmul_nt_nf4`: W tiles
+//!   dequantized into shared memory), beside `core_bf16`, the same core over the dense
+//!   bf16 W (`gemm::matmul_nt`, sm_90 only), so the dequantize's own cost shows;
 //! - `dequant`: our standalone dequantize to bf16, against `copy`, a device-to-device
 //!   copy of the same output bytes (the copy bandwidth: read + write bytes / time).
 //!
@@ -24,17 +28,38 @@ use lora_kernels::{bf16, Nf4Weight};
 struct Set {
     w: CudaSlice<bf16>,
     q: Nf4Device,
-    /// x [T, K] and y [T, N] for T = 1 and T = 16.
-    x: [CudaSlice<bf16>; 2],
-    y: [CudaSlice<bf16>; 2],
+    /// x [T, K] and y [T, N] for T = 1, 16 and 4096.
+    x: [CudaSlice<bf16>; 3],
+    y: [CudaSlice<bf16>; 3],
     out: CudaSlice<bf16>,
 }
 
-const OPS: [&str; 4] = ["cublas_bf16", "nf4_mm", "dequant", "copy"];
+const TS: [usize; 3] = [1, 16, 4096];
+const OPS: [&str; 5] = ["cublas_bf16", "nf4_mm", "dequant", "copy", "core_bf16"];
 
 fn run(gpu: &Gpu, t: usize, n: usize, k: usize, op: usize, s: &mut Set) {
-    let i = (t > 1) as usize;
+    let i = TS.iter().position(|&v| v == t).unwrap();
     match OPS[op] {
+        "nf4_mm" if t > cuda::SMALL_T_MAX => gemm::matmul_nt_nf4(
+            gpu,
+            t,
+            &s.x[i],
+            &s.q,
+            &mut s.y[i],
+            &gemm::GemmEpilogue::new(),
+        )
+        .unwrap(),
+        "core_bf16" => gemm::matmul_nt(
+            gpu,
+            &s.x[i],
+            &s.w,
+            &mut s.y[i],
+            &gemm::GemmEpilogue::new(),
+            t,
+            n,
+            k,
+        )
+        .unwrap(),
         "cublas_bf16" => gemm(
             gpu,
             t,
@@ -91,6 +116,7 @@ fn main() {
     )
     .unwrap();
     let k = 4096;
+    let mut large = Vec::new();
     for n in [4096usize, 11008] {
         let host = common::random_bf16(n * k, n as u64, 0.02);
         let q = Nf4Weight::quantize(&host, n, k, 64, true).unwrap();
@@ -105,16 +131,16 @@ fn main() {
                     .upload(&common::random_bf16(n * k, 7 + i as u64, 0.02))
                     .unwrap(),
                 q: Nf4Device::upload(&gpu, &q).unwrap(),
-                x: [1, 16].map(|t| {
+                x: TS.map(|t| {
                     gpu.upload(&common::random_bf16(t * k, 100 + i as u64, 1.0))
                         .unwrap()
                 }),
-                y: [1, 16].map(|t| gpu.zeros(t * n).unwrap()),
+                y: TS.map(|t| gpu.zeros(t * n).unwrap()),
                 out: gpu.zeros(n * k).unwrap(),
             })
             .collect();
         for t in [1usize, 16] {
-            let us: Vec<f64> = (0..OPS.len())
+            let us: Vec<f64> = (0..4)
                 .map(|op| {
                     let len = sets.len();
                     common::median_us(&gpu, samples, |i| {
@@ -172,7 +198,7 @@ fn main() {
                     .unwrap_or_default()
             );
             let mut group = criterion.benchmark_group(format!("nf4_bf16/T{t}_N{n}"));
-            for (op, name) in OPS.iter().enumerate() {
+            for (op, name) in OPS.iter().enumerate().take(4) {
                 group.bench_function(*name, |b| {
                     b.iter_custom(|iters| {
                         Duration::from_secs_f64(time_iters(&gpu, t, n, k, op, &mut sets, iters))
@@ -181,11 +207,91 @@ fn main() {
             }
             group.finish();
         }
+        large.push(large_t(
+            &gpu,
+            &rec,
+            &mut criterion,
+            samples,
+            n,
+            k,
+            bpp,
+            &mut sets,
+        ));
     }
     writeln!(
         table,
-        "T = 4096 (large T): not yet implemented for NF4 (needs the GEMM core, issue 3)"
+        "\nT = 4096: the GEMM core's NF4 kernel (W tiles dequantized in shared memory) \
+         against cuBLAS and the same core over the dense bf16 W; median µs"
     )
     .unwrap();
+    writeln!(
+        table,
+        "{:>6} {:>6} | {:>9} {:>9} {:>9} | {:>11} {:>11} | {:>8}",
+        "T", "N", "cublas", "core_bf16", "core_nf4", "nf4/cublas", "nf4/core", "TFLOP/s"
+    )
+    .unwrap();
+    for l in large {
+        writeln!(table, "{l}").unwrap();
+    }
     common::finish(&table);
+}
+
+/// The T = 4096 row: cuBLAS, the dense core and the NF4 core (the last two need sm_90;
+/// elsewhere the row says so).
+#[allow(clippy::too_many_arguments)]
+fn large_t(
+    gpu: &Gpu,
+    rec: &common::Recorder,
+    criterion: &mut criterion::Criterion,
+    samples: usize,
+    n: usize,
+    k: usize,
+    bpp: f64,
+    sets: &mut [Set],
+) -> String {
+    let t = 4096;
+    if !gemm::supported(gpu) {
+        return format!("{t:>6} {n:>6} | the GEMM core needs sm_90: not measured");
+    }
+    let ops = [0usize, 4, 1]; // cublas_bf16, core_bf16, nf4_mm (the NF4 core)
+    let us: Vec<f64> = ops
+        .iter()
+        .map(|&op| {
+            let len = sets.len();
+            common::median_us(gpu, samples, |i| run(gpu, t, n, k, op, &mut sets[i % len]))
+        })
+        .collect();
+    let flops = 2.0 * (t * n * k) as f64;
+    let shape = format!("T={t} K={k} N={n}");
+    rec.row(common::Row {
+        kernel: "nf4 GEMM core",
+        shape: shape.clone(),
+        dtype: "bf16 x, NF4 W (bs 64, dq)",
+        ours_us: us[2],
+        baseline: Some(("cuBLAS bf16 x·Wᵀ, dense W", us[0])),
+        bytes: Some(bpp * (n * k) as f64 / 8.0 + 2.0 * (t * k + t * n) as f64),
+        flops: Some(flops),
+    });
+    let mut group = criterion.benchmark_group(format!("nf4_bf16/T{t}_N{n}"));
+    for &op in &ops {
+        group.bench_function(OPS[op], |b| {
+            b.iter_custom(|iters| {
+                Duration::from_secs_f64(time_iters(gpu, t, n, k, op, sets, iters))
+            })
+        });
+    }
+    group.finish();
+    let line = format!(
+        "{:>6} {:>6} | {:>9.1} {:>9.1} {:>9.1} | {:>10.3}x {:>10.3}x | {:>8.0}",
+        t,
+        n,
+        us[0],
+        us[1],
+        us[2],
+        us[2] / us[0],
+        us[2] / us[1],
+        flops / us[2] * 1e-6
+    );
+    eprintln!("{line}");
+    line
 }

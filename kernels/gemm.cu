@@ -45,6 +45,8 @@
 #include <stdint.h>
 
 #include "lk_common.cuh"
+#include "lk_mma.cuh"
+#include "lk_nf4.cuh"
 
 // Threads per CTA: a producer warpgroup and two consumer warpgroups.
 #define LK_GEMM_THREADS 384
@@ -76,6 +78,19 @@ constexpr int RING_BYTES = 192 * 1024;  // both tile widths' rings
 constexpr int STORE_BUF_BYTES = 16 * 64 * 2;
 constexpr int STORE_BYTES = 8 * 2 * STORE_BUF_BYTES;
 static_assert(RING_BYTES + STORE_BYTES + 1024 <= 227 * 1024, "dynamic shared memory");
+// The NF4 kernels: one staging buffer per consumer warp (16 KB), then a ring of RAW_SLOTS
+// slots of raw NF4 data, each the CTA's half of a W tile's codes for one K-slice
+// ([BN/2][32] bytes, TMA) and their scales ([BN/2][2] f32, a bulk copy).
+constexpr int NF4_STORE_BYTES = 8 * STORE_BUF_BYTES;
+constexpr int RAW_SLOTS = 3;
+template <int BN_> struct Nf4Raw {
+  static constexpr int CODE_BYTES = BN_ / 2 * 32;
+  static constexpr int SCALE_BYTES = BN_ / 2 * 8;
+  static constexpr int SLOT_BYTES = CODE_BYTES + SCALE_BYTES;  // a multiple of 128
+};
+static_assert(RING_BYTES + NF4_STORE_BYTES + RAW_SLOTS * Nf4Raw<256>::SLOT_BYTES + 1024 <=
+                  227 * 1024 - 512,
+              "dynamic shared memory (NF4), with room for the static barriers and table");
 
 // The two tile widths. BN = 256: 4 stages of 16 + 32 KB; BN = 128: 6 stages of
 // 16 + 16 KB. Both use 192 KB of ring (+ 1 KB alignment slack), chosen on the host.
@@ -203,6 +218,65 @@ __device__ __forceinline__ void fence_async_smem() {
 __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
 }
+__device__ __forceinline__ void st_shared_v4(uint32_t addr, uint32_t a, uint32_t b, uint32_t c,
+                                             uint32_t d) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(a), "r"(b), "r"(c),
+               "r"(d)
+               : "memory");
+}
+
+// ---- the NF4 producer's synchronization --------------------------------------------------
+// Adds `bytes` to the transaction count of the barrier's current phase without arriving.
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// One arrival (release: this thread's prior shared-memory writes happen before the
+// phase completes for its waiters).
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+// The shared::cluster address of the same offset in cluster CTA `cta`.
+__device__ __forceinline__ uint32_t mapa(uint32_t addr, uint32_t cta) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(cta));
+  return r;
+}
+// Bulk copy (the TMA engine, async proxy) of `bytes` of this CTA's shared memory at src
+// into a cluster CTA's shared memory at dst (a shared::cluster address), completing the
+// bytes on that CTA's mbarrier at bar (a shared::cluster address).
+__device__ __forceinline__ void bulk_copy_to_cta(uint32_t dst, uint32_t src, uint32_t bytes,
+                                                 uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, "
+      "[%3];" ::"r"(dst),
+      "r"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+// Bulk copy (TMA engine) of `bytes` contiguous bytes of global memory at src into this
+// CTA's shared memory at dst (16-byte aligned, bytes % 16 == 0), completing on bar.
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void *src, uint32_t bytes,
+                                          uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(dst),
+      "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 r;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "r"(addr));
+  return r;
+}
+__device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
+  float r;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(r) : "r"(addr));
+  return r;
+}
+// The producer warpgroup's own barrier (named barrier 1, 128 threads).
+__device__ __forceinline__ void producer_sync() { asm volatile("bar.sync 1, 128;" ::: "memory"); }
 
 // ---- wgmma -----------------------------------------------------------------------------
 // Shared-memory matrix descriptor of a K-major tile written by TMA with the 128-byte
@@ -310,7 +384,7 @@ template <> struct Pair<__half> {
 
 // The consumer warpgroups' part of gemm_nt_body: wgmma over the ring, then the epilogue,
 // tile after tile.
-template <typename T, bool F16, int BN>
+template <typename T, bool F16, int BN, int BUFS>
 __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar,
                                          const uint64_t *empty_bar, uint32_t rank, int pairs_m,
                                          int pairs, int cluster, int clusters, int iters,
@@ -326,8 +400,9 @@ __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar
   T *z = static_cast<T *>(p.z);
   const T *bias = static_cast<const T *>(p.bias);
   const bool even_n = (p.n & 1) == 0;  // pairs of columns are 4-byte aligned in y
-  // This warp's two staging buffers for the TMA-store epilogue.
-  const uint32_t stage_buf = ring + RING_BYTES + (4 * c + warp) * 2 * STORE_BUF_BYTES;
+  // This warp's BUFS staging buffers (2, or 1 in the NF4 kernels) for the TMA-store
+  // epilogue.
+  const uint32_t stage_buf = ring + RING_BYTES + (4 * c + warp) * BUFS * STORE_BUF_BYTES;
   uint32_t buf = 0;  // which of the two buffers the next chunk uses
 
   uint32_t g = 0;  // K-slices consumed by this CTA so far (all tiles)
@@ -404,7 +479,7 @@ __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar
           for (int out = 0; out < 2; ++out) {
             if (out == 1 && z == nullptr) break;
             const uint32_t sb = stage_buf + buf * STORE_BUF_BYTES;
-            if (lane == 0) bulk_wait_read<1>();
+            if (lane == 0) bulk_wait_read<BUFS - 1>();
             __syncwarp();
 #pragma unroll
             for (int jj = 0; jj < 8; ++jj) {
@@ -425,7 +500,7 @@ __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar
               tma_store_2d(out == 0 ? &y_map : &z_map, sb, n0 + 64 * q, wrow0);
               bulk_commit();
             }
-            buf ^= 1;
+            buf = (buf + 1) % BUFS;
           }
         }
       }
@@ -476,6 +551,145 @@ __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar
   if (lane == 0) bulk_wait_read<0>();
 }
 
+// ---- the NF4 B-operand producer (lk_gemm_nf4_*) ----------------------------------------
+// Dequantizes one 32-element piece of a W row (16 bytes of codes, byte b holding elements
+// 2b (high nibble) and 2b + 1 (low)) with its block's absmax: code · absmax in f32,
+// rounded once to T (the standalone dequantize's values), into the W-tile row at
+// row_addr in the 128-byte-swizzled layout TMA would have written: 16-byte chunk c of
+// the row at c ^ (row % 8) = c ^ sw. Chunk 4 · half + j holds elements 8j .. 8j + 7.
+template <typename T>
+__device__ __forceinline__ void nf4_store_piece(const float *lut, uint4 codes, float am,
+                                                uint32_t row_addr, int half, int sw) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t word = lk::word_of(codes, j);
+    uint32_t o[4];
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const uint32_t byte = (word >> (8 * b)) & 0xffu;
+      o[b] = lk::pack2<T>(__fmul_rn(lut[byte >> 4], am), __fmul_rn(lut[byte & 15u], am));
+    }
+    st_shared_v4(row_addr + (((4 * half + j) ^ sw) << 4), o[0], o[1], o[2], o[3]);
+  }
+}
+
+// The producer warpgroup of the NF4 kernels, all 128 threads. Per K-slice each CTA
+// dequantizes its half of the W tile (BN/2 rows × 64 columns: one or two 32-element
+// pieces per thread) into its own stage; then one thread bulk-copies that half into the
+// peer CTA's stage (complete_tx on the peer's full barrier), so each W tile is
+// dequantized once per pair, as the dense kernels read it from L2 once per pair.
+//
+// The raw data never passes through registers from global memory: thread 0 keeps a ring
+// of RAW_SLOTS slots filled ahead by TMA (the codes, [BN/2][32] bytes, zero-filled past
+// N and K) and a bulk copy (their scales, [BN/2][2] f32 from the nf4_scales table), so
+// the dequantizing threads only read shared memory. That matters: the proxy fence each
+// thread needs before publishing its writes to wgmma (the async proxy) waits for all of
+// the thread's outstanding memory operations, which would expose a global load's whole
+// latency on every K-slice.
+//
+// The stage's full barrier takes 128 arrivals (each thread after its writes and the
+// fence) plus the transaction bytes of the x tile (TMA) and of the peer's half. A raw
+// slot is refilled once the producer barrier after its K-slice has passed (every thread
+// has read it).
+template <typename T, int BN>
+__device__ __forceinline__ void nf4_producer(uint32_t ring, uint32_t raw, const uint64_t *full_bar,
+                                             const uint64_t *empty_bar, const uint64_t *raw_bar,
+                                             float *lut, uint32_t rank, int pairs_m, int pairs,
+                                             int cluster, int clusters, int iters,
+                                             const LkTmap &x_map, const LkTmap &codes_map,
+                                             const LkTmap &u_map, const LkTmap &bl_map,
+                                             const LkGemmParams &p) {
+  using C = Tile<BN>;
+  using R = Nf4Raw<BN>;
+  constexpr int STAGES = C::STAGES;
+  constexpr int HALF = BN / 2;            // W rows this CTA dequantizes per K-slice
+  constexpr int PIECES = HALF * 2 / 128;  // per thread: 2 (BN = 256) or 1 (BN = 128)
+  const uint32_t peer = rank ^ 1u;
+  const bool lead = threadIdx.x == 0;
+  if (threadIdx.x < 16) lut[threadIdx.x] = NF4_CODE[threadIdx.x];
+  producer_sync();
+
+  auto n_base_of = [&](int pair) {
+    int pm, tn;
+    tile_of(pair, pairs_m, p.tiles_n, pm, tn);
+    return tn * BN + static_cast<int>(rank) * HALF;
+  };
+  // Thread 0's raw-load cursor: the NF4 K-slices of this CTA's tiles in order (the
+  // low-rank slices have no raw data), `issued` of them so far.
+  int load_pair = cluster, load_it = 0;
+  uint32_t issued = 0;
+  auto issue_raw = [&]() {
+    if (load_pair >= pairs) return;
+    const uint32_t slot = issued % RAW_SLOTS;
+    const uint32_t bar = smem_u32(&raw_bar[slot]);
+    const uint32_t dst = raw + slot * R::SLOT_BYTES;
+    const int n_base = n_base_of(load_pair);
+    mbar_arrive_expect_tx(bar, R::SLOT_BYTES);
+    tma_load_2d(dst, &codes_map, load_it * 32, n_base, bar);
+    bulk_load(dst + R::CODE_BYTES,
+              p.nf4_scales + (static_cast<int64_t>(load_it) * p.nf4_n_pad + n_base) * 2,
+              R::SCALE_BYTES, bar);
+    ++issued;
+    if (++load_it == p.k_tiles) {
+      load_it = 0;
+      load_pair += clusters;
+    }
+  };
+  if (lead) {
+    for (int i = 0; i < RAW_SLOTS; ++i) issue_raw();
+  }
+
+  uint32_t g = 0;  // K-slices issued by this CTA so far (all tiles)
+  uint32_t u = 0;  // NF4 K-slices dequantized so far
+  for (int pair = cluster; pair < pairs; pair += clusters) {
+    int pm, tn;
+    tile_of(pair, pairs_m, p.tiles_n, pm, tn);
+    const int m0 = (2 * pm + static_cast<int>(rank)) * BM;
+    const int n_base = tn * BN + static_cast<int>(rank) * HALF;
+    for (int it = 0; it < iters; ++it, ++g) {
+      const uint32_t s = g % STAGES;
+      // Free in both CTAs: 16 arrivals, 8 from each CTA's consumer warps.
+      mbar_wait(smem_u32(&empty_bar[s]), ((g / STAGES) & 1) ^ 1);
+      const uint32_t full = smem_u32(&full_bar[s]);
+      const uint32_t a_dst = ring + s * C::STAGE_BYTES;
+      const uint32_t half_dst = a_dst + A_BYTES + rank * C::HALF_B_BYTES;
+      if (it < p.k_tiles) {
+        if (lead) {
+          mbar_expect_tx(full, A_BYTES + C::HALF_B_BYTES);
+          tma_load_2d(a_dst, &x_map, it * BK, m0, full);
+        }
+        const uint32_t slot = u % RAW_SLOTS;
+        mbar_wait(smem_u32(&raw_bar[slot]), (u / RAW_SLOTS) & 1);
+        const uint32_t src = raw + slot * R::SLOT_BYTES;
+#pragma unroll
+        for (int j = 0; j < PIECES; ++j) {
+          const int q = static_cast<int>(threadIdx.x) + 128 * j;  // row q / 2, half q % 2
+          const int row = q / 2;
+          const uint4 codes = ld_shared_v4(src + q * 16);
+          const float am = ld_shared_f32(src + R::CODE_BYTES + q * 4);
+          nf4_store_piece<T>(lut, codes, am, half_dst + row * 128, q % 2, row % 8);
+        }
+        fence_async_smem();
+        mbar_arrive(full);
+        producer_sync();  // the half is written and fenced, the raw slot read by all
+        ++u;
+        if (lead) {
+          bulk_copy_to_cta(mapa(half_dst, peer), half_dst, C::HALF_B_BYTES, mapa(full, peer));
+          issue_raw();
+        }
+      } else {
+        // The low-rank K-slice, as the dense kernels load it: U's and Bl's columns 0 .. 63.
+        if (lead) {
+          mbar_expect_tx(full, C::STAGE_BYTES);
+          tma_load_2d(a_dst, &u_map, 0, m0, full);
+          tma_load_2d_multicast(half_dst, &bl_map, 0, n_base, full, 0x3);
+        }
+        mbar_arrive(full);
+      }
+    }
+  }
+}
+
 // x_map: x [T, K], box 64 (K) × 128 (rows); w_map: W [N, K], box 64 × BN/2;
 // u_map: U [T, r] (row stride rp ≥ r, rp % 8 == 0), box 64 × 128, columns ≥ r zero-filled;
 // bl_map: Bl [N, r], box 64 × BN/2. Without the low-rank term u_map / bl_map are unused.
@@ -494,7 +708,7 @@ __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar
 // the producer already fills the ring with the next tile's first slices. With an odd
 // number of tile rows the last pairs' second tile lies past T: TMA zero-fills its x
 // rows and its stores are all predicated off, but it still loads its W half for the peer.
-template <typename T, bool F16, int BN>
+template <typename T, bool F16, int BN, bool NF4>
 __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &w_map,
                                              const LkTmap &u_map, const LkTmap &bl_map,
                                              const LkTmap &y_map, const LkTmap &z_map,
@@ -504,6 +718,7 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
   extern __shared__ uint8_t smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[MAX_STAGES];
   __shared__ __align__(8) uint64_t empty_bar[MAX_STAGES];
+  __shared__ __align__(8) uint64_t raw_bar[NF4 ? RAW_SLOTS : 1];  // the NF4 raw ring
 
   // Stage s: x tile at ring + s · STAGE_BYTES ([128][64], 16 KB), W tile after it
   // ([BN][64]; rank-0's half, then rank-1's). The ring starts 1024-byte aligned (the
@@ -520,8 +735,13 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(smem_u32(&full_bar[s]), 1);
+      // Dense: the producer thread's arrive.expect_tx; NF4: every producer thread.
+      mbar_init(smem_u32(&full_bar[s]), NF4 ? 128 : 1);
       mbar_init(smem_u32(&empty_bar[s]), EMPTY_ARRIVALS);
+    }
+    if constexpr (NF4) {
+#pragma unroll
+      for (int s = 0; s < RAW_SLOTS; ++s) mbar_init(smem_u32(&raw_bar[s]), 1);
     }
     // Makes the initialized barriers visible to the async proxy (TMA) as well.
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -529,7 +749,20 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
   // Both CTAs' barriers exist before either CTA multicasts or arrives remotely.
   cluster_sync();
 
-  if (wg == 0) {
+  if constexpr (NF4) {
+    if (wg == 0) {
+      // Registers: 128 × 56 + 2 × 128 × 224 = 64 512 (the dequantizing producer needs more).
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+      __shared__ float lut[16];
+      const uint32_t raw = ring + RING_BYTES + NF4_STORE_BYTES;
+      nf4_producer<T, BN>(ring, raw, full_bar, empty_bar, raw_bar, lut, rank, pairs_m, pairs,
+                          cluster, clusters, iters, x_map, w_map, u_map, bl_map, p);
+    } else {
+      asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+      consumer<T, F16, BN, 1>(ring, full_bar, empty_bar, rank, pairs_m, pairs, cluster,
+                              clusters, iters, y_map, z_map, p);
+    }
+  } else if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (threadIdx.x == 0) {
       uint32_t g = 0;  // K-slices issued by this CTA so far (all tiles)
@@ -562,8 +795,8 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-    consumer<T, F16, BN>(ring, full_bar, empty_bar, rank, pairs_m, pairs, cluster, clusters,
-                         iters, y_map, z_map, p);
+    consumer<T, F16, BN, 2>(ring, full_bar, empty_bar, rank, pairs_m, pairs, cluster, clusters,
+                            iters, y_map, z_map, p);
   }
   // No CTA leaves while its peer may still arrive on its barriers or multicast into it.
   cluster_sync();
@@ -580,29 +813,35 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
 #endif
 
 #ifdef LK_GEMM_SM90
-#define LK_GEMM_BODY(T, F16, BN) \
-  gemm_nt_body<T, F16, BN>(x_map, w_map, u_map, bl_map, y_map, z_map, p)
+#define LK_GEMM_BODY(T, F16, BN, NF4) \
+  gemm_nt_body<T, F16, BN, NF4>(x_map, w_map, u_map, bl_map, y_map, z_map, p)
 #else
-#define LK_GEMM_BODY(T, F16, BN) __trap()
+#define LK_GEMM_BODY(T, F16, BN, NF4) __trap()
 #endif
 
 // Entry points, lk_gemm_nt_{bf16,f16} (128 × 256 tiles) and lk_gemm_nt_n128_{bf16,f16}
 // (128 × 128 tiles). Shapes: x [T, K], W [N, K], U [T, r], Bl [N, r], y [T, N]; grid
 // min(tiles_m · tiles_n, SMs) CTAs of 384 threads (persistent), 192 KB + 1 KB dynamic
 // shared memory.
-#define LK_GEMM_ENTRY(NAME, T, F16, BN)                                                     \
+#define LK_GEMM_ENTRY(NAME, T, F16, BN, NF4)                                                     \
   extern "C" __global__ void LK_GEMM_CLUSTER __launch_bounds__(LK_GEMM_THREADS, 1) NAME(   \
       const __grid_constant__ LkTmap x_map, const __grid_constant__ LkTmap w_map,           \
       const __grid_constant__ LkTmap u_map, const __grid_constant__ LkTmap bl_map,          \
       const __grid_constant__ LkTmap y_map, const __grid_constant__ LkTmap z_map,           \
       const LkGemmParams p) {                                                               \
-    LK_GEMM_BODY(T, F16, BN);                                                                   \
+    LK_GEMM_BODY(T, F16, BN, NF4);                                                                   \
   }
 
-LK_GEMM_ENTRY(lk_gemm_nt_bf16, __nv_bfloat16, false, 256)
-LK_GEMM_ENTRY(lk_gemm_nt_f16, __half, true, 256)
-LK_GEMM_ENTRY(lk_gemm_nt_n128_bf16, __nv_bfloat16, false, 128)
-LK_GEMM_ENTRY(lk_gemm_nt_n128_f16, __half, true, 128)
+LK_GEMM_ENTRY(lk_gemm_nt_bf16, __nv_bfloat16, false, 256, false)
+LK_GEMM_ENTRY(lk_gemm_nt_f16, __half, true, 256, false)
+LK_GEMM_ENTRY(lk_gemm_nt_n128_bf16, __nv_bfloat16, false, 128, false)
+LK_GEMM_ENTRY(lk_gemm_nt_n128_f16, __half, true, 128, false)
+// The same with W as NF4 (p.wq; w_map unused): lk_gemm_nf4_{bf16,f16} and
+// lk_gemm_nf4_n128_{bf16,f16}.
+LK_GEMM_ENTRY(lk_gemm_nf4_bf16, __nv_bfloat16, false, 256, true)
+LK_GEMM_ENTRY(lk_gemm_nf4_f16, __half, true, 256, true)
+LK_GEMM_ENTRY(lk_gemm_nf4_n128_bf16, __nv_bfloat16, false, 128, true)
+LK_GEMM_ENTRY(lk_gemm_nf4_n128_f16, __half, true, 128, true)
 
 // out[i, j] = in[i, j] for j < r, 0 for r ≤ j < rp: any arch (a grid-stride loop).
 extern "C" __global__ void __launch_bounds__(256) lk_gemm_pad_cols(const LkGemmPadParams p) {

@@ -357,7 +357,24 @@ typedef struct LkGemmParams {
                            * the scale and the bias (DoRA's z), written beside y */
   int32_t tma_store;      /* 1: y (and z) written by TMA stores through the y_map / z_map
                            * tensor maps (n % 8 == 0, 16-byte aligned); 0: direct stores */
+  /* The lk_gemm_nf4_* entry points (unused, zeroed, by lk_gemm_nt_*): W as NF4 [n, k]
+   * (k % 32 == 0), its packed codes read through the w_map tensor map (bytes, box 32 ×
+   * tile width / 2 rows) and its block scales through nf4_scales, both dequantized into
+   * shared memory by the producer warpgroup. */
+  LkNf4 wq;
+  const float *nf4_scales; /* [k_tiles][nf4_n_pad][2] f32: the absmax of the block holding
+                            * element (n, 64 s + 32 h) at [s][n][h] (lk_nf4_core_scales),
+                            * 0 past n or k */
+  int32_t nf4_n_pad;        /* n rounded up to a multiple of 256 */
 } LkGemmParams;
+
+/* lk_nf4_core_scales: the GEMM core's NF4 scale table (LkGemmParams.nf4_scales) of w,
+ * out [k_steps][n_pad][2] f32, in one grid-stride pass (w.cols % 32 == 0). */
+typedef struct LkNf4CoreScalesParams {
+  LkNf4 w;
+  float *out;
+  int32_t k_steps, n_pad;
+} LkNf4CoreScalesParams;
 
 /* Column padding of a 16-bit [rows, r] matrix to [rows, rp] (rp = r rounded up to 8,
  * zeros in columns r .. rp), so its rows meet TMA's 16-byte stride rule. */

@@ -7,21 +7,9 @@
 
 #include "lk_common.cuh"
 #include "lk_mma.cuh"
+#include "lk_nf4.cuh"
 
 namespace {
-
-__constant__ float NF4_CODE[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
-
-// Block scale b of weight w.
-__device__ __forceinline__ float nf4_absmax(const LkNf4 &w, int64_t b) {
-  if (w.absmax != nullptr) return __ldg(w.absmax + b);
-  const float c = __ldg(w.code2 + __ldg(w.q + b));
-  return __fadd_rn(__fmul_rn(c, __ldg(w.absmax2 + (b >> 8))), w.offset);
-}
 
 // The NF4 code table in shared memory: 16 floats in 16 banks, so any lookup pattern of
 // a warp is one wavefront.
@@ -290,22 +278,6 @@ __device__ __forceinline__ uint2 ld_stream8(const void *p) {
   uint2 r;
   asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
   return r;
-}
-
-// A block's scale as loaded: plain (a) or double-quantized (q, a2; resolved later).
-struct RawScale {
-  float a;
-  uint32_t q;
-};
-
-__device__ __forceinline__ RawScale load_scale(const LkNf4 &w, int64_t b) {
-  if (w.absmax != nullptr) return {__ldg(w.absmax + b), 0u};
-  return {__ldg(w.absmax2 + (b >> 8)), (uint32_t)__ldg(w.q + b)};
-}
-
-__device__ __forceinline__ float resolve_scale(const LkNf4 &w, const float *code2, RawScale s) {
-  if (w.absmax != nullptr) return s.a;
-  return __fadd_rn(__fmul_rn(code2[s.q], s.a), w.offset);
 }
 
 // The 8 operand words of 16 codes (bytes 0..7 of c): word j = elements (2j, 2j + 1).
@@ -655,3 +627,25 @@ LK_NF4_SA(f16, __half, 4)
 LK_NF4_SA(bf16, __nv_bfloat16, 1)
 LK_NF4_SA(bf16, __nv_bfloat16, 2)
 LK_NF4_SA(bf16, __nv_bfloat16, 4)
+
+// The GEMM core's NF4 scale table (LkNf4CoreScalesParams): entry (s, n, h) is the
+// resolved absmax (double quantization applied, as the dequantize computes it) of the
+// block holding element (n, 64 s + 32 h), or 0 past the rows or columns. With
+// cols % 32 == 0 and blocksize ≥ 32, each 32-element piece lies in one block, so the core's
+// producer needs one scale per piece, here laid out so that a tile's half (consecutive
+// rows) of one K-slice is one contiguous bulk copy.
+extern "C" __global__ void __launch_bounds__(256) lk_nf4_core_scales(const LkNf4CoreScalesParams p) {
+  const int64_t total = static_cast<int64_t>(p.k_steps) * p.n_pad * 2;
+  for (int64_t e = blockIdx.x * 256ll + threadIdx.x; e < total; e += gridDim.x * 256ll) {
+    const int h = static_cast<int>(e & 1);
+    const int64_t rest = e >> 1;
+    const int n = static_cast<int>(rest % p.n_pad);
+    const int s = static_cast<int>(rest / p.n_pad);
+    const int k = 64 * s + 32 * h;
+    float v = 0.0f;
+    if (n < p.w.rows && k < p.w.cols) {
+      v = nf4_absmax(p.w, (static_cast<int64_t>(n) * p.w.cols + k) >> p.w.log2_blocksize);
+    }
+    p.out[e] = v;
+  }
+}

@@ -15,8 +15,9 @@ use std::io::Write;
 use common::{assert_close, gpu, poison, Rng};
 use cudarc::driver::CudaSlice;
 use lora_kernels::cuda::gemm::{self, GemmEpilogue};
+use lora_kernels::cuda::nf4::Nf4Device;
 use lora_kernels::cuda::Gpu;
-use lora_kernels::{bf16, f16, Element, Error};
+use lora_kernels::{bf16, f16, Element, Error, Nf4Weight};
 
 const TS: [usize; 5] = [1, 3, 17, 129, 1000];
 const NS: [usize; 4] = [8, 24, 200, 1000];
@@ -144,9 +145,25 @@ fn oracle<T: Element>(c: &Case, d: &Host<T>, abs: bool) -> Vec<T> {
 }
 
 fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
-    let what = format!("{} {c:?}", common::dtype_name::<T>());
+    run_case::<T>(gpu, c, seed, None);
+}
+
+/// W quantized to NF4 (blocksize, double quantization) and multiplied by
+/// `gemm::matmul_nt_nf4`; the oracle takes the host dequantize of the same weight (the
+/// values the kernel must produce in shared memory).
+fn check_case_nf4<T: Element>(gpu: &Gpu, c: &Case, bs: usize, dq: bool, seed: u64) {
+    run_case::<T>(gpu, c, seed, Some((bs, dq)));
+}
+
+fn run_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64, nf4: Option<(usize, bool)>) {
+    let what = format!("{} {c:?} nf4={nf4:?}", common::dtype_name::<T>());
     let mut rng = Rng::new(seed);
-    let d = host_data::<T>(&mut rng, c);
+    let mut d = host_data::<T>(&mut rng, c);
+    let q = nf4.map(|(bs, dq)| {
+        let q = Nf4Weight::quantize(&d.w, c.n, c.k, bs, dq).unwrap();
+        d.w = q.dequantize::<T>();
+        q
+    });
     let want = oracle(c, &d, false);
     let mag = oracle(c, &d, true);
 
@@ -168,8 +185,14 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
     if let Some(s) = &scale {
         epi = epi.with_col_scale(s);
     }
-    gemm::matmul_nt(gpu, &x, &w, &mut y, &epi, c.t, c.n, c.k)
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    match &q {
+        None => gemm::matmul_nt(gpu, &x, &w, &mut y, &epi, c.t, c.n, c.k),
+        Some(q) => {
+            let wq = Nf4Device::upload(gpu, q).unwrap();
+            gemm::matmul_nt_nf4(gpu, c.t, &x, &wq, &mut y, &epi)
+        }
+    }
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
     let got = gpu.download(&y).unwrap();
     assert_close(&what, &got, &want, &mag, c.k + c.r);
 }
@@ -315,6 +338,93 @@ fn gemm_tile_widths_persistent() {
     assert_eq!(gemm::tile_n_for(512, 4096, 132), gemm::TILE_N_NARROW);
     assert_eq!(gemm::tile_n_for(4096, 4096, 132), gemm::TILE_N);
     assert_eq!(gemm::tile_n_for(4096, 11008, 132), gemm::TILE_N);
+}
+
+/// The NF4 kernels (W dequantized into shared memory by the producer warpgroup): every
+/// blocksize class (32 .. 4096, blocks crossing rows where K % blocksize != 0), plain and
+/// double-quantized scales, K not a multiple of 64 (a half-empty last K-slice), odd N
+/// (direct stores) and N % 8 == 0 (TMA stores), odd tile-row counts (a dead CTA that
+/// still dequantizes its half for the peer), every epilogue option, both tile widths
+/// forced on a grid of more tiles than clusters (several tiles per cluster), then the
+/// per-call choice.
+#[test]
+fn gemm_nf4_shapes() {
+    let Some(gpu) = gpu90("gemm_nf4_shapes") else {
+        return;
+    };
+    let cases = [
+        (1usize, 8usize, 64usize, 0usize, 32usize, false),
+        (3, 200, 96, 16, 64, true),
+        (129, 301, 160, 0, 128, false),
+        (257, 1000, 4096, 8, 256, true),
+        (1000, 520, 224, 64, 4096, false),
+        (37, 24, 32, 3, 64, true),
+    ];
+    for (i, &(t, n, k, r, bs, dq)) in cases.iter().enumerate() {
+        let c = Case {
+            t,
+            n,
+            k,
+            bias: i % 2 == 0,
+            scale: i % 3 == 1,
+            r,
+        };
+        check_case_nf4::<bf16>(gpu, &c, bs, dq, 900 + i as u64);
+        check_case_nf4::<f16>(gpu, &c, bs, dq, 950 + i as u64);
+    }
+    let sms = gpu.sm_count() as usize;
+    let t = (sms.isqrt() + 1) * gemm::TILE_M + 5;
+    let n = (sms.div_ceil(t.div_ceil(gemm::TILE_M)) + 1) * gemm::TILE_N - 3;
+    for (i, &w) in [gemm::TILE_N, gemm::TILE_N_NARROW].iter().enumerate() {
+        gemm::set_tile_n_override(Some(w)).unwrap();
+        for (j, n) in [n, n + 3].into_iter().enumerate() {
+            let c = Case {
+                t,
+                n,
+                k: 160,
+                bias: true,
+                scale: j == 0,
+                r: if j == 1 { 16 } else { 0 },
+            };
+            check_case_nf4::<bf16>(gpu, &c, 64, j == 1, 970 + 2 * i as u64 + j as u64);
+        }
+    }
+    gemm::set_tile_n_override(None).unwrap();
+}
+
+/// The NF4 entry's own argument errors: K % 32 != 0, a misaligned or short buffer.
+#[test]
+fn gemm_nf4_errors() {
+    let Some(g) = gpu() else {
+        return;
+    };
+    let (t, n) = (5usize, 16usize);
+    let q = Nf4Weight::quantize(&vec![bf16::ONE; n * 40], n, 40, 64, false).unwrap();
+    let wq = Nf4Device::upload(g, &q).unwrap();
+    let x: CudaSlice<bf16> = g.zeros(t * 64).unwrap();
+    let mut y: CudaSlice<bf16> = g.zeros(t * n).unwrap();
+    let epi = GemmEpilogue::new();
+    let e = gemm::matmul_nt_nf4(g, t, &x, &wq, &mut y, &epi).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Dim {
+                name: "cols (K)",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let q = Nf4Weight::quantize(&vec![bf16::ONE; n * 64], n, 64, 64, true).unwrap();
+    let wq = Nf4Device::upload(g, &q).unwrap();
+    let e = gemm::matmul_nt_nf4(g, t + 1, &x, &wq, &mut y, &epi).unwrap_err();
+    assert!(matches!(e, Error::Length { .. }), "{e}");
+    // x one element (2 bytes) off 16-byte alignment.
+    let x_off = x.slice(1..1 + (t - 1) * 64);
+    let mut y_short = y.slice_mut(0..(t - 1) * n);
+    let e = gemm::matmul_nt_nf4(g, t - 1, &x_off, &wq, &mut y_short, &GemmEpilogue::new());
+    let e = e.unwrap_err();
+    assert!(matches!(e, Error::Misaligned { name: "x", .. }), "{e}");
 }
 
 /// Argument errors come before the architecture check, so they show on any GPU.

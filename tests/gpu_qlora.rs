@@ -1,7 +1,7 @@
 //! GPU QLoRA linear (LoRA over an NF4 base) against the CPU oracle: every dtype, odd
 //! shapes, T on both sides of the fused small-T path, every blocksize class, plain and
-//! double-quantized scales, bias and dropout alternating, and the panel path with many
-//! (and ragged) panels. Outputs are poisoned (NaN) first. Without a GPU these tests
+//! double-quantized scales, bias and dropout alternating, the GEMM core's NF4 kernel on
+//! core-sized shapes, and the panel path with many (and ragged) panels. Outputs are poisoned (NaN) first. Without a GPU these tests
 //! print a loud SKIPPED note and return; `LORA_KERNELS_REQUIRE_GPU=1` makes them fail.
 
 mod common;
@@ -246,6 +246,39 @@ fn gpu_qlora_f16() {
 #[test]
 fn gpu_qlora_bf16() {
     run_all::<bf16>(9000);
+}
+
+/// Shapes the GEMM core's NF4 kernel takes on an H100 (T ≥ 129 and enough 128 × 128
+/// output tiles for the SMs; f16/bf16, K % 32 == 0), with `set_nf4_core(true)`: the
+/// forward's y comes from the producer warpgroup's shared-memory dequantize, with the
+/// low-rank K-slice, bias and dropout (U from the down kernel on the dropped x); then the
+/// same cases on the default panel path. Blocks cross rows (K % blocksize != 0), K is not
+/// a multiple of 64, tile-row counts are odd, N both not a multiple of 8 (direct stores)
+/// and a multiple of 8 (TMA stores). On other GPUs both runs take the panel path.
+#[test]
+fn gpu_qlora_core_sized() {
+    let Some(gpu) = gpu() else { return };
+    let _lock = PANEL.lock().unwrap_or_else(|e| e.into_inner());
+    cuda::set_panel_elems(0);
+    let cases = [
+        (LoraShape::new(300, 96, 2900, 8), 32, false, true, true),
+        (LoraShape::new(257, 320, 2816, 64), 128, true, false, false),
+        (LoraShape::new(515, 160, 1800, 16), 4096, true, true, false),
+    ];
+    for (i, &(shape, bs, dq, bias, dropout)) in cases.iter().enumerate() {
+        let c = Case {
+            shape,
+            bs,
+            dq,
+            bias,
+            dropout,
+        };
+        for core in [true, false] {
+            cuda::set_nf4_core(core);
+            check_case::<bf16>(gpu, &c, 700 + i as u64);
+            check_case::<f16>(gpu, &c, 710 + i as u64);
+        }
+    }
 }
 
 /// Many panels: 8-row panels, a 13-row cap (8-row panels, the last ragged) and 3-row

@@ -975,10 +975,13 @@ pub struct LkGemmParams {
     pub tiles_n: i32,
     pub z: *mut ::core::ffi::c_void,
     pub tma_store: i32,
+    pub wq: LkNf4,
+    pub nf4_scales: *const f32,
+    pub nf4_n_pad: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkGemmParams"][::core::mem::size_of::<LkGemmParams>() - 64usize];
+    ["Size of LkGemmParams"][::core::mem::size_of::<LkGemmParams>() - 136usize];
     ["Alignment of LkGemmParams"][::core::mem::align_of::<LkGemmParams>() - 8usize];
     ["Offset of field: LkGemmParams::y"][::core::mem::offset_of!(LkGemmParams, y) - 0usize];
     ["Offset of field: LkGemmParams::bias"][::core::mem::offset_of!(LkGemmParams, bias) - 8usize];
@@ -997,8 +1000,44 @@ const _: () = {
     ["Offset of field: LkGemmParams::z"][::core::mem::offset_of!(LkGemmParams, z) - 48usize];
     ["Offset of field: LkGemmParams::tma_store"]
         [::core::mem::offset_of!(LkGemmParams, tma_store) - 56usize];
+    ["Offset of field: LkGemmParams::wq"][::core::mem::offset_of!(LkGemmParams, wq) - 64usize];
+    ["Offset of field: LkGemmParams::nf4_scales"]
+        [::core::mem::offset_of!(LkGemmParams, nf4_scales) - 120usize];
+    ["Offset of field: LkGemmParams::nf4_n_pad"]
+        [::core::mem::offset_of!(LkGemmParams, nf4_n_pad) - 128usize];
 };
 impl Default for LkGemmParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkNf4CoreScalesParams {
+    pub w: LkNf4,
+    pub out: *mut f32,
+    pub k_steps: i32,
+    pub n_pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkNf4CoreScalesParams"][::core::mem::size_of::<LkNf4CoreScalesParams>() - 72usize];
+    ["Alignment of LkNf4CoreScalesParams"]
+        [::core::mem::align_of::<LkNf4CoreScalesParams>() - 8usize];
+    ["Offset of field: LkNf4CoreScalesParams::w"]
+        [::core::mem::offset_of!(LkNf4CoreScalesParams, w) - 0usize];
+    ["Offset of field: LkNf4CoreScalesParams::out"]
+        [::core::mem::offset_of!(LkNf4CoreScalesParams, out) - 56usize];
+    ["Offset of field: LkNf4CoreScalesParams::k_steps"]
+        [::core::mem::offset_of!(LkNf4CoreScalesParams, k_steps) - 64usize];
+    ["Offset of field: LkNf4CoreScalesParams::n_pad"]
+        [::core::mem::offset_of!(LkNf4CoreScalesParams, n_pad) - 68usize];
+};
+impl Default for LkNf4CoreScalesParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

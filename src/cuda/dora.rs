@@ -472,6 +472,7 @@ where
         y: yp,
         h: hp,
         dora: None,
+        nf4: None,
     };
     match opts.active_dropout() {
         None if shape.tokens <= super::lora::SMALL_T_MAX => {

@@ -30,7 +30,8 @@
 use cudarc::driver::sys as dsys;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::{dptr, dptr_mut, Gpu, LkGemmPadParams, LkGemmParams};
+use super::nf4::Nf4Device;
+use super::{dptr, dptr_mut, Gpu, LkGemmPadParams, LkGemmParams, LkNf4, LkNf4CoreScalesParams};
 use crate::lora::check_len;
 use crate::{DType, Element, Error, Result};
 
@@ -44,11 +45,17 @@ pub const TILE_N_NARROW: usize = 128;
 pub const TILE_K: usize = 64;
 /// The largest rank of the low-rank K-slice.
 pub const MAX_RANK: usize = TILE_K;
+/// [`matmul_nt_nf4`] needs K to be a multiple of this (whole 32-element pieces per
+/// absmax block).
+pub const NF4_K_MULTIPLE: usize = 32;
 
 const THREADS: u32 = 384;
 /// Ring bytes (4 × (16 + 32) KB or 6 × (16 + 16) KB), the epilogue's staging buffers
 /// (8 warps × 2 × 2 KB) and 1 KB so the kernel can align the ring to 1024 bytes.
 const DYN_SMEM: u32 = (192 * 1024 + 32 * 1024 + 1024) as u32;
+/// The NF4 kernels: the same ring, one staging buffer per warp (16 KB) and 3 raw slots
+/// of a W half-tile's codes and scales (128 × 32 B + 128 × 8 B each at the wide tile).
+const DYN_SMEM_NF4: u32 = (192 * 1024 + 16 * 1024 + 3 * 5 * 1024 + 1024) as u32;
 
 thread_local! {
     /// 0: choose the tile width per call; else the width this thread's calls use.
@@ -200,6 +207,66 @@ where
     S: DevicePtr<f32> + ?Sized,
     O: DevicePtrMut<T> + ?Sized,
 {
+    matmul_impl(gpu, x, BaseRef::Dense(w), y, epi, tokens, n, k)
+}
+
+/// [`matmul_nt`] with W in NF4 (bitsandbytes' format, [N = `w.rows`, K = `w.cols`]):
+/// `y = col_scale ⊙ (x deq(W)ᵀ + U Blᵀ) + bias`. The producer warpgroup dequantizes each
+/// W tile into shared memory (each CTA of a cluster half of it, copied into the other), so
+/// no dense W ever exists in device memory; the values are the standalone dequantize's
+/// (`code · absmax` in f32, rounded once to T).
+///
+/// Errors as [`matmul_nt`]'s, plus [`Error::Dim`] for K % 32 != 0 and
+/// [`Error::Misaligned`] for packed codes not 16-byte aligned (and the NF4 weight's own
+/// errors from its descriptor: blocksize, lengths).
+pub fn matmul_nt_nf4<T, I, S, O>(
+    gpu: &Gpu,
+    tokens: usize,
+    x: &I,
+    w: &Nf4Device,
+    y: &mut O,
+    epi: &GemmEpilogue<'_, I, S>,
+) -> Result<()>
+where
+    T: Element,
+    I: DevicePtr<T> + ?Sized,
+    S: DevicePtr<f32> + ?Sized,
+    O: DevicePtrMut<T> + ?Sized,
+{
+    if w.cols % NF4_K_MULTIPLE != 0 {
+        return Err(Error::Dim {
+            name: "cols (K)",
+            value: w.cols,
+            reason: "the NF4 GEMM core needs K % 32 == 0",
+        });
+    }
+    matmul_impl(gpu, x, BaseRef::Nf4(w), y, epi, tokens, w.rows, w.cols)
+}
+
+/// The base weight of one core call.
+enum BaseRef<'a, I: ?Sized> {
+    Dense(&'a I),
+    Nf4(&'a Nf4Device),
+}
+
+/// [`matmul_nt`] and [`matmul_nt_nf4`]: the argument checks, then [`launch_core`].
+#[allow(clippy::too_many_arguments)]
+fn matmul_impl<T, I, S, O>(
+    gpu: &Gpu,
+    x: &I,
+    base: BaseRef<'_, I>,
+    y: &mut O,
+    epi: &GemmEpilogue<'_, I, S>,
+    tokens: usize,
+    n: usize,
+    k: usize,
+) -> Result<()>
+where
+    T: Element,
+    I: DevicePtr<T> + ?Sized,
+    S: DevicePtr<f32> + ?Sized,
+    O: DevicePtrMut<T> + ?Sized,
+{
     for (name, v) in [("tokens", tokens), ("n", n), ("k", k)] {
         if v == 0 || v > i32::MAX as usize {
             return Err(Error::Dim {
@@ -225,7 +292,9 @@ where
         });
     }
     check_len("x", x.len(), tokens * k)?;
-    check_len("w", w.len(), n * k)?;
+    if let BaseRef::Dense(w) = base {
+        check_len("w", w.len(), n * k)?;
+    }
     check_len("y", y.len(), tokens * n)?;
     if let Some(b) = epi.bias {
         check_len("bias", b.len(), n)?;
@@ -246,7 +315,16 @@ where
     }
 
     let (xp, _gx) = dptr(gpu, "x", x)?;
-    let (wp, _gw) = dptr(gpu, "w", w)?;
+    let (wp, nf4, _gw, _gq) = match base {
+        BaseRef::Dense(w) => {
+            let (wp, g) = dptr(gpu, "w", w)?;
+            (wp, None, Some(g), Vec::new())
+        }
+        BaseRef::Nf4(q) => {
+            let (desc, guards) = q.desc(gpu)?;
+            (0, Some(desc), None, guards)
+        }
+    };
     let (yp, _gy) = dptr_mut(gpu, "y", y)?;
     let bias = match epi.bias {
         Some(b) => Some(dptr(gpu, "bias", b)?),
@@ -268,6 +346,7 @@ where
         col_scale: scale.as_ref().map_or(0, |s| s.0),
         z: 0,
         low_rank: low_rank.as_ref().map(|(u, b, r)| (u.0, b.0, *r)),
+        nf4,
     };
     launch_core::<T>(gpu, &ptrs, tokens, n, k)
 }
@@ -283,6 +362,9 @@ pub(crate) struct CorePtrs {
     pub z: u64,
     /// (U, Bl, rank), rank in 1..=64.
     pub low_rank: Option<(u64, u64, usize)>,
+    /// W as NF4 (validated by [`Nf4Device::desc`], [N, K], K % 32 == 0): the
+    /// `lk_gemm_nf4_*` kernels dequantize it into shared memory and `w` is unused.
+    pub nf4: Option<LkNf4>,
 }
 
 /// [`matmul_nt`] after the length checks: alignment, dtype and GPU checks, then the
@@ -298,7 +380,19 @@ pub(crate) fn launch_core<T: Element>(
     let (tiles_m, tiles_n) = (tokens.div_ceil(TILE_M), n.div_ceil(tile_n));
     let (xp, wp, yp) = (p.x, p.w, p.y);
     check_align_to("x", xp, 16)?;
-    check_align_to("w", wp, 16)?;
+    match &p.nf4 {
+        None => check_align_to("w", wp, 16)?,
+        Some(q) => {
+            check_align_to("packed", q.packed as u64, 16)?;
+            if k % NF4_K_MULTIPLE != 0 || q.cols as usize != k || q.rows as usize != n {
+                return Err(Error::Dim {
+                    name: "k",
+                    value: k,
+                    reason: "the NF4 GEMM core needs W [N, K] with K % 32 == 0",
+                });
+            }
+        }
+    }
     check_align_to("y", yp, 4)?;
     if p.z != 0 {
         check_align_to("z", p.z, 4)?;
@@ -336,8 +430,28 @@ pub(crate) fn launch_core<T: Element>(
     };
     gpu.context().bind_to_thread()?;
     let x_map = tensor_map(dt, xp, k, tokens, k, TILE_M)?;
-    // Each CTA of a cluster loads half of the W tile (multicast to both).
-    let w_map = tensor_map(dt, wp, k, n, k, tile_n / 2)?;
+    // Each CTA of a cluster loads half of the W tile (multicast to both). The NF4
+    // kernels read their half's packed codes through this map instead (bytes [N, K/2],
+    // boxes of 32 bytes = 64 codes × tile_n/2 rows, no swizzle) and dequantize them.
+    let w_map = match &p.nf4 {
+        None => tensor_map(dt, wp, k, n, k, tile_n / 2)?,
+        Some(q) => encode_map(
+            dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            1,
+            q.packed as u64,
+            [k / 2, n],
+            k / 2,
+            [TILE_K / 2, tile_n / 2],
+            dsys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+        )?,
+    };
+    // The NF4 kernels' scale table, [k_tiles][n_pad][2] f32, written in full by
+    // lk_nf4_core_scales before the GEMM (stream order) and freed after it is queued.
+    let n_pad = n.next_multiple_of(TILE_N);
+    let scales = match &p.nf4 {
+        None => None,
+        Some(q) => Some(core_scales(gpu, q, k.div_ceil(TILE_K), n_pad)?),
+    };
 
     // The low-rank operands: as given when their rows are 16-byte multiples, else
     // copied into [rows, rp] scratch (rp = r rounded up to 8). The scratch buffers are
@@ -394,21 +508,30 @@ pub(crate) fn launch_core<T: Element>(
         tiles_n: tiles_n as i32,
         z: p.z as *mut _,
         tma_store: tma_store as i32,
+        wq: p.nf4.unwrap_or_else(no_nf4),
+        nf4_scales: scales.as_ref().map_or(0, |sc| raw_addr(gpu, sc)) as *const f32,
+        nf4_n_pad: n_pad as i32,
     };
+    let family = if p.nf4.is_some() { "nf4" } else { "nt" };
     let name = if tile_n == TILE_N {
-        format!("lk_gemm_nt_{}", T::DTYPE.suffix())
+        format!("lk_gemm_{family}_{}", T::DTYPE.suffix())
     } else {
-        format!("lk_gemm_nt_n128_{}", T::DTYPE.suffix())
+        format!("lk_gemm_{family}_n128_{}", T::DTYPE.suffix())
     };
     let func = gpu.function(&name)?;
-    let max_clusters = prepare(gpu, &name, &func)?;
+    let smem = if p.nf4.is_some() {
+        DYN_SMEM_NF4
+    } else {
+        DYN_SMEM
+    };
+    let max_clusters = prepare(gpu, &name, &func, smem)?;
     // Persistent clusters of 2 CTAs (compiled in), each pair of CTAs walking pairs of
     // tile rows; no more clusters than fit on the GPU at once (one CTA per SM).
     let pairs = tiles_m.div_ceil(2) * tiles_n;
     let cfg = LaunchConfig {
         grid_dim: ((2 * pairs.min(max_clusters)) as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: DYN_SMEM,
+        shared_mem_bytes: smem,
     };
     let mut b = gpu.stream().launch_builder(&func);
     b.arg(&x_map)
@@ -430,9 +553,24 @@ pub(crate) fn launch_core<T: Element>(
     Ok(())
 }
 
-/// Per loaded kernel: its dynamic shared memory limit raised to DYN_SMEM (once), and
+/// The `wq` of a dense launch: no NF4 weight (the dense kernels never read it).
+fn no_nf4() -> LkNf4 {
+    LkNf4 {
+        packed: std::ptr::null(),
+        absmax: std::ptr::null(),
+        q: std::ptr::null(),
+        absmax2: std::ptr::null(),
+        code2: std::ptr::null(),
+        offset: 0.0,
+        log2_blocksize: 0,
+        rows: 0,
+        cols: 0,
+    }
+}
+
+/// Per loaded kernel: its dynamic shared memory limit raised to `smem` (once), and
 /// how many of its 2-CTA clusters fit on the GPU at once (asked once, then cached).
-fn prepare(gpu: &Gpu, name: &str, func: &cudarc::driver::CudaFunction) -> Result<usize> {
+fn prepare(gpu: &Gpu, name: &str, func: &cudarc::driver::CudaFunction, smem: u32) -> Result<usize> {
     if let Some(&c) = gpu.cluster_grid.lock().unwrap().get(name) {
         return Ok(c);
     }
@@ -448,7 +586,7 @@ fn prepare(gpu: &Gpu, name: &str, func: &cudarc::driver::CudaFunction) -> Result
         blockDimX: THREADS,
         blockDimY: 1,
         blockDimZ: 1,
-        sharedMemBytes: DYN_SMEM,
+        sharedMemBytes: smem,
         hStream: gpu.stream().cu_stream(),
         attrs: std::ptr::null_mut(),
         numAttrs: 0,
@@ -471,9 +609,7 @@ fn prepare(gpu: &Gpu, name: &str, func: &cudarc::driver::CudaFunction) -> Result
     Ok(clusters)
 }
 
-/// A TMA descriptor for a row-major [rows, cols] matrix of 16-bit elements with a row
-/// stride of `stride` elements, read in boxes of 64 columns × `box_rows` rows with the
-/// 128-byte swizzle, out-of-bounds elements read as zero.
+/// A TMA descriptor (`CUtensorMap`), built by [`tensor_map`] or [`encode_map`].
 #[derive(Clone, Copy)]
 #[repr(transparent)]
 struct TensorMap(dsys::CUtensorMap);
@@ -482,6 +618,9 @@ struct TensorMap(dsys::CUtensorMap);
 // value to the kernels' `const __grid_constant__ LkTmap` parameters (the same 128 bytes).
 unsafe impl DeviceRepr for TensorMap {}
 
+/// A TMA descriptor for a row-major [rows, cols] matrix of 16-bit elements with a row
+/// stride of `stride` elements, read in boxes of 64 columns × `box_rows` rows with the
+/// 128-byte swizzle, out-of-bounds elements read as zero.
 fn tensor_map(
     dt: dsys::CUtensorMapDataType,
     addr: u64,
@@ -490,33 +629,77 @@ fn tensor_map(
     stride: usize,
     box_rows: usize,
 ) -> Result<TensorMap> {
+    encode_map(
+        dt,
+        2,
+        addr,
+        [cols, rows],
+        stride,
+        [TILE_K, box_rows],
+        dsys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+    )
+}
+
+/// A TMA descriptor for a row-major [dims[1], dims[0]] matrix of `elem` -byte elements
+/// with a row stride of `stride` elements, read in boxes of box[0] × box[1] elements,
+/// out-of-bounds elements read as zero.
+fn encode_map(
+    dt: dsys::CUtensorMapDataType,
+    elem: usize,
+    addr: u64,
+    dims: [usize; 2],
+    stride: usize,
+    boxes: [usize; 2],
+    swizzle: dsys::CUtensorMapSwizzle,
+) -> Result<TensorMap> {
     let mut map = dsys::CUtensorMap { opaque: [0; 16] };
-    let dims: [u64; 2] = [cols as u64, rows as u64];
-    let strides: [u64; 1] = [(stride * 2) as u64]; // bytes, dims 1.. only
-    let boxes: [u32; 2] = [TILE_K as u32, box_rows as u32];
+    let dims_u: [u64; 2] = [dims[0] as u64, dims[1] as u64];
+    let strides: [u64; 1] = [(stride * elem) as u64]; // bytes, dims 1.. only
+    let boxes_u: [u32; 2] = [boxes[0] as u32, boxes[1] as u32];
     let elem_strides: [u32; 2] = [1, 1];
     // SAFETY: a pure encoding call: every pointer is to a live local array of the
     // length the rank (2) implies; `addr` is a validated, 16-byte aligned device address
-    // of at least rows × stride elements and the stride is a multiple of 16 bytes.
+    // of at least dims[1] × stride elements and the stride is a multiple of 16 bytes.
     unsafe {
         dsys::cuTensorMapEncodeTiled(
             &mut map,
             dt,
             2,
             addr as *mut std::ffi::c_void,
-            dims.as_ptr(),
+            dims_u.as_ptr(),
             strides.as_ptr(),
-            boxes.as_ptr(),
+            boxes_u.as_ptr(),
             elem_strides.as_ptr(),
             dsys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            dsys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            swizzle,
             dsys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             dsys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
         .result()
-        .map_err(|e| Error::Driver(format!("cuTensorMapEncodeTiled ({rows} × {cols}): {e}")))?;
+        .map_err(|e| {
+            Error::Driver(format!(
+                "cuTensorMapEncodeTiled ({} × {}): {e}",
+                dims[1], dims[0]
+            ))
+        })?;
     }
     Ok(TensorMap(map))
+}
+
+/// The NF4 kernels' scale table of `w` ([k_steps][n_pad][2] f32, see LkGemmParams), in
+/// a scratch buffer that lk_nf4_core_scales writes in full.
+fn core_scales(gpu: &Gpu, w: &LkNf4, k_steps: usize, n_pad: usize) -> Result<CudaSlice<f32>> {
+    let len = k_steps * n_pad * 2;
+    let out = gpu.scratch::<f32>(len)?;
+    let params = LkNf4CoreScalesParams {
+        w: *w,
+        out: raw_addr(gpu, &out) as *mut f32,
+        k_steps: k_steps as i32,
+        n_pad: n_pad as i32,
+    };
+    let cfg = super::lora::grid_1d(len, 256, 8 * gpu.sm_count());
+    gpu.launch("lk_nf4_core_scales", cfg, &params)?;
+    Ok(out)
 }
 
 /// A copy of the [rows, r] matrix at `src` as [rows, rp] (zeros in columns r .. rp).

@@ -151,6 +151,7 @@ fn forward_impl<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         y: yp,
         h: h.as_ref().map_or(0, |h| h.0),
         dora: None,
+        nf4: None,
     };
     if core_only {
         check_core_alignment(shape, &ptrs)?;
@@ -230,7 +231,12 @@ pub(crate) fn core_takes<T: Element>(gpu: &Gpu, shape: &LoraShape, p: &FwdPtrs) 
         && shape.rank <= super::gemm::MAX_RANK
         && shape.in_features % 8 == 0
         && p.x % 16 == 0
-        && p.w % 16 == 0
+        && match &p.nf4 {
+            None => p.w % 16 == 0,
+            Some(q) => {
+                shape.in_features % super::gemm::NF4_K_MULTIPLE == 0 && q.packed as u64 % 16 == 0
+            }
+        }
         && p.y % 4 == 0
         && (shape.rank % 8 != 0 || p.b % 16 == 0)
         && super::gemm::supported(gpu)
@@ -291,6 +297,7 @@ pub(crate) fn forward_core_launch<T: Element>(
         col_scale,
         z,
         low_rank: Some((up, p.b, r)),
+        nf4: p.nf4,
     };
     gemm::launch_core::<T>(gpu, &core, t, n, k)
 }
@@ -306,6 +313,9 @@ pub(crate) struct FwdPtrs {
     pub h: u64,
     /// The fused DoRA forward's extras.
     pub dora: Option<DoraPtrs>,
+    /// The base as NF4 (QLoRA; `w` is then 0): the core path dequantizes it in the
+    /// GEMM core's shared memory.
+    pub nf4: Option<super::LkNf4>,
 }
 
 /// DoRA's additions to the small-T fused forward: magnitude, norm out, z out (or 0),

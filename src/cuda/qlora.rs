@@ -5,27 +5,51 @@
 //! - forward, T ≤ 32 (K % 32 == 0, x 16-byte aligned): `h = drop(x) Aᵀ` by the LoRA down
 //!   kernel, then one pass over the 4-bit weight ([`crate::cuda::nf4::matmul`]'s kernel)
 //!   that dequantizes it in registers and adds the bias and `s · h Bᵀ` in its epilogue.
-//! - forward, other T: as the dense LoRA linear's large-T path, with `y += x deq(W)ᵀ`
-//!   done one panel of rows at a time: the panel dequantized into a scratch buffer of at
-//!   most [`PANEL_ELEMS`] elements, then cuBLAS into y's columns.
+//! - forward, other T (the default): as the dense LoRA linear's large-T path, with
+//!   `y += x deq(W)ᵀ` done one panel of rows at a time: the panel dequantized into a
+//!   scratch buffer of at most [`PANEL_ELEMS`] elements, then cuBLAS into y's columns.
+//! - forward, larger T with [`set_nf4_core`]`(true)` on sm_90 (f16/bf16, r ≤ 64,
+//!   K % 32 == 0, aligned buffers, enough output tiles: the dense LoRA linear's core
+//!   rule): `U = s · drop(x) Aᵀ` by the down kernel, then one launch of the GEMM core's
+//!   NF4 kernel ([`crate::cuda::gemm::matmul_nt_nf4`]), whose producer warpgroup
+//!   dequantizes each W tile into shared memory, with the low-rank K-slice and the bias
+//!   in the same pass. No dense W at all; on an H100 it is slower than the panels today
+//!   (docs/PERF_NOTES_NF4.md), so it is opt-in.
 //! - backward: as the dense LoRA backward, with `dY deq(W)` accumulated over the same
 //!   row panels (`dX += dY[:, panel] · deq(W[panel])`).
 //!
-//! The whole dense W never exists in device memory; the extra memory is the panel
-//! (16 MiB in bf16) plus the LoRA path's O(T·r) buffers. The large-T target of the NF4
-//! issue (dequantizing tiles inside the GEMM's shared memory) waits for the crate's own
-//! GEMM core; this panel path is the interim.
+//! The whole dense W never exists in device memory: the panel paths hold one panel (at
+//! most 16 MiB in bf16) plus the LoRA path's O(T·r) buffers; the core path holds no
+//! dense W at all (its extra memory is U, O(T·r), and the core's scale table, one f32
+//! per 32 weights: N·K/8 bytes). The backward's dX has no NF4 core kernel yet (that
+//! needs the core with W as its MN-major operand) and stays on panels.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
-use super::lora::{backward_with, forward_large, launch_down, BwdPtrs, FwdPtrs};
+use super::lora::{
+    backward_with, core_takes, forward_core_launch, forward_large, launch_down, BwdPtrs, FwdPtrs,
+};
 use super::nf4::{launch_dequant, launch_mm, MmLora, Nf4Device};
 use super::{dptr, dptr_mut, gemm_rm_ld, Gpu, LkNf4};
 use crate::lora::{check_backward_lens, check_forward_lens, BackwardLens};
 use crate::qlora::{check_base, QloraWeights};
 use crate::{Element, LoraGrads, LoraOptions, LoraShape, Result};
+
+thread_local! {
+    /// Whether [`forward`] takes the GEMM core's NF4 kernel at large T ([`set_nf4_core`]).
+    static NF4_CORE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes [`forward`] calls from this thread compute the large-T base product with the
+/// GEMM core's NF4 kernel where it runs (`true`: W tiles dequantized in shared memory, no
+/// dense panel), or with dequantized panels and cuBLAS (`false`, the default: faster on
+/// an H100 today, 1.4× against 2.0× cuBLAS's dense time at T = 4096, K = 4096; see the
+/// module docs and docs/PERF_NOTES_NF4.md). Results agree to the GEMMs' rounding.
+pub fn set_nf4_core(enabled: bool) {
+    NF4_CORE.with(|c| c.set(enabled));
+}
 
 /// The most elements of one dequantized panel of W (2²³: 16 MiB in bf16).
 pub const PANEL_ELEMS: usize = 1 << 23;
@@ -165,7 +189,13 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         y: yp,
         h: hp,
         dora: None,
+        nf4: Some(desc),
     };
+    if NF4_CORE.with(|c| c.get()) && core_takes::<T>(gpu, shape, &ptrs) {
+        // U = s · drop(x) Aᵀ (and h) by the down kernel, then one GEMM-core launch whose
+        // producer dequantizes the NF4 tiles into shared memory: y written once.
+        return forward_core_launch::<T>(gpu, shape, opts, &ptrs, 0, 0);
+    }
     forward_large::<T>(gpu, shape, opts, &ptrs, || {
         // y[:, panel] += x · deq(W[panel])ᵀ
         for_each_panel::<T>(gpu, &desc, |_, n0, nc, pp| {
