@@ -22,6 +22,13 @@
 //! when that fills the GPU's SMs in fewer tile rounds, as at T = 512. See
 //! kernels/gemm.cu and docs/PERF_NOTES_GEMM.md.
 //!
+//! [`matmul_nt_nf4`] is the same kernel with W in NF4 (bitsandbytes' format): its
+//! producer warpgroup dequantizes each W tile into shared memory (TMA brings the packed
+//! codes and a per-32-weight scale table into a raw ring; each CTA of a cluster
+//! dequantizes half the tile and bulk-copies it into the other), so no dense W exists in
+//! device memory. See docs/PERF_NOTES_NF4.md for its speed (about 2× cuBLAS's dense time
+//! at T = 4096 on an H100 today).
+//!
 //! Limits: sm_90 only ([`supported`]; other GPUs get [`Error::Unsupported`]), f16/bf16
 //! only, K % 8 == 0 and x, W (and U, Bl when r % 8 == 0) 16-byte aligned (TMA's rules),
 //! y 4-byte aligned. Any T, N ≥ 1. When r % 8 != 0, U and Bl are first copied into
