@@ -551,11 +551,16 @@ pub(crate) fn launch_core<T: Element>(
     // SAFETY: the tensor maps describe x [T, K], W [N, K], U [T, r] and Bl [N, r] exactly
     // as validated above (lengths, 16-byte alignment, K % 8 == 0; U and Bl possibly
     // padded copies that live until the launch is queued and are freed in stream order);
-    // TMA never reads outside them (out-of-bounds boxes are zero-filled). The kernel
-    // writes y (and z, when set: a [T, N] buffer whose length the caller checked) only at
-    // rows < T and columns < N, reads bias / col_scale only at columns < N, and needs
-    // DYN_SMEM bytes of dynamic shared memory, set just above. The guards keep every
-    // buffer's stream order until the launch is queued.
+    // TMA never reads outside them (out-of-bounds boxes are zero-filled). For NF4 the W
+    // map describes the packed codes as bytes [N, K/2] (lengths checked by the weight's
+    // descriptor, 16-byte aligned, K % 32 == 0), and the kernel's bulk copies of the
+    // scale table read [s][n_base .. n_base + tile_n/2][2] with n_base + tile_n/2 ≤ n_pad
+    // and s < k_tiles: inside the k_tiles × n_pad × 2 scratch written just before, which
+    // lives until the launch is queued. The kernel writes y (and z, when set: a [T, N]
+    // buffer whose length the caller checked) only at rows < T and columns < N, reads
+    // bias / col_scale only at columns < N, and needs `smem` bytes of dynamic shared
+    // memory, set by prepare(). The guards keep every buffer's stream order until the
+    // launch is queued.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
