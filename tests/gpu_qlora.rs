@@ -281,8 +281,9 @@ fn gpu_qlora_core_sized() {
     }
 }
 
-/// Many panels: 8-row panels, a 13-row cap (8-row panels, the last ragged) and 3-row
-/// panels (fewer than 8 rows fit), on the large-T path and the backward.
+/// Many panels: 8-row panels, a 13-row cap (8-row panels, the last ragged), 3-row
+/// panels (fewer than 8 rows fit) and 1000-row panels of a core-sized layer, on the
+/// large-T path and the backward.
 #[test]
 fn gpu_qlora_many_panels() {
     let Some(gpu) = gpu() else { return };
@@ -291,6 +292,9 @@ fn gpu_qlora_many_panels() {
         (8, LoraShape::new(40, 96, 61, 8)),
         (13, LoraShape::new(70, 64, 45, 4)),
         (3, LoraShape::new(33, 200, 20, 16)),
+        // Core-sized (on an H100 the dense GEMM core runs once per panel, storing into
+        // y's columns): 1000-row panels, the last one 816 rows.
+        (1000, LoraShape::new(257, 320, 2816, 16)),
     ]
     .into_iter()
     .enumerate()
@@ -304,7 +308,11 @@ fn gpu_qlora_many_panels() {
             dropout: i == 1,
         };
         check_case::<bf16>(gpu, &c, 500 + i as u64);
-        check_case::<f32>(gpu, &c, 600 + i as u64);
+        if i == 3 {
+            check_case::<f16>(gpu, &c, 650);
+        } else {
+            check_case::<f32>(gpu, &c, 600 + i as u64);
+        }
     }
     cuda::set_panel_elems(0);
 }

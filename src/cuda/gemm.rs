@@ -354,6 +354,7 @@ where
         z: 0,
         low_rank: low_rank.as_ref().map(|(u, b, r)| (u.0, b.0, *r)),
         nf4,
+        ldy: 0,
     };
     launch_core::<T>(gpu, &ptrs, tokens, n, k)
 }
@@ -372,6 +373,10 @@ pub(crate) struct CorePtrs {
     /// W as NF4 (validated by [`Nf4Device::desc`], [N, K], K % 32 == 0): the
     /// `lk_gemm_nf4_*` kernels dequantize it into shared memory and `w` is unused.
     pub nf4: Option<LkNf4>,
+    /// y's row stride in elements, or 0 for N (a contiguous y). Another stride (y being
+    /// columns of a wider matrix) needs the TMA-store epilogue: stride % 8 == 0, y
+    /// 16-byte aligned and no z.
+    pub ldy: usize,
 }
 
 /// [`matmul_nt`] after the length checks: alignment, dtype and GPU checks, then the
@@ -491,9 +496,19 @@ pub(crate) fn launch_core<T: Element>(
 
     // The TMA-store epilogue: rows of y (and z) must be 16-byte multiples and the bases
     // 16-byte aligned; else the kernel stores directly. Boxes of 64 columns × 16 rows.
-    let tma_store = n % 8 == 0 && yp % 16 == 0 && (p.z == 0 || p.z % 16 == 0);
+    let ldy = if p.ldy == 0 { n } else { p.ldy };
+    let tma_store = ldy % 8 == 0 && yp % 16 == 0 && (p.z == 0 || (p.z % 16 == 0 && ldy == n));
+    if ldy != n && !tma_store {
+        return Err(Error::Unsupported {
+            op: "gemm core",
+            reason: format!(
+                "y with row stride {ldy} ≠ N = {n} needs the TMA-store epilogue (stride % 8 \
+                 == 0, y 16-byte aligned, no z)"
+            ),
+        });
+    }
     let (y_map, z_map) = if tma_store {
-        let y_map = tensor_map(dt, yp, n, tokens, n, 16)?;
+        let y_map = tensor_map(dt, yp, n, tokens, ldy, 16)?;
         let z_map = if p.z != 0 {
             tensor_map(dt, p.z, n, tokens, n, 16)?
         } else {

@@ -271,24 +271,8 @@ pub(crate) fn forward_core_launch<T: Element>(
         shape.out_features,
         shape.rank,
     );
-    // U: written in full by the down kernel before the GEMM reads it.
-    let u = gpu.scratch::<T>(t * r)?;
+    let u = launch_u::<T>(gpu, shape, opts, p)?;
     let (up, _gu) = dptr(gpu, "u", &u)?;
-    launch_down2::<T>(
-        gpu,
-        p.x,
-        k as i64,
-        p.a,
-        k as i64,
-        1,
-        t,
-        k,
-        r,
-        opts.scale,
-        up,
-        (p.h != 0).then_some((1.0, p.h)),
-        opts.active_dropout(),
-    )?;
     let core = CorePtrs {
         x: p.x,
         w: p.w,
@@ -298,8 +282,41 @@ pub(crate) fn forward_core_launch<T: Element>(
         z,
         low_rank: Some((up, p.b, r)),
         nf4: p.nf4,
+        ldy: 0,
     };
     gemm::launch_core::<T>(gpu, &core, t, n, k)
+}
+
+/// The core path's first launch: `U = s · drop(x) Aᵀ` [T, r] into a scratch buffer it
+/// returns (written in full by the down kernel, before any later launch on the stream
+/// reads it), and `h = drop(x) Aᵀ` from the same sums when `p.h` is set.
+pub(crate) fn launch_u<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    p: &FwdPtrs,
+) -> Result<cudarc::driver::CudaSlice<T>> {
+    let (t, k, r) = (shape.tokens, shape.in_features, shape.rank);
+    let u = gpu.scratch::<T>(t * r)?;
+    {
+        let (up, _gu) = dptr(gpu, "u", &u)?;
+        launch_down2::<T>(
+            gpu,
+            p.x,
+            k as i64,
+            p.a,
+            k as i64,
+            1,
+            t,
+            k,
+            r,
+            opts.scale,
+            up,
+            (p.h != 0).then_some((1.0, p.h)),
+            opts.active_dropout(),
+        )?;
+    }
+    Ok(u)
 }
 
 /// Validated device addresses of one forward call (0 = absent).

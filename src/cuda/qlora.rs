@@ -5,9 +5,13 @@
 //! - forward, T ≤ 32 (K % 32 == 0, x 16-byte aligned): `h = drop(x) Aᵀ` by the LoRA down
 //!   kernel, then one pass over the 4-bit weight ([`crate::cuda::nf4::matmul`]'s kernel)
 //!   that dequantizes it in registers and adds the bias and `s · h Bᵀ` in its epilogue.
-//! - forward, other T (the default): as the dense LoRA linear's large-T path, with
-//!   `y += x deq(W)ᵀ` done one panel of rows at a time: the panel dequantized into a
-//!   scratch buffer of at most [`PANEL_ELEMS`] elements, then cuBLAS into y's columns.
+//! - forward, other T (the default): W dequantized one panel of rows at a time into a
+//!   scratch buffer of at most [`PANEL_ELEMS`] elements. On sm_90 where the dense LoRA
+//!   linear's core rule holds and N % 8 == 0, y 16-byte aligned: `U = s · drop(x) Aᵀ`
+//!   once by the down kernel, then per panel one launch of the dense GEMM core with the
+//!   panel's rows of B as the low-rank slice and its bias, storing into y's columns
+//!   (y written once). Otherwise as the dense LoRA linear's cuBLAS path, with
+//!   `y += x deq(W)ᵀ` by cuBLAS into y's columns per panel.
 //! - forward, larger T with [`set_nf4_core`]`(true)` on sm_90 (f16/bf16, r ≤ 64,
 //!   K % 32 == 0, aligned buffers, enough output tiles: the dense LoRA linear's core
 //!   rule): `U = s · drop(x) Aᵀ` by the down kernel, then one launch of the GEMM core's
@@ -28,8 +32,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
+use super::gemm::{self, CorePtrs};
 use super::lora::{
-    backward_with, core_takes, forward_core_launch, forward_large, launch_down, BwdPtrs, FwdPtrs,
+    backward_with, core_takes, forward_core_launch, forward_large, launch_down, launch_u, BwdPtrs,
+    FwdPtrs,
 };
 use super::nf4::{launch_dequant, launch_mm, MmLora, Nf4Device};
 use super::{dptr, dptr_mut, gemm_rm_ld, Gpu, LkNf4};
@@ -195,6 +201,44 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         // U = s · drop(x) Aᵀ (and h) by the down kernel, then one GEMM-core launch whose
         // producer dequantizes the NF4 tiles into shared memory: y written once.
         return forward_core_launch::<T>(gpu, shape, opts, &ptrs, 0, 0);
+    }
+    // The dense GEMM core over each dequantized panel, with the panel's rows of B as the
+    // low-rank slice and its bias: y[:, panel] written once, by TMA stores into y's
+    // columns (row stride N), so N % 8 == 0 and y 16-byte aligned; the rest of the
+    // core's rule as the dense LoRA linear (the panel scratch is 16-byte aligned).
+    let panel_core = FwdPtrs {
+        x: xp,
+        w: 16, // a stand-in for the panel scratch's address, which is 16-byte aligned
+        a: ap,
+        b: bp,
+        bias: biasp,
+        y: yp,
+        h: hp,
+        dora: None,
+        nf4: None,
+    };
+    if n % 8 == 0 && yp % 16 == 0 && core_takes::<T>(gpu, shape, &panel_core) {
+        let u = launch_u::<T>(gpu, shape, opts, &ptrs)?;
+        let (up, _gu) = dptr(gpu, "u", &u)?;
+        let r_bytes = (r as u64) * size;
+        return for_each_panel::<T>(gpu, &desc, |_, n0, nc, pp| {
+            let core = CorePtrs {
+                x: xp,
+                w: pp,
+                y: yp + n0 as u64 * size,
+                bias: if biasp != 0 {
+                    biasp + n0 as u64 * size
+                } else {
+                    0
+                },
+                col_scale: 0,
+                z: 0,
+                low_rank: Some((up, bp + n0 as u64 * r_bytes, r)),
+                nf4: None,
+                ldy: n,
+            };
+            gemm::launch_core::<T>(gpu, &core, t, nc, k)
+        });
     }
     forward_large::<T>(gpu, shape, opts, &ptrs, || {
         // y[:, panel] += x · deq(W[panel])ᵀ
