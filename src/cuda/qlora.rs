@@ -204,8 +204,9 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     }
     // The dense GEMM core over each dequantized panel, with the panel's rows of B as the
     // low-rank slice and its bias: y[:, panel] written once, by TMA stores into y's
-    // columns (row stride N), so N % 8 == 0 and y 16-byte aligned; the rest of the
-    // core's rule as the dense LoRA linear (the panel scratch is 16-byte aligned).
+    // columns (row stride N), so N % 8 == 0, y 16-byte aligned and panels of a multiple
+    // of 8 rows (or one panel); the rest of the core's rule as the dense LoRA linear (the
+    // panel scratch is 16-byte aligned).
     let panel_core = FwdPtrs {
         x: xp,
         w: 16, // a stand-in for the panel scratch's address, which is 16-byte aligned
@@ -217,7 +218,9 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         dora: None,
         nf4: None,
     };
-    if n % 8 == 0 && yp % 16 == 0 && core_takes::<T>(gpu, shape, &panel_core) {
+    let pr = panel_rows(n, k);
+    let aligned_panels = pr >= n || pr % 8 == 0; // every panel's y columns 16-byte aligned
+    if n % 8 == 0 && yp % 16 == 0 && aligned_panels && core_takes::<T>(gpu, shape, &panel_core) {
         let u = launch_u::<T>(gpu, shape, opts, &ptrs)?;
         let (up, _gu) = dptr(gpu, "u", &u)?;
         let r_bytes = (r as u64) * size;
