@@ -208,15 +208,10 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     // of 8 rows (or one panel); the rest of the core's rule as the dense LoRA linear (the
     // panel scratch is 16-byte aligned).
     let panel_core = FwdPtrs {
-        x: xp,
         w: 16, // a stand-in for the panel scratch's address, which is 16-byte aligned
-        a: ap,
-        b: bp,
-        bias: biasp,
-        y: yp,
-        h: hp,
         dora: None,
         nf4: None,
+        ..ptrs
     };
     let pr = panel_rows(n, k);
     let aligned_panels = pr >= n || pr % 8 == 0; // every panel's y columns 16-byte aligned
