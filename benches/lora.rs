@@ -8,7 +8,10 @@
 //!   GEMM core path;
 //! - `ours_cublas_path` (the table's last column, forward only): `forward` with the GEMM
 //!   core path switched off (`set_core_dispatch(false)`), the down kernel, a skinny
-//!   cuBLAS product and a beta = 1 cuBLAS base GEMM.
+//!   cuBLAS product and a beta = 1 cuBLAS base GEMM;
+//! - `ours_fwd_down_kernel` (the table's `downk/b`, forward only): `forward` with the
+//!   down product's fusion into the core switched off (`set_fused_down(false)`): the
+//!   down kernel, then the core launch.
 //!
 //! Inputs are random and rotated over enough copies to exceed the L2 cache (≥ 128 MB per
 //! rotation). Each figure is the median of many CUDA-event-timed batches. A table of µs,
@@ -75,6 +78,7 @@ enum Op {
     ComposedFwdBwd,
     OursFwdBwd,
     OursFwdCublas,
+    OursFwdDownKernel,
 }
 
 impl Op {
@@ -87,6 +91,7 @@ impl Op {
             Op::ComposedFwdBwd => "composed_fwdbwd",
             Op::OursFwdBwd => "ours_fwdbwd",
             Op::OursFwdCublas => "ours_fwd_cublas_path",
+            Op::OursFwdDownKernel => "ours_fwd_down_kernel",
         }
     }
 }
@@ -188,7 +193,7 @@ fn run(gpu: &Gpu, s: &LoraShape, opts: &LoraOptions, op: Op, set: &mut Set) {
                 .unwrap();
             }
         }
-        Op::OursFwd | Op::OursFwdBwd | Op::OursFwdCublas => {
+        Op::OursFwd | Op::OursFwdBwd | Op::OursFwdCublas | Op::OursFwdDownKernel => {
             let wts = LoraWeights {
                 w: &set.w,
                 a: &set.a,
@@ -196,8 +201,10 @@ fn run(gpu: &Gpu, s: &LoraShape, opts: &LoraOptions, op: Op, set: &mut Set) {
                 bias: None,
             };
             cuda::set_core_dispatch(op != Op::OursFwdCublas);
+            cuda::set_fused_down(op != Op::OursFwdDownKernel && !no_fused_down());
             cuda::forward(gpu, s, opts, &set.x, wts, &mut set.y, Some(&mut set.h)).unwrap();
             cuda::set_core_dispatch(true);
+            cuda::set_fused_down(true);
             if op == Op::OursFwdBwd {
                 let grads = LoraGrads {
                     dx: &mut set.dx,
@@ -208,6 +215,12 @@ fn run(gpu: &Gpu, s: &LoraShape, opts: &LoraOptions, op: Op, set: &mut Set) {
             }
         }
     }
+}
+
+/// `LORA_KERNELS_BENCH_NO_FUSED_DOWN=1`: every `ours` forward with the down kernel (for
+/// profiling the two core launches under the same op order).
+fn no_fused_down() -> bool {
+    std::env::var("LORA_KERNELS_BENCH_NO_FUSED_DOWN").is_ok_and(|v| v == "1")
 }
 
 /// Seconds for `iters` runs, rotating over the sets, timed with CUDA events.
@@ -299,8 +312,8 @@ fn main() {
         "bf16, K = 4096; median µs of {samples} CUDA-event batches; inputs rotated past L2"
     )
     .unwrap();
-    writeln!(table, "{:>6} {:>6} {:>4} | {:>9} {:>9} {:>9} | {:>7} {:>7} {:>7} | {:>9} {:>9} {:>9} | {:>7} {:>7} | {:>8} {:>8} | {:>9}",
-        "T", "N", "r", "base", "composed", "ours", "comp/b", "ours/b", "o/comp", "base_fb", "comp_fb", "ours_fb", "ours/b", "o/comp", "base TF", "ours GB/s", "cuBpath/b").unwrap();
+    writeln!(table, "{:>6} {:>6} {:>4} | {:>9} {:>9} {:>9} | {:>7} {:>7} {:>7} | {:>9} {:>9} {:>9} | {:>7} {:>7} | {:>8} {:>8} | {:>9} {:>9}",
+        "T", "N", "r", "base", "composed", "ours", "comp/b", "ours/b", "o/comp", "base_fb", "comp_fb", "ours_fb", "ours/b", "o/comp", "base TF", "ours GB/s", "cuBpath/b", "downk/b").unwrap();
 
     let ns: &[usize] = &[4096, 11008];
     let rs: &[usize] = if quick { &[16] } else { &[16, 64] };
@@ -325,6 +338,7 @@ fn main() {
                     Op::ComposedFwdBwd,
                     Op::OursFwdBwd,
                     Op::OursFwdCublas,
+                    Op::OursFwdDownKernel,
                 ];
                 let us: Vec<f64> = ops
                     .iter()
@@ -337,10 +351,10 @@ fn main() {
                     .collect();
                 let flops = 2.0 * (t * n * 4096) as f64;
                 let w_bytes = 2.0 * (n * 4096) as f64;
-                writeln!(table, "{:>6} {:>6} {:>4} | {:>9.1} {:>9.1} {:>9.1} | {:>7.3} {:>7.3} {:>7.3} | {:>9.1} {:>9.1} {:>9.1} | {:>7.3} {:>7.3} | {:>8.1} {:>8.0} | {:>9.3}",
+                writeln!(table, "{:>6} {:>6} {:>4} | {:>9.1} {:>9.1} {:>9.1} | {:>7.3} {:>7.3} {:>7.3} | {:>9.1} {:>9.1} {:>9.1} | {:>7.3} {:>7.3} | {:>8.1} {:>8.0} | {:>9.3} {:>9.3}",
                     t, n, r, us[0], us[1], us[2], us[1] / us[0], us[2] / us[0], us[2] / us[1],
                     us[3], us[4], us[5], us[5] / us[3], us[5] / us[4],
-                    flops / us[0] * 1e-6, w_bytes / us[2] * 1e-3, us[6] / us[0]).unwrap();
+                    flops / us[0] * 1e-6, w_bytes / us[2] * 1e-3, us[6] / us[0], us[7] / us[0]).unwrap();
                 record(&rec, &s, &us);
                 eprint!(
                     "{}",

@@ -351,6 +351,51 @@ __device__ __forceinline__ void wgmma_k16(float (&d)[ACC], uint64_t da, uint64_t
   }
 }
 
+// The fused down product's wgmma: DU[64, u_rn] += A[64, 16] · Aw[u_rn, 16]ᵀ, the x tile
+// as A and the LoRA A tile ([u_rn][64], K-major, 128-byte swizzled, rows ≥ rank zero) as
+// B; u_rn (16 or 32) a compile-time width. du[0 .. u_rn / 2) hold the m64nNk16 fragment
+// (the layout of d below). (m64n64 for ranks up to 64 would cost the 128 × 256 tile's
+// wgmma pipeline: ptxas serializes it for want of registers, so those ranks keep the
+// down kernel.)
+#define LK_WGMMA_M64N16K16_U(TY)                                                 \
+  asm volatile("{\n"                                                             \
+               "wgmma.mma_async.sync.aligned.m64n16k16.f32." TY "." TY "\n"       \
+               "{%0, %1, %2, %3, %4, %5, %6, %7},\n" \
+               "%8, %9, 1, 1, 1, 0, 0;\n"                                        \
+               "}\n"                                                             \
+               : "+f"(du[0]), "+f"(du[1]), "+f"(du[2]), "+f"(du[3]), "+f"(du[4]), "+f"(du[5]), "+f"(du[6]), "+f"(du[7]) \
+               : "l"(da), "l"(db))
+#define LK_WGMMA_M64N32K16_U(TY)                                                 \
+  asm volatile("{\n"                                                             \
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY "\n"       \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15},\n" \
+               "%16, %17, 1, 1, 1, 0, 0;\n"                                        \
+               "}\n"                                                             \
+               : "+f"(du[0]), "+f"(du[1]), "+f"(du[2]), "+f"(du[3]), "+f"(du[4]), "+f"(du[5]), "+f"(du[6]), "+f"(du[7]), "+f"(du[8]), "+f"(du[9]), "+f"(du[10]), "+f"(du[11]), "+f"(du[12]), "+f"(du[13]), "+f"(du[14]), "+f"(du[15]) \
+               : "l"(da), "l"(db))
+
+template <bool F16, int UW>
+__device__ __forceinline__ void wgmma_u_k16(float (&du)[32], uint64_t da, uint64_t db) {
+  if constexpr (UW == 16) {
+    if constexpr (F16) {
+      LK_WGMMA_M64N16K16_U("f16");
+    } else {
+      LK_WGMMA_M64N16K16_U("bf16");
+    }
+  } else {
+    static_assert(UW == 32, "m64n16 or m64n32");
+    if constexpr (F16) {
+      LK_WGMMA_M64N32K16_U("f16");
+    } else {
+      LK_WGMMA_M64N32K16_U("bf16");
+    }
+  }
+}
+
+template <int V> struct IntC {
+  static constexpr int value = V;
+};
+
 // The grouped (L2-friendly) tile order: consecutive tile indices walk GROUP_M tile rows
 // down one tile column before moving right, so the CTAs working at the same time reuse
 // their GROUP_M x tiles and each W tile from L2. Returns (tile row, tile column).
@@ -364,6 +409,38 @@ __device__ __forceinline__ void tile_of(int pid, int tiles_m, int tiles_n, int &
   tn = in_group / rows;
 }
 
+// The fused down product's jobs: job j computes h = x · Aᵀ for tile-row pair j (both
+// CTAs of a cluster, each its 128 rows), j < pairs_m. A cluster runs its jobs before its
+// tiles, and the jobs go to the clusters with the fewest tiles: cluster c takes tiles c,
+// c + clusters, ..., so clusters c ≥ light0 have one tile fewer than the rest (or none,
+// when there are more clusters than tiles). Job j runs on cluster light0 + j % lights.
+// Returns this cluster's first job and the stride to its next (none if first ≥ jobs).
+__device__ __forceinline__ void jobs_of(int cluster, int clusters, int pairs, int &first,
+                                        int &stride) {
+  const int light0 = clusters > pairs ? pairs : (pairs % clusters == 0 ? 0 : pairs % clusters);
+  stride = clusters - light0;
+  first = cluster >= light0 ? cluster - light0 : 1 << 30;
+}
+
+// ---- the fused down product's flags (global memory, gpu scope) -------------------------
+__device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t *p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release_gpu(uint32_t *p, uint32_t v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+// Orders this thread's prior memory accesses before its later ones at gpu scope.
+__device__ __forceinline__ void fence_acq_rel_gpu() {
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+}
+// Orders this thread's generic-proxy global accesses with its async-proxy (TMA) ones.
+__device__ __forceinline__ void fence_async_global() {
+  asm volatile("fence.proxy.async.global;" ::: "memory");
+}
+// The two consumer warpgroups' barrier (named barrier 2, 256 threads).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 2, 256;" ::: "memory"); }
 template <typename T> struct Pair;
 template <> struct Pair<__nv_bfloat16> {
   using type = __nv_bfloat162;
@@ -381,6 +458,31 @@ template <> struct Pair<__half> {
     return *reinterpret_cast<const uint32_t *>(&v);
   }
 };
+
+// The fused down product's outputs for one consumer thread: du is its m64n{u_rn} fragment
+// of h for rows row0 and row0 + 8 (row0 = the tile's row 64c + 16·warp + lane/4):
+// U[row, col] = u_scale · h (row stride u_ld) and h[row, col] (row stride rank, if
+// h_out) for col < rank and row < t, each rounded once from the f32 sum.
+template <typename T>
+__device__ __forceinline__ void write_u(const float (&du)[32], const LkGemmParams &p, int row0,
+                                        int lane) {
+  T *u = static_cast<T *>(p.u_out);
+  T *h = static_cast<T *>(p.h_out);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    if (8 * j >= p.u_rn) break;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = row0 + 8 * (e / 2);
+      const int col = 8 * j + 2 * (lane % 4) + e % 2;
+      if (row < p.t && col < p.rank) {
+        const float v = du[4 * j + e];
+        u[static_cast<size_t>(row) * p.u_ld + col] = lk::from_f32<T>(p.u_scale * v);
+        if (h != nullptr) h[static_cast<size_t>(row) * p.rank + col] = lk::from_f32<T>(v);
+      }
+    }
+  }
+}
 
 // The consumer warpgroups' part of gemm_nt_body: wgmma over the ring, then the epilogue,
 // tile after tile.
@@ -405,7 +507,62 @@ __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar
   const uint32_t stage_buf = ring + RING_BYTES + (4 * c + warp) * BUFS * STORE_BUF_BYTES;
   uint32_t buf = 0;  // which of the two buffers the next chunk uses
 
-  uint32_t g = 0;  // K-slices consumed by this CTA so far (all tiles)
+  uint32_t g = 0;  // K-slices consumed by this CTA so far (jobs and tiles)
+  // The fused down product's jobs of this cluster (dense kernels only), before its tiles:
+  // per K-slice the x tile and the A tile (in the stage's W area), h accumulated by
+  // m64n{u_rn} wgmmas; then U = s·h (and h) written for the CTA's 128 rows and the tile
+  // row's flag published: the producers of that row's tiles wait for it before they
+  // load U for the low-rank slice.
+  if constexpr (BUFS == 2) {
+    if (p.u_out != nullptr) {
+      int job, stride;
+      jobs_of(cluster, clusters, pairs, job, stride);
+      auto run_jobs = [&](auto uw) {
+        constexpr int UW = decltype(uw)::value;
+        for (; job < pairs_m; job += stride) {
+          const int m0 = (2 * job + static_cast<int>(rank)) * BM;
+          float du[32];
+#pragma unroll
+          for (int i = 0; i < 32; ++i) du[i] = 0.0f;
+          fence_regs(du);  // zeroed before the job's first wgmma
+          for (int it = 0; it < p.k_tiles; ++it, ++g) {
+            const uint32_t s = g % STAGES;
+            mbar_wait(smem_u32(&full_bar[s]), (g / STAGES) & 1);
+            const uint64_t da = desc_sw128(ring + s * C::STAGE_BYTES + c * (64 * 128));
+            const uint64_t dau = desc_sw128(ring + s * C::STAGE_BYTES + A_BYTES);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk) wgmma_u_k16<F16, UW>(du, da + 2 * kk, dau + 2 * kk);
+            wgmma_commit();
+            wgmma_wait<1>();
+            fence_regs(du);
+            if (it > 0 && lane == 0) {
+              const uint32_t e = smem_u32(&empty_bar[(g - 1) % STAGES]);
+              mbar_arrive_cluster(e, 0);
+              mbar_arrive_cluster(e, 1);
+            }
+          }
+          wgmma_wait<0>();
+          fence_regs(du);
+          if (lane == 0) {
+            const uint32_t e = smem_u32(&empty_bar[(g - 1) % STAGES]);
+            mbar_arrive_cluster(e, 0);
+            mbar_arrive_cluster(e, 1);
+          }
+          write_u<T>(du, p, m0 + 64 * c + 16 * warp + lane / 4, lane);
+          fence_async_global();
+          fence_acq_rel_gpu();
+          consumers_sync();
+          if (threadIdx.x == 128) st_release_gpu(p.u_flags + (m0 / BM), p.u_epoch);
+        }
+      };
+      if (p.u_rn == 16) {
+        run_jobs(IntC<16>{});
+      } else if (p.u_rn == 32) {
+        run_jobs(IntC<32>{});
+      }
+    }
+  }
   for (int pair = cluster; pair < pairs; pair += clusters) {
     int pm, tn;
     tile_of(pair, pairs_m, p.tiles_n, pm, tn);
@@ -712,7 +869,7 @@ template <typename T, bool F16, int BN, bool NF4>
 __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &w_map,
                                              const LkTmap &u_map, const LkTmap &bl_map,
                                              const LkTmap &y_map, const LkTmap &z_map,
-                                             const LkGemmParams &p) {
+                                             const LkTmap &a_map, const LkGemmParams &p) {
   using C = Tile<BN>;
   constexpr int STAGES = C::STAGES;
   extern __shared__ uint8_t smem_raw[];
@@ -765,7 +922,27 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
   } else if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (threadIdx.x == 0) {
-      uint32_t g = 0;  // K-slices issued by this CTA so far (all tiles)
+      const bool fused = p.u_out != nullptr;  // the fused down product
+      uint32_t g = 0;  // K-slices issued by this CTA so far (jobs and tiles)
+      if (fused) {
+        // This cluster's down-product jobs (see the consumers): per K-slice the CTA's x
+        // tile and the whole A tile (rows ≥ rank zero-filled) into the stage's W area.
+        const uint32_t a_bytes = static_cast<uint32_t>(p.u_rn) * 128u;
+        int job, stride;
+        jobs_of(cluster, clusters, pairs, job, stride);
+        for (; job < pairs_m; job += stride) {
+          const int m0 = (2 * job + static_cast<int>(rank)) * BM;
+          for (int it = 0; it < p.k_tiles; ++it, ++g) {
+            const uint32_t s = g % STAGES;
+            mbar_wait(smem_u32(&empty_bar[s]), ((g / STAGES) & 1) ^ 1);
+            const uint32_t full = smem_u32(&full_bar[s]);
+            const uint32_t a_dst = ring + s * C::STAGE_BYTES;
+            mbar_arrive_expect_tx(full, A_BYTES + a_bytes);
+            tma_load_2d(a_dst, &x_map, it * BK, m0, full);
+            tma_load_2d(a_dst + A_BYTES, &a_map, it * BK, 0, full);
+          }
+        }
+      }
       for (int pair = cluster; pair < pairs; pair += clusters) {
         int pm, tn;
         tile_of(pair, pairs_m, p.tiles_n, pm, tn);
@@ -779,13 +956,23 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
           const uint32_t full = smem_u32(&full_bar[s]);
           const uint32_t a_dst = ring + s * C::STAGE_BYTES;
           const uint32_t b_dst = a_dst + A_BYTES + rank * C::HALF_B_BYTES;
-          // This CTA's phase completes on its x tile and both W halves (its own and the
-          // peer's multicast); whole boxes are counted, out-of-bounds zero fill included.
-          mbar_arrive_expect_tx(full, C::STAGE_BYTES);
           if (it < p.k_tiles) {
+            // This CTA's phase completes on its x tile and both W halves (its own and
+            // the peer's multicast); whole boxes are counted, out-of-bounds zero fill
+            // included.
+            mbar_arrive_expect_tx(full, C::STAGE_BYTES);
             tma_load_2d(a_dst, &x_map, it * BK, m0, full);
             tma_load_2d_multicast(b_dst, &w_map, it * BK, n_half, full, 0x3);
           } else {
+            if (fused) {
+              // U of this tile row is written by a down-product job (published with a
+              // release of u_epoch; an acquire here, then the proxy fence so that the
+              // TMA load below reads after it).
+              const uint32_t *flag = p.u_flags + (m0 / BM);
+              while (ld_acquire_gpu(flag) != p.u_epoch) __nanosleep(128);
+              fence_async_global();
+            }
+            mbar_arrive_expect_tx(full, C::STAGE_BYTES);
             // The low-rank K-slice: U's and Bl's columns 0 .. 63, zeros from r on.
             tma_load_2d(a_dst, &u_map, 0, m0, full);
             tma_load_2d_multicast(b_dst, &bl_map, 0, n_half, full, 0x3);
@@ -814,7 +1001,7 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
 
 #ifdef LK_GEMM_SM90
 #define LK_GEMM_BODY(T, F16, BN, NF4) \
-  gemm_nt_body<T, F16, BN, NF4>(x_map, w_map, u_map, bl_map, y_map, z_map, p)
+  gemm_nt_body<T, F16, BN, NF4>(x_map, w_map, u_map, bl_map, y_map, z_map, a_map, p)
 #else
 #define LK_GEMM_BODY(T, F16, BN, NF4) __trap()
 #endif
@@ -828,7 +1015,7 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
       const __grid_constant__ LkTmap x_map, const __grid_constant__ LkTmap w_map,           \
       const __grid_constant__ LkTmap u_map, const __grid_constant__ LkTmap bl_map,          \
       const __grid_constant__ LkTmap y_map, const __grid_constant__ LkTmap z_map,           \
-      const LkGemmParams p) {                                                               \
+      const __grid_constant__ LkTmap a_map, const LkGemmParams p) {                                                               \
     LK_GEMM_BODY(T, F16, BN, NF4);                                                                   \
   }
 

@@ -366,6 +366,22 @@ typedef struct LkGemmParams {
                             * element (n, 64 s + 32 h) at [s][n][h] (lk_nf4_core_scales),
                             * 0 past n or k */
   int32_t nf4_n_pad;        /* n rounded up to a multiple of 256 */
+  /* The fused down product (lk_gemm_nt_* only; u_out NULL: off, as in every NF4 launch).
+   * Before its tiles, a cluster runs its down-product jobs (the clusters with the fewest
+   * tiles take them): job j loads the x tiles of tile rows 2j and 2j + 1 (one per CTA)
+   * and A [rank, k] (through the a_map tensor map, box 64 × u_rn, into the stage's W
+   * area), accumulates h = x · Aᵀ with m64n{u_rn} wgmmas, writes u_out = u_scale · h and
+   * h_out = h, then publishes u_flags[tile row] = u_epoch. Every tile's producer waits
+   * for its tile row's flag before it loads the low-rank K-slice (U) through u_map. */
+  void *u_out;        /* [t, u_ld] in the operand type: U = u_scale · h, columns < rank */
+  void *h_out;        /* [t, rank] in the operand type, or NULL */
+  uint32_t *u_flags;  /* [2 · ceil(tiles_m / 2)] words; a word equal to u_epoch means
+                       * that tile row's U is written (stale words hold older epochs) */
+  float u_scale;      /* s */
+  uint32_t u_epoch;   /* this launch's nonzero tag, distinct from the last 2^32 - 1 */
+  int32_t u_ld;       /* U's row stride: rank rounded up to 8 */
+  int32_t u_rn;       /* 16 or 32: rank rounded up (ranks > 32 keep the down kernel) */
+  int32_t rank;       /* 1 ..= u_rn */
 } LkGemmParams;
 
 /* lk_nf4_core_scales: the GEMM core's NF4 scale table (LkGemmParams.nf4_scales) of w,

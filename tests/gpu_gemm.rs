@@ -525,9 +525,21 @@ fn gemm_sm90_bench_shape() {
 /// and the bias) against the LoRA oracle, as tests/gpu_lora.rs checks `forward`.
 fn check_lora_core<T: Element>(
     gpu: &Gpu,
+    shape: (usize, usize, usize, usize),
+    bias: bool,
+    dropout: bool,
+    seed: u64,
+) {
+    check_lora_core_h::<T>(gpu, shape, bias, dropout, true, seed)
+}
+
+/// [`check_lora_core`], with or without the `h` output.
+fn check_lora_core_h<T: Element>(
+    gpu: &Gpu,
     (t, k, n, r): (usize, usize, usize, usize),
     bias: bool,
     dropout: bool,
+    with_h: bool,
     seed: u64,
 ) {
     use lora_kernels::cpu::lora as cpu;
@@ -535,7 +547,7 @@ fn check_lora_core<T: Element>(
     use lora_kernels::{Dropout, LoraOptions, LoraShape, LoraWeights};
     let s = LoraShape::new(t, k, n, r);
     let what = format!(
-        "{} forward_core {s:?} bias={bias} dropout={dropout}",
+        "{} forward_core {s:?} bias={bias} dropout={dropout} h={with_h}",
         common::dtype_name::<T>()
     );
     let mut rng = Rng::new(seed);
@@ -596,15 +608,33 @@ fn check_lora_core<T: Element>(
         b: &bd,
         bias: biasd.as_ref(),
     };
-    cuda::forward_core(gpu, &s, &opts, &xd, weights, &mut y, Some(&mut h))
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_close(
-        &format!("{what}: h"),
-        &gpu.download(&h).unwrap(),
-        &h_ref,
-        &h_mag,
-        k,
-    );
+    cuda::forward_core(
+        gpu,
+        &s,
+        &opts,
+        &xd,
+        weights,
+        &mut y,
+        with_h.then_some(&mut h),
+    )
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    if with_h {
+        assert_close(
+            &format!("{what}: h"),
+            &gpu.download(&h).unwrap(),
+            &h_ref,
+            &h_mag,
+            k,
+        );
+    } else {
+        assert!(
+            gpu.download(&h)
+                .unwrap()
+                .iter()
+                .all(|v| v.to_f32().is_nan()),
+            "{what}: h was written though not asked for"
+        );
+    }
     assert_close(
         &format!("{what}: y"),
         &gpu.download(&y).unwrap(),
@@ -629,4 +659,56 @@ fn lora_forward_core() {
         check_lora_core::<bf16>(gpu, shape, bias, dropout, 800 + i as u64);
         check_lora_core::<f16>(gpu, shape, bias, dropout, 900 + i as u64);
     }
+}
+
+/// The forward with `x Aᵀ` inside the core launch (jobs on the clusters with the fewest
+/// tiles, or on spare clusters, compute U and h; the tiles wait on their rows' flags):
+/// ranks 1 ..= 32 (m64n16 and m64n32), odd T (a dead second CTA), K not a multiple of
+/// 64, odd N (direct stores) and N % 8 == 0 (TMA stores), both tile widths, with and
+/// without h, against the oracle; each shape also with the fused path switched off. T
+/// grows and shrinks from call to call, so stale flags of earlier launches are there.
+/// Then more pairs of tile rows than clusters (several jobs per cluster), and a rank
+/// above 32, which takes the down kernel.
+#[test]
+fn lora_forward_core_fused_down() {
+    use lora_kernels::cuda::lora as cuda_lora;
+    let Some(gpu) = gpu90("lora_forward_core_fused_down") else {
+        return;
+    };
+    let cases = [
+        (1000usize, 200usize, 264usize, 16usize, true),
+        (129, 64, 1000, 3, false),
+        (300, 72, 2900, 12, true),
+        (512, 1024, 768, 32, true),
+        (515, 64, 1800, 24, false),
+        (2000, 256, 520, 17, true),
+        (8000, 64, 512, 1, true),
+        (257, 128, 136, 8, false),
+        (600, 320, 1000, 20, true),
+    ];
+    for width in [None, Some(gemm::TILE_N_NARROW), Some(gemm::TILE_N)] {
+        gemm::set_tile_n_override(width).unwrap();
+        for (i, &(t, k, n, r, bias)) in cases.iter().enumerate() {
+            assert!(
+                gemm::fused_down_fits::<bf16>(gpu, t, r),
+                "the fused down product should take T = {t}, r = {r}"
+            );
+            let seed = 1000 + 10 * i as u64;
+            let with_h = i % 3 != 1;
+            check_lora_core_h::<bf16>(gpu, (t, k, n, r), bias, false, with_h, seed);
+            check_lora_core_h::<f16>(gpu, (t, k, n, r), bias, false, with_h, seed + 1);
+            cuda_lora::set_fused_down(false);
+            check_lora_core_h::<bf16>(gpu, (t, k, n, r), bias, false, with_h, seed + 2);
+            cuda_lora::set_fused_down(true);
+        }
+    }
+    gemm::set_tile_n_override(None).unwrap();
+    // More pairs of tile rows than clusters (several jobs per cluster), still fused; ranks
+    // above 32: the down kernel.
+    let t_big = 256 * (gpu.sm_count() as usize / 2) + 300;
+    assert!(gemm::fused_down_fits::<bf16>(gpu, t_big, 8));
+    check_lora_core::<bf16>(gpu, (t_big, 64, 256, 8), false, false, 1201);
+    check_lora_core::<f16>(gpu, (t_big, 128, 1000, 30), true, false, 1202);
+    assert!(!gemm::fused_down_fits::<bf16>(gpu, 1000, 33));
+    check_lora_core::<bf16>(gpu, (1000, 200, 264, 40), true, false, 1200);
 }

@@ -978,10 +978,18 @@ pub struct LkGemmParams {
     pub wq: LkNf4,
     pub nf4_scales: *const f32,
     pub nf4_n_pad: i32,
+    pub u_out: *mut ::core::ffi::c_void,
+    pub h_out: *mut ::core::ffi::c_void,
+    pub u_flags: *mut u32,
+    pub u_scale: f32,
+    pub u_epoch: u32,
+    pub u_ld: i32,
+    pub u_rn: i32,
+    pub rank: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkGemmParams"][::core::mem::size_of::<LkGemmParams>() - 136usize];
+    ["Size of LkGemmParams"][::core::mem::size_of::<LkGemmParams>() - 184usize];
     ["Alignment of LkGemmParams"][::core::mem::align_of::<LkGemmParams>() - 8usize];
     ["Offset of field: LkGemmParams::y"][::core::mem::offset_of!(LkGemmParams, y) - 0usize];
     ["Offset of field: LkGemmParams::bias"][::core::mem::offset_of!(LkGemmParams, bias) - 8usize];
@@ -1005,6 +1013,19 @@ const _: () = {
         [::core::mem::offset_of!(LkGemmParams, nf4_scales) - 120usize];
     ["Offset of field: LkGemmParams::nf4_n_pad"]
         [::core::mem::offset_of!(LkGemmParams, nf4_n_pad) - 128usize];
+    ["Offset of field: LkGemmParams::u_out"]
+        [::core::mem::offset_of!(LkGemmParams, u_out) - 136usize];
+    ["Offset of field: LkGemmParams::h_out"]
+        [::core::mem::offset_of!(LkGemmParams, h_out) - 144usize];
+    ["Offset of field: LkGemmParams::u_flags"]
+        [::core::mem::offset_of!(LkGemmParams, u_flags) - 152usize];
+    ["Offset of field: LkGemmParams::u_scale"]
+        [::core::mem::offset_of!(LkGemmParams, u_scale) - 160usize];
+    ["Offset of field: LkGemmParams::u_epoch"]
+        [::core::mem::offset_of!(LkGemmParams, u_epoch) - 164usize];
+    ["Offset of field: LkGemmParams::u_ld"][::core::mem::offset_of!(LkGemmParams, u_ld) - 168usize];
+    ["Offset of field: LkGemmParams::u_rn"][::core::mem::offset_of!(LkGemmParams, u_rn) - 172usize];
+    ["Offset of field: LkGemmParams::rank"][::core::mem::offset_of!(LkGemmParams, rank) - 176usize];
 };
 impl Default for LkGemmParams {
     fn default() -> Self {

@@ -355,6 +355,8 @@ where
         low_rank: low_rank.as_ref().map(|(u, b, r)| (u.0, b.0, *r)),
         nf4,
         ldy: 0,
+        ldu: 0,
+        down: None,
     };
     launch_core::<T>(gpu, &ptrs, tokens, n, k)
 }
@@ -377,6 +379,51 @@ pub(crate) struct CorePtrs {
     /// columns of a wider matrix) needs the TMA-store epilogue: stride % 8 == 0, y
     /// 16-byte aligned and no z.
     pub ldy: usize,
+    /// U's row stride in elements, or 0 for r (then U is copied into a padded scratch
+    /// when r % 8 != 0). Another stride must be a multiple of 8 and ≥ r, U 16-byte
+    /// aligned; the fused down product's U ([`CoreDown`]) has one.
+    pub ldu: usize,
+    /// The fused down product (dense W only, rank ≤ [`FUSED_DOWN_MAX_RANK`], and
+    /// [`fused_down_fits`]): the kernel computes `h = x Aᵀ` itself and writes `U = s·h`
+    /// into `low_rank`'s U, which is then an output.
+    pub down: Option<CoreDown>,
+}
+
+/// The fused down product of one core launch: the CTAs of tile column 0 (each its
+/// cluster's first tile) also compute `h = x Aᵀ` for their rows, write `U = scale · h`
+/// (row stride [`CorePtrs::ldu`]) into the low-rank term's U buffer and `h` into `h` (if
+/// not 0), and flag each tile row; every tile waits for its row's flag before it loads U.
+pub(crate) struct CoreDown {
+    /// A [r, K], 16-byte aligned.
+    pub a: u64,
+    /// h [T, r] out, or 0.
+    pub h: u64,
+    pub scale: f32,
+}
+
+/// The largest rank the fused down product takes (its extra wgmma is m64n16 or m64n32;
+/// m64n64 would cost the wide tile's wgmma pipeline its registers).
+pub(crate) const FUSED_DOWN_MAX_RANK: usize = 32;
+
+/// Whether a core launch of this shape can fuse the down product: sm_90, f16/bf16,
+/// 1 ≤ r ≤ [`FUSED_DOWN_MAX_RANK`], and T within the flag buffer (524 288 rows).
+/// (Public, hidden, for tests that must know which path a LoRA forward takes.)
+#[doc(hidden)]
+pub fn fused_down_fits<T: Element>(gpu: &Gpu, tokens: usize, r: usize) -> bool {
+    T::DTYPE != DType::F32
+        && supported(gpu)
+        && (1..=FUSED_DOWN_MAX_RANK).contains(&r)
+        && 2 * tokens.div_ceil(TILE_M).div_ceil(2) <= gpu.core_flags.len()
+}
+
+/// The entry point for an operand type, W's format and a tile width.
+fn kernel_name<T: Element>(nf4: bool, tile_n: usize) -> String {
+    let family = if nf4 { "nf4" } else { "nt" };
+    if tile_n == TILE_N {
+        format!("lk_gemm_{family}_{}", T::DTYPE.suffix())
+    } else {
+        format!("lk_gemm_{family}_n128_{}", T::DTYPE.suffix())
+    }
 }
 
 /// [`matmul_nt`] after the length checks: alignment, dtype and GPU checks, then the
@@ -468,30 +515,71 @@ pub(crate) fn launch_core<T: Element>(
     // The low-rank operands: as given when their rows are 16-byte multiples, else
     // copied into [rows, rp] scratch (rp = r rounded up to 8). The scratch buffers are
     // freed in stream order after the GEMM has been queued.
+    // With the fused down product U is the kernel's own [T, u_ld] output, never padded.
     let mut _pads: Vec<CudaSlice<T>> = Vec::new();
     let (u_map, bl_map) = match low_rank {
         Some((up, bp, r)) => {
             let rp = r.next_multiple_of(8);
-            let (u_addr, b_addr) = if r == rp {
-                (up, bp)
+            let (u_addr, u_ld) = match p.ldu {
+                0 if r == rp => (up, rp),
+                0 => {
+                    let u_pad = pad_cols::<T>(gpu, up, tokens, r, rp)?;
+                    let addr = raw_addr(gpu, &u_pad); // still owned by _pads below
+                    _pads.push(u_pad);
+                    (addr, rp)
+                }
+                ldu if ldu % 8 == 0 && ldu >= r && up % 16 == 0 => (up, ldu),
+                ldu => {
+                    return Err(Error::Unsupported {
+                        op: "gemm core",
+                        reason: format!(
+                            "U's row stride {ldu} (rank {r}) must be a multiple of 8 and ≥ \
+                             the rank, U 16-byte aligned"
+                        ),
+                    })
+                }
+            };
+            let b_addr = if r == rp {
+                bp
             } else {
-                let u_pad = pad_cols::<T>(gpu, up, tokens, r, rp)?;
                 let b_pad = pad_cols::<T>(gpu, bp, n, r, rp)?;
-                let addrs = (
-                    raw_addr(gpu, &u_pad), // still owned by _pads below
-                    raw_addr(gpu, &b_pad),
-                );
-                _pads.push(u_pad);
+                let addr = raw_addr(gpu, &b_pad);
                 _pads.push(b_pad);
-                addrs
+                addr
             };
             (
-                tensor_map(dt, u_addr, r, tokens, rp, TILE_M)?,
+                tensor_map(dt, u_addr, r, tokens, u_ld, TILE_M)?,
                 tensor_map(dt, b_addr, r, n, rp, tile_n / 2)?,
             )
         }
         // Unused by the kernel without the low-rank slice.
         None => (x_map, w_map),
+    };
+    // The fused down product: A [r, K] in boxes of 64 columns × u_rn rows (rows ≥ r
+    // zero-filled), u_rn = 16 or 32.
+    let (a_map, u_rn) = match (&p.down, low_rank) {
+        (Some(d), Some((_, _, r))) => {
+            let ok = p.nf4.is_none() && (1..=FUSED_DOWN_MAX_RANK).contains(&r) && p.ldu != 0;
+            if !ok {
+                return Err(Error::Unsupported {
+                    op: "gemm core",
+                    reason: format!(
+                        "the fused down product needs a dense W, rank 1..={FUSED_DOWN_MAX_RANK} \
+                         (got {r}) and U with its own row stride (CorePtrs::ldu)"
+                    ),
+                });
+            }
+            check_align_to("a", d.a, 16)?;
+            let u_rn = if r <= 16 { 16 } else { 32 };
+            (tensor_map(dt, d.a, k, r, k, u_rn)?, u_rn)
+        }
+        (Some(_), None) => {
+            return Err(Error::Unsupported {
+                op: "gemm core",
+                reason: "the fused down product needs the low-rank term".into(),
+            })
+        }
+        (None, _) => (x_map, 0), // unused
     };
 
     // The TMA-store epilogue: rows of y (and z) must be 16-byte multiples and the bases
@@ -533,13 +621,23 @@ pub(crate) fn launch_core<T: Element>(
         wq: p.nf4.unwrap_or_else(no_nf4),
         nf4_scales: scales.as_ref().map_or(0, |sc| raw_addr(gpu, sc)) as *const f32,
         nf4_n_pad: n_pad as i32,
+        u_out: match &p.down {
+            Some(_) => low_rank.map_or(0, |(up, _, _)| up) as *mut _,
+            None => std::ptr::null_mut(),
+        },
+        h_out: p.down.as_ref().map_or(0, |d| d.h) as *mut _,
+        u_flags: raw_addr(gpu, &gpu.core_flags) as *mut u32,
+        u_scale: p.down.as_ref().map_or(0.0, |d| d.scale),
+        u_epoch: if p.down.is_some() {
+            gpu.next_core_epoch()
+        } else {
+            0
+        },
+        u_ld: p.ldu as i32,
+        u_rn: u_rn as i32,
+        rank: low_rank.map_or(0, |(_, _, r)| r) as i32,
     };
-    let family = if p.nf4.is_some() { "nf4" } else { "nt" };
-    let name = if tile_n == TILE_N {
-        format!("lk_gemm_{family}_{}", T::DTYPE.suffix())
-    } else {
-        format!("lk_gemm_{family}_n128_{}", T::DTYPE.suffix())
-    };
+    let name = kernel_name::<T>(p.nf4.is_some(), tile_n);
     let func = gpu.function(&name)?;
     let smem = if p.nf4.is_some() {
         DYN_SMEM_NF4
@@ -550,8 +648,23 @@ pub(crate) fn launch_core<T: Element>(
     // Persistent clusters of 2 CTAs (compiled in), each pair of CTAs walking pairs of
     // tile rows; no more clusters than fit on the GPU at once (one CTA per SM).
     let pairs = tiles_m.div_ceil(2) * tiles_n;
+    // The fused down product: one job per pair of tile rows, run by the clusters with
+    // the fewest tiles before their tiles (with more clusters than tiles, the spare
+    // clusters up to one per job run only jobs). A job never waits; a tile waits only
+    // for its row's job, which runs on a co-resident cluster, so all of them finish.
+    let pairs_m = tiles_m.div_ceil(2);
+    if p.down.is_some() && 2 * pairs_m > gpu.core_flags.len() {
+        return Err(Error::Unsupported {
+            op: "gemm core",
+            reason: format!(
+                "the fused down product takes at most {} rows (T = {tokens})",
+                gpu.core_flags.len() * TILE_M
+            ),
+        });
+    }
+    let work = pairs + if p.down.is_some() { pairs_m } else { 0 };
     let cfg = LaunchConfig {
-        grid_dim: ((2 * pairs.min(max_clusters)) as u32, 1, 1),
+        grid_dim: ((2 * work.min(max_clusters)) as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem,
     };
@@ -562,6 +675,7 @@ pub(crate) fn launch_core<T: Element>(
         .arg(&bl_map)
         .arg(&y_map)
         .arg(&z_map)
+        .arg(&a_map)
         .arg(&params);
     // SAFETY: the tensor maps describe x [T, K], W [N, K], U [T, r] and Bl [N, r] exactly
     // as validated above (lengths, 16-byte alignment, K % 8 == 0; U and Bl possibly
@@ -574,8 +688,14 @@ pub(crate) fn launch_core<T: Element>(
     // lives until the launch is queued. The kernel writes y (and z, when set: a [T, N]
     // buffer whose length the caller checked) only at rows < T and columns < N, reads
     // bias / col_scale only at columns < N, and needs `smem` bytes of dynamic shared
-    // memory, set by prepare(). The guards keep every buffer's stream order until the
-    // launch is queued.
+    // memory, set by prepare(). With the fused down product the A map describes A [r, K]
+    // (16-byte aligned, K % 8 == 0), the kernel writes U only at rows < T and columns
+    // < r of the [T, u_ld] buffer the U map reads (the caller's scratch of T · u_ld
+    // elements) and h at [T, r] (the caller checked h's length), and its flags at tile
+    // rows < 2 · ceil(T/128 / 2) ≤ core_flags.len() (checked above); the grid is no more
+    // clusters than run at once, so every job (which never waits) runs, and every tile
+    // (which waits only for its row's job) finishes. The guards keep every buffer's stream
+    // order until the launch is queued.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }

@@ -58,15 +58,34 @@ pub fn set_core_dispatch(enabled: bool) {
     CORE_DISPATCH.with(|c| c.set(enabled));
 }
 
+thread_local! {
+    /// Whether the core path may fuse the down product (see [`set_fused_down`]).
+    static FUSED_DOWN: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Whether this thread lets core launches fuse the down product ([`set_fused_down`]).
+pub(crate) fn fused_down_enabled() -> bool {
+    FUSED_DOWN.with(|c| c.get())
+}
+
+/// Lets (`true`, the default) or stops the GEMM-core forward calls made from this thread
+/// computing `x Aᵀ` inside the core launch (its tile column 0), so that tests and benches
+/// can run the down-kernel path on the same shapes.
+#[doc(hidden)]
+pub fn set_fused_down(enabled: bool) {
+    FUSED_DOWN.with(|c| c.set(enabled));
+}
+
 /// Forward: `y = x Wᵀ + bias + s · drop(x) Aᵀ Bᵀ`. Writes `y` [T, N] and, if given,
 /// `h = drop(x) Aᵀ` [T, r] for [`backward`]. Queued on the GPU's stream.
 ///
 /// Paths: T ≤ [`SMALL_T_MAX`], one fused pass over W; larger T on an sm_90 GPU, f16 or
 /// bf16, r ≤ 64, K % 8 == 0, x, W (and B when r % 8 == 0) 16-byte aligned, y 4-byte
 /// aligned, and enough output tiles to occupy at least half the SMs (T ≥ 129 and
-/// ceil(T/128) · ceil(N/128) ≥ SMs/2): [`forward_core`] (the down kernel, then one
-/// GEMM-core launch that writes y once); otherwise the down kernel, a skinny cuBLAS
-/// product into y and a beta = 1 cuBLAS base GEMM.
+/// ceil(T/128) · ceil(N/128) ≥ SMs/2): [`forward_core`] (one GEMM-core launch that
+/// writes y once; it computes `x Aᵀ` itself when r ≤ 32, dropout is off and A is
+/// 16-byte aligned, else the down kernel runs first); otherwise the down kernel, a skinny cuBLAS product into
+/// y and a beta = 1 cuBLAS base GEMM.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     gpu: &Gpu,
@@ -82,9 +101,13 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
 
 /// The forward through the Hopper GEMM core ([`mod@super::gemm`]) at any T, the path
 /// [`forward`] takes for T > [`SMALL_T_MAX`] where it can: the same result, with `y`
-/// written once. `U = s · drop(x) Aᵀ` and (into `h` when given) `h = drop(x) Aᵀ` come
-/// from one down-kernel launch (each rounded once to the activation type), then one core
-/// GEMM `y = x Wᵀ + U Bᵀ + bias` (the low-rank term as its extra K-slice).
+/// written once by one core GEMM `y = x Wᵀ + U Bᵀ + bias` (the low-rank term as its extra
+/// K-slice). `U = s · drop(x) Aᵀ` and (into `h` when given) `h = drop(x) Aᵀ`, each
+/// rounded once to the activation type, come from inside that launch when r ≤ 32,
+/// dropout is off and A is 16-byte aligned (the clusters with the fewest tiles first
+/// run one job per pair of tile rows, `x Aᵀ` by wgmma, and flag the rows; each tile waits
+/// for its row's flag before the low-rank slice), else from one down-kernel launch
+/// before it.
 ///
 /// Needs sm_90, f16/bf16, rank ≤ 64, K % 8 == 0, x, W (and B for rank % 8 == 0) 16-byte
 /// aligned and y 4-byte aligned; otherwise an error (`Error::Unsupported` off sm_90 or
@@ -253,8 +276,8 @@ fn core_fills_gpu(tokens: usize, n: usize, sms: usize) -> bool {
 }
 
 /// The core path's launches, arguments checked: `U = s · drop(x) Aᵀ` (and `h` from the
-/// same sums when `p.h` is set) by the down kernel, then `y = x Wᵀ + U Bᵀ + bias` by
-/// one GEMM-core launch; with `col_scale` (f32 [N], DoRA's m/‖·‖) `y = col_scale ⊙ (…)
+/// same sums when `p.h` is set) inside the core launch or by the down kernel before it
+/// (see [`forward_core`]), and `y = x Wᵀ + U Bᵀ + bias` by one GEMM-core launch; with `col_scale` (f32 [N], DoRA's m/‖·‖) `y = col_scale ⊙ (…)
 /// + bias`, and with `z` the unscaled sum is also written there.
 pub(crate) fn forward_core_launch<T: Element>(
     gpu: &Gpu,
@@ -271,6 +294,39 @@ pub(crate) fn forward_core_launch<T: Element>(
         shape.out_features,
         shape.rank,
     );
+    // The down product inside the core launch (jobs run before the tiles) when it can
+    // be: no active dropout (the core stages x as it is), a dense W, A 16-byte aligned
+    // and r ≤ 32; else the down kernel first.
+    if fused_down_enabled()
+        && opts.active_dropout().is_none()
+        && p.nf4.is_none()
+        && p.a % 16 == 0
+        && gemm::fused_down_fits::<T>(gpu, t, r)
+    {
+        let u_ld = r.next_multiple_of(8);
+        // Written by the core launch (columns < r of every row, the only ones its U
+        // tensor map reads) before any tile reads it.
+        let u = gpu.scratch::<T>(t * u_ld)?;
+        let (up, _gu) = dptr(gpu, "u", &u)?;
+        let core = CorePtrs {
+            x: p.x,
+            w: p.w,
+            y: p.y,
+            bias: p.bias,
+            col_scale,
+            z,
+            low_rank: Some((up, p.b, r)),
+            nf4: None,
+            ldy: 0,
+            ldu: u_ld,
+            down: Some(gemm::CoreDown {
+                a: p.a,
+                h: p.h,
+                scale: opts.scale,
+            }),
+        };
+        return gemm::launch_core::<T>(gpu, &core, t, n, k);
+    }
     let u = launch_u::<T>(gpu, shape, opts, p)?;
     let (up, _gu) = dptr(gpu, "u", &u)?;
     let core = CorePtrs {
@@ -283,6 +339,8 @@ pub(crate) fn forward_core_launch<T: Element>(
         low_rank: Some((up, p.b, r)),
         nf4: p.nf4,
         ldy: 0,
+        ldu: 0,
+        down: None,
     };
     gemm::launch_core::<T>(gpu, &core, t, n, k)
 }

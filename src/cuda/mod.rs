@@ -98,6 +98,12 @@ pub struct Gpu {
     pub(crate) sync: CudaSlice<u32>,
     /// Out-of-range index reports of the NEFTune kernels (see [`Gpu::take_index_errors`]).
     pub(crate) status: CudaSlice<u32>,
+    /// The GEMM core's fused down product: one flag word per 128-row tile row (up to
+    /// [`CORE_FLAG_WORDS`], T ≤ 524 288), holding the epoch of the launch that last wrote
+    /// that row's U.
+    pub(crate) core_flags: CudaSlice<u32>,
+    /// The last epoch handed out by [`Gpu::next_core_epoch`] (0: none yet).
+    core_epoch: std::sync::atomic::AtomicU32,
     name: String,
     compute_capability: (i32, i32),
     sm_count: u32,
@@ -112,6 +118,9 @@ impl std::fmt::Debug for Gpu {
             .finish()
     }
 }
+
+/// Words of [`Gpu::core_flags`]: tile rows of 128 tokens the fused down product serves.
+pub(crate) const CORE_FLAG_WORDS: usize = 4096;
 
 impl Gpu {
     /// Opens GPU `ordinal`: checks that the kernels were built, that the driver and
@@ -151,6 +160,7 @@ impl Gpu {
         ];
         let sync = stream.alloc_zeros::<u32>(2)?;
         let status = stream.alloc_zeros::<u32>(STATUS_WORDS)?;
+        let core_flags = stream.alloc_zeros::<u32>(CORE_FLAG_WORDS)?;
         Ok(Gpu {
             ctx,
             stream,
@@ -161,6 +171,8 @@ impl Gpu {
             cluster_grid: Mutex::new(HashMap::new()),
             sync,
             status,
+            core_flags,
+            core_epoch: std::sync::atomic::AtomicU32::new(0),
             name,
             compute_capability: (major, minor),
             sm_count,
@@ -257,6 +269,22 @@ impl Gpu {
     }
 
     /// An uninitialized device buffer for kernel outputs or scratch.
+    /// A nonzero tag for one GEMM-core launch with the fused down product, different from
+    /// the previous 2^32 − 2 tags: the launch's flags in [`Gpu::core_flags`] count as set
+    /// only when equal to it, so stale words of earlier launches never do.
+    pub(crate) fn next_core_epoch(&self) -> u32 {
+        use std::sync::atomic::Ordering;
+        loop {
+            let e = self
+                .core_epoch
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
+            if e != 0 {
+                return e;
+            }
+        }
+    }
+
     pub(crate) fn scratch<T: cudarc::driver::DeviceRepr>(
         &self,
         len: usize,
