@@ -29,6 +29,15 @@
 //   warp) and one lane issues a TMA store (bulk async, clipped at T and N), so the
 //   warp goes on to the next chunk and tile without waiting for global memory;
 //   otherwise registers → global directly, predicated at the T and N edges.
+// - the fused down product (LoRA, r ≤ 32, U = s · x Aᵀ computed in the same launch,
+//   p.u_out set): before their tiles, the clusters with the fewest tiles (or spare
+//   clusters, when there are more clusters than tiles) run one job per pair of tile
+//   rows: per K-slice the CTA's x tile and the A tile ([u_rn][64], in the stage's W
+//   area), m64n16 or m64n32 wgmmas into h, then U = s·h and h stored and the tile row's
+//   flag set to the launch's epoch (release). A tile's producer acquires its row's flag
+//   before it loads U for the low-rank slice. Jobs never wait and every cluster is
+//   resident, so every tile's wait ends; after the first round of tiles the flags are
+//   long set. Dense kernels only.
 //
 // Edges: TMA zero-fills every out-of-bounds element of a box (rows ≥ T or ≥ N, columns
 // ≥ K or ≥ r), and still counts the whole box in complete_tx, so the mainloop has no
@@ -411,15 +420,17 @@ __device__ __forceinline__ void tile_of(int pid, int tiles_m, int tiles_n, int &
 
 // The fused down product's jobs: job j computes h = x · Aᵀ for tile-row pair j (both
 // CTAs of a cluster, each its 128 rows), j < pairs_m. A cluster runs its jobs before its
-// tiles, and the jobs go to the clusters with the fewest tiles: cluster c takes tiles c,
-// c + clusters, ..., so clusters c ≥ light0 have one tile fewer than the rest (or none,
-// when there are more clusters than tiles). Job j runs on cluster light0 + j % lights.
-// Returns this cluster's first job and the stride to its next (none if first ≥ jobs).
-__device__ __forceinline__ void jobs_of(int cluster, int clusters, int pairs, int &first,
+// tiles, and the jobs go to the clusters with the fewest tiles: the cluster in slot q
+// takes tiles q, q + clusters, ..., so slots q ≥ light0 have one tile fewer than the
+// rest (or none, when there are more clusters than tiles). Job j runs in slot light0 +
+// j % lights. Slots count down from the last cluster (slot = clusters - 1 - cluster
+// id), so the jobs, which never wait, sit on the lowest cluster ids, the first the GPU
+// starts. Returns this slot's first job and the stride to its next (none if ≥ jobs).
+__device__ __forceinline__ void jobs_of(int slot, int clusters, int pairs, int &first,
                                         int &stride) {
   const int light0 = clusters > pairs ? pairs : (pairs % clusters == 0 ? 0 : pairs % clusters);
   stride = clusters - light0;
-  first = cluster >= light0 ? cluster - light0 : 1 << 30;
+  first = slot >= light0 ? slot - light0 : 1 << 30;
 }
 
 // ---- the fused down product's flags (global memory, gpu scope) -------------------------
@@ -859,8 +870,8 @@ __device__ __forceinline__ void nf4_producer(uint32_t ring, uint32_t raw, const 
 // be refilled when the consumers of both CTAs are done with it, so each consumer warp
 // releases a stage on the empty barriers of both CTAs (16 arrivals).
 //
-// Persistent: cluster c takes tile pairs c, c + clusters, ... in the grouped order (over
-// pairs). The producer and the consumers count K-slices across tiles (g), so the ring
+// Persistent: the cluster in slot q (= clusters - 1 - its id) takes tile pairs q, q +
+// clusters, ... in the grouped order (over pairs), after its down-product jobs if any. The producer and the consumers count K-slices across tiles (g), so the ring
 // runs on from one tile into the next: while the consumers run the epilogue of a tile,
 // the producer already fills the ring with the next tile's first slices. With an odd
 // number of tile rows the last pairs' second tile lies past T: TMA zero-fills its x
@@ -885,8 +896,9 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
   const uint32_t rank = cluster_ctarank();
   const int pairs_m = (p.tiles_m + 1) / 2;
   const int pairs = pairs_m * p.tiles_n;
-  const int cluster = static_cast<int>(cluster_id_x());
   const int clusters = static_cast<int>(cluster_count_x());
+  // This cluster's slot in the tile order (see jobs_of): the last cluster id first.
+  const int cluster = clusters - 1 - static_cast<int>(cluster_id_x());
   const int iters = p.k_tiles + (p.low_rank ? 1 : 0);  // K-slices per tile
 
   if (threadIdx.x == 0) {
