@@ -686,12 +686,15 @@ fn lora_forward_core_fused_down() {
         (257, 128, 136, 8, false),
         (600, 320, 1000, 20, true),
     ];
+    // Every schedule the kernel can run, however many jobs a cluster takes (the default
+    // rule keeps those with more than FUSED_DOWN_MAX_JOBS on the down kernel).
+    gemm::force_fused_down(true);
     for width in [None, Some(gemm::TILE_N_NARROW), Some(gemm::TILE_N)] {
         gemm::set_tile_n_override(width).unwrap();
         for (i, &(t, k, n, r, bias)) in cases.iter().enumerate() {
             assert!(
-                gemm::fused_down_fits::<bf16>(gpu, t, r),
-                "the fused down product should take T = {t}, r = {r}"
+                gemm::fused_down_fits::<bf16>(gpu, t, n, r).unwrap(),
+                "the fused down product should take T = {t}, N = {n}, r = {r}"
             );
             let seed = 1000 + 10 * i as u64;
             let with_h = i % 3 != 1;
@@ -704,11 +707,17 @@ fn lora_forward_core_fused_down() {
     }
     gemm::set_tile_n_override(None).unwrap();
     // More pairs of tile rows than clusters (several jobs per cluster), still fused; ranks
-    // above 32: the down kernel.
+    // above 32: the down kernel, forced or not.
     let t_big = 256 * (gpu.sm_count() as usize / 2) + 300;
-    assert!(gemm::fused_down_fits::<bf16>(gpu, t_big, 8));
+    assert!(gemm::fused_down_fits::<bf16>(gpu, t_big, 256, 8).unwrap());
     check_lora_core::<bf16>(gpu, (t_big, 64, 256, 8), false, false, 1201);
     check_lora_core::<f16>(gpu, (t_big, 128, 1000, 30), true, false, 1202);
-    assert!(!gemm::fused_down_fits::<bf16>(gpu, 1000, 33));
+    assert!(!gemm::fused_down_fits::<bf16>(gpu, 1000, 264, 33).unwrap());
     check_lora_core::<bf16>(gpu, (1000, 200, 264, 40), true, false, 1200);
+    gemm::force_fused_down(false);
+    // The default rule takes the bench shape (16 jobs on at least 8 light clusters when
+    // 60 to 66 clusters of 2 fit on 132 SMs).
+    if gpu.sm_count() == 132 {
+        assert!(gemm::fused_down_fits::<bf16>(gpu, 4096, 4096, 16).unwrap());
+    }
 }

@@ -389,10 +389,11 @@ pub(crate) struct CorePtrs {
     pub down: Option<CoreDown>,
 }
 
-/// The fused down product of one core launch: the CTAs of tile column 0 (each its
-/// cluster's first tile) also compute `h = x Aᵀ` for their rows, write `U = scale · h`
-/// (row stride [`CorePtrs::ldu`]) into the low-rank term's U buffer and `h` into `h` (if
-/// not 0), and flag each tile row; every tile waits for its row's flag before it loads U.
+/// The fused down product of one core launch: jobs (one per pair of tile rows, run
+/// before the tiles by the clusters with the fewest tiles) compute `h = x Aᵀ`, write
+/// `U = scale · h` (row stride [`CorePtrs::ldu`]) into the low-rank term's U buffer and
+/// `h` into `h` (if not 0), and flag each tile row; every tile waits for its row's flag
+/// before it loads U.
 pub(crate) struct CoreDown {
     /// A [r, K], 16-byte aligned.
     pub a: u64,
@@ -406,14 +407,54 @@ pub(crate) struct CoreDown {
 pub(crate) const FUSED_DOWN_MAX_RANK: usize = 32;
 
 /// Whether a core launch of this shape can fuse the down product: sm_90, f16/bf16,
-/// 1 ≤ r ≤ [`FUSED_DOWN_MAX_RANK`], and T within the flag buffer (524 288 rows).
-/// (Public, hidden, for tests that must know which path a LoRA forward takes.)
+/// 1 ≤ r ≤ [`FUSED_DOWN_MAX_RANK`], T within the flag buffer (524 288 rows), and (unless
+/// [`force_fused_down`]) cheap: the jobs (one per pair of tile rows) go to the clusters
+/// with one tile fewer than the rest, or none, and each of those takes at most
+/// [`FUSED_DOWN_MAX_JOBS`] of them, so they fill the time those clusters would idle at
+/// the end. (Public, hidden, for tests that must know which path a LoRA forward takes.)
 #[doc(hidden)]
-pub fn fused_down_fits<T: Element>(gpu: &Gpu, tokens: usize, r: usize) -> bool {
-    T::DTYPE != DType::F32
-        && supported(gpu)
-        && (1..=FUSED_DOWN_MAX_RANK).contains(&r)
-        && 2 * tokens.div_ceil(TILE_M).div_ceil(2) <= gpu.core_flags.len()
+pub fn fused_down_fits<T: Element>(gpu: &Gpu, tokens: usize, n: usize, r: usize) -> Result<bool> {
+    let pairs_m = tokens.div_ceil(TILE_M).div_ceil(2);
+    if T::DTYPE == DType::F32
+        || !supported(gpu)
+        || !(1..=FUSED_DOWN_MAX_RANK).contains(&r)
+        || 2 * pairs_m > gpu.core_flags.len()
+    {
+        return Ok(false);
+    }
+    if FORCE_FUSED_DOWN.with(|c| c.get()) {
+        return Ok(true);
+    }
+    let tile_n = tile_n_for(tokens, n, gpu.sm_count() as usize);
+    let name = kernel_name::<T>(false, tile_n);
+    let max_clusters = prepare(gpu, &name, &gpu.function(&name)?, DYN_SMEM)?;
+    // As the kernel's jobs_of: the grid's clusters, and those with the fewest tiles.
+    let pairs = pairs_m * n.div_ceil(tile_n);
+    let clusters = (pairs + pairs_m).min(max_clusters);
+    let light0 = if clusters > pairs {
+        pairs
+    } else if pairs % clusters == 0 {
+        0
+    } else {
+        pairs % clusters
+    };
+    Ok(pairs_m.div_ceil(clusters - light0) <= FUSED_DOWN_MAX_JOBS)
+}
+
+/// The most down-product jobs [`fused_down_fits`] gives one cluster (each job reads the
+/// cluster's 256 rows of x once; a light cluster has one tile's time to spare).
+pub const FUSED_DOWN_MAX_JOBS: usize = 2;
+
+thread_local! {
+    static FORCE_FUSED_DOWN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes [`fused_down_fits`] (on this thread) accept every shape the kernel can run,
+/// however many jobs a cluster then takes, so tests reach those schedules. Off by
+/// default.
+#[doc(hidden)]
+pub fn force_fused_down(force: bool) {
+    FORCE_FUSED_DOWN.with(|c| c.set(force));
 }
 
 /// The entry point for an operand type, W's format and a tile width.

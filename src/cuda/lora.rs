@@ -301,7 +301,7 @@ pub(crate) fn forward_core_launch<T: Element>(
         && opts.active_dropout().is_none()
         && p.nf4.is_none()
         && p.a % 16 == 0
-        && gemm::fused_down_fits::<T>(gpu, t, r)
+        && gemm::fused_down_fits::<T>(gpu, t, n, r)?
     {
         let u_ld = r.next_multiple_of(8);
         // Written by the core launch (columns < r of every row, the only ones its U

@@ -222,7 +222,7 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         let fused = super::lora::fused_down_enabled()
             && opts.active_dropout().is_none()
             && ap % 16 == 0
-            && gemm::fused_down_fits::<T>(gpu, t, r);
+            && gemm::fused_down_fits::<T>(gpu, t, pr.min(n), r)?;
         let u_ld = if fused { r.next_multiple_of(8) } else { 0 };
         let u = if fused {
             // Written by the first panel's launch (columns < r of every row, the only
