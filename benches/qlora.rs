@@ -151,10 +151,6 @@ fn main() {
     let Some(gpu) = common::gpu_or_skip("qlora") else {
         return;
     };
-    // LORA_KERNELS_BENCH_NO_FUSED_DOWN=1: the down kernel before the panels (A/B runs).
-    if std::env::var("LORA_KERNELS_BENCH_NO_FUSED_DOWN").is_ok_and(|v| v == "1") {
-        lora_kernels::cuda::lora::set_fused_down(false);
-    }
     let rec = common::Recorder::new(&gpu, "qlora");
     let samples = common::samples();
     let mut criterion = common::criterion();

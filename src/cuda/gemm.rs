@@ -410,8 +410,8 @@ pub(crate) const FUSED_DOWN_MAX_RANK: usize = 32;
 /// 1 ≤ r ≤ [`FUSED_DOWN_MAX_RANK`], T within the flag buffer (524 288 rows), and (unless
 /// [`force_fused_down`]) cheap: the jobs (one per pair of tile rows) go to the clusters
 /// with one tile fewer than the rest, or none, and each of those takes at most
-/// [`FUSED_DOWN_MAX_JOBS`] of them, so they fill the time those clusters would idle at
-/// the end. (Public, hidden, for tests that must know which path a LoRA forward takes.)
+/// [`FUSED_DOWN_MAX_JOBS`] of them (1 with 128-wide tiles), so they fill the time those
+/// clusters would idle at the end. (Public, hidden, for tests that must know which path a LoRA forward takes.)
 #[doc(hidden)]
 pub fn fused_down_fits<T: Element>(gpu: &Gpu, tokens: usize, n: usize, r: usize) -> Result<bool> {
     let pairs_m = tokens.div_ceil(TILE_M).div_ceil(2);
@@ -438,11 +438,20 @@ pub fn fused_down_fits<T: Element>(gpu: &Gpu, tokens: usize, n: usize, r: usize)
     } else {
         pairs % clusters
     };
-    Ok(pairs_m.div_ceil(clusters - light0) <= FUSED_DOWN_MAX_JOBS)
+    let max_jobs = if tile_n == TILE_N {
+        FUSED_DOWN_MAX_JOBS
+    } else {
+        1
+    };
+    Ok(pairs_m.div_ceil(clusters - light0) <= max_jobs)
 }
 
-/// The most down-product jobs [`fused_down_fits`] gives one cluster (each job reads the
-/// cluster's 256 rows of x once; a light cluster has one tile's time to spare).
+/// The most down-product jobs [`fused_down_fits`] gives one cluster with 128 × 256 tiles
+/// (a job reads the pair's 256 rows of x once, about the x traffic of a 128-wide tile
+/// with little of its math; a light cluster has one tile's time to spare): 2, and 1 with
+/// 128 × 128 tiles. Measured on an H100: 16 jobs on 8 light clusters (T = N = 4096)
+/// cost ~4 µs against the down kernel's ~25; 2 jobs per light cluster of 128-wide
+/// tiles (the QLoRA panels of 2048 rows) cost more than the down kernel.
 pub const FUSED_DOWN_MAX_JOBS: usize = 2;
 
 thread_local! {

@@ -216,24 +216,13 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     let pr = panel_rows(n, k);
     let aligned_panels = pr >= n || pr % 8 == 0; // every panel's y columns 16-byte aligned
     if n % 8 == 0 && yp % 16 == 0 && aligned_panels && core_takes::<T>(gpu, shape, &panel_core) {
-        // U = s · drop(x) Aᵀ (and h): computed by the first panel's core launch when it
-        // can fuse the down product (as the LoRA linear's rule; U's rows then have a
-        // stride of r rounded up to 8), else by the down kernel before the panels.
-        let fused = super::lora::fused_down_enabled()
-            && opts.active_dropout().is_none()
-            && ap % 16 == 0
-            && gemm::fused_down_fits::<T>(gpu, t, pr.min(n), r)?;
-        let u_ld = if fused { r.next_multiple_of(8) } else { 0 };
-        let u = if fused {
-            // Written by the first panel's launch (columns < r of every row, the only
-            // ones a U tensor map reads) before any panel reads it.
-            gpu.scratch::<T>(t * u_ld)?
-        } else {
-            launch_u::<T>(gpu, shape, opts, &ptrs)?
-        };
+        // U = s · drop(x) Aᵀ (and h) by the down kernel before the panels. (Computing it
+        // in the first panel's core launch measured faster at N = 4096 but slower at
+        // N = 11008 on an H100, unexplained; see docs/PERF_NOTES_GEMM.md.)
+        let u = launch_u::<T>(gpu, shape, opts, &ptrs)?;
         let (up, _gu) = dptr(gpu, "u", &u)?;
         let r_bytes = (r as u64) * size;
-        return for_each_panel::<T>(gpu, &desc, |i, n0, nc, pp| {
+        return for_each_panel::<T>(gpu, &desc, |_, n0, nc, pp| {
             let core = CorePtrs {
                 x: xp,
                 w: pp,
@@ -248,12 +237,8 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
                 low_rank: Some((up, bp + n0 as u64 * r_bytes, r)),
                 nf4: None,
                 ldy: n,
-                ldu: u_ld,
-                down: (fused && i == 0).then_some(gemm::CoreDown {
-                    a: ap,
-                    h: hp,
-                    scale: opts.scale,
-                }),
+                ldu: 0,
+                down: None,
             };
             gemm::launch_core::<T>(gpu, &core, t, nc, k)
         });
