@@ -22,6 +22,12 @@
 //! when that fills the GPU's SMs in fewer tile rounds, as at T = 512. See
 //! kernels/gemm.cu and docs/PERF_NOTES_GEMM.md.
 //!
+//! For the LoRA forward (`cuda::lora`), the same launch can also compute the down
+//! product `U = s · x Aᵀ` (r ≤ 32, see [`fused_down_fits`]): before their tiles, the
+//! clusters with the fewest tiles run one job per pair of tile rows (TMA-staged x and A
+//! tiles, m64n16 or m64n32 wgmmas), write U and h and set the tile row's flag; each
+//! tile's producer waits for its row's flag before it loads U for the low-rank slice.
+//!
 //! [`matmul_nt_nf4`] is the same kernel with W in NF4 (bitsandbytes' format): its
 //! producer warpgroup dequantizes each W tile into shared memory (TMA brings the packed
 //! codes and a per-32-weight scale table into a raw ring; each CTA of a cluster
@@ -411,7 +417,8 @@ pub(crate) const FUSED_DOWN_MAX_RANK: usize = 32;
 /// [`force_fused_down`]) cheap: the jobs (one per pair of tile rows) go to the clusters
 /// with one tile fewer than the rest, or none, and each of those takes at most
 /// [`FUSED_DOWN_MAX_JOBS`] of them (1 with 128-wide tiles), so they fill the time those
-/// clusters would idle at the end. (Public, hidden, for tests that must know which path a LoRA forward takes.)
+/// clusters would idle at the end. (Public, hidden, for tests that must know which path
+/// a LoRA forward takes.)
 #[doc(hidden)]
 pub fn fused_down_fits<T: Element>(gpu: &Gpu, tokens: usize, n: usize, r: usize) -> Result<bool> {
     let pairs_m = tokens.div_ceil(TILE_M).div_ceil(2);
@@ -447,11 +454,10 @@ pub fn fused_down_fits<T: Element>(gpu: &Gpu, tokens: usize, n: usize, r: usize)
 }
 
 /// The most down-product jobs [`fused_down_fits`] gives one cluster with 128 × 256 tiles
-/// (a job reads the pair's 256 rows of x once, about the x traffic of a 128-wide tile
-/// with little of its math; a light cluster has one tile's time to spare): 2, and 1 with
-/// 128 × 128 tiles. Measured on an H100: 16 jobs on 8 light clusters (T = N = 4096)
-/// cost ~4 µs against the down kernel's ~25; 2 jobs per light cluster of 128-wide
-/// tiles (the QLoRA panels of 2048 rows) cost more than the down kernel.
+/// (a job reads the pair's 256 rows of x once, with little math; a light cluster has one
+/// tile's time to spare): 2, and 1 with 128 × 128 tiles, which leave half the slack (a
+/// rule of thumb, not measured separately). Measured on an H100: 16 jobs on the light
+/// clusters at T = N = 4096 cost ~4 µs against the down kernel's ~25.
 pub const FUSED_DOWN_MAX_JOBS: usize = 2;
 
 thread_local! {

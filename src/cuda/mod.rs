@@ -268,7 +268,6 @@ impl Gpu {
         Ok((current, high))
     }
 
-    /// An uninitialized device buffer for kernel outputs or scratch.
     /// A nonzero tag for one GEMM-core launch with the fused down product, different from
     /// the previous 2^32 − 2 tags: the launch's flags in [`Gpu::core_flags`] count as set
     /// only when equal to it, so stale words of earlier launches never do.
@@ -285,6 +284,7 @@ impl Gpu {
         }
     }
 
+    /// An uninitialized device buffer for kernel outputs or scratch.
     pub(crate) fn scratch<T: cudarc::driver::DeviceRepr>(
         &self,
         len: usize,
