@@ -69,8 +69,8 @@ pub(crate) fn fused_down_enabled() -> bool {
 }
 
 /// Lets (`true`, the default) or stops the GEMM-core forward calls made from this thread
-/// computing `x Aᵀ` inside the core launch (its tile column 0), so that tests and benches
-/// can run the down-kernel path on the same shapes.
+/// computing `x Aᵀ` inside the core launch (as jobs before the tiles), so that tests and
+/// benches can run the down-kernel path on the same shapes.
 #[doc(hidden)]
 pub fn set_fused_down(enabled: bool) {
     FUSED_DOWN.with(|c| c.set(enabled));
@@ -297,37 +297,19 @@ pub(crate) fn forward_core_launch<T: Element>(
     // The down product inside the core launch (jobs run before the tiles) when it can
     // be: no active dropout (the core stages x as it is), a dense W, A 16-byte aligned
     // and r ≤ 32; else the down kernel first.
-    if fused_down_enabled()
+    let fused = fused_down_enabled()
         && opts.active_dropout().is_none()
         && p.nf4.is_none()
         && p.a % 16 == 0
-        && gemm::fused_down_fits::<T>(gpu, t, n, r)?
-    {
+        && gemm::fused_down_fits::<T>(gpu, t, n, r)?;
+    // Fused: U is the core launch's own output ([T, r rounded up to 8], columns < r of
+    // every row written before any tile reads them, the only ones its tensor map reads).
+    let (u, ldu) = if fused {
         let u_ld = r.next_multiple_of(8);
-        // Written by the core launch (columns < r of every row, the only ones its U
-        // tensor map reads) before any tile reads it.
-        let u = gpu.scratch::<T>(t * u_ld)?;
-        let (up, _gu) = dptr(gpu, "u", &u)?;
-        let core = CorePtrs {
-            x: p.x,
-            w: p.w,
-            y: p.y,
-            bias: p.bias,
-            col_scale,
-            z,
-            low_rank: Some((up, p.b, r)),
-            nf4: None,
-            ldy: 0,
-            ldu: u_ld,
-            down: Some(gemm::CoreDown {
-                a: p.a,
-                h: p.h,
-                scale: opts.scale,
-            }),
-        };
-        return gemm::launch_core::<T>(gpu, &core, t, n, k);
-    }
-    let u = launch_u::<T>(gpu, shape, opts, p)?;
+        (gpu.scratch::<T>(t * u_ld)?, u_ld)
+    } else {
+        (launch_u::<T>(gpu, shape, opts, p)?, 0)
+    };
     let (up, _gu) = dptr(gpu, "u", &u)?;
     let core = CorePtrs {
         x: p.x,
@@ -339,8 +321,12 @@ pub(crate) fn forward_core_launch<T: Element>(
         low_rank: Some((up, p.b, r)),
         nf4: p.nf4,
         ldy: 0,
-        ldu: 0,
-        down: None,
+        ldu,
+        down: fused.then_some(gemm::CoreDown {
+            a: p.a,
+            h: p.h,
+            scale: opts.scale,
+        }),
     };
     gemm::launch_core::<T>(gpu, &core, t, n, k)
 }
