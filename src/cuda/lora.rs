@@ -63,11 +63,6 @@ thread_local! {
     static FUSED_DOWN: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
 }
 
-/// Whether this thread lets core launches fuse the down product ([`set_fused_down`]).
-pub(crate) fn fused_down_enabled() -> bool {
-    FUSED_DOWN.with(|c| c.get())
-}
-
 /// Lets (`true`, the default) or stops the GEMM-core forward calls made from this thread
 /// computing `x Aᵀ` inside the core launch (as jobs before the tiles), so that tests and
 /// benches can run the down-kernel path on the same shapes.
@@ -84,8 +79,8 @@ pub fn set_fused_down(enabled: bool) {
 /// aligned, and enough output tiles to occupy at least half the SMs (T ≥ 129 and
 /// ceil(T/128) · ceil(N/128) ≥ SMs/2): [`forward_core`] (one GEMM-core launch that
 /// writes y once; it computes `x Aᵀ` itself when r ≤ 32, dropout is off and A is
-/// 16-byte aligned, else the down kernel runs first); otherwise the down kernel, a skinny cuBLAS product into
-/// y and a beta = 1 cuBLAS base GEMM.
+/// 16-byte aligned, else the down kernel runs first); otherwise the down kernel, a
+/// skinny cuBLAS product into y and a beta = 1 cuBLAS base GEMM.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     gpu: &Gpu,
@@ -297,7 +292,7 @@ pub(crate) fn forward_core_launch<T: Element>(
     // The down product inside the core launch (jobs run before the tiles) when it can
     // be: no active dropout (the core stages x as it is), a dense W, A 16-byte aligned
     // and r ≤ 32; else the down kernel first.
-    let fused = fused_down_enabled()
+    let fused = FUSED_DOWN.with(|c| c.get())
         && opts.active_dropout().is_none()
         && p.nf4.is_none()
         && p.a % 16 == 0
