@@ -5,7 +5,11 @@
 //! - `ours_lr16`: the GEMM core with the r = 16 low-rank K-slice, `y = x Wᵀ + U Blᵀ`
 //!   (compared with cuBLAS's base product alone: the fused LoRA forward's target);
 //! - `w256`, `w128`: the core with its tile width forced to 256 or 128 columns (the
-//!   table's last columns; `ours` is the per-call choice, `cuda::gemm::tile_n_for`).
+//!   table's `w256/cuB`, `w128/cuB`; `ours` is the per-call choice,
+//!   `cuda::gemm::tile_n_for`);
+//! - `cublas_nn`, `ours_nn` (the table's last columns): `y = x W` with W stored [K, N]
+//!   (the LoRA backward's `dX = dY W`), cuBLAS and `cuda::gemm::matmul_nn` (the core with
+//!   an MN-major B), the same W buffer read as [K, N].
 //!
 //! Shapes: K = 4096, (T, N) ∈ {(4096, 4096), (4096, 11008), (512, 4096)}, plus 4096³
 //! (the same as the first, kept as the reference row). Inputs are random and rotated over
@@ -55,6 +59,8 @@ enum Op {
     OursLr16,
     Wide,
     Narrow,
+    CublasNn,
+    OursNn,
 }
 
 impl Op {
@@ -65,6 +71,8 @@ impl Op {
             Op::OursLr16 => "ours_lr16",
             Op::Wide => "w256",
             Op::Narrow => "w128",
+            Op::CublasNn => "cublas_nn",
+            Op::OursNn => "ours_nn",
         }
     }
 }
@@ -88,6 +96,10 @@ fn run(gpu: &Gpu, (t, n, k): (usize, usize, usize), op: Op, s: &mut Set) {
             core::set_tile_n_override(Some(w)).unwrap();
             core::matmul_nt(gpu, &s.x, &s.w, &mut s.y, &GemmEpilogue::new(), t, n, k).unwrap();
             core::set_tile_n_override(None).unwrap();
+        }
+        Op::CublasNn => gemm(gpu, t, n, k, 1.0, &s.x, false, &s.w, false, 0.0, &mut s.y).unwrap(),
+        Op::OursNn => {
+            core::matmul_nn(gpu, &s.x, &s.w, &mut s.y, &GemmEpilogue::new(), t, n, k).unwrap()
         }
     }
 }
@@ -114,7 +126,7 @@ fn main() {
     .unwrap();
     writeln!(
         table,
-        "{:>6} {:>6} {:>6} | {:>9} {:>9} {:>9} | {:>8} {:>8} {:>8} | {:>8} {:>9} | {:>9} {:>9}",
+        "{:>6} {:>6} {:>6} | {:>9} {:>9} {:>9} | {:>8} {:>8} {:>8} | {:>8} {:>9} | {:>9} {:>9} | {:>9} {:>9} {:>8}",
         "T",
         "N",
         "K",
@@ -127,7 +139,10 @@ fn main() {
         "ours/cuB",
         "o+r/cuB",
         "w256/cuB",
-        "w128/cuB"
+        "w128/cuB",
+        "cuB nn",
+        "ours nn",
+        "nn/cuBnn"
     )
     .unwrap();
 
@@ -146,7 +161,15 @@ fn main() {
         let mut sets: Vec<Set> = (0..nsets)
             .map(|i| make_set(&gpu, t, n, k, 100 * i as u64 + 1))
             .collect();
-        let ops = [Op::Cublas, Op::Ours, Op::OursLr16, Op::Wide, Op::Narrow];
+        let ops = [
+            Op::Cublas,
+            Op::Ours,
+            Op::OursLr16,
+            Op::Wide,
+            Op::Narrow,
+            Op::CublasNn,
+            Op::OursNn,
+        ];
         let us: Vec<f64> = ops
             .iter()
             .map(|&op| {
@@ -160,7 +183,7 @@ fn main() {
         let flops_lr = 2.0 * (t * n * (k + RANK)) as f64;
         writeln!(
             table,
-            "{:>6} {:>6} {:>6} | {:>9.1} {:>9.1} {:>9.1} | {:>8.1} {:>8.1} {:>8.1} | {:>8.3} {:>9.3} | {:>9.3} {:>9.3}",
+            "{:>6} {:>6} {:>6} | {:>9.1} {:>9.1} {:>9.1} | {:>8.1} {:>8.1} {:>8.1} | {:>8.3} {:>9.3} | {:>9.3} {:>9.3} | {:>9.1} {:>9.1} {:>8.3}",
             t,
             n,
             k,
@@ -173,7 +196,10 @@ fn main() {
             us[1] / us[0],
             us[2] / us[0],
             us[3] / us[0],
-            us[4] / us[0]
+            us[4] / us[0],
+            us[5],
+            us[6],
+            us[6] / us[5]
         )
         .unwrap();
         eprint!(
@@ -203,6 +229,15 @@ fn main() {
             baseline: Some(("cuBLAS x·Wᵀ alone", us[0])),
             bytes: Some(2.0 * e(t * k + n * k + t * n + (t + n) * RANK)),
             flops: Some(flops_lr),
+        });
+        rec.row(common::Row {
+            kernel: "gemm core x·W (W [K, N])",
+            shape: shape.clone(),
+            dtype: "bf16",
+            ours_us: us[6],
+            baseline: Some(("cuBLAS x·W", us[5])),
+            bytes: Some(2.0 * e(t * k + n * k + t * n)),
+            flops: Some(flops),
         });
 
         let mut group = criterion.benchmark_group(format!("gemm_bf16/{tag}"));

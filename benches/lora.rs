@@ -11,7 +11,10 @@
 //!   cuBLAS product and a beta = 1 cuBLAS base GEMM;
 //! - `ours_fwd_down_kernel` (the table's `downk/b`, forward only): `forward` with the
 //!   down product's fusion into the core switched off (`set_fused_down(false)`): the
-//!   down kernel, then the core launch.
+//!   down kernel, then the core launch;
+//! - `ours_fwdbwd_cublas_dx` (the table's `cuBdx/b`, forward + backward): `ours`'s forward,
+//!   then `backward` with the core switched off (dX by cuBLAS `dY W` and a beta = 1
+//!   `s·g A`), against `base_fwdbwd`.
 //!
 //! Inputs are random and rotated over enough copies to exceed the L2 cache (≥ 128 MB per
 //! rotation). Each figure is the median of many CUDA-event-timed batches. A table of µs,
@@ -79,6 +82,7 @@ enum Op {
     OursFwdBwd,
     OursFwdCublas,
     OursFwdDownKernel,
+    OursFwdBwdCublasDx,
 }
 
 impl Op {
@@ -92,6 +96,7 @@ impl Op {
             Op::OursFwdBwd => "ours_fwdbwd",
             Op::OursFwdCublas => "ours_fwd_cublas_path",
             Op::OursFwdDownKernel => "ours_fwd_down_kernel",
+            Op::OursFwdBwdCublasDx => "ours_fwdbwd_cublas_dx",
         }
     }
 }
@@ -193,7 +198,11 @@ fn run(gpu: &Gpu, s: &LoraShape, opts: &LoraOptions, op: Op, set: &mut Set) {
                 .unwrap();
             }
         }
-        Op::OursFwd | Op::OursFwdBwd | Op::OursFwdCublas | Op::OursFwdDownKernel => {
+        Op::OursFwd
+        | Op::OursFwdBwd
+        | Op::OursFwdCublas
+        | Op::OursFwdDownKernel
+        | Op::OursFwdBwdCublasDx => {
             let wts = LoraWeights {
                 w: &set.w,
                 a: &set.a,
@@ -205,13 +214,15 @@ fn run(gpu: &Gpu, s: &LoraShape, opts: &LoraOptions, op: Op, set: &mut Set) {
             cuda::forward(gpu, s, opts, &set.x, wts, &mut set.y, Some(&mut set.h)).unwrap();
             cuda::set_core_dispatch(true);
             cuda::set_fused_down(true);
-            if op == Op::OursFwdBwd {
+            if op == Op::OursFwdBwd || op == Op::OursFwdBwdCublasDx {
                 let grads = LoraGrads {
                     dx: &mut set.dx,
                     da: &mut set.da,
                     db: &mut set.db,
                 };
+                cuda::set_core_dispatch(op == Op::OursFwdBwd);
                 cuda::backward(gpu, s, opts, &set.x, wts, &set.h, &set.dy, grads).unwrap();
+                cuda::set_core_dispatch(true);
             }
         }
     }
@@ -312,8 +323,8 @@ fn main() {
         "bf16, K = 4096; median µs of {samples} CUDA-event batches; inputs rotated past L2"
     )
     .unwrap();
-    writeln!(table, "{:>6} {:>6} {:>4} | {:>9} {:>9} {:>9} | {:>7} {:>7} {:>7} | {:>9} {:>9} {:>9} | {:>7} {:>7} | {:>8} {:>8} | {:>9} {:>9}",
-        "T", "N", "r", "base", "composed", "ours", "comp/b", "ours/b", "o/comp", "base_fb", "comp_fb", "ours_fb", "ours/b", "o/comp", "base TF", "ours GB/s", "cuBpath/b", "downk/b").unwrap();
+    writeln!(table, "{:>6} {:>6} {:>4} | {:>9} {:>9} {:>9} | {:>7} {:>7} {:>7} | {:>9} {:>9} {:>9} | {:>7} {:>7} | {:>8} {:>8} | {:>9} {:>9} {:>9}",
+        "T", "N", "r", "base", "composed", "ours", "comp/b", "ours/b", "o/comp", "base_fb", "comp_fb", "ours_fb", "ours/b", "o/comp", "base TF", "ours GB/s", "cuBpath/b", "downk/b", "cuBdx/b").unwrap();
 
     let ns: &[usize] = &[4096, 11008];
     let rs: &[usize] = if quick { &[16] } else { &[16, 64] };
@@ -339,6 +350,7 @@ fn main() {
                     Op::OursFwdBwd,
                     Op::OursFwdCublas,
                     Op::OursFwdDownKernel,
+                    Op::OursFwdBwdCublasDx,
                 ];
                 let us: Vec<f64> = ops
                     .iter()
@@ -351,10 +363,10 @@ fn main() {
                     .collect();
                 let flops = 2.0 * (t * n * 4096) as f64;
                 let w_bytes = 2.0 * (n * 4096) as f64;
-                writeln!(table, "{:>6} {:>6} {:>4} | {:>9.1} {:>9.1} {:>9.1} | {:>7.3} {:>7.3} {:>7.3} | {:>9.1} {:>9.1} {:>9.1} | {:>7.3} {:>7.3} | {:>8.1} {:>8.0} | {:>9.3} {:>9.3}",
+                writeln!(table, "{:>6} {:>6} {:>4} | {:>9.1} {:>9.1} {:>9.1} | {:>7.3} {:>7.3} {:>7.3} | {:>9.1} {:>9.1} {:>9.1} | {:>7.3} {:>7.3} | {:>8.1} {:>8.0} | {:>9.3} {:>9.3} {:>9.3}",
                     t, n, r, us[0], us[1], us[2], us[1] / us[0], us[2] / us[0], us[2] / us[1],
                     us[3], us[4], us[5], us[5] / us[3], us[5] / us[4],
-                    flops / us[0] * 1e-6, w_bytes / us[2] * 1e-3, us[6] / us[0], us[7] / us[0]).unwrap();
+                    flops / us[0] * 1e-6, w_bytes / us[2] * 1e-3, us[6] / us[0], us[7] / us[0], us[8] / us[3]).unwrap();
                 record(&rec, &s, &us);
                 eprint!(
                     "{}",

@@ -7,6 +7,10 @@
 // operand type. The low-rank term (U = s·h from the LoRA down product, Bl = LoRA's B) is
 // one extra K-slice of the same mainloop, so y is written once.
 //
+// The NN kernels (lk_gemm_nn_*) are the same with W stored [K, N] and Bl [r, N]: the B
+// operand MN-major (wgmma's transposed-B descriptor, TMA boxes of 64 columns × 64 rows),
+// for the LoRA backward's dX[T, K_in] = dY[T, N_out] · W[N_out, K_in] + G · A.
+//
 // Structure (a persistent grid of clusters of 2 CTAs, at most one CTA per SM; the two
 // CTAs of a cluster take tile rows 2q and 2q + 1 of one tile column, each tile 128 × BN
 // of y, BN = 256 or 128; 384 threads = 3 warpgroups per CTA):
@@ -37,7 +41,8 @@
 //   flag set to the launch's epoch (release). A tile's producer acquires its row's flag
 //   before it loads U for the low-rank slice. Jobs never wait and every cluster is
 //   resident, so every tile's wait ends; after the first round of tiles the flags are
-//   long set. Dense kernels only.
+//   long set. Dense kernels only (NT and NN: in the LoRA backward's NN launch the jobs
+//   compute G = s · dY B from the dY tiles and Bᵀ [r, N], a K-major A tile as here).
 //
 // Edges: TMA zero-fills every out-of-bounds element of a box (rows ≥ T or ≥ N, columns
 // ≥ K or ≥ r), and still counts the whole box in complete_tx, so the mainloop has no
@@ -301,6 +306,20 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
          (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
 }
 
+// The descriptor of an MN-major B tile (the NN kernels): [64 K rows][BN columns] stored
+// as BN/64 chunks of [64 rows][64 columns] (8 KB each, one TMA box, 128-byte swizzle),
+// row k of a chunk holding columns 64j .. 64j + 63 for that k. In the canonical MN-major
+// 128-byte-swizzle layout ((8 × 8 elements, m chunks), (8 rows, k groups)):
+//   leading byte offset  = 8192 B between 64-column chunks (the N direction)
+//   stride byte offset   = 1024 B between 8-row groups (the K direction)
+// A k16 step starts 16 rows (2048 B, +128 in the >> 4 field) further on.
+__device__ __forceinline__ uint64_t desc_mn_sw128(uint32_t saddr) {
+  return static_cast<uint64_t>((saddr & 0x3FFFF) >> 4) |
+         (static_cast<uint64_t>(8192 >> 4) << 16) | (static_cast<uint64_t>(1024 >> 4) << 32) |
+         (static_cast<uint64_t>(1) << 62);
+}
+constexpr int MN_CHUNK_BYTES = 64 * 64 * 2;  // one [64][64] chunk of an MN-major B tile
+
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 }
@@ -322,40 +341,49 @@ template <int N> __device__ __forceinline__ void fence_regs(float (&d)[N]) {
 #define LK_WGMMA_D64 \
       "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
 
-// One m64nNk16 step: D[64, N] += A[64, 16] · B[N, 16]ᵀ, A and B K-major in shared memory
+// One m64nNk16 step: D[64, N] += A[64, 16] · B[N, 16]ᵀ, A K-major in shared memory
 // (descriptors da, db), f32 accumulators. Operands: d, da, db, scale-d = 1 (accumulate),
-// imm-scale-a = imm-scale-b = 1, tnsp-a = tnsp-b = 0 (both K-major, as x and W are).
-#define LK_WGMMA_M64N256K16(TY)                                                   \
+// imm-scale-a = imm-scale-b = 1, tnsp-a = 0 (x is K-major), tnsp-b = TB: "0" for a
+// K-major B (W [N, K], the NT kernels), "1" for an MN-major B (W [K, N], the NN kernels).
+#define LK_WGMMA_M64N256K16(TY, TB)                                               \
   asm volatile("{\n"                                                             \
                "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY "\n"      \
                "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127},\n" \
-               "%128, %129, 1, 1, 1, 0, 0;\n"                                     \
+               "%128, %129, 1, 1, 1, 0, " TB ";\n"                                \
                "}\n"                                                             \
                : LK_WGMMA_D128                                                    \
                : "l"(da), "l"(db))
-#define LK_WGMMA_M64N128K16(TY)                                                   \
+#define LK_WGMMA_M64N128K16(TY, TB)                                               \
   asm volatile("{\n"                                                             \
                "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY "\n"      \
                "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},\n" \
-               "%64, %65, 1, 1, 1, 0, 0;\n"                                       \
+               "%64, %65, 1, 1, 1, 0, " TB ";\n"                                  \
                "}\n"                                                             \
                : LK_WGMMA_D64                                                     \
                : "l"(da), "l"(db))
 
-template <bool F16, int ACC>
+template <bool F16, int ACC, bool TB>
 __device__ __forceinline__ void wgmma_k16(float (&d)[ACC], uint64_t da, uint64_t db) {
   if constexpr (ACC == 128) {
-    if constexpr (F16) {
-      LK_WGMMA_M64N256K16("f16");
+    if constexpr (F16 && TB) {
+      LK_WGMMA_M64N256K16("f16", "1");
+    } else if constexpr (F16) {
+      LK_WGMMA_M64N256K16("f16", "0");
+    } else if constexpr (TB) {
+      LK_WGMMA_M64N256K16("bf16", "1");
     } else {
-      LK_WGMMA_M64N256K16("bf16");
+      LK_WGMMA_M64N256K16("bf16", "0");
     }
   } else {
     static_assert(ACC == 64, "m64n128 or m64n256");
-    if constexpr (F16) {
-      LK_WGMMA_M64N128K16("f16");
+    if constexpr (F16 && TB) {
+      LK_WGMMA_M64N128K16("f16", "1");
+    } else if constexpr (F16) {
+      LK_WGMMA_M64N128K16("f16", "0");
+    } else if constexpr (TB) {
+      LK_WGMMA_M64N128K16("bf16", "1");
     } else {
-      LK_WGMMA_M64N128K16("bf16");
+      LK_WGMMA_M64N128K16("bf16", "0");
     }
   }
 }
@@ -497,7 +525,7 @@ __device__ __forceinline__ void write_u(const float (&du)[32], const LkGemmParam
 
 // The consumer warpgroups' part of gemm_nt_body: wgmma over the ring, then the epilogue,
 // tile after tile.
-template <typename T, bool F16, int BN, int BUFS>
+template <typename T, bool F16, int BN, int BUFS, bool TB>
 __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar,
                                          const uint64_t *empty_bar, uint32_t rank, int pairs_m,
                                          int pairs, int cluster, int clusters, int iters,
@@ -594,13 +622,14 @@ __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar
       const uint32_t a_tile = ring + s * C::STAGE_BYTES + c * (64 * 128);  // this consumer's 64 rows
       const uint32_t b_tile = ring + s * C::STAGE_BYTES + A_BYTES;
       const uint64_t da = desc_sw128(a_tile);
-      const uint64_t db = desc_sw128(b_tile);
+      const uint64_t db = TB ? desc_mn_sw128(b_tile) : desc_sw128(b_tile);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk) {
-        // k16 step kk starts 32 bytes further along each 128-byte row: +2 in the >> 4
-        // start-address field; the hardware applies the swizzle on the full address.
-        wgmma_k16<F16>(d, da + 2 * kk, db + 2 * kk);
+        // K-major: k16 step kk starts 32 bytes further along each 128-byte row, +2 in
+        // the >> 4 start-address field (the hardware applies the swizzle on the full
+        // address); MN-major B: 16 rows further on, +128.
+        wgmma_k16<F16, C::ACC, TB>(d, da + 2 * kk, db + (TB ? 128 : 2) * kk);
       }
       wgmma_commit();
       // At most one group (this slice's) still running: the previous slice's stage is free.
@@ -876,7 +905,7 @@ __device__ __forceinline__ void nf4_producer(uint32_t ring, uint32_t raw, const 
 // the producer already fills the ring with the next tile's first slices. With an odd
 // number of tile rows the last pairs' second tile lies past T: TMA zero-fills its x
 // rows and its stores are all predicated off, but it still loads its W half for the peer.
-template <typename T, bool F16, int BN, bool NF4>
+template <typename T, bool F16, int BN, bool NF4, bool TB>
 __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &w_map,
                                              const LkTmap &u_map, const LkTmap &bl_map,
                                              const LkTmap &y_map, const LkTmap &z_map,
@@ -928,7 +957,7 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
                           cluster, clusters, iters, x_map, w_map, u_map, bl_map, p);
     } else {
       asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
-      consumer<T, F16, BN, 1>(ring, full_bar, empty_bar, rank, pairs_m, pairs, cluster,
+      consumer<T, F16, BN, 1, false>(ring, full_bar, empty_bar, rank, pairs_m, pairs, cluster,
                               clusters, iters, y_map, z_map, p);
     }
   } else if (wg == 0) {
@@ -974,7 +1003,16 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
             // included.
             mbar_arrive_expect_tx(full, C::STAGE_BYTES);
             tma_load_2d(a_dst, &x_map, it * BK, m0, full);
-            tma_load_2d_multicast(b_dst, &w_map, it * BK, n_half, full, 0x3);
+            if constexpr (TB) {
+              // W [K, N]: this CTA's BN/2 columns as [64][64] chunks, rows it · 64 ...
+#pragma unroll
+              for (int j = 0; j < BN / 128; ++j) {
+                tma_load_2d_multicast(b_dst + j * MN_CHUNK_BYTES, &w_map, n_half + 64 * j,
+                                      it * BK, full, 0x3);
+              }
+            } else {
+              tma_load_2d_multicast(b_dst, &w_map, it * BK, n_half, full, 0x3);
+            }
           } else {
             if (fused) {
               // U of this tile row is written by a down-product job (published with a
@@ -987,14 +1025,23 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
             mbar_arrive_expect_tx(full, C::STAGE_BYTES);
             // The low-rank K-slice: U's and Bl's columns 0 .. 63, zeros from r on.
             tma_load_2d(a_dst, &u_map, 0, m0, full);
-            tma_load_2d_multicast(b_dst, &bl_map, 0, n_half, full, 0x3);
+            if constexpr (TB) {
+              // Bl [r, N]: rows 0 .. 63, zeros from r on.
+#pragma unroll
+              for (int j = 0; j < BN / 128; ++j) {
+                tma_load_2d_multicast(b_dst + j * MN_CHUNK_BYTES, &bl_map, n_half + 64 * j, 0,
+                                      full, 0x3);
+              }
+            } else {
+              tma_load_2d_multicast(b_dst, &bl_map, 0, n_half, full, 0x3);
+            }
           }
         }
       }
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-    consumer<T, F16, BN, 2>(ring, full_bar, empty_bar, rank, pairs_m, pairs, cluster, clusters,
+    consumer<T, F16, BN, 2, TB>(ring, full_bar, empty_bar, rank, pairs_m, pairs, cluster, clusters,
                             iters, y_map, z_map, p);
   }
   // No CTA leaves while its peer may still arrive on its barriers or multicast into it.
@@ -1012,35 +1059,52 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
 #endif
 
 #ifdef LK_GEMM_SM90
-#define LK_GEMM_BODY(T, F16, BN, NF4) \
-  gemm_nt_body<T, F16, BN, NF4>(x_map, w_map, u_map, bl_map, y_map, z_map, a_map, p)
+#define LK_GEMM_BODY(T, F16, BN, NF4, TB) \
+  gemm_nt_body<T, F16, BN, NF4, TB>(x_map, w_map, u_map, bl_map, y_map, z_map, a_map, p)
 #else
-#define LK_GEMM_BODY(T, F16, BN, NF4) __trap()
+#define LK_GEMM_BODY(T, F16, BN, NF4, TB) __trap()
 #endif
 
 // Entry points, lk_gemm_nt_{bf16,f16} (128 × 256 tiles) and lk_gemm_nt_n128_{bf16,f16}
 // (128 × 128 tiles). Shapes: x [T, K], W [N, K], U [T, r], Bl [N, r], y [T, N]; grid
 // min(tiles_m · tiles_n, SMs) CTAs of 384 threads (persistent), 192 KB + 1 KB dynamic
 // shared memory.
-#define LK_GEMM_ENTRY(NAME, T, F16, BN, NF4)                                                     \
+#define LK_GEMM_ENTRY(NAME, T, F16, BN, NF4, TB)                                                  \
   extern "C" __global__ void LK_GEMM_CLUSTER __launch_bounds__(LK_GEMM_THREADS, 1) NAME(   \
       const __grid_constant__ LkTmap x_map, const __grid_constant__ LkTmap w_map,           \
       const __grid_constant__ LkTmap u_map, const __grid_constant__ LkTmap bl_map,          \
       const __grid_constant__ LkTmap y_map, const __grid_constant__ LkTmap z_map,           \
       const __grid_constant__ LkTmap a_map, const LkGemmParams p) {                                                               \
-    LK_GEMM_BODY(T, F16, BN, NF4);                                                                   \
+    LK_GEMM_BODY(T, F16, BN, NF4, TB);                                                               \
   }
 
-LK_GEMM_ENTRY(lk_gemm_nt_bf16, __nv_bfloat16, false, 256, false)
-LK_GEMM_ENTRY(lk_gemm_nt_f16, __half, true, 256, false)
-LK_GEMM_ENTRY(lk_gemm_nt_n128_bf16, __nv_bfloat16, false, 128, false)
-LK_GEMM_ENTRY(lk_gemm_nt_n128_f16, __half, true, 128, false)
+LK_GEMM_ENTRY(lk_gemm_nt_bf16, __nv_bfloat16, false, 256, false, false)
+LK_GEMM_ENTRY(lk_gemm_nt_f16, __half, true, 256, false, false)
+LK_GEMM_ENTRY(lk_gemm_nt_n128_bf16, __nv_bfloat16, false, 128, false, false)
+LK_GEMM_ENTRY(lk_gemm_nt_n128_f16, __half, true, 128, false, false)
+// The same with W stored [K, N] (MN-major B: dX = dY · W for a LoRA W [N_out, K_in]),
+// low-rank Bl [r, N]: lk_gemm_nn_{bf16,f16} and lk_gemm_nn_n128_{bf16,f16}.
+LK_GEMM_ENTRY(lk_gemm_nn_bf16, __nv_bfloat16, false, 256, false, true)
+LK_GEMM_ENTRY(lk_gemm_nn_f16, __half, true, 256, false, true)
+LK_GEMM_ENTRY(lk_gemm_nn_n128_bf16, __nv_bfloat16, false, 128, false, true)
+LK_GEMM_ENTRY(lk_gemm_nn_n128_f16, __half, true, 128, false, true)
 // The same with W as NF4 (p.wq; w_map unused): lk_gemm_nf4_{bf16,f16} and
 // lk_gemm_nf4_n128_{bf16,f16}.
-LK_GEMM_ENTRY(lk_gemm_nf4_bf16, __nv_bfloat16, false, 256, true)
-LK_GEMM_ENTRY(lk_gemm_nf4_f16, __half, true, 256, true)
-LK_GEMM_ENTRY(lk_gemm_nf4_n128_bf16, __nv_bfloat16, false, 128, true)
-LK_GEMM_ENTRY(lk_gemm_nf4_n128_f16, __half, true, 128, true)
+LK_GEMM_ENTRY(lk_gemm_nf4_bf16, __nv_bfloat16, false, 256, true, false)
+LK_GEMM_ENTRY(lk_gemm_nf4_f16, __half, true, 256, true, false)
+LK_GEMM_ENTRY(lk_gemm_nf4_n128_bf16, __nv_bfloat16, false, 128, true, false)
+LK_GEMM_ENTRY(lk_gemm_nf4_n128_f16, __half, true, 128, true, false)
+
+// out[j, i] = in[i, j] (in [rows, cols]): any arch (a grid-stride loop over out, whose
+// writes are coalesced; the inputs are small: the LoRA B, [N, r]).
+extern "C" __global__ void __launch_bounds__(256) lk_gemm_transpose(const LkTransposeParams p) {
+  const int64_t total = static_cast<int64_t>(p.rows) * p.cols;
+  for (int64_t e = blockIdx.x * 256ll + threadIdx.x; e < total; e += gridDim.x * 256ll) {
+    const int64_t j = e / p.rows;
+    const int64_t i = e - j * p.rows;
+    p.out[e] = p.in[i * p.cols + j];
+  }
+}
 
 // out[i, j] = in[i, j] for j < r, 0 for r ≤ j < rp: any arch (a grid-stride loop).
 extern "C" __global__ void __launch_bounds__(256) lk_gemm_pad_cols(const LkGemmPadParams p) {

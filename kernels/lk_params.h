@@ -400,6 +400,14 @@ typedef struct LkGemmPadParams {
   int32_t rows, r, rp;
 } LkGemmPadParams;
 
+/* Transpose of a 16-bit [rows, cols] matrix into [cols, rows] (the LoRA backward's
+ * B [N, r] as Bᵀ [r, N], the K-major operand of the dX core's fused G = s·dY B). */
+typedef struct LkTransposeParams {
+  const uint16_t *in; /* [rows, cols] */
+  uint16_t *out;      /* [cols, rows] */
+  int32_t rows, cols;
+} LkTransposeParams;
+
 #ifdef __cplusplus
 }
 #endif

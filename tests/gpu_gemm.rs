@@ -197,6 +197,139 @@ fn run_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64, nf4: Option<(usize, bool
     assert_close(&what, &got, &want, &mag, c.k + c.r);
 }
 
+/// The rows × cols row-major matrix `m` transposed.
+fn transpose<T: Copy>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
+    (0..cols * rows)
+        .map(|i| m[(i % rows) * cols + i / rows])
+        .collect()
+}
+
+/// `gemm::matmul_nn` (W stored [K, N], Bl [r, N]: the MN-major B operand) on the same
+/// data and oracle as [`run_case`]: W and Bl are uploaded transposed.
+fn check_case_nn<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
+    let what = format!("nn {} {c:?}", common::dtype_name::<T>());
+    let mut rng = Rng::new(seed);
+    let d = host_data::<T>(&mut rng, c);
+    let want = oracle(c, &d, false);
+    let mag = oracle(c, &d, true);
+    let x = gpu.upload(&d.x).unwrap();
+    let w = gpu.upload(&transpose(&d.w, c.n, c.k)).unwrap();
+    let bias = d.bias.as_ref().map(|b| gpu.upload(b).unwrap());
+    let scale = d.scale.as_ref().map(|s| gpu.upload(s).unwrap());
+    let u = d.u.as_ref().map(|u| gpu.upload(u).unwrap());
+    let bl =
+        d.bl.as_ref()
+            .map(|b| gpu.upload(&transpose(b, c.n, c.r)).unwrap());
+    let mut y = gpu.upload(&poison::<T>(c.t * c.n)).unwrap();
+    let mut epi = GemmEpilogue::new();
+    if let Some(b) = &bias {
+        epi = epi.with_bias(b);
+    }
+    if let (Some(u), Some(bl)) = (&u, &bl) {
+        epi = epi.with_low_rank(u, bl, c.r);
+    }
+    if let Some(s) = &scale {
+        epi = epi.with_col_scale(s);
+    }
+    gemm::matmul_nn(gpu, &x, &w, &mut y, &epi, c.t, c.n, c.k)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let got = gpu.download(&y).unwrap();
+    assert_close(&what, &got, &want, &mag, c.k + c.r);
+}
+
+/// `matmul_nn` over the odd shapes (every N there is a multiple of 8, as it needs),
+/// every rank kind, both tile widths forced and the per-call choice, K = 4096, many
+/// tiles per persistent cluster, bf16 and f16.
+#[test]
+fn gemm_nn_shapes() {
+    let Some(gpu) = gpu90("gemm_nn_shapes") else {
+        return;
+    };
+    for (i, c) in odd_cases().iter().enumerate() {
+        assert_eq!(c.n % 8, 0);
+        check_case_nn::<bf16>(gpu, c, 1100 + i as u64);
+        check_case_nn::<f16>(gpu, c, 1200 + i as u64);
+    }
+    let mut extra = Vec::new();
+    for (t, n, k, r) in [
+        (129usize, 200usize, 4096usize, 16usize),
+        (1100, 520, 64, 16),
+        (1030, 776, 136, 3),
+        (700, 1000, 88, 12),
+        (300, 2056, 40, 1),
+        (257, 1024, 520, 64),
+    ] {
+        extra.push(Case {
+            t,
+            n,
+            k,
+            bias: t % 2 == 0,
+            scale: t % 3 == 0,
+            r,
+        });
+    }
+    for (i, c) in extra.iter().enumerate() {
+        for tile in [None, Some(gemm::TILE_N), Some(gemm::TILE_N_NARROW)] {
+            gemm::set_tile_n_override(tile).unwrap();
+            check_case_nn::<bf16>(gpu, c, 1300 + i as u64);
+            check_case_nn::<f16>(gpu, c, 1400 + i as u64);
+        }
+    }
+    gemm::set_tile_n_override(None).unwrap();
+}
+
+/// `matmul_nn`'s own argument errors: N % 8 != 0, Bl misaligned with a rank that is not a
+/// multiple of 8 (it is never copied), lengths.
+#[test]
+fn gemm_nn_errors() {
+    let Some(g) = gpu() else {
+        return;
+    };
+    let (t, n, k) = (17usize, 24usize, 64usize);
+    let x: CudaSlice<bf16> = g.zeros(t * k).unwrap();
+    let w: CudaSlice<bf16> = g.zeros(n * k + 8).unwrap();
+    let u: CudaSlice<bf16> = g.zeros(t * 8).unwrap();
+    let bl: CudaSlice<bf16> = g.zeros(n * 8 + 8).unwrap();
+    let mut y: CudaSlice<bf16> = g.zeros(t * n).unwrap();
+    let none = GemmEpilogue::new();
+    let x = x.slice(..);
+    let wv = w.slice(0..n * k);
+    let e = gemm::matmul_nn(
+        g,
+        &x,
+        &w.slice(0..20 * k),
+        &mut y.slice_mut(0..t * 20),
+        &none,
+        t,
+        20,
+        k,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Dim {
+                name: "n",
+                value: 20,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = gemm::matmul_nn(g, &x, &wv, &mut y, &none, t, n, k + 8).unwrap_err();
+    assert!(matches!(e, Error::Length { .. }), "{e}");
+    if gemm::supported(g) {
+        let uv = u.slice(0..t * 3);
+        let bl_off = bl.slice(1..1 + n * 3);
+        let epi = GemmEpilogue::new().with_low_rank(&uv, &bl_off, 3);
+        let e = gemm::matmul_nn(g, &x, &wv, &mut y, &epi, t, n, k).unwrap_err();
+        assert!(matches!(e, Error::Misaligned { name: "b", .. }), "{e}");
+        let w_off = w.slice(1..1 + n * k);
+        let e = gemm::matmul_nn(g, &x, &w_off, &mut y, &none, t, n, k).unwrap_err();
+        assert!(matches!(e, Error::Misaligned { name: "w", .. }), "{e}");
+    }
+}
+
 #[test]
 fn gemm_odd_shapes_bf16() {
     let Some(gpu) = gpu90("gemm_odd_shapes_bf16") else {

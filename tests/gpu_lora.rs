@@ -52,6 +52,8 @@ fn cases() -> Vec<Case> {
         // r not a multiple of 8 (padded copies), N % 8 == 0 (TMA-store epilogue).
         (300, 72, 2900, 12),
         (515, 64, 1800, 64),
+        // The backward's dX on the core (K, N multiples of 8, enough [T, K] tiles).
+        (700, 1000, 88, 12),
     ] {
         v.push(Case {
             shape: LoraShape::new(t, k, n, r),
@@ -97,6 +99,12 @@ fn weights<'a, S: ?Sized>(w: &'a S, a: &'a S, b: &'a S, bias: Option<&'a S>) -> 
 }
 
 fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
+    check_case_with::<T>(gpu, c, seed, false)
+}
+
+/// [`check_case`]; with `bwd_core` the backward is `cuda::backward_core` (dX on the GEMM
+/// core, or an error), not the per-call choice of `cuda::backward`.
+fn check_case_with<T: Element>(gpu: &Gpu, c: &Case, seed: u64, bwd_core: bool) {
     let s = c.shape;
     let what = format!(
         "{} {:?} bias={} dropout={}",
@@ -211,7 +219,12 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
     let mut dx = up(&poison::<T>(s.x_len()));
     let mut da = up(&poison::<T>(s.a_len()));
     let mut db = up(&poison::<T>(s.b_len()));
-    cuda::backward(
+    let bwd = if bwd_core {
+        cuda::backward_core
+    } else {
+        cuda::backward
+    };
+    bwd(
         gpu,
         &s,
         &opts,
@@ -225,7 +238,7 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
             db: &mut db,
         },
     )
-    .unwrap_or_else(|e| panic!("{what}: backward: {e}"));
+    .unwrap_or_else(|e| panic!("{what}: backward (core only: {bwd_core}): {e}"));
     let (n, t) = (s.out_features, s.tokens);
     assert_close(
         &format!("{what}: dx"),
@@ -418,6 +431,132 @@ fn gpu_small_forward_is_repeatable() {
             }
         }
     }
+}
+
+/// The backward with dX on the GEMM core (`cuda::backward_core`: dX = dY W + (s·dY B) A
+/// by one MN-major core launch) on shapes the per-call choice may not give it: ranks 1,
+/// 12 (padded G rows), 17 and 64, N = 40 (one K-slice of the core), T not a multiple of
+/// the tile, few tiles; G from the launch's own jobs and from cuBLAS, and with several
+/// jobs per cluster. On a GPU without the core it must refuse with
+/// `Error::Unsupported`, and this test says loudly that it skipped.
+#[test]
+fn gpu_lora_backward_core_f16_bf16() {
+    let Some(gpu) = gpu() else { return };
+    let shapes = [
+        (700, 1000, 88, 12),
+        (300, 2056, 40, 1),
+        (257, 1024, 520, 64),
+        (129, 512, 136, 17),
+        (1031, 256, 64, 16),
+    ];
+    if !lora_kernels::cuda::gemm::supported(gpu) {
+        let z = |n: usize| gpu.zeros::<bf16>(n).unwrap();
+        let s = LoraShape::new(129, 64, 64, 8);
+        let (x, w, a, b, h, dy) = (
+            z(s.x_len()),
+            z(s.w_len()),
+            z(s.a_len()),
+            z(s.b_len()),
+            z(s.h_len()),
+            z(s.y_len()),
+        );
+        let (mut dx, mut da, mut db) = (z(s.x_len()), z(s.a_len()), z(s.b_len()));
+        let e = cuda::backward_core(
+            gpu,
+            &s,
+            &LoraOptions::new(1.0),
+            &x,
+            weights(&w, &a, &b, None),
+            &h,
+            &dy,
+            LoraGrads {
+                dx: &mut dx,
+                da: &mut da,
+                db: &mut db,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        eprintln!("\n*** gpu_lora_backward_core_f16_bf16 SKIPPED: no sm_90 GEMM core ({e}) ***\n");
+        return;
+    }
+    // G = s·dY B inside the core launch (jobs, r ≤ 32 where the rule allows) and by
+    // cuBLAS before it.
+    for fused in [true, false] {
+        cuda::set_fused_down(fused);
+        for (i, &(t, k, n, r)) in shapes.iter().enumerate() {
+            let c = Case {
+                shape: LoraShape::new(t, k, n, r),
+                bias: i % 2 == 0,
+                dropout: false,
+            };
+            check_case_with::<bf16>(gpu, &c, 6000 + i as u64, true);
+            check_case_with::<f16>(gpu, &c, 6100 + i as u64, true);
+        }
+    }
+    cuda::set_fused_down(true);
+    // More tile-row pairs (79) than clusters: several G jobs per cluster, forced.
+    lora_kernels::cuda::gemm::force_fused_down(true);
+    let c = Case {
+        shape: LoraShape::new(20000, 64, 72, 16),
+        bias: false,
+        dropout: false,
+    };
+    check_case_with::<bf16>(gpu, &c, 6200, true);
+    lora_kernels::cuda::gemm::force_fused_down(false);
+}
+
+/// `cuda::backward_core`'s refusals: active dropout, N % 8 != 0, f32.
+#[test]
+fn gpu_lora_backward_core_errors() {
+    let Some(gpu) = gpu() else { return };
+    fn call<T: Element>(gpu: &Gpu, s: LoraShape, opts: &LoraOptions) -> Error {
+        let z = |n: usize| gpu.zeros::<T>(n).unwrap();
+        let (x, w, a, b, h, dy) = (
+            z(s.x_len()),
+            z(s.w_len()),
+            z(s.a_len()),
+            z(s.b_len()),
+            z(s.h_len()),
+            z(s.y_len()),
+        );
+        let (mut dx, mut da, mut db) = (z(s.x_len()), z(s.a_len()), z(s.b_len()));
+        cuda::backward_core(
+            gpu,
+            &s,
+            opts,
+            &x,
+            weights(&w, &a, &b, None),
+            &h,
+            &dy,
+            LoraGrads {
+                dx: &mut dx,
+                da: &mut da,
+                db: &mut db,
+            },
+        )
+        .unwrap_err()
+    }
+    let plain = LoraOptions::new(1.0);
+    let e = call::<f32>(gpu, LoraShape::new(129, 64, 64, 8), &plain);
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    if !lora_kernels::cuda::gemm::supported(gpu) {
+        return;
+    }
+    let e = call::<bf16>(gpu, LoraShape::new(129, 64, 60, 8), &plain);
+    assert!(
+        matches!(
+            e,
+            Error::Dim {
+                name: "out_features",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let dropped = plain.with_dropout(Dropout::new(0.25, 1, 2));
+    let e = call::<bf16>(gpu, LoraShape::new(129, 64, 64, 8), &dropped);
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
 }
 
 #[test]

@@ -1099,3 +1099,33 @@ impl Default for LkGemmPadParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkTransposeParams {
+    pub in_: *const u16,
+    pub out: *mut u16,
+    pub rows: i32,
+    pub cols: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkTransposeParams"][::core::mem::size_of::<LkTransposeParams>() - 24usize];
+    ["Alignment of LkTransposeParams"][::core::mem::align_of::<LkTransposeParams>() - 8usize];
+    ["Offset of field: LkTransposeParams::in_"]
+        [::core::mem::offset_of!(LkTransposeParams, in_) - 0usize];
+    ["Offset of field: LkTransposeParams::out"]
+        [::core::mem::offset_of!(LkTransposeParams, out) - 8usize];
+    ["Offset of field: LkTransposeParams::rows"]
+        [::core::mem::offset_of!(LkTransposeParams, rows) - 16usize];
+    ["Offset of field: LkTransposeParams::cols"]
+        [::core::mem::offset_of!(LkTransposeParams, cols) - 20usize];
+};
+impl Default for LkTransposeParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

@@ -44,7 +44,10 @@ use cudarc::driver::sys as dsys;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::nf4::Nf4Device;
-use super::{dptr, dptr_mut, Gpu, LkGemmPadParams, LkGemmParams, LkNf4, LkNf4CoreScalesParams};
+use super::{
+    dptr, dptr_mut, Gpu, LkGemmPadParams, LkGemmParams, LkNf4, LkNf4CoreScalesParams,
+    LkTransposeParams,
+};
 use crate::lora::check_len;
 use crate::{DType, Element, Error, Result};
 
@@ -256,9 +259,48 @@ where
     matmul_impl(gpu, x, BaseRef::Nf4(w), y, epi, tokens, w.rows, w.cols)
 }
 
+/// `y = col_scale ⊙ (x W + U Bl) + bias` on the GPU's stream: [`matmul_nt`] with W
+/// stored [K, N] (row-major, N contiguous) and the low-rank term's Bl stored [r, N]; for
+/// a LoRA layer's `dX = dY W + s·(dY B) A` pass x = dY [T, N_out], w = W [N_out, K_in]
+/// (K = N_out, N = K_in), U = s·dY B and Bl = A. The same kernel with the B operand read
+/// MN-major (`wgmma` with a transposed B descriptor; TMA boxes of 64 × 64).
+///
+/// Errors as [`matmul_nt`]'s, plus [`Error::Dim`] for N % 8 != 0 (W's rows are TMA's
+/// 16-byte multiples) and [`Error::Misaligned`] for Bl not 16-byte aligned (it is never
+/// copied).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_nn<T, I, S, O>(
+    gpu: &Gpu,
+    x: &I,
+    w: &I,
+    y: &mut O,
+    epi: &GemmEpilogue<'_, I, S>,
+    tokens: usize,
+    n: usize,
+    k: usize,
+) -> Result<()>
+where
+    T: Element,
+    I: DevicePtr<T> + ?Sized,
+    S: DevicePtr<f32> + ?Sized,
+    O: DevicePtrMut<T> + ?Sized,
+{
+    if n % 8 != 0 {
+        return Err(Error::Dim {
+            name: "n",
+            value: n,
+            reason: "matmul_nn needs N % 8 == 0 (W [K, N] rows are TMA's 16-byte multiples)",
+        });
+    }
+    matmul_impl(gpu, x, BaseRef::DenseKn(w), y, epi, tokens, n, k)
+}
+
 /// The base weight of one core call.
 enum BaseRef<'a, I: ?Sized> {
+    /// W [N, K] ([`matmul_nt`]).
     Dense(&'a I),
+    /// W [K, N] ([`matmul_nn`]).
+    DenseKn(&'a I),
     Nf4(&'a Nf4Device),
 }
 
@@ -305,7 +347,7 @@ where
         });
     }
     check_len("x", x.len(), tokens * k)?;
-    if let BaseRef::Dense(w) = base {
+    if let BaseRef::Dense(w) | BaseRef::DenseKn(w) = base {
         check_len("w", w.len(), n * k)?;
     }
     check_len("y", y.len(), tokens * n)?;
@@ -328,8 +370,9 @@ where
     }
 
     let (xp, _gx) = dptr(gpu, "x", x)?;
+    let w_kn = matches!(base, BaseRef::DenseKn(_));
     let (wp, nf4, _gw, _gq) = match base {
-        BaseRef::Dense(w) => {
+        BaseRef::Dense(w) | BaseRef::DenseKn(w) => {
             let (wp, g) = dptr(gpu, "w", w)?;
             (wp, None, Some(g), Vec::new())
         }
@@ -363,6 +406,7 @@ where
         ldy: 0,
         ldu: 0,
         down: None,
+        w_kn,
     };
     launch_core::<T>(gpu, &ptrs, tokens, n, k)
 }
@@ -393,6 +437,10 @@ pub(crate) struct CorePtrs {
     /// [`fused_down_fits`]): the kernel computes `h = x Aᵀ` itself and writes `U = s·h`
     /// into `low_rank`'s U, which is then an output.
     pub down: Option<CoreDown>,
+    /// W stored [K, N] and Bl [r, N] (the `lk_gemm_nn_*` kernels, [`matmul_nn`]): dense
+    /// W only, N % 8 == 0, Bl 16-byte aligned. A fused down product's A is still
+    /// [r, K] (K-major; for the LoRA backward, Bᵀ).
+    pub w_kn: bool,
 }
 
 /// The fused down product of one core launch: jobs (one per pair of tile rows, run
@@ -421,6 +469,18 @@ pub(crate) const FUSED_DOWN_MAX_RANK: usize = 32;
 /// a LoRA forward takes.)
 #[doc(hidden)]
 pub fn fused_down_fits<T: Element>(gpu: &Gpu, tokens: usize, n: usize, r: usize) -> Result<bool> {
+    fused_down_fits_for::<T>(gpu, tokens, n, r, false)
+}
+
+/// [`fused_down_fits`] for the NT kernels (`w_kn` false) or the NN kernels (true: the
+/// LoRA backward's dX launch, whose jobs compute `G = s · dY B`).
+pub(crate) fn fused_down_fits_for<T: Element>(
+    gpu: &Gpu,
+    tokens: usize,
+    n: usize,
+    r: usize,
+    w_kn: bool,
+) -> Result<bool> {
     let pairs_m = tokens.div_ceil(TILE_M).div_ceil(2);
     if T::DTYPE == DType::F32
         || !supported(gpu)
@@ -433,7 +493,7 @@ pub fn fused_down_fits<T: Element>(gpu: &Gpu, tokens: usize, n: usize, r: usize)
         return Ok(true);
     }
     let tile_n = tile_n_for(tokens, n, gpu.sm_count() as usize);
-    let name = kernel_name::<T>(false, tile_n);
+    let name = kernel_name::<T>(false, w_kn, tile_n);
     let max_clusters = prepare(gpu, &name, &gpu.function(&name)?, DYN_SMEM)?;
     // As the kernel's jobs_of: the grid's clusters, and those with the fewest tiles.
     let pairs = pairs_m * n.div_ceil(tile_n);
@@ -472,9 +532,13 @@ pub fn force_fused_down(force: bool) {
     FORCE_FUSED_DOWN.with(|c| c.set(force));
 }
 
-/// The entry point for an operand type, W's format and a tile width.
-fn kernel_name<T: Element>(nf4: bool, tile_n: usize) -> String {
-    let family = if nf4 { "nf4" } else { "nt" };
+/// The entry point for an operand type, W's format and layout and a tile width.
+fn kernel_name<T: Element>(nf4: bool, w_kn: bool, tile_n: usize) -> String {
+    let family = match (nf4, w_kn) {
+        (true, _) => "nf4",
+        (false, true) => "nn",
+        (false, false) => "nt",
+    };
     if tile_n == TILE_N {
         format!("lk_gemm_{family}_{}", T::DTYPE.suffix())
     } else {
@@ -515,8 +579,16 @@ pub(crate) fn launch_core<T: Element>(
     if let Some((up, bp, r)) = p.low_rank {
         if r % 8 == 0 {
             check_align_to("u", up, 16)?;
+        }
+        if r % 8 == 0 || p.w_kn {
             check_align_to("b", bp, 16)?;
         }
+    }
+    if p.w_kn && (p.nf4.is_some() || n % 8 != 0) {
+        return Err(Error::Unsupported {
+            op: "gemm core",
+            reason: format!("W stored [K, N] needs a dense W and N % 8 == 0 (N = {n})"),
+        });
     }
     let low_rank = p.low_rank;
 
@@ -548,7 +620,10 @@ pub(crate) fn launch_core<T: Element>(
     // Each CTA of a cluster loads half of the W tile (multicast to both). The NF4
     // kernels read their half's packed codes through this map instead (bytes [N, K/2],
     // boxes of 32 bytes = 64 codes × tile_n/2 rows, no swizzle) and dequantize them.
+    // W stored [K, N] (the NN kernels): boxes of 64 columns × 64 rows (K), each CTA
+    // loading its tile_n/2 columns as tile_n/128 of them.
     let w_map = match &p.nf4 {
+        None if p.w_kn => tensor_map(dt, wp, n, k, n, TILE_K)?,
         None => tensor_map(dt, wp, k, n, k, tile_n / 2)?,
         Some(q) => encode_map(
             dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
@@ -595,7 +670,7 @@ pub(crate) fn launch_core<T: Element>(
                     })
                 }
             };
-            let b_addr = if r == rp {
+            let b_addr = if r == rp || p.w_kn {
                 bp
             } else {
                 let b_pad = pad_cols::<T>(gpu, bp, n, r, rp)?;
@@ -603,10 +678,13 @@ pub(crate) fn launch_core<T: Element>(
                 _pads.push(b_pad);
                 addr
             };
-            (
-                tensor_map(dt, u_addr, r, tokens, u_ld, TILE_M)?,
-                tensor_map(dt, b_addr, r, n, rp, tile_n / 2)?,
-            )
+            let bl_map = if p.w_kn {
+                // Bl [r, N]: boxes of 64 columns × 64 rows, rows ≥ r zero-filled.
+                tensor_map(dt, b_addr, n, r, n, TILE_K)?
+            } else {
+                tensor_map(dt, b_addr, r, n, rp, tile_n / 2)?
+            };
+            (tensor_map(dt, u_addr, r, tokens, u_ld, TILE_M)?, bl_map)
         }
         // Unused by the kernel without the low-rank slice.
         None => (x_map, w_map),
@@ -693,7 +771,7 @@ pub(crate) fn launch_core<T: Element>(
         u_rn: u_rn as i32,
         rank: low_rank.map_or(0, |(_, _, r)| r) as i32,
     };
-    let name = kernel_name::<T>(p.nf4.is_some(), tile_n);
+    let name = kernel_name::<T>(p.nf4.is_some(), p.w_kn, tile_n);
     let func = gpu.function(&name)?;
     let smem = if p.nf4.is_some() {
         DYN_SMEM_NF4
@@ -733,8 +811,8 @@ pub(crate) fn launch_core<T: Element>(
         .arg(&z_map)
         .arg(&a_map)
         .arg(&params);
-    // SAFETY: the tensor maps describe x [T, K], W [N, K], U [T, r] and Bl [N, r] exactly
-    // as validated above (lengths, 16-byte alignment, K % 8 == 0; U and Bl possibly
+    // SAFETY: the tensor maps describe x [T, K], W [N, K] (or [K, N]), U [T, r] and Bl
+    // [N, r] (or [r, N]) exactly as validated above (lengths, 16-byte alignment, K % 8 == 0; U and Bl possibly
     // padded copies that live until the launch is queued and are freed in stream order);
     // TMA never reads outside them (out-of-bounds boxes are zero-filled). For NF4 the W
     // map describes the packed codes as bytes [N, K/2] (lengths checked by the weight's
@@ -902,6 +980,26 @@ fn core_scales(gpu: &Gpu, w: &LkNf4, k_steps: usize, n_pad: usize) -> Result<Cud
     };
     let cfg = super::lora::grid_1d(len, 256, 8 * gpu.sm_count());
     gpu.launch("lk_nf4_core_scales", cfg, &params)?;
+    Ok(out)
+}
+
+/// The [rows, cols] 16-bit matrix at `src` transposed into a new [cols, rows] scratch
+/// buffer (every element written by lk_gemm_transpose).
+pub(crate) fn transpose<T: Element>(
+    gpu: &Gpu,
+    src: u64,
+    rows: usize,
+    cols: usize,
+) -> Result<CudaSlice<T>> {
+    let out = gpu.scratch::<T>(rows * cols)?;
+    let params = LkTransposeParams {
+        in_: src as *const u16,
+        out: raw_addr(gpu, &out) as *mut u16,
+        rows: rows as i32,
+        cols: cols as i32,
+    };
+    let cfg = super::lora::grid_1d(rows * cols, 256, 8 * gpu.sm_count());
+    gpu.launch("lk_gemm_transpose", cfg, &params)?;
     Ok(out)
 }
 

@@ -8,8 +8,11 @@
 //!   over K only when the tiles cannot fill the GPU; rounded to the activation type),
 //!   `y = s · h Bᵀ` by cuBLAS (onto a bias-filled y with beta = 1 when there is a
 //!   bias), then `y += x Wᵀ` by cuBLAS with beta = 1.
-//! - backward: `g = dY B`, `dX = dY W + s · g A`, `dA = s · gᵀ x` and `dB = s · dYᵀ h`
-//!   by cuBLAS. Under dropout, `s/(1−p) · g A` is zeroed in place where x was dropped
+//! - backward: where the core can take dX (sm_90, f16/bf16, no active dropout, K and N
+//!   multiples of 8, see [`backward_core`]): `G = s · dY B` by cuBLAS, `dX = dY W + G A`
+//!   by one GEMM-core launch (dX written once), `dA = Gᵀ x` and `dB = s · dYᵀ h` by
+//!   cuBLAS. Otherwise `g = dY B`, `dX = dY W + s · g A`, `dA = s · gᵀ x` and
+//!   `dB = s · dYᵀ h` by cuBLAS. Under dropout, `s/(1−p) · g A` is zeroed in place where x was dropped
 //!   before `dY W` is added, and `dA` comes from a token-split kernel that regenerates
 //!   the mask, with a deterministic reduction (no atomics).
 //!
@@ -17,7 +20,7 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
-use super::{dptr, dptr_mut, gemm_rm, lk_dropout, Gpu};
+use super::{dptr, dptr_mut, gemm_rm, gemm_rm_ld, lk_dropout, Gpu};
 use super::{
     LkBiasFillParams, LkDownParams, LkMaskParams, LkMergeParams, LkReduceParams, LkSmallFwdParams,
     LkTnParams,
@@ -51,8 +54,8 @@ thread_local! {
     static CORE_DISPATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
 }
 
-/// Lets (`true`, the default) or stops [`forward`] calls made from this thread taking
-/// the GEMM core path, so a bench can time the cuBLAS path on the same GPU.
+/// Lets (`true`, the default) or stops [`forward`] and [`backward`] calls made from this
+/// thread taking the GEMM core path, so a bench can time the cuBLAS path on the same GPU.
 #[doc(hidden)]
 pub fn set_core_dispatch(enabled: bool) {
     CORE_DISPATCH.with(|c| c.set(enabled));
@@ -322,6 +325,7 @@ pub(crate) fn forward_core_launch<T: Element>(
             h: p.h,
             scale: opts.scale,
         }),
+        w_kn: false,
     };
     gemm::launch_core::<T>(gpu, &core, t, n, k)
 }
@@ -726,7 +730,8 @@ pub(crate) fn launch_tn<T: Element>(
 
 /// Backward from `dy` [T, N]: writes dX [T, K], dA [r, K] and dB [N, r]. `h` is what
 /// [`forward`] returned; `weights.bias` is ignored (the base layer is frozen); the
-/// dropout mask is regenerated from `opts`, never stored.
+/// dropout mask is regenerated from `opts`, never stored. dX comes from the GEMM core
+/// ([`backward_core`]) where it can take it, else from cuBLAS (see the module docs).
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     gpu: &Gpu,
@@ -773,9 +778,207 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         da: dap,
         db: dbp,
     };
+    if backward_core_takes::<T>(gpu, shape, opts, &p, wp) {
+        return backward_core_launch::<T>(gpu, shape, opts, &p, wp);
+    }
     backward_with::<T>(gpu, shape, opts, &p, |beta| {
         gemm_rm::<T>(gpu, t, k, n, 1.0, dyp, false, wp, false, beta, dxp)
     })
+}
+
+/// The backward with dX on the Hopper GEMM core, the path [`backward`] takes where it
+/// can (see [`backward_core_takes`]): one core launch `dX = dY W + G A` (W read as
+/// [K, N] = MN-major, the low-rank term as its extra K-slice, so dX is written once and
+/// never read back) with `G = s · dY B` [T, r] computed inside it when r ≤ 32 and the
+/// fused rule allows (jobs on the dY tiles and a transposed copy of B, as the forward's
+/// fused down product), else by cuBLAS before it; then `dA = Gᵀ x` and `dB = s · dYᵀ h`
+/// by cuBLAS.
+///
+/// Needs sm_90, f16/bf16, no active dropout, rank ≤ 64, in_features and out_features
+/// multiples of 8, dy, W and A 16-byte aligned, dX 4-byte aligned; otherwise an error
+/// before anything is launched.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_core<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    x: &I,
+    weights: LoraWeights<'_, I>,
+    h: &I,
+    dy: &I,
+    grads: LoraGrads<'_, O>,
+) -> Result<()> {
+    check_backward_lens(
+        shape,
+        &BackwardLens {
+            x: x.len(),
+            w: weights.w.len(),
+            a: weights.a.len(),
+            b: weights.b.len(),
+            h: h.len(),
+            dy: dy.len(),
+            dx: grads.dx.len(),
+            da: grads.da.len(),
+            db: grads.db.len(),
+        },
+    )?;
+    opts.validate()?;
+    check_core_args::<T>(gpu, shape)?;
+    if shape.out_features % 8 != 0 {
+        return Err(crate::Error::Dim {
+            name: "out_features",
+            value: shape.out_features,
+            reason: "the core backward needs N % 8 == 0 (dY's rows are TMA's 16-byte multiples)",
+        });
+    }
+    if opts.active_dropout().is_some() {
+        return Err(crate::Error::Unsupported {
+            op: "lora::backward_core",
+            reason: "active dropout (the core stages dY W without the mask)".into(),
+        });
+    }
+    let (xp, _gx) = dptr(gpu, "x", x)?;
+    let (wp, _gw) = dptr(gpu, "w", weights.w)?;
+    let (ap, _ga) = dptr(gpu, "a", weights.a)?;
+    let (bp, _gb) = dptr(gpu, "b", weights.b)?;
+    let (hp, _gh) = dptr(gpu, "h", h)?;
+    let (dyp, _gdy) = dptr(gpu, "dy", dy)?;
+    let (dxp, _gdx) = dptr_mut(gpu, "dx", grads.dx)?;
+    let (dap, _gda) = dptr_mut(gpu, "da", grads.da)?;
+    let (dbp, _gdb) = dptr_mut(gpu, "db", grads.db)?;
+    for (name, addr, align) in [
+        ("dy", dyp, 16),
+        ("w", wp, 16),
+        ("a", ap, 16),
+        ("dx", dxp, 4),
+    ] {
+        if addr % align != 0 {
+            return Err(crate::Error::Misaligned {
+                name,
+                address: addr,
+                align: align as usize,
+            });
+        }
+    }
+    let p = BwdPtrs {
+        x: xp,
+        a: ap,
+        b: bp,
+        h: hp,
+        dy: dyp,
+        dx: dxp,
+        da: dap,
+        db: dbp,
+    };
+    backward_core_launch::<T>(gpu, shape, opts, &p, wp)
+}
+
+/// Whether [`backward`] takes the core path ([`backward_core`]) for these arguments: as
+/// the forward's core path (sm_90, f16/bf16, enough [T, K] output tiles, this thread's
+/// [`set_core_dispatch`]), no active dropout, rank ≤ 64, K and N multiples of 8, dy, W
+/// and A 16-byte aligned, dX 4-byte aligned.
+fn backward_core_takes<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    p: &BwdPtrs,
+    w: u64,
+) -> bool {
+    CORE_DISPATCH.with(|c| c.get())
+        && opts.active_dropout().is_none()
+        && core_fills_gpu(shape.tokens, shape.in_features, gpu.sm_count() as usize)
+        && T::DTYPE != crate::DType::F32
+        && shape.rank <= super::gemm::MAX_RANK
+        && shape.in_features % 8 == 0
+        && shape.out_features % 8 == 0
+        && p.dy % 16 == 0
+        && w % 16 == 0
+        && p.a % 16 == 0
+        && p.dx % 4 == 0
+        && super::gemm::supported(gpu)
+}
+
+/// [`backward_core`]'s launches, arguments checked.
+fn backward_core_launch<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    p: &BwdPtrs,
+    w: u64,
+) -> Result<()> {
+    use super::gemm::{self, CorePtrs};
+    let (t, k, n, r) = (
+        shape.tokens,
+        shape.in_features,
+        shape.out_features,
+        shape.rank,
+    );
+    // G = s · dY B [T, r] with rows of rp = r rounded up to 8 (TMA's 16-byte rows):
+    // columns < r written (by the core launch's jobs or by cuBLAS first), the only ones
+    // the core's U map and dA read.
+    let rp = r.next_multiple_of(8);
+    let g = gpu.scratch::<T>(t * rp)?;
+    let (gp, _gg) = dptr(gpu, "g", &g)?;
+    // Inside the core launch (as the forward's fused down product, x = dY and A = Bᵀ
+    // [r, N], a small transposed copy) when the rule allows it; else cuBLAS first.
+    let fused = FUSED_DOWN.with(|c| c.get()) && gemm::fused_down_fits_for::<T>(gpu, t, k, r, true)?;
+    let bt = if fused {
+        Some(gemm::transpose::<T>(gpu, p.b, n, r)?)
+    } else {
+        gemm_rm_ld::<T>(
+            gpu,
+            t,
+            r,
+            n,
+            opts.scale,
+            (p.dy, n),
+            false,
+            (p.b, r),
+            false,
+            0.0,
+            (gp, rp),
+        )?;
+        None
+    };
+    let bt_ptr = match &bt {
+        Some(bt) => Some(dptr(gpu, "bt", bt)?),
+        None => None,
+    };
+    // dX [T, K] = dY [T, N] · W [N, K] + G [T, r] · A [r, K]: the NN core (its "K" is N).
+    let core = CorePtrs {
+        x: p.dy,
+        w,
+        y: p.dx,
+        bias: 0,
+        col_scale: 0,
+        z: 0,
+        low_rank: Some((gp, p.a, r)),
+        nf4: None,
+        ldy: 0,
+        ldu: rp,
+        down: bt_ptr.as_ref().map(|(btp, _)| gemm::CoreDown {
+            a: *btp,
+            h: 0,
+            scale: opts.scale,
+        }),
+        w_kn: true,
+    };
+    gemm::launch_core::<T>(gpu, &core, t, k, n)?;
+    // dA = Gᵀ x (G already holds s);  dB = s · dYᵀ h.
+    gemm_rm_ld::<T>(
+        gpu,
+        r,
+        k,
+        t,
+        1.0,
+        (gp, rp),
+        true,
+        (p.x, k),
+        false,
+        0.0,
+        (p.da, k),
+    )?;
+    gemm_rm::<T>(gpu, n, r, t, opts.scale, p.dy, true, p.h, false, 0.0, p.db)
 }
 
 /// Validated device addresses of one backward call.

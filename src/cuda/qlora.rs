@@ -239,6 +239,7 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
                 ldy: n,
                 ldu: 0,
                 down: None,
+                w_kn: false,
             };
             gemm::launch_core::<T>(gpu, &core, t, nc, k)
         });
