@@ -518,6 +518,46 @@ fn gpu_dora_backward_in_chunks() {
     cuda::set_backward_chunk_elems(cuda::BACKWARD_CHUNK_ELEMS);
 }
 
+/// The backward's dX on the NN GEMM core (sm_90, f16/bf16, dense W, no dropout, K and N
+/// multiples of 8, enough [chunk, K] tiles): one chunk, then chunks of 576 rows and a
+/// last one of 124 rows too small for the core (its G and dX by cuBLAS), G = s·(dy⊙g) B
+/// from the core launch's jobs and (fused down product off) from cuBLAS, with z saved
+/// and recomputed. On other GPUs the same cases run the cuBLAS path.
+#[test]
+fn gpu_dora_backward_core_dx() {
+    let Some(gpu) = gpu() else { return };
+    for (j, (chunk_elems, fused)) in [
+        (cuda::BACKWARD_CHUNK_ELEMS, true),
+        (600 * 1024, true),
+        (600 * 1024, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        cuda::set_backward_chunk_elems(chunk_elems);
+        lora_kernels::cuda::lora::set_fused_down(fused);
+        for (i, &(t, k, n, r)) in [(700usize, 1024usize, 64usize, 12usize), (520, 1000, 88, 16)]
+            .iter()
+            .enumerate()
+        {
+            for save_z in [false, true] {
+                let c = Case {
+                    shape: LoraShape::new(t, k, n, r),
+                    bias: i == 0,
+                    dropout: false,
+                    save_z,
+                    nf4: None,
+                };
+                let seed = 9200 + 10 * j as u64 + 2 * i as u64 + save_z as u64;
+                check_case::<bf16>(gpu, &c, seed);
+                check_case::<f16>(gpu, &c, seed + 100);
+            }
+        }
+    }
+    lora_kernels::cuda::lora::set_fused_down(true);
+    cuda::set_backward_chunk_elems(cuda::BACKWARD_CHUNK_ELEMS);
+}
+
 fn qdora_cases() -> Vec<Case> {
     let shapes = [
         (1, 64, 7, 8),

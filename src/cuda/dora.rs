@@ -23,8 +23,10 @@
 //! - backward: `gl = dy (g⊙B)` and `dB = s·g⊙(dyᵀh)` on [T, r] / [N, r] scratch, then
 //!   token chunks of at most [`BACKWARD_CHUNK_ELEMS`] / max(N, K) rows: `z` (given, or
 //!   recomputed), one pass writing `dy⊙g` (or `dy⊙(g−1)` under dropout) and the chunk's
-//!   deterministic partial sums of `dy⊙z`, and the chunk's dX by cuBLAS. dm is the sum of
-//!   the partials over the norm. No [N, K] temporary is ever formed.
+//!   deterministic partial sums of `dy⊙z`, and the chunk's dX: `(dy⊙g) W + (s·gl) A` by
+//!   one NN GEMM-core launch where it can (sm_90, f16/bf16, dense W, no dropout, K and N
+//!   multiples of 8, enough tiles; see `lora::backward_core`), else by cuBLAS. dm is the
+//!   sum of the partials over the norm. No [N, K] temporary is ever formed.
 //!
 //! Extra device memory: forward O(N + T·r) (plus [T, K] under dropout); backward
 //! O(N·r + T·r) plus the chunk buffers, at most 2 × [`BACKWARD_CHUNK_ELEMS`] elements
@@ -32,9 +34,11 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, SyncOnDrop};
 
+use super::gemm::{fused_down_fits_for, transpose, CoreDown};
 use super::lora::{
-    core_takes, dora_fused_small, forward_core_launch, forward_large, forward_small, grid_1d,
-    launch_down, launch_merge, launch_tn, DoraPtrs, FwdPtrs, MergeMode,
+    core_takes, dora_fused_small, dx_core_takes, forward_core_launch, forward_large, forward_small,
+    fused_down_enabled, grid_1d, launch_down, launch_dx_core, launch_merge, launch_tn, DoraPtrs,
+    FwdPtrs, MergeMode,
 };
 use super::qlora::for_each_panel;
 use super::{dptr, dptr_mut, gemm_rm, gemm_rm_ld, lk_dropout, Gpu, LkNf4};
@@ -752,18 +756,37 @@ pub(crate) fn backward_impl<T: Element>(
     let (xp, ap, bp, mp, hp, np) = (p.x, p.a, p.b, p.m, p.h, p.norm);
     let (dyp, dxp, dap, dbp, dmp) = (p.dy, p.dx, p.da, p.db, p.dm);
     let zs = p.z;
-    // g ⊙ B [N, r] and gl = dy (g ⊙ B) [T, r] (scratch, written in full before reads).
-    let bg = gpu.scratch::<T>(shape.b_len())?;
-    let (bgp, _gbg) = dptr(gpu, "g_b", &bg)?;
-    launch_rowscale::<T>(gpu, shape, bp, bgp, mp, np)?;
-    let gl = gpu.scratch::<T>(shape.h_len())?;
+    // dX on the NN GEMM core (dense W, no dropout, see lora::dx_core_takes): each chunk's
+    // `dX = (dy ⊙ g) W + G A` in one launch, with G = s · gl = s · (dy ⊙ g) B computed per
+    // chunk from the chunk's dy ⊙ g (by the launch's own jobs where the fused rule allows,
+    // else by cuBLAS first) into rows of rp = r rounded up to 8 (TMA's 16-byte rows;
+    // columns < r written, the only ones read); dA = Gᵀ x after the chunks.
+    let dense_w = match base {
+        Base::Dense(w) => Some(*w),
+        Base::Nf4(_) => None,
+    };
+    let core_dx = match dense_w {
+        Some(w) => dropout.is_none() && dx_core_takes::<T>(gpu, shape, t, 0, w, ap),
+        None => false,
+    };
+    let ldg = if core_dx { r.next_multiple_of(8) } else { r };
+    let gl = gpu.scratch::<T>(t * ldg)?;
     let (glp, _ggl) = dptr(gpu, "gl", &gl)?;
-    gemm_rm::<T>(gpu, t, r, n, 1.0, dyp, false, bgp, false, 0.0, glp)?;
+    // Bᵀ [r, N]: the jobs' K-major operand (only when a chunk fuses G).
+    let mut bt: Option<cudarc::driver::CudaSlice<T>> = None;
+    if !core_dx {
+        // g ⊙ B [N, r] and gl = dy (g ⊙ B) [T, r] (scratch, written in full before reads).
+        let bg = gpu.scratch::<T>(shape.b_len())?;
+        let (bgp, _gbg) = dptr(gpu, "g_b", &bg)?;
+        launch_rowscale::<T>(gpu, shape, bp, bgp, mp, np)?;
+        gemm_rm::<T>(gpu, t, r, n, 1.0, dyp, false, bgp, false, 0.0, glp)?;
+    }
     // dB = s · g ⊙ (dyᵀ h): the product, then its rows scaled in place.
     gemm_rm::<T>(gpu, n, r, t, s, dyp, true, hp, false, 0.0, dbp)?;
     launch_rowscale::<T>(gpu, shape, dbp, dbp, mp, np)?;
-    // dA = s · glᵀ drop(x).
+    // dA = s · glᵀ drop(x) (on the core path: after the chunks, from G).
     match dropout {
+        None if core_dx => {}
         None => gemm_rm::<T>(gpu, r, k, t, s, glp, true, xp, false, 0.0, dap)?,
         Some(d) => launch_tn::<T>(gpu, xp, glp, t, k, r, 1, k as i64, s, dap, Some(d))?,
     }
@@ -848,14 +871,69 @@ pub(crate) fn backward_impl<T: Element>(
         };
         gpu.launch(&format!("lk_dora_dyz_{}", T::DTYPE.suffix()), cfg, &params)?;
         split0 += splits;
-        let glc = offset::<T>(glp, t0 * r);
-        match dropout {
-            None => {
+        let glc = offset::<T>(glp, t0 * ldg);
+        // G of this chunk = s · (dy ⊙ g) B, by cuBLAS (core path, unfused).
+        let g_chunk = || {
+            gemm_rm_ld::<T>(
+                gpu,
+                tn,
+                r,
+                n,
+                s,
+                (dyfp, n),
+                false,
+                (bp, r),
+                false,
+                0.0,
+                (glc, ldg),
+            )
+        };
+        match (dropout, dense_w) {
+            (None, Some(w))
+                if core_dx && dx_core_takes::<T>(gpu, shape, tn, dyfp, w, ap) && dxc % 4 == 0 =>
+            {
+                // dX = (dy ⊙ g) W + G A, one NN core launch (G from its jobs if it fits).
+                let fused = fused_down_enabled() && fused_down_fits_for::<T>(gpu, tn, k, r, true)?;
+                let down = if fused {
+                    if bt.is_none() {
+                        bt = Some(transpose::<T>(gpu, bp, n, r)?);
+                    }
+                    let (btp, _gbt) = dptr(gpu, "bt", bt.as_ref().unwrap())?;
+                    Some(CoreDown {
+                        a: btp,
+                        h: 0,
+                        scale: s,
+                    })
+                } else {
+                    g_chunk()?;
+                    None
+                };
+                launch_dx_core::<T>(gpu, shape, tn, dyfp, w, (glc, ldg), ap, dxc, down)?;
+            }
+            (None, _) if core_dx => {
+                // This chunk too small for the core: G by cuBLAS, then dX.
+                g_chunk()?;
+                base.dw::<T>(gpu, tn, k, n, 1.0, dyfp, 0.0, dxc)?;
+                gemm_rm_ld::<T>(
+                    gpu,
+                    tn,
+                    k,
+                    r,
+                    1.0,
+                    (glc, ldg),
+                    false,
+                    (ap, k),
+                    false,
+                    1.0,
+                    (dxc, k),
+                )?;
+            }
+            (None, _) => {
                 // dX = (dy ⊙ g) W + s · gl A.
                 base.dw::<T>(gpu, tn, k, n, 1.0, dyfp, 0.0, dxc)?;
                 gemm_rm::<T>(gpu, tn, k, r, s, glc, false, ap, false, 1.0, dxc)?;
             }
-            Some(d) => {
+            (Some(d), _) => {
                 // dX = dy W + ((dy ⊙ (g − 1)) W + s · gl A) ⊙ mask / (1 − p).
                 base.dw::<T>(gpu, tn, k, n, kp, dyfp, 0.0, dxc)?;
                 gemm_rm::<T>(gpu, tn, k, r, s * kp, glc, false, ap, false, 1.0, dxc)?;
@@ -863,6 +941,22 @@ pub(crate) fn backward_impl<T: Element>(
                 base.dw::<T>(gpu, tn, k, n, 1.0, dyc, 1.0, dxc)?;
             }
         }
+    }
+    if core_dx {
+        // dA = Gᵀ x (G holds s).
+        gemm_rm_ld::<T>(
+            gpu,
+            r,
+            k,
+            t,
+            1.0,
+            (glp, ldg),
+            true,
+            (xp, k),
+            false,
+            0.0,
+            (dap, k),
+        )?;
     }
     let params = LkDoraDmParams {
         part: partp as *const f32,

@@ -66,12 +66,19 @@ thread_local! {
     static FUSED_DOWN: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
 }
 
-/// Lets (`true`, the default) or stops the GEMM-core forward calls made from this thread
-/// computing `x Aᵀ` inside the core launch (as jobs before the tiles), so that tests and
-/// benches can run the down-kernel path on the same shapes.
+/// Lets (`true`, the default) or stops the GEMM-core calls made from this thread
+/// computing `x Aᵀ` (forward) or `G = s·dY B` (backward's dX) inside the core launch (as
+/// jobs before the tiles), so that tests and benches can run the unfused paths on the
+/// same shapes.
 #[doc(hidden)]
 pub fn set_fused_down(enabled: bool) {
     FUSED_DOWN.with(|c| c.set(enabled));
+}
+
+/// Whether this thread lets the core compute the down product (or the backward's G)
+/// inside its launch ([`set_fused_down`]).
+pub(crate) fn fused_down_enabled() -> bool {
+    FUSED_DOWN.with(|c| c.get())
 }
 
 /// Forward: `y = x Wᵀ + bias + s · drop(x) Aᵀ Bᵀ`. Writes `y` [T, N] and, if given,
@@ -295,7 +302,7 @@ pub(crate) fn forward_core_launch<T: Element>(
     // The down product inside the core launch (jobs run before the tiles) when it can
     // be: no active dropout (the core stages x as it is), a dense W, A 16-byte aligned
     // and r ≤ 32; else the down kernel first.
-    let fused = FUSED_DOWN.with(|c| c.get())
+    let fused = fused_down_enabled()
         && opts.active_dropout().is_none()
         && p.nf4.is_none()
         && p.a % 16 == 0
@@ -884,18 +891,66 @@ fn backward_core_takes<T: Element>(
     p: &BwdPtrs,
     w: u64,
 ) -> bool {
+    opts.active_dropout().is_none() && dx_core_takes::<T>(gpu, shape, shape.tokens, p.dy, w, p.a)
+}
+
+/// Whether `dX = d W + G A` for `tokens` rows of d ([tokens, N] at `d`) can run on the
+/// NN core (see [`launch_dx_core`]): this thread's [`set_core_dispatch`], enough
+/// [tokens, K] output tiles, sm_90, f16/bf16, rank ≤ 64, K and N multiples of 8, d, W
+/// and A 16-byte aligned (dX's 4-byte alignment follows from K % 8 == 0 for row offsets
+/// of a 4-byte aligned buffer; callers check the base).
+pub(crate) fn dx_core_takes<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    tokens: usize,
+    d: u64,
+    w: u64,
+    a: u64,
+) -> bool {
     CORE_DISPATCH.with(|c| c.get())
-        && opts.active_dropout().is_none()
-        && core_fills_gpu(shape.tokens, shape.in_features, gpu.sm_count() as usize)
+        && core_fills_gpu(tokens, shape.in_features, gpu.sm_count() as usize)
         && T::DTYPE != crate::DType::F32
         && shape.rank <= super::gemm::MAX_RANK
         && shape.in_features % 8 == 0
         && shape.out_features % 8 == 0
-        && p.dy % 16 == 0
+        && d % 16 == 0
         && w % 16 == 0
-        && p.a % 16 == 0
-        && p.dx % 4 == 0
+        && a % 16 == 0
         && super::gemm::supported(gpu)
+}
+
+/// `dX [tokens, K] = d [tokens, N] · W [N, K] + G [tokens, r] · A [r, K]` by one NN core
+/// launch (W read MN-major, G A as the extra K-slice, dX written once). G has rows of
+/// `ldg` elements (a multiple of 8, ≥ r, 16-byte aligned); with `down` the launch's own
+/// jobs write it first (`G = down.scale · d Bᵀᵀ`, A of the jobs = `down.a` = Bᵀ [r, N]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_dx_core<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    tokens: usize,
+    d: u64,
+    w: u64,
+    (g, ldg): (u64, usize),
+    a: u64,
+    dx: u64,
+    down: Option<super::gemm::CoreDown>,
+) -> Result<()> {
+    use super::gemm::{self, CorePtrs};
+    let core = CorePtrs {
+        x: d,
+        w,
+        y: dx,
+        bias: 0,
+        col_scale: 0,
+        z: 0,
+        low_rank: Some((g, a, shape.rank)),
+        nf4: None,
+        ldy: 0,
+        ldu: ldg,
+        down,
+        w_kn: true,
+    };
+    gemm::launch_core::<T>(gpu, &core, tokens, shape.in_features, shape.out_features)
 }
 
 /// [`backward_core`]'s launches, arguments checked.
@@ -906,7 +961,7 @@ fn backward_core_launch<T: Element>(
     p: &BwdPtrs,
     w: u64,
 ) -> Result<()> {
-    use super::gemm::{self, CorePtrs};
+    use super::gemm;
     let (t, k, n, r) = (
         shape.tokens,
         shape.in_features,
@@ -921,7 +976,7 @@ fn backward_core_launch<T: Element>(
     let (gp, _gg) = dptr(gpu, "g", &g)?;
     // Inside the core launch (as the forward's fused down product, x = dY and A = Bᵀ
     // [r, N], a small transposed copy) when the rule allows it; else cuBLAS first.
-    let fused = FUSED_DOWN.with(|c| c.get()) && gemm::fused_down_fits_for::<T>(gpu, t, k, r, true)?;
+    let fused = fused_down_enabled() && gemm::fused_down_fits_for::<T>(gpu, t, k, r, true)?;
     let bt = if fused {
         Some(gemm::transpose::<T>(gpu, p.b, n, r)?)
     } else {
@@ -945,25 +1000,12 @@ fn backward_core_launch<T: Element>(
         None => None,
     };
     // dX [T, K] = dY [T, N] · W [N, K] + G [T, r] · A [r, K]: the NN core (its "K" is N).
-    let core = CorePtrs {
-        x: p.dy,
-        w,
-        y: p.dx,
-        bias: 0,
-        col_scale: 0,
-        z: 0,
-        low_rank: Some((gp, p.a, r)),
-        nf4: None,
-        ldy: 0,
-        ldu: rp,
-        down: bt_ptr.as_ref().map(|(btp, _)| gemm::CoreDown {
-            a: *btp,
-            h: 0,
-            scale: opts.scale,
-        }),
-        w_kn: true,
-    };
-    gemm::launch_core::<T>(gpu, &core, t, k, n)?;
+    let down = bt_ptr.as_ref().map(|(btp, _)| gemm::CoreDown {
+        a: *btp,
+        h: 0,
+        scale: opts.scale,
+    });
+    launch_dx_core::<T>(gpu, shape, t, p.dy, w, (gp, rp), p.a, p.dx, down)?;
     // dA = Gᵀ x (G already holds s);  dB = s · dYᵀ h.
     gemm_rm_ld::<T>(
         gpu,
