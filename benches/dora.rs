@@ -12,7 +12,9 @@
 //! pool's high-water mark (beyond the inputs and outputs, which are allocated before).
 //! Inputs are random and rotated past L2 (≥ 128 MB per rotation); each figure is the
 //! median of CUDA-event-timed batches. `LORA_KERNELS_BENCH_QUICK=1` takes fewer
-//! samples; without a GPU the bench says so and exits.
+//! samples; `LORA_KERNELS_BENCH_FILTER=T4096` runs that T only;
+//! `LORA_KERNELS_BENCH_OPS=a,b` runs only the named ops (the others read NaN);
+//! without a GPU the bench says so and exits.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -300,6 +302,10 @@ fn main() {
     )
     .unwrap();
     for &t in &[1usize, 16, 4096] {
+        let tag = format!("T{t}");
+        if std::env::var("LORA_KERNELS_BENCH_FILTER").is_ok_and(|f| tag != f) {
+            continue;
+        }
         let s = LoraShape::new(t, 4096, 4096, 16);
         let opts = LoraOptions::new(2.0);
         // Enough sets that the whole of each set, and the NF4 weights of QDoRA alone,
@@ -325,6 +331,9 @@ fn main() {
             .iter()
             .map(|&op| {
                 let n = sets.len();
+                if !common::op_selected(op.name()) {
+                    return f64::NAN;
+                }
                 common::median_us(&gpu, samples, |i| {
                     run(&gpu, &s, &opts, op, &mut sets[i % n])
                 })
@@ -356,6 +365,9 @@ fn main() {
         let mut group = criterion.benchmark_group(format!("dora_bf16/T{t}_N4096_r16"));
         group.throughput(criterion::Throughput::Elements((t * 4096 * 4096) as u64));
         for &op in &ops {
+            if !common::op_selected(op.name()) {
+                continue;
+            }
             group.bench_function(op.name(), |bch| {
                 bch.iter_custom(|iters| {
                     let n = sets.len();

@@ -22,6 +22,8 @@
 //! `$LORA_KERNELS_BENCH_OUT` if set); criterion also records each op.
 //! `LORA_KERNELS_BENCH_FILTER=T16_N4096` keeps only the shapes whose tag contains it;
 //! `LORA_KERNELS_BENCH_QUICK=1` runs r = 16 only, with fewer samples.
+//! `LORA_KERNELS_BENCH_OPS=ours_fwdbwd,base_fwd` runs only the named ops (the others read
+//! NaN), e.g. to profile one op's launches under ncu.
 //! Without a GPU the bench says so and exits.
 
 use std::fmt::Write as _;
@@ -356,6 +358,9 @@ fn main() {
                     .iter()
                     .map(|&op| {
                         let n = sets.len();
+                        if !common::op_selected(op.name()) {
+                            return f64::NAN;
+                        }
                         common::median_us(&gpu, samples, |i| {
                             run(&gpu, &s, &opts, op, &mut sets[i % n])
                         })
@@ -380,6 +385,9 @@ fn main() {
                 let mut group = criterion.benchmark_group(format!("lora_bf16/{tag}"));
                 group.throughput(criterion::Throughput::Elements((t * n * 4096) as u64));
                 for &op in &ops[..6] {
+                    if !common::op_selected(op.name()) {
+                        continue;
+                    }
                     group.bench_function(op.name(), |bch| {
                         bch.iter_custom(|iters| {
                             Duration::from_secs_f64(time_iters(

@@ -72,6 +72,16 @@ pub fn quick() -> bool {
     std::env::var("LORA_KERNELS_BENCH_QUICK").is_ok_and(|v| v == "1")
 }
 
+/// Whether the op named `name` runs: `LORA_KERNELS_BENCH_OPS` (comma-separated op names)
+/// keeps only those (for profiling one op's launches under ncu); unset, every op runs.
+/// A skipped op's figures read NaN.
+pub fn op_selected(name: &str) -> bool {
+    match std::env::var("LORA_KERNELS_BENCH_OPS") {
+        Ok(list) => list.split(',').any(|o| o.trim() == name),
+        Err(_) => true,
+    }
+}
+
 /// Samples per median.
 pub fn samples() -> usize {
     if quick() {
