@@ -9,7 +9,9 @@
 //!   `cuda::gemm::tile_n_for`);
 //! - `cublas_nn`, `ours_nn` (the table's last columns): `y = x W` with W stored [K, N]
 //!   (the LoRA backward's `dX = dY W`), cuBLAS and `cuda::gemm::matmul_nn` (the core with
-//!   an MN-major B), the same W buffer read as [K, N].
+//!   an MN-major B), the same W buffer read as [K, N];
+//! - `ours_mma` (the table's `mma/cuB`): `y = x Wᵀ` on the mma.sync kernels (the sm_80 ..
+//!   sm_89 path, forced here), for reference: on Hopper they lack wgmma and TMA.
 //!
 //! Shapes: K = 4096, (T, N) ∈ {(4096, 4096), (4096, 11008), (512, 4096)}, plus 4096³
 //! (the same as the first, kept as the reference row). Inputs are random and rotated over
@@ -61,6 +63,7 @@ enum Op {
     Narrow,
     CublasNn,
     OursNn,
+    OursMma,
 }
 
 impl Op {
@@ -73,6 +76,7 @@ impl Op {
             Op::Narrow => "w128",
             Op::CublasNn => "cublas_nn",
             Op::OursNn => "ours_nn",
+            Op::OursMma => "ours_mma",
         }
     }
 }
@@ -101,6 +105,11 @@ fn run(gpu: &Gpu, (t, n, k): (usize, usize, usize), op: Op, s: &mut Set) {
         Op::OursNn => {
             core::matmul_nn(gpu, &s.x, &s.w, &mut s.y, &GemmEpilogue::new(), t, n, k).unwrap()
         }
+        Op::OursMma => {
+            core::force_mma_path(true);
+            core::matmul_nt(gpu, &s.x, &s.w, &mut s.y, &GemmEpilogue::new(), t, n, k).unwrap();
+            core::force_mma_path(false);
+        }
     }
 }
 
@@ -126,7 +135,7 @@ fn main() {
     .unwrap();
     writeln!(
         table,
-        "{:>6} {:>6} {:>6} | {:>9} {:>9} {:>9} | {:>8} {:>8} {:>8} | {:>8} {:>9} | {:>9} {:>9} | {:>9} {:>9} {:>8}",
+        "{:>6} {:>6} {:>6} | {:>9} {:>9} {:>9} | {:>8} {:>8} {:>8} | {:>8} {:>9} | {:>9} {:>9} | {:>9} {:>9} {:>8} | {:>8}",
         "T",
         "N",
         "K",
@@ -142,7 +151,8 @@ fn main() {
         "w128/cuB",
         "cuB nn",
         "ours nn",
-        "nn/cuBnn"
+        "nn/cuBnn",
+        "mma/cuB"
     )
     .unwrap();
 
@@ -169,6 +179,7 @@ fn main() {
             Op::Narrow,
             Op::CublasNn,
             Op::OursNn,
+            Op::OursMma,
         ];
         let us: Vec<f64> = ops
             .iter()
@@ -183,7 +194,7 @@ fn main() {
         let flops_lr = 2.0 * (t * n * (k + RANK)) as f64;
         writeln!(
             table,
-            "{:>6} {:>6} {:>6} | {:>9.1} {:>9.1} {:>9.1} | {:>8.1} {:>8.1} {:>8.1} | {:>8.3} {:>9.3} | {:>9.3} {:>9.3} | {:>9.1} {:>9.1} {:>8.3}",
+            "{:>6} {:>6} {:>6} | {:>9.1} {:>9.1} {:>9.1} | {:>8.1} {:>8.1} {:>8.1} | {:>8.3} {:>9.3} | {:>9.3} {:>9.3} | {:>9.1} {:>9.1} {:>8.3} | {:>8.3}",
             t,
             n,
             k,
@@ -199,7 +210,8 @@ fn main() {
             us[4] / us[0],
             us[5],
             us[6],
-            us[6] / us[5]
+            us[6] / us[5],
+            us[7] / us[0]
         )
         .unwrap();
         eprint!(

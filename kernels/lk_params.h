@@ -384,6 +384,26 @@ typedef struct LkGemmParams {
   int32_t rank;       /* 1 ..= u_rn */
 } LkGemmParams;
 
+/* The GEMM core's mma.sync kernels for sm_80 .. sm_89 (kernels/gemm.cu, lk_gemm_mma_nt_*),
+ * the same product as LkGemmParams' (y = col_scale * (x Wᵀ + u blᵀ) + bias, z = the
+ * accumulator) through plain pointers: x [t, k], W [n, k], k % 8 == 0, x and W 16-byte
+ * aligned; u [t, ldu] and bl [n, ldb] with columns rank .. round_up(rank, 8) zero, ldu and
+ * ldb multiples of 8, both 16-byte aligned (u NULL: no low-rank term); y [t, ldy] and z
+ * [t, n], 4-byte aligned. 128 × 128 tiles, grid (ceil(n / 128), ceil(t / 128)). */
+typedef struct LkGemmMmaParams {
+  const void *x;
+  const void *w;
+  const void *u;
+  const void *bl;
+  void *y;
+  void *z;
+  const void *bias;
+  const float *col_scale;
+  int32_t t, n, k;
+  int32_t rank, ldu, ldb;
+  int32_t ldy; /* y's row stride (≥ n; z, when set, has rows of n) */
+} LkGemmMmaParams;
+
 /* lk_nf4_core_scales: the GEMM core's NF4 scale table (LkGemmParams.nf4_scales) of w,
  * out [k_steps][n_pad][2] f32, in one grid-stride pass (w.cols % 32 == 0). */
 typedef struct LkNf4CoreScalesParams {

@@ -497,6 +497,21 @@ fn gpu_dora_cublas_path_f16_bf16() {
     lora_kernels::cuda::lora::set_core_dispatch(true);
 }
 
+/// The large-T cases without dropout on the GEMM core's mma.sync kernels (the sm_80 ..
+/// sm_89 path, forced on sm_90): DoRA's scale (and z) in their epilogue.
+#[test]
+fn gpu_dora_mma_path_f16_bf16() {
+    let Some(gpu) = gpu() else { return };
+    lora_kernels::cuda::gemm::force_mma_path(true);
+    for (i, c) in cases().iter().enumerate() {
+        if c.shape.tokens > lora_kernels::cuda::lora::SMALL_T_MAX && !c.dropout {
+            check_case::<bf16>(gpu, c, 7800 + i as u64);
+            check_case::<f16>(gpu, c, 7900 + i as u64);
+        }
+    }
+    lora_kernels::cuda::gemm::force_mma_path(false);
+}
+
 /// Backward in several token chunks (a small chunk bound) equals the oracle.
 #[test]
 fn gpu_dora_backward_in_chunks() {

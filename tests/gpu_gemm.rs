@@ -375,6 +375,53 @@ fn gemm_k4096() {
     check_case::<bf16>(gpu, &plain, 303);
 }
 
+/// The mma.sync kernels (the sm_80 .. sm_89 path; forced on sm_90) over the odd shapes,
+/// every rank kind, K = 4096, many tiles and odd N; then their refusals (NF4, W [K, N]).
+/// Skipped loudly on a GPU older than sm_80 (none is supported).
+#[test]
+fn gemm_mma_path_shapes() {
+    let Some(gpu) = gpu() else { return };
+    if !gemm::supported(gpu) && gpu.compute_capability().0 != 8 {
+        eprintln!("\n*** gemm_mma_path_shapes SKIPPED: neither sm_8x nor sm_90 ***\n");
+        return;
+    }
+    gemm::force_mma_path(true);
+    let mut cases = odd_cases();
+    for (t, n, k, r) in [
+        (129usize, 200usize, 4096usize, 16usize),
+        (1100, 520, 64, 16),
+        (1030, 777, 136, 0),
+        (300, 1000, 88, 3),
+        (257, 1024, 520, 64),
+        (130, 260, 64, 17),
+    ] {
+        cases.push(Case {
+            t,
+            n,
+            k,
+            bias: t % 2 == 0,
+            scale: t % 3 == 0,
+            r,
+        });
+    }
+    for (i, c) in cases.iter().enumerate() {
+        check_case::<bf16>(gpu, c, 1500 + i as u64);
+        check_case::<f16>(gpu, c, 1600 + i as u64);
+    }
+    // NF4 and W [K, N] are wgmma-only.
+    let (t, n, k) = (17usize, 24usize, 64usize);
+    let x: CudaSlice<bf16> = gpu.zeros(t * k).unwrap();
+    let w: CudaSlice<bf16> = gpu.zeros(n * k).unwrap();
+    let mut y: CudaSlice<bf16> = gpu.zeros(t * n).unwrap();
+    let e = gemm::matmul_nn(gpu, &x, &w, &mut y, &GemmEpilogue::new(), t, n, k).unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    let q = Nf4Weight::quantize(&vec![bf16::ONE; n * k], n, k, 64, false).unwrap();
+    let wq = Nf4Device::upload(gpu, &q).unwrap();
+    let e = gemm::matmul_nt_nf4(gpu, t, &x, &wq, &mut y, &GemmEpilogue::new()).unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    gemm::force_mma_path(false);
+}
+
 /// Every rank the low-rank slice takes, including ranks that are not multiples of 8
 /// (padded copies of U and Bl), against small and odd shapes.
 #[test]

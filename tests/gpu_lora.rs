@@ -301,6 +301,22 @@ fn gpu_lora_cublas_path_f16_bf16() {
     cuda::set_core_dispatch(true);
 }
 
+/// The large-T cases on the GEMM core's mma.sync kernels (the sm_80 .. sm_89 path,
+/// forced on sm_90): the forward's y from the mma core with the low-rank K-slice, the
+/// backward on cuBLAS (the NN core is wgmma-only).
+#[test]
+fn gpu_lora_mma_path_f16_bf16() {
+    let Some(gpu) = gpu() else { return };
+    lora_kernels::cuda::gemm::force_mma_path(true);
+    for (i, c) in cases().iter().enumerate() {
+        if c.shape.tokens > cuda::SMALL_T_MAX {
+            check_case::<bf16>(gpu, c, 8000 + i as u64);
+            check_case::<f16>(gpu, c, 8100 + i as u64);
+        }
+    }
+    lora_kernels::cuda::gemm::force_mma_path(false);
+}
+
 fn merge_case<T: Element>(gpu: &Gpu, s: LoraShape, seed: u64) {
     let mut rng = Rng::new(seed);
     let (w0, a, b): (Vec<T>, Vec<T>, Vec<T>) = (

@@ -281,6 +281,36 @@ fn gpu_qlora_core_sized() {
     }
 }
 
+/// The core-sized cases on the mma.sync kernels (the sm_80 .. sm_89 path, forced on
+/// sm_90): the panel path's dense core over each dequantized panel, storing into y's
+/// columns (row stride N), with 1000-row panels and one panel.
+#[test]
+fn gpu_qlora_mma_path() {
+    let Some(gpu) = gpu() else { return };
+    let _lock = PANEL.lock().unwrap_or_else(|e| e.into_inner());
+    lora_kernels::cuda::gemm::force_mma_path(true);
+    for (i, (cap_rows, shape)) in [
+        (1000, LoraShape::new(257, 320, 2816, 16)),
+        (0, LoraShape::new(300, 96, 2900, 8)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        cuda::set_panel_elems(cap_rows * shape.in_features);
+        let c = Case {
+            shape,
+            bs: 64,
+            dq: i == 0,
+            bias: true,
+            dropout: i == 1,
+        };
+        check_case::<bf16>(gpu, &c, 800 + i as u64);
+        check_case::<f16>(gpu, &c, 810 + i as u64);
+    }
+    cuda::set_panel_elems(0);
+    lora_kernels::cuda::gemm::force_mma_path(false);
+}
+
 /// Many panels: 8-row panels, a 13-row cap (8-row panels, the last ragged), 3-row
 /// panels (fewer than 8 rows fit) and 1000-row panels of a core-sized layer, on the
 /// large-T path and the backward.

@@ -1038,6 +1038,61 @@ impl Default for LkGemmParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct LkGemmMmaParams {
+    pub x: *const ::core::ffi::c_void,
+    pub w: *const ::core::ffi::c_void,
+    pub u: *const ::core::ffi::c_void,
+    pub bl: *const ::core::ffi::c_void,
+    pub y: *mut ::core::ffi::c_void,
+    pub z: *mut ::core::ffi::c_void,
+    pub bias: *const ::core::ffi::c_void,
+    pub col_scale: *const f32,
+    pub t: i32,
+    pub n: i32,
+    pub k: i32,
+    pub rank: i32,
+    pub ldu: i32,
+    pub ldb: i32,
+    pub ldy: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkGemmMmaParams"][::core::mem::size_of::<LkGemmMmaParams>() - 96usize];
+    ["Alignment of LkGemmMmaParams"][::core::mem::align_of::<LkGemmMmaParams>() - 8usize];
+    ["Offset of field: LkGemmMmaParams::x"][::core::mem::offset_of!(LkGemmMmaParams, x) - 0usize];
+    ["Offset of field: LkGemmMmaParams::w"][::core::mem::offset_of!(LkGemmMmaParams, w) - 8usize];
+    ["Offset of field: LkGemmMmaParams::u"][::core::mem::offset_of!(LkGemmMmaParams, u) - 16usize];
+    ["Offset of field: LkGemmMmaParams::bl"]
+        [::core::mem::offset_of!(LkGemmMmaParams, bl) - 24usize];
+    ["Offset of field: LkGemmMmaParams::y"][::core::mem::offset_of!(LkGemmMmaParams, y) - 32usize];
+    ["Offset of field: LkGemmMmaParams::z"][::core::mem::offset_of!(LkGemmMmaParams, z) - 40usize];
+    ["Offset of field: LkGemmMmaParams::bias"]
+        [::core::mem::offset_of!(LkGemmMmaParams, bias) - 48usize];
+    ["Offset of field: LkGemmMmaParams::col_scale"]
+        [::core::mem::offset_of!(LkGemmMmaParams, col_scale) - 56usize];
+    ["Offset of field: LkGemmMmaParams::t"][::core::mem::offset_of!(LkGemmMmaParams, t) - 64usize];
+    ["Offset of field: LkGemmMmaParams::n"][::core::mem::offset_of!(LkGemmMmaParams, n) - 68usize];
+    ["Offset of field: LkGemmMmaParams::k"][::core::mem::offset_of!(LkGemmMmaParams, k) - 72usize];
+    ["Offset of field: LkGemmMmaParams::rank"]
+        [::core::mem::offset_of!(LkGemmMmaParams, rank) - 76usize];
+    ["Offset of field: LkGemmMmaParams::ldu"]
+        [::core::mem::offset_of!(LkGemmMmaParams, ldu) - 80usize];
+    ["Offset of field: LkGemmMmaParams::ldb"]
+        [::core::mem::offset_of!(LkGemmMmaParams, ldb) - 84usize];
+    ["Offset of field: LkGemmMmaParams::ldy"]
+        [::core::mem::offset_of!(LkGemmMmaParams, ldy) - 88usize];
+};
+impl Default for LkGemmMmaParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct LkNf4CoreScalesParams {
     pub w: LkNf4,
     pub out: *mut f32,

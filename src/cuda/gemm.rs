@@ -45,8 +45,8 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfi
 
 use super::nf4::Nf4Device;
 use super::{
-    dptr, dptr_mut, Gpu, LkGemmPadParams, LkGemmParams, LkNf4, LkNf4CoreScalesParams,
-    LkTransposeParams,
+    dptr, dptr_mut, Gpu, LkGemmMmaParams, LkGemmPadParams, LkGemmParams, LkNf4,
+    LkNf4CoreScalesParams, LkTransposeParams,
 };
 use crate::lora::check_len;
 use crate::{DType, Element, Error, Result};
@@ -484,6 +484,7 @@ pub(crate) fn fused_down_fits_for<T: Element>(
     let pairs_m = tokens.div_ceil(TILE_M).div_ceil(2);
     if T::DTYPE == DType::F32
         || !supported(gpu)
+        || mma_path(gpu)
         || !(1..=FUSED_DOWN_MAX_RANK).contains(&r)
         || 2 * pairs_m > gpu.core_flags.len()
     {
@@ -598,13 +599,17 @@ pub(crate) fn launch_core<T: Element>(
             reason: "f32 operands (the GEMM core takes f16 and bf16)".into(),
         });
     }
+    if mma_path(gpu) {
+        return launch_mma::<T>(gpu, p, tokens, n, k);
+    }
     if !supported(gpu) {
         let (major, minor) = gpu.compute_capability();
         return Err(Error::Unsupported {
             op: "gemm::matmul_nt",
             reason: format!(
-                "{} is sm_{major}{minor}; the GEMM core needs sm_90 (H100/H200) and a build \
-                 with sm_90a code (built: sm_{})",
+                "{} is sm_{major}{minor}; the GEMM core needs sm_80..sm_89 (the mma.sync \
+                 kernels, dense W [N, K] only) or sm_90 (H100/H200) with a build holding \
+                 sm_90a code (built: sm_{})",
                 gpu.name(),
                 super::built_archs()
             ),
@@ -643,48 +648,17 @@ pub(crate) fn launch_core<T: Element>(
         Some(q) => Some(core_scales(gpu, q, k.div_ceil(TILE_K), n_pad)?),
     };
 
-    // The low-rank operands: as given when their rows are 16-byte multiples, else
-    // copied into [rows, rp] scratch (rp = r rounded up to 8). The scratch buffers are
-    // freed in stream order after the GEMM has been queued.
-    // With the fused down product U is the kernel's own [T, u_ld] output, never padded.
+    // The low-rank operands (see low_rank_operands).
     let mut _pads: Vec<CudaSlice<T>> = Vec::new();
-    let (u_map, bl_map) = match low_rank {
-        Some((up, bp, r)) => {
-            let rp = r.next_multiple_of(8);
-            let (u_addr, u_ld) = match p.ldu {
-                0 if r == rp => (up, rp),
-                0 => {
-                    let u_pad = pad_cols::<T>(gpu, up, tokens, r, rp)?;
-                    let addr = raw_addr(gpu, &u_pad); // still owned by _pads below
-                    _pads.push(u_pad);
-                    (addr, rp)
-                }
-                ldu if ldu % 8 == 0 && ldu >= r && up % 16 == 0 => (up, ldu),
-                ldu => {
-                    return Err(Error::Unsupported {
-                        op: "gemm core",
-                        reason: format!(
-                            "U's row stride {ldu} (rank {r}) must be a multiple of 8 and ≥ \
-                             the rank, U 16-byte aligned"
-                        ),
-                    })
-                }
-            };
-            let b_addr = if r == rp || p.w_kn {
-                bp
-            } else {
-                let b_pad = pad_cols::<T>(gpu, bp, n, r, rp)?;
-                let addr = raw_addr(gpu, &b_pad);
-                _pads.push(b_pad);
-                addr
-            };
+    let (u_map, bl_map) = match low_rank_operands::<T>(gpu, p, tokens, n, &mut _pads)? {
+        Some(lr) => {
             let bl_map = if p.w_kn {
                 // Bl [r, N]: boxes of 64 columns × 64 rows, rows ≥ r zero-filled.
-                tensor_map(dt, b_addr, n, r, n, TILE_K)?
+                tensor_map(dt, lr.b, n, lr.r, n, TILE_K)?
             } else {
-                tensor_map(dt, b_addr, r, n, rp, tile_n / 2)?
+                tensor_map(dt, lr.b, lr.r, n, lr.ldb, tile_n / 2)?
             };
-            (tensor_map(dt, u_addr, r, tokens, u_ld, TILE_M)?, bl_map)
+            (tensor_map(dt, lr.u, lr.r, tokens, lr.ldu, TILE_M)?, bl_map)
         }
         // Unused by the kernel without the low-rank slice.
         None => (x_map, w_map),
@@ -832,6 +806,161 @@ pub(crate) fn launch_core<T: Element>(
     // order until the launch is queued.
     unsafe { b.launch(cfg) }?;
     Ok(())
+}
+
+thread_local! {
+    /// Whether this thread's core launches take the mma.sync kernels on sm_90 too.
+    static FORCE_MMA: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes this thread's core launches on an sm_90 GPU take the mma.sync kernels (the
+/// sm_80 .. sm_89 path) instead of the wgmma ones, so tests check that path on Hopper
+/// machines. Off by default.
+#[doc(hidden)]
+pub fn force_mma_path(force: bool) {
+    FORCE_MMA.with(|c| c.set(force));
+}
+
+/// Whether core launches take the mma.sync kernels here: an sm_80 .. sm_89 GPU (the
+/// build always holds compute_80 PTX), or [`force_mma_path`] on this thread.
+pub(crate) fn mma_path(gpu: &Gpu) -> bool {
+    FORCE_MMA.with(|c| c.get()) || gpu.compute_capability().0 == 8
+}
+
+/// Whether a core launch runs on this GPU: the wgmma kernels on sm_90 ([`supported`]),
+/// or the mma.sync kernels on sm_80 .. sm_89 for a dense W [N, K] (`w_nt_dense`; NF4, W
+/// [K, N] and the fused down product are sm_90 only).
+pub(crate) fn core_runs(gpu: &Gpu, w_nt_dense: bool) -> bool {
+    if mma_path(gpu) {
+        w_nt_dense
+    } else {
+        supported(gpu)
+    }
+}
+
+/// [`launch_core`] on the mma.sync kernels (`lk_gemm_mma_nt_*`, any GPU from sm_80 on):
+/// dense W [N, K] without the fused down product, U (if any) without its own row
+/// stride, z only beside a contiguous y.
+fn launch_mma<T: Element>(
+    gpu: &Gpu,
+    p: &CorePtrs,
+    tokens: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    let ldy = if p.ldy == 0 { n } else { p.ldy };
+    if p.nf4.is_some() || p.w_kn || p.down.is_some() || p.ldu != 0 || (ldy != n && p.z != 0) {
+        let (major, minor) = gpu.compute_capability();
+        return Err(Error::Unsupported {
+            op: "gemm core",
+            reason: format!(
+                "the mma.sync core (this GPU: sm_{major}{minor}) takes a dense W [N, K] only: \
+                 NF4, W [K, N], the fused down product, U with its own row stride and z \
+                 beside a strided y need sm_90"
+            ),
+        });
+    }
+    gpu.context().bind_to_thread()?;
+    let mut _pads: Vec<CudaSlice<T>> = Vec::new();
+    let lr = low_rank_operands::<T>(gpu, p, tokens, n, &mut _pads)?;
+    let params = LkGemmMmaParams {
+        x: p.x as *const _,
+        w: p.w as *const _,
+        u: lr.as_ref().map_or(0, |l| l.u) as *const _,
+        bl: lr.as_ref().map_or(0, |l| l.b) as *const _,
+        y: p.y as *mut _,
+        z: p.z as *mut _,
+        bias: p.bias as *const _,
+        col_scale: p.col_scale as *const f32,
+        t: tokens as i32,
+        n: n as i32,
+        k: k as i32,
+        rank: lr.as_ref().map_or(0, |l| l.r) as i32,
+        ldu: lr.as_ref().map_or(0, |l| l.ldu) as i32,
+        ldb: lr.as_ref().map_or(0, |l| l.ldb) as i32,
+        ldy: ldy as i32,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (
+            n.div_ceil(MMA_TILE) as u32,
+            tokens.div_ceil(MMA_TILE) as u32,
+            1,
+        ),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // The kernel reads x [T, K] and W [N, K] (16-byte aligned, K % 8 == 0, lengths
+    // checked by the callers) and U / Bl (rows of ldu / ldb ≥ round_up(r, 8) elements,
+    // padded copies with zero columns when r % 8 != 0, alive until the launch is queued)
+    // only inside those bounds, and writes y ([T, ldy], ldy ≥ N: a caller's strided
+    // view) and z (when set, [T, N]), 4-byte aligned, at rows < T and columns < N.
+    gpu.launch(
+        &format!("lk_gemm_mma_nt_{}", T::DTYPE.suffix()),
+        cfg,
+        &params,
+    )
+}
+
+/// The mma.sync kernels' square tile (rows of y and columns of y per CTA).
+const MMA_TILE: usize = 128;
+
+/// The low-rank operands of one launch as the kernels read them.
+struct LowRankOps {
+    /// U's address and row stride (elements, a multiple of 8).
+    u: u64,
+    ldu: usize,
+    /// Bl's address and row stride ([N, r] rows of ldb ≥ r, or [r, N] rows of N).
+    b: u64,
+    ldb: usize,
+    r: usize,
+}
+
+/// `p.low_rank` as given when its rows are 16-byte multiples, else copied into [rows,
+/// rp] scratch (rp = r rounded up to 8, zeros in columns r .. rp) that `pads` keeps
+/// alive until the launch is queued (freed in stream order after it). U with its own row
+/// stride (`p.ldu`, the fused down product's output) is never padded; Bl [r, N] (NN)
+/// needs none.
+fn low_rank_operands<T: Element>(
+    gpu: &Gpu,
+    p: &CorePtrs,
+    tokens: usize,
+    n: usize,
+    pads: &mut Vec<CudaSlice<T>>,
+) -> Result<Option<LowRankOps>> {
+    let Some((up, bp, r)) = p.low_rank else {
+        return Ok(None);
+    };
+    let rp = r.next_multiple_of(8);
+    let (u, ldu) = match p.ldu {
+        0 if r == rp => (up, rp),
+        0 => {
+            let u_pad = pad_cols::<T>(gpu, up, tokens, r, rp)?;
+            let addr = raw_addr(gpu, &u_pad); // still owned by pads
+            pads.push(u_pad);
+            (addr, rp)
+        }
+        ldu if ldu % 8 == 0 && ldu >= r && up % 16 == 0 => (up, ldu),
+        ldu => {
+            return Err(Error::Unsupported {
+                op: "gemm core",
+                reason: format!(
+                    "U's row stride {ldu} (rank {r}) must be a multiple of 8 and ≥ the rank, \
+                     U 16-byte aligned"
+                ),
+            })
+        }
+    };
+    let (b, ldb) = if p.w_kn {
+        (bp, n)
+    } else if r == rp {
+        (bp, rp)
+    } else {
+        let b_pad = pad_cols::<T>(gpu, bp, n, r, rp)?;
+        let addr = raw_addr(gpu, &b_pad);
+        pads.push(b_pad);
+        (addr, rp)
+    };
+    Ok(Some(LowRankOps { u, ldu, b, ldb, r }))
 }
 
 /// The `wq` of a dense launch: no NF4 weight (the dense kernels never read it).

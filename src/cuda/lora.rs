@@ -155,7 +155,7 @@ fn forward_impl<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     )?;
     opts.validate()?;
     if core_only {
-        check_core_args::<T>(gpu, shape)?;
+        check_core_args::<T>(gpu, shape, "lora::forward_core", true)?;
     }
     let (xp, _gx) = dptr(gpu, "x", x)?;
     let (wp, _gw) = dptr(gpu, "w", weights.w)?;
@@ -196,8 +196,14 @@ fn forward_impl<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     }
 }
 
-/// [`forward_core`]'s shape, dtype and GPU requirements, as errors.
-fn check_core_args<T: Element>(gpu: &Gpu, shape: &LoraShape) -> Result<()> {
+/// [`forward_core`]'s (`w_nt_dense`: the mma.sync kernels of sm_80 .. sm_89 can take it)
+/// and [`backward_core`]'s (sm_90 only) shape, dtype and GPU requirements, as errors.
+fn check_core_args<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    op: &'static str,
+    w_nt_dense: bool,
+) -> Result<()> {
     use super::gemm;
     let (k, r) = (shape.in_features, shape.rank);
     if r > gemm::MAX_RANK {
@@ -214,12 +220,17 @@ fn check_core_args<T: Element>(gpu: &Gpu, shape: &LoraShape) -> Result<()> {
             reason: "the GEMM core needs K % 8 == 0 (TMA's 16-byte row stride)",
         });
     }
-    if T::DTYPE == crate::DType::F32 || !gemm::supported(gpu) {
+    if T::DTYPE == crate::DType::F32 || !gemm::core_runs(gpu, w_nt_dense) {
         let (major, minor) = gpu.compute_capability();
+        let needs = if w_nt_dense {
+            "sm_80 or newer (sm_90 with sm_90a code for the wgmma kernels)"
+        } else {
+            "sm_90 with sm_90a code (the NN kernels are wgmma-only)"
+        };
         return Err(crate::Error::Unsupported {
-            op: "lora::forward_core",
+            op,
             reason: format!(
-                "needs f16/bf16 on sm_90 with sm_90a code; got {:?} on {} (sm_{major}{minor})",
+                "needs f16/bf16 on {needs}; got {:?} on {} (sm_{major}{minor})",
                 T::DTYPE,
                 gpu.name()
             ),
@@ -267,7 +278,7 @@ pub(crate) fn core_takes<T: Element>(gpu: &Gpu, shape: &LoraShape, p: &FwdPtrs) 
         }
         && p.y % 4 == 0
         && (shape.rank % 8 != 0 || p.b % 16 == 0)
-        && super::gemm::supported(gpu)
+        && super::gemm::core_runs(gpu, p.nf4.is_none())
 }
 
 /// Whether a [T, N] output has enough 128 × 128 tiles for the core's clusters of 2 CTAs
@@ -830,7 +841,7 @@ pub fn backward_core<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         },
     )?;
     opts.validate()?;
-    check_core_args::<T>(gpu, shape)?;
+    check_core_args::<T>(gpu, shape, "lora::backward_core", false)?;
     if shape.out_features % 8 != 0 {
         return Err(crate::Error::Dim {
             name: "out_features",
@@ -917,6 +928,7 @@ pub(crate) fn dx_core_takes<T: Element>(
         && w % 16 == 0
         && a % 16 == 0
         && super::gemm::supported(gpu)
+        && !super::gemm::mma_path(gpu)
 }
 
 /// `dX [tokens, K] = d [tokens, N] · W [N, K] + G [tokens, r] · A [r, K]` by one NN core

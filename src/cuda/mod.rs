@@ -76,6 +76,7 @@ unsafe impl DeviceRepr for LkDoraDropParams {}
 unsafe impl DeviceRepr for LkGemmParams {}
 unsafe impl DeviceRepr for LkGemmPadParams {}
 unsafe impl DeviceRepr for LkTransposeParams {}
+unsafe impl DeviceRepr for LkGemmMmaParams {}
 unsafe impl DeviceRepr for LkNf4CoreScalesParams {}
 
 /// Words of [`Gpu`]'s index-error status buffer (layout in kernels/lk_params.h).
