@@ -37,7 +37,7 @@ use crate::lora::{check_len, LoraOptions, LoraShape};
 use crate::Result;
 
 /// The frozen and trainable weights of one DoRA linear layer: the LoRA weights plus
-/// the magnitude `m` [N] (peft's `lora_magnitude_vector`). `S` is a host slice for the
+/// the magnitude `m` \[N\] (peft's `lora_magnitude_vector`). `S` is a host slice for the
 /// CPU oracle or a device buffer for the CUDA ops; the base `W` has the same type, or
 /// for QDoRA ([`crate::cpu::qdora`], [`crate::cuda::qdora`]) is an NF4 weight
 /// ([`crate::Nf4Weight`], [`crate::cuda::nf4::Nf4Device`]).
@@ -49,9 +49,9 @@ pub struct DoraWeights<'a, S: ?Sized, W: ?Sized = S> {
     pub a: &'a S,
     /// B [N, r] (`lora_B.weight`).
     pub b: &'a S,
-    /// bias [N], frozen and not rescaled, or `None`.
+    /// bias \[N\], frozen and not rescaled, or `None`.
     pub bias: Option<&'a S>,
-    /// m [N] (`lora_magnitude_vector`).
+    /// m \[N\] (`lora_magnitude_vector`).
     pub magnitude: &'a S,
 }
 
@@ -62,7 +62,7 @@ impl<S: ?Sized, W: ?Sized> Clone for DoraWeights<'_, S, W> {
 }
 impl<S: ?Sized, W: ?Sized> Copy for DoraWeights<'_, S, W> {}
 
-/// What forward writes: `y` [T, N] always; optionally `h` [T, r], the row norms [N]
+/// What forward writes: `y` [T, N] always; optionally `h` [T, r], the row norms \[N\]
 /// (f32) and `z` [T, N] (the product before the DoRA scale), which [`DoraSaved`] hands
 /// to backward. `F` is the f32 buffer type (`[f32]` on the CPU).
 #[derive(Debug)]
@@ -85,7 +85,7 @@ impl<'a, O: ?Sized, F: ?Sized> DoraOutputs<'a, O, F> {
     }
 }
 
-/// What backward takes from forward: `h` [T, r] and the norms [N] (f32), both
+/// What backward takes from forward: `h` [T, r] and the norms \[N\] (f32), both
 /// required; `z` [T, N] is optional. Without it backward recomputes `z` (one more base
 /// product, in token chunks of bounded scratch); with it, dm costs one read.
 #[derive(Debug)]
@@ -95,7 +95,7 @@ pub struct DoraSaved<'a, S: ?Sized, F: ?Sized> {
     pub z: Option<&'a S>,
 }
 
-/// The gradients backward writes: `dx` [T, K], `da` [r, K], `db` [N, r], `dm` [N].
+/// The gradients backward writes: `dx` [T, K], `da` [r, K], `db` [N, r], `dm` \[N\].
 #[derive(Debug)]
 pub struct DoraGrads<'a, S: ?Sized> {
     pub dx: &'a mut S,
@@ -185,7 +185,7 @@ pub(crate) fn check_backward(
 }
 
 /// Checks the buffers of a norm, magnitude init, merge or unmerge: `w` [N, K], `a`
-/// [r, K], `b` [N, r] and an [N] vector (`shape.tokens` is unused).
+/// [r, K], `b` [N, r] and an \[N\] vector (`shape.tokens` is unused).
 pub(crate) fn check_weight_op(
     shape: &LoraShape,
     scale: f32,

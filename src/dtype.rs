@@ -45,7 +45,7 @@ mod sealed {
     impl Sealed for half::bf16 {}
 }
 
-/// A supported element type (f32, [`f16`], [`bf16`]).
+/// A supported element type (f32, [`f16`](struct@crate::f16), [`bf16`]).
 pub trait Element:
     sealed::Sealed
     + Copy

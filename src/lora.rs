@@ -9,7 +9,7 @@
 //! dA = s · gᵀ drop(x)
 //! dB = s · dYᵀ h
 //! ```
-//! with `x` [T, K], `W` [N, K], `A` [r, K], `B` [N, r], `bias` [N], `y` [T, N], all
+//! with `x` [T, K], `W` [N, K], `A` [r, K], `B` [N, r], `bias` \[N\], `y` [T, N], all
 //! row-major (PyTorch's `nn.Linear` and peft's `lora_A` / `lora_B` layouts). `W` and
 //! the bias are frozen: backward gives dX, dA and dB.
 
@@ -172,7 +172,7 @@ pub fn rslora_scale(alpha: f32, rank: usize) -> f32 {
 }
 
 /// The frozen and trainable weights of one LoRA linear layer: `W` [N, K], `A` [r, K],
-/// `B` [N, r] and an optional `bias` [N]. `S` is a host slice for the CPU oracle or a
+/// `B` [N, r] and an optional `bias` \[N\]. `S` is a host slice for the CPU oracle or a
 /// device buffer for the CUDA ops.
 #[derive(Debug)]
 pub struct LoraWeights<'a, S: ?Sized> {

@@ -116,7 +116,7 @@ pub enum SeqLen<'a, B: ?Sized> {
     /// Attention mask [batch, seq]: `L_b` = nonzero entries of row `b`; noise only where
     /// the mask is nonzero.
     Mask(&'a B),
-    /// Lengths [batch]: `L_b = lengths[b]` (must be in `0..=seq`); noise at `t < L_b`.
+    /// Lengths \[batch\]: `L_b = lengths[b]` (must be in `0..=seq`); noise at `t < L_b`.
     Lengths(&'a B),
 }
 
@@ -252,7 +252,7 @@ impl Index for i64 {
     }
 }
 
-/// Checks the mask's ([batch · seq]) or lengths' ([batch]) buffer length; `len_of`
+/// Checks the mask's ([batch · seq]) or lengths' (\[batch\]) buffer length; `len_of`
 /// reads a buffer's element count (host slice or device buffer).
 pub(crate) fn check_seq_len<B: ?Sized>(
     shape: &EmbedShape,

@@ -5,7 +5,7 @@
 //! ```text
 //! base_model.model.<module>.lora_A.weight          [r, K]
 //! base_model.model.<module>.lora_B.weight          [N, r]
-//! base_model.model.<module>.lora_magnitude_vector  [N]      (DoRA only)
+//! base_model.model.<module>.lora_magnitude_vector  \[N\]      (DoRA only)
 //! ```
 //!
 //! The scale of a module is `lora_alpha / r` (`lora_alpha / sqrt(r)` with
@@ -335,7 +335,7 @@ impl AdapterConfig {
     }
 }
 
-/// One adapted module: `A` [r, K], `B` [N, r] and, for DoRA, the magnitude [N], with
+/// One adapted module: `A` [r, K], `B` [N, r] and, for DoRA, the magnitude \[N\], with
 /// the scale its config gives it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterModule<T> {
@@ -353,7 +353,7 @@ pub struct AdapterModule<T> {
     pub a: Vec<T>,
     /// `lora_B.weight` [N, r].
     pub b: Vec<T>,
-    /// `lora_magnitude_vector` [N] (DoRA), else `None`.
+    /// `lora_magnitude_vector` \[N\] (DoRA), else `None`.
     pub magnitude: Option<Vec<T>>,
 }
 

@@ -22,7 +22,7 @@ use crate::{Error, LoraShape, Result};
 
 /// The weights of one QLoRA linear layer: the frozen NF4 base `w` ([`crate::Nf4Weight`]
 /// on the host, [`crate::cuda::nf4::Nf4Device`] on the GPU), the adapters `a` [r, K] and
-/// `b` [N, r], and an optional `bias` [N].
+/// `b` [N, r], and an optional `bias` \[N\].
 #[derive(Debug)]
 pub struct QloraWeights<'a, W: ?Sized, S: ?Sized> {
     pub w: &'a W,

@@ -30,7 +30,7 @@ fn norms_f64<T: Element>(shape: &LoraShape, scale: f32, w: &[T], a: &[T], b: &[T
     out
 }
 
-/// The row norms `‖W_o + s·(BA)_o‖` [N], in f32.
+/// The row norms `‖W_o + s·(BA)_o‖` \[N\], in f32.
 pub fn weight_norm<T: Element>(
     shape: &LoraShape,
     scale: f32,
@@ -296,7 +296,7 @@ pub fn backward<T: Element>(
 }
 
 /// Merge in place: `W' = (m / ‖W + s·BA‖) ⊙ (W + s·BA)`, rounded once to W's type.
-/// Writes the norms [N] (of the unmerged W), which [`unmerge`] needs.
+/// Writes the norms \[N\] (of the unmerged W), which [`unmerge`] needs.
 pub fn merge<T: Element>(
     shape: &LoraShape,
     scale: f32,

@@ -25,7 +25,7 @@ fn with_dense<'a, T: Element>(
     }
 }
 
-/// The row norms `‖deq(W)_o + s·(BA)_o‖` [N], in f32.
+/// The row norms `‖deq(W)_o + s·(BA)_o‖` \[N\], in f32.
 pub fn weight_norm<T: Element>(
     shape: &LoraShape,
     scale: f32,

@@ -300,7 +300,7 @@ impl Base {
         }
     }
 
-    /// The row norms `‖W + s·BA‖` into `norm` [N] (f32), and into `m_out` in T if
+    /// The row norms `‖W + s·BA‖` into `norm` \[N\] (f32), and into `m_out` in T if
     /// nonzero.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn norm<T: Element>(
@@ -340,7 +340,7 @@ impl Base {
     }
 }
 
-/// The row norms `‖W + s·BA‖` [N] into an f32 buffer.
+/// The row norms `‖W + s·BA‖` \[N\] into an f32 buffer.
 pub fn weight_norm<T: Element, I: DevicePtr<T>, F: DevicePtrMut<f32>>(
     gpu: &Gpu,
     shape: &LoraShape,

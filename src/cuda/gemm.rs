@@ -35,10 +35,22 @@
 //! device memory. See docs/PERF_NOTES_NF4.md for its speed (about 2× cuBLAS's dense time
 //! at T = 4096 on an H100 today).
 //!
-//! Limits: sm_90 only ([`supported`]; other GPUs get [`Error::Unsupported`]), f16/bf16
-//! only, K % 8 == 0 and x, W (and U, Bl when r % 8 == 0) 16-byte aligned (TMA's rules),
-//! y 4-byte aligned. Any T, N ≥ 1. When r % 8 != 0, U and Bl are first copied into
-//! column-padded scratch buffers (rows of a multiple of 8 elements) by a small kernel.
+//! [`matmul_nn`] is the same kernel with W stored [K, N] (the B operand MN-major: wgmma's
+//! transposed-B descriptor over 64 × 64 TMA boxes), for the LoRA backward's
+//! `dX = dY W + G A`; its launch can compute `G = s · dY B` with the same jobs (A = Bᵀ).
+//!
+//! On sm_80 .. sm_89 (no wgmma, no TMA) [`matmul_nt`] runs the `lk_gemm_mma_nt_*`
+//! kernels instead, chosen at run time: 128 × 128 tiles of mma.sync m16n8k16 fed by
+//! ldmatrix from a 3-stage cp.async ring, the low-rank term as extra K-steps and the same
+//! epilogue; dense W [N, K] only (NF4, [`matmul_nn`] and the fused down product are
+//! sm_90 only). Their speed on an A100 is not measured (on an H100 they take 2.5–3.5×
+//! cuBLAS's time, without wgmma).
+//!
+//! Limits: sm_90 ([`supported`]) or sm_80 .. sm_89 as above; other GPUs get
+//! [`Error::Unsupported`]. f16/bf16 only, K % 8 == 0 and x, W (and U, Bl when r % 8 ==
+//! 0) 16-byte aligned (TMA's rules, kept on every arch), y 4-byte aligned. Any T, N ≥ 1.
+//! When r % 8 != 0, U and Bl are first copied into column-padded scratch buffers (rows of
+//! a multiple of 8 elements) by a small kernel.
 
 use cudarc::driver::sys as dsys;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -144,9 +156,9 @@ impl<I: ?Sized> Copy for LowRank<'_, I> {}
 /// ```
 #[derive(Debug)]
 pub struct GemmEpilogue<'a, I: ?Sized, S: ?Sized = CudaSlice<f32>> {
-    /// [N], x's type: added unscaled.
+    /// \[N\], x's type: added unscaled.
     pub bias: Option<&'a I>,
-    /// [N], f32: `y = col_scale ⊙ acc + bias`.
+    /// \[N\], f32: `y = col_scale ⊙ acc + bias`.
     pub col_scale: Option<&'a S>,
     /// `acc += U Blᵀ` in the same accumulator.
     pub low_rank: Option<LowRank<'a, I>>,
@@ -170,13 +182,13 @@ impl<I: ?Sized> Default for GemmEpilogue<'_, I> {
 }
 
 impl<'a, I: ?Sized, S: ?Sized> GemmEpilogue<'a, I, S> {
-    /// Adds `bias` [N] after the scale.
+    /// Adds `bias` \[N\] after the scale.
     pub fn with_bias(mut self, bias: &'a I) -> Self {
         self.bias = Some(bias);
         self
     }
 
-    /// Scales column n of the accumulator by `scale[n]` (f32, [N]) before the bias.
+    /// Scales column n of the accumulator by `scale[n]` (f32, \[N\]) before the bias.
     pub fn with_col_scale<S2: ?Sized>(self, scale: &'a S2) -> GemmEpilogue<'a, I, S2> {
         GemmEpilogue {
             bias: self.bias,
@@ -192,20 +204,22 @@ impl<'a, I: ?Sized, S: ?Sized> GemmEpilogue<'a, I, S> {
     }
 }
 
-/// Whether [`matmul_nt`] runs on this GPU: compute capability 9.0 and a build that
-/// holds sm_90a code (the kernels of other targets are stubs).
+/// Whether the Hopper (wgmma) kernels run on this GPU: compute capability 9.0 and a build
+/// that holds sm_90a code (their other targets are stubs). [`matmul_nn`],
+/// [`matmul_nt_nf4`] and the fused down product need it; [`matmul_nt`] also runs on
+/// sm_80 .. sm_89 (the mma.sync kernels).
 pub fn supported(gpu: &Gpu) -> bool {
     gpu.compute_capability() == (9, 0) && super::built_archs().split(',').any(|a| a == "90")
 }
 
 /// `y = col_scale ⊙ (x Wᵀ + U Blᵀ) + bias` on the GPU's stream (see the module docs):
-/// x [T, K], w [N, K], y [T, N], f16 or bf16, sm_90 only.
+/// x [T, K], w [N, K], y [T, N], f16 or bf16; sm_90 (wgmma) or sm_80 .. sm_89 (mma.sync).
 ///
 /// Errors, before anything is launched: [`Error::Dim`] for a zero or too large T, N or
 /// K, K % 8 != 0 or a rank outside 1..=64; [`Error::Length`] for a buffer that does not
 /// match the shape; [`Error::Misaligned`] for x or w (or u, b when rank % 8 == 0) not
-/// 16-byte aligned, y not 4-byte aligned; [`Error::Unsupported`] for f32 or a GPU other
-/// than sm_90 (checked last, so argument errors show on any GPU).
+/// 16-byte aligned, y not 4-byte aligned; [`Error::Unsupported`] for f32 or a GPU older
+/// than sm_80 or newer than sm_90 (checked last, so argument errors show on any GPU).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_nt<T, I, S, O>(
     gpu: &Gpu,
@@ -234,7 +248,7 @@ where
 ///
 /// Errors as [`matmul_nt`]'s, plus [`Error::Dim`] for K % 32 != 0 and
 /// [`Error::Misaligned`] for packed codes not 16-byte aligned (and the NF4 weight's own
-/// errors from its descriptor: blocksize, lengths).
+/// errors from its descriptor: blocksize, lengths); [`Error::Unsupported`] off sm_90.
 pub fn matmul_nt_nf4<T, I, S, O>(
     gpu: &Gpu,
     tokens: usize,
@@ -267,7 +281,7 @@ where
 ///
 /// Errors as [`matmul_nt`]'s, plus [`Error::Dim`] for N % 8 != 0 (W's rows are TMA's
 /// 16-byte multiples) and [`Error::Misaligned`] for Bl not 16-byte aligned (it is never
-/// copied).
+/// copied); [`Error::Unsupported`] off sm_90.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_nn<T, I, S, O>(
     gpu: &Gpu,

@@ -805,7 +805,7 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
 }
 
 /// The backward with dX on the Hopper GEMM core, the path [`backward`] takes where it
-/// can (see [`backward_core_takes`]): one core launch `dX = dY W + G A` (W read as
+/// can (sm_90, f16/bf16, no active dropout, enough tiles): one core launch `dX = dY W + G A` (W read as
 /// [K, N] = MN-major, the low-rank term as its extra K-slice, so dX is written once and
 /// never read back) with `G = s · dY B` [T, r] computed inside it when r ≤ 32 and the
 /// fused rule allows (jobs on the dY tiles and a transposed copy of B, as the forward's

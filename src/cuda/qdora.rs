@@ -27,7 +27,7 @@ use crate::dora::{
 use crate::qlora::{check_base, QloraWeights};
 use crate::{Element, LoraOptions, LoraShape, Result};
 
-/// The row norms `‖deq(W) + s·BA‖` [N] into an f32 buffer.
+/// The row norms `‖deq(W) + s·BA‖` \[N\] into an f32 buffer.
 pub fn weight_norm<T: Element, I: DevicePtr<T>, F: DevicePtrMut<f32>>(
     gpu: &Gpu,
     shape: &LoraShape,
