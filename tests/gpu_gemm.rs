@@ -144,35 +144,58 @@ fn oracle<T: Element>(c: &Case, d: &Host<T>, abs: bool) -> Vec<T> {
     y
 }
 
+/// How the product takes W: [N, K] (`matmul_nt`), [K, N] with Bl [r, N] (`matmul_nn`),
+/// or NF4 (blocksize, double quantization; `matmul_nt_nf4`).
+#[derive(Debug, Clone, Copy)]
+enum Layout {
+    Nt,
+    Nn,
+    Nf4(usize, bool),
+}
+
 fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
-    run_case::<T>(gpu, c, seed, None);
+    run_case::<T>(gpu, c, seed, Layout::Nt);
 }
 
 /// W quantized to NF4 (blocksize, double quantization) and multiplied by
 /// `gemm::matmul_nt_nf4`; the oracle takes the host dequantize of the same weight (the
 /// values the kernel must produce in shared memory).
 fn check_case_nf4<T: Element>(gpu: &Gpu, c: &Case, bs: usize, dq: bool, seed: u64) {
-    run_case::<T>(gpu, c, seed, Some((bs, dq)));
+    run_case::<T>(gpu, c, seed, Layout::Nf4(bs, dq));
 }
 
-fn run_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64, nf4: Option<(usize, bool)>) {
-    let what = format!("{} {c:?} nf4={nf4:?}", common::dtype_name::<T>());
+fn run_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64, layout: Layout) {
+    let what = format!("{} {c:?} {layout:?}", common::dtype_name::<T>());
     let mut rng = Rng::new(seed);
     let mut d = host_data::<T>(&mut rng, c);
-    let q = nf4.map(|(bs, dq)| {
-        let q = Nf4Weight::quantize(&d.w, c.n, c.k, bs, dq).unwrap();
-        d.w = q.dequantize::<T>();
-        q
-    });
+    let q = match layout {
+        Layout::Nf4(bs, dq) => {
+            let q = Nf4Weight::quantize(&d.w, c.n, c.k, bs, dq).unwrap();
+            d.w = q.dequantize::<T>();
+            Some(q)
+        }
+        _ => None,
+    };
     let want = oracle(c, &d, false);
     let mag = oracle(c, &d, true);
 
+    let nn = matches!(layout, Layout::Nn);
     let x = gpu.upload(&d.x).unwrap();
-    let w = gpu.upload(&d.w).unwrap();
+    let w = if nn {
+        gpu.upload(&transpose(&d.w, c.n, c.k)).unwrap()
+    } else {
+        gpu.upload(&d.w).unwrap()
+    };
     let bias = d.bias.as_ref().map(|b| gpu.upload(b).unwrap());
     let scale = d.scale.as_ref().map(|s| gpu.upload(s).unwrap());
     let u = d.u.as_ref().map(|u| gpu.upload(u).unwrap());
-    let bl = d.bl.as_ref().map(|b| gpu.upload(b).unwrap());
+    let bl = d.bl.as_ref().map(|b| {
+        if nn {
+            gpu.upload(&transpose(b, c.n, c.r)).unwrap()
+        } else {
+            gpu.upload(b).unwrap()
+        }
+    });
     let mut y = gpu.upload(&poison::<T>(c.t * c.n)).unwrap();
 
     let mut epi = GemmEpilogue::new();
@@ -185,12 +208,13 @@ fn run_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64, nf4: Option<(usize, bool
     if let Some(s) = &scale {
         epi = epi.with_col_scale(s);
     }
-    match &q {
-        None => gemm::matmul_nt(gpu, &x, &w, &mut y, &epi, c.t, c.n, c.k),
-        Some(q) => {
+    match (&q, nn) {
+        (Some(q), _) => {
             let wq = Nf4Device::upload(gpu, q).unwrap();
             gemm::matmul_nt_nf4(gpu, c.t, &x, &wq, &mut y, &epi)
         }
+        (None, true) => gemm::matmul_nn(gpu, &x, &w, &mut y, &epi, c.t, c.n, c.k),
+        (None, false) => gemm::matmul_nt(gpu, &x, &w, &mut y, &epi, c.t, c.n, c.k),
     }
     .unwrap_or_else(|e| panic!("{what}: {e}"));
     let got = gpu.download(&y).unwrap();
@@ -205,36 +229,9 @@ fn transpose<T: Copy>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
 }
 
 /// `gemm::matmul_nn` (W stored [K, N], Bl [r, N]: the MN-major B operand) on the same
-/// data and oracle as [`run_case`]: W and Bl are uploaded transposed.
+/// data and oracle as [`check_case`]: W and Bl are uploaded transposed.
 fn check_case_nn<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
-    let what = format!("nn {} {c:?}", common::dtype_name::<T>());
-    let mut rng = Rng::new(seed);
-    let d = host_data::<T>(&mut rng, c);
-    let want = oracle(c, &d, false);
-    let mag = oracle(c, &d, true);
-    let x = gpu.upload(&d.x).unwrap();
-    let w = gpu.upload(&transpose(&d.w, c.n, c.k)).unwrap();
-    let bias = d.bias.as_ref().map(|b| gpu.upload(b).unwrap());
-    let scale = d.scale.as_ref().map(|s| gpu.upload(s).unwrap());
-    let u = d.u.as_ref().map(|u| gpu.upload(u).unwrap());
-    let bl =
-        d.bl.as_ref()
-            .map(|b| gpu.upload(&transpose(b, c.n, c.r)).unwrap());
-    let mut y = gpu.upload(&poison::<T>(c.t * c.n)).unwrap();
-    let mut epi = GemmEpilogue::new();
-    if let Some(b) = &bias {
-        epi = epi.with_bias(b);
-    }
-    if let (Some(u), Some(bl)) = (&u, &bl) {
-        epi = epi.with_low_rank(u, bl, c.r);
-    }
-    if let Some(s) = &scale {
-        epi = epi.with_col_scale(s);
-    }
-    gemm::matmul_nn(gpu, &x, &w, &mut y, &epi, c.t, c.n, c.k)
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let got = gpu.download(&y).unwrap();
-    assert_close(&what, &got, &want, &mag, c.k + c.r);
+    run_case::<T>(gpu, c, seed, Layout::Nn);
 }
 
 /// `matmul_nn` over the odd shapes (every N there is a multiple of 8, as it needs),

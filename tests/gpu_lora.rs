@@ -466,32 +466,8 @@ fn gpu_lora_backward_core_f16_bf16() {
         (1031, 256, 64, 16),
     ];
     if !lora_kernels::cuda::gemm::supported(gpu) {
-        let z = |n: usize| gpu.zeros::<bf16>(n).unwrap();
-        let s = LoraShape::new(129, 64, 64, 8);
-        let (x, w, a, b, h, dy) = (
-            z(s.x_len()),
-            z(s.w_len()),
-            z(s.a_len()),
-            z(s.b_len()),
-            z(s.h_len()),
-            z(s.y_len()),
-        );
-        let (mut dx, mut da, mut db) = (z(s.x_len()), z(s.a_len()), z(s.b_len()));
-        let e = cuda::backward_core(
-            gpu,
-            &s,
-            &LoraOptions::new(1.0),
-            &x,
-            weights(&w, &a, &b, None),
-            &h,
-            &dy,
-            LoraGrads {
-                dx: &mut dx,
-                da: &mut da,
-                db: &mut db,
-            },
-        )
-        .unwrap_err();
+        let e =
+            backward_core_err::<bf16>(gpu, LoraShape::new(129, 64, 64, 8), &LoraOptions::new(1.0));
         assert!(matches!(e, Error::Unsupported { .. }), "{e}");
         eprintln!("\n*** gpu_lora_backward_core_f16_bf16 SKIPPED: no sm_90 GEMM core ({e}) ***\n");
         return;
@@ -511,6 +487,58 @@ fn gpu_lora_backward_core_f16_bf16() {
         }
     }
     cuda::set_fused_down(true);
+    // dX 2-byte aligned on a shape the core takes: `backward` falls back to cuBLAS (no
+    // error), with the same dX up to rounding.
+    {
+        let s = LoraShape::new(700, 1000, 88, 12);
+        let mut rng = Rng::new(6300);
+        let v = |n: usize, rng: &mut Rng| gpu.upload(&rng.vec::<bf16>(n, 1.0)).unwrap();
+        let (x, w, a, b, h, dy) = (
+            v(s.x_len(), &mut rng),
+            v(s.w_len(), &mut rng),
+            v(s.a_len(), &mut rng),
+            v(s.b_len(), &mut rng),
+            v(s.h_len(), &mut rng),
+            v(s.y_len(), &mut rng),
+        );
+        let opts = LoraOptions::new(0.5);
+        let mut dx_buf = gpu.zeros::<bf16>(s.x_len() + 1).unwrap();
+        let mut da_buf = gpu.zeros::<bf16>(s.a_len()).unwrap();
+        let mut db_buf = gpu.zeros::<bf16>(s.b_len()).unwrap();
+        let mut got = Vec::new();
+        for off in [0usize, 1] {
+            let (mut dx, mut da, mut db) = (
+                dx_buf.slice_mut(off..off + s.x_len()),
+                da_buf.slice_mut(..),
+                db_buf.slice_mut(..),
+            );
+            cuda::backward(
+                gpu,
+                &s,
+                &opts,
+                &x,
+                weights(&w, &a, &b, None),
+                &h,
+                &dy,
+                LoraGrads {
+                    dx: &mut dx,
+                    da: &mut da,
+                    db: &mut db,
+                },
+            )
+            .unwrap();
+            got.push(gpu.download(&dx_buf.slice(off..off + s.x_len())).unwrap());
+        }
+        let (aligned, shifted) = (&got[0], &got[1]);
+        let scale = aligned.iter().map(|v| v.to_f64().abs()).sum::<f64>() / aligned.len() as f64;
+        for (i, (p, q)) in shifted.iter().zip(aligned).enumerate() {
+            let (p, q) = (p.to_f64(), q.to_f64());
+            assert!(
+                (p - q).abs() <= 0.02 * (q.abs() + scale),
+                "misaligned dX [{i}]: {p} against {q}"
+            );
+        }
+    }
     // More tile-row pairs (79) than clusters: several G jobs per cluster, forced.
     lora_kernels::cuda::gemm::force_fused_down(true);
     let c = Case {
@@ -522,44 +550,46 @@ fn gpu_lora_backward_core_f16_bf16() {
     lora_kernels::cuda::gemm::force_fused_down(false);
 }
 
+/// `cuda::backward_core` on zeroed buffers of shape `s`; its error (it must fail).
+fn backward_core_err<T: Element>(gpu: &Gpu, s: LoraShape, opts: &LoraOptions) -> Error {
+    let z = |n: usize| gpu.zeros::<T>(n).unwrap();
+    let (x, w, a, b, h, dy) = (
+        z(s.x_len()),
+        z(s.w_len()),
+        z(s.a_len()),
+        z(s.b_len()),
+        z(s.h_len()),
+        z(s.y_len()),
+    );
+    let (mut dx, mut da, mut db) = (z(s.x_len()), z(s.a_len()), z(s.b_len()));
+    cuda::backward_core(
+        gpu,
+        &s,
+        opts,
+        &x,
+        weights(&w, &a, &b, None),
+        &h,
+        &dy,
+        LoraGrads {
+            dx: &mut dx,
+            da: &mut da,
+            db: &mut db,
+        },
+    )
+    .unwrap_err()
+}
+
 /// `cuda::backward_core`'s refusals: active dropout, N % 8 != 0, f32.
 #[test]
 fn gpu_lora_backward_core_errors() {
     let Some(gpu) = gpu() else { return };
-    fn call<T: Element>(gpu: &Gpu, s: LoraShape, opts: &LoraOptions) -> Error {
-        let z = |n: usize| gpu.zeros::<T>(n).unwrap();
-        let (x, w, a, b, h, dy) = (
-            z(s.x_len()),
-            z(s.w_len()),
-            z(s.a_len()),
-            z(s.b_len()),
-            z(s.h_len()),
-            z(s.y_len()),
-        );
-        let (mut dx, mut da, mut db) = (z(s.x_len()), z(s.a_len()), z(s.b_len()));
-        cuda::backward_core(
-            gpu,
-            &s,
-            opts,
-            &x,
-            weights(&w, &a, &b, None),
-            &h,
-            &dy,
-            LoraGrads {
-                dx: &mut dx,
-                da: &mut da,
-                db: &mut db,
-            },
-        )
-        .unwrap_err()
-    }
     let plain = LoraOptions::new(1.0);
-    let e = call::<f32>(gpu, LoraShape::new(129, 64, 64, 8), &plain);
+    let e = backward_core_err::<f32>(gpu, LoraShape::new(129, 64, 64, 8), &plain);
     assert!(matches!(e, Error::Unsupported { .. }), "{e}");
     if !lora_kernels::cuda::gemm::supported(gpu) {
         return;
     }
-    let e = call::<bf16>(gpu, LoraShape::new(129, 64, 60, 8), &plain);
+    let e = backward_core_err::<bf16>(gpu, LoraShape::new(129, 64, 60, 8), &plain);
     assert!(
         matches!(
             e,
@@ -571,7 +601,7 @@ fn gpu_lora_backward_core_errors() {
         "{e}"
     );
     let dropped = plain.with_dropout(Dropout::new(0.25, 1, 2));
-    let e = call::<bf16>(gpu, LoraShape::new(129, 64, 64, 8), &dropped);
+    let e = backward_core_err::<bf16>(gpu, LoraShape::new(129, 64, 64, 8), &dropped);
     assert!(matches!(e, Error::Unsupported { .. }), "{e}");
 }
 

@@ -761,6 +761,48 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     dy: &I,
     grads: LoraGrads<'_, O>,
 ) -> Result<()> {
+    backward_impl(gpu, shape, opts, x, weights, h, dy, grads, false)
+}
+
+/// The backward with dX on the Hopper GEMM core, the path [`backward`] takes where it
+/// can (sm_90, f16/bf16, no active dropout, enough tiles): one core launch
+/// `dX = dY W + G A` (W read as [K, N] = MN-major, the low-rank term as its extra
+/// K-slice, so dX is written once and never read back) with `G = s · dY B` [T, r]
+/// computed inside it when r ≤ 32 and the fused rule allows (jobs on the dY tiles and a
+/// transposed copy of B, as the forward's fused down product), else by cuBLAS before it;
+/// then `dA = Gᵀ x` and `dB = s · dYᵀ h` by cuBLAS.
+///
+/// Needs sm_90, f16/bf16, no active dropout, rank ≤ 64, in_features and out_features
+/// multiples of 8, dy, W and A 16-byte aligned, dX 4-byte aligned; otherwise an error
+/// before anything is launched.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_core<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    x: &I,
+    weights: LoraWeights<'_, I>,
+    h: &I,
+    dy: &I,
+    grads: LoraGrads<'_, O>,
+) -> Result<()> {
+    backward_impl(gpu, shape, opts, x, weights, h, dy, grads, true)
+}
+
+/// [`backward`] (`core_only` false: the path chosen per call) and [`backward_core`]
+/// (`core_only`: the core path or an error naming why not, before any launch).
+#[allow(clippy::too_many_arguments)]
+fn backward_impl<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    x: &I,
+    weights: LoraWeights<'_, I>,
+    h: &I,
+    dy: &I,
+    grads: LoraGrads<'_, O>,
+    core_only: bool,
+) -> Result<()> {
     check_backward_lens(
         shape,
         &BackwardLens {
@@ -776,6 +818,23 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         },
     )?;
     opts.validate()?;
+    if core_only {
+        check_core_args::<T>(gpu, shape, "lora::backward_core", false)?;
+        if shape.out_features % 8 != 0 {
+            return Err(crate::Error::Dim {
+                name: "out_features",
+                value: shape.out_features,
+                reason: "the core backward needs N % 8 == 0 (dY's rows are TMA's 16-byte \
+                         multiples)",
+            });
+        }
+        if opts.active_dropout().is_some() {
+            return Err(crate::Error::Unsupported {
+                op: "lora::backward_core",
+                reason: "active dropout (the core stages dY W without the mask)".into(),
+            });
+        }
+    }
     let (t, k, n) = (shape.tokens, shape.in_features, shape.out_features);
     let (xp, _gx) = dptr(gpu, "x", x)?;
     let (wp, _gw) = dptr(gpu, "w", weights.w)?;
@@ -796,99 +855,29 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         da: dap,
         db: dbp,
     };
+    if core_only {
+        for (name, addr, align) in [
+            ("dy", dyp, 16),
+            ("w", wp, 16),
+            ("a", ap, 16),
+            ("dx", dxp, 4),
+        ] {
+            if addr % align != 0 {
+                return Err(crate::Error::Misaligned {
+                    name,
+                    address: addr,
+                    align: align as usize,
+                });
+            }
+        }
+        return backward_core_launch::<T>(gpu, shape, opts, &p, wp);
+    }
     if backward_core_takes::<T>(gpu, shape, opts, &p, wp) {
         return backward_core_launch::<T>(gpu, shape, opts, &p, wp);
     }
     backward_with::<T>(gpu, shape, opts, &p, |beta| {
         gemm_rm::<T>(gpu, t, k, n, 1.0, dyp, false, wp, false, beta, dxp)
     })
-}
-
-/// The backward with dX on the Hopper GEMM core, the path [`backward`] takes where it
-/// can (sm_90, f16/bf16, no active dropout, enough tiles): one core launch `dX = dY W + G A` (W read as
-/// [K, N] = MN-major, the low-rank term as its extra K-slice, so dX is written once and
-/// never read back) with `G = s · dY B` [T, r] computed inside it when r ≤ 32 and the
-/// fused rule allows (jobs on the dY tiles and a transposed copy of B, as the forward's
-/// fused down product), else by cuBLAS before it; then `dA = Gᵀ x` and `dB = s · dYᵀ h`
-/// by cuBLAS.
-///
-/// Needs sm_90, f16/bf16, no active dropout, rank ≤ 64, in_features and out_features
-/// multiples of 8, dy, W and A 16-byte aligned, dX 4-byte aligned; otherwise an error
-/// before anything is launched.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_core<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
-    gpu: &Gpu,
-    shape: &LoraShape,
-    opts: &LoraOptions,
-    x: &I,
-    weights: LoraWeights<'_, I>,
-    h: &I,
-    dy: &I,
-    grads: LoraGrads<'_, O>,
-) -> Result<()> {
-    check_backward_lens(
-        shape,
-        &BackwardLens {
-            x: x.len(),
-            w: weights.w.len(),
-            a: weights.a.len(),
-            b: weights.b.len(),
-            h: h.len(),
-            dy: dy.len(),
-            dx: grads.dx.len(),
-            da: grads.da.len(),
-            db: grads.db.len(),
-        },
-    )?;
-    opts.validate()?;
-    check_core_args::<T>(gpu, shape, "lora::backward_core", false)?;
-    if shape.out_features % 8 != 0 {
-        return Err(crate::Error::Dim {
-            name: "out_features",
-            value: shape.out_features,
-            reason: "the core backward needs N % 8 == 0 (dY's rows are TMA's 16-byte multiples)",
-        });
-    }
-    if opts.active_dropout().is_some() {
-        return Err(crate::Error::Unsupported {
-            op: "lora::backward_core",
-            reason: "active dropout (the core stages dY W without the mask)".into(),
-        });
-    }
-    let (xp, _gx) = dptr(gpu, "x", x)?;
-    let (wp, _gw) = dptr(gpu, "w", weights.w)?;
-    let (ap, _ga) = dptr(gpu, "a", weights.a)?;
-    let (bp, _gb) = dptr(gpu, "b", weights.b)?;
-    let (hp, _gh) = dptr(gpu, "h", h)?;
-    let (dyp, _gdy) = dptr(gpu, "dy", dy)?;
-    let (dxp, _gdx) = dptr_mut(gpu, "dx", grads.dx)?;
-    let (dap, _gda) = dptr_mut(gpu, "da", grads.da)?;
-    let (dbp, _gdb) = dptr_mut(gpu, "db", grads.db)?;
-    for (name, addr, align) in [
-        ("dy", dyp, 16),
-        ("w", wp, 16),
-        ("a", ap, 16),
-        ("dx", dxp, 4),
-    ] {
-        if addr % align != 0 {
-            return Err(crate::Error::Misaligned {
-                name,
-                address: addr,
-                align: align as usize,
-            });
-        }
-    }
-    let p = BwdPtrs {
-        x: xp,
-        a: ap,
-        b: bp,
-        h: hp,
-        dy: dyp,
-        dx: dxp,
-        da: dap,
-        db: dbp,
-    };
-    backward_core_launch::<T>(gpu, shape, opts, &p, wp)
 }
 
 /// Whether [`backward`] takes the core path ([`backward_core`]) for these arguments: as
@@ -902,14 +891,15 @@ fn backward_core_takes<T: Element>(
     p: &BwdPtrs,
     w: u64,
 ) -> bool {
-    opts.active_dropout().is_none() && dx_core_takes::<T>(gpu, shape, shape.tokens, p.dy, w, p.a)
+    opts.active_dropout().is_none()
+        && p.dx % 4 == 0
+        && dx_core_takes::<T>(gpu, shape, shape.tokens, p.dy, w, p.a)
 }
 
 /// Whether `dX = d W + G A` for `tokens` rows of d ([tokens, N] at `d`) can run on the
 /// NN core (see [`launch_dx_core`]): this thread's [`set_core_dispatch`], enough
-/// [tokens, K] output tiles, sm_90, f16/bf16, rank ≤ 64, K and N multiples of 8, d, W
-/// and A 16-byte aligned (dX's 4-byte alignment follows from K % 8 == 0 for row offsets
-/// of a 4-byte aligned buffer; callers check the base).
+/// [tokens, K] output tiles, sm_90 (not the forced mma path), f16/bf16, rank ≤ 64, K and
+/// N multiples of 8, d, W and A 16-byte aligned. Callers check dX's 4-byte alignment.
 pub(crate) fn dx_core_takes<T: Element>(
     gpu: &Gpu,
     shape: &LoraShape,
