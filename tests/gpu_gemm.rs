@@ -63,6 +63,21 @@ fn odd_cases() -> Vec<Case> {
     v
 }
 
+/// Cases from (T, N, K, r) tuples, with a bias for even T and a column scale for T a
+/// multiple of 3.
+fn cases_of(list: &[(usize, usize, usize, usize)]) -> Vec<Case> {
+    list.iter()
+        .map(|&(t, n, k, r)| Case {
+            t,
+            n,
+            k,
+            bias: t % 2 == 0,
+            scale: t % 3 == 0,
+            r,
+        })
+        .collect()
+}
+
 /// The shared GPU if the GEMM core runs on it. On another GPU, checks that the op
 /// refuses with `Error::Unsupported` and prints a loud note naming `test`.
 fn gpu90(test: &str) -> Option<&'static Gpu> {
@@ -247,24 +262,14 @@ fn gemm_nn_shapes() {
         check_case_nn::<bf16>(gpu, c, 1100 + i as u64);
         check_case_nn::<f16>(gpu, c, 1200 + i as u64);
     }
-    let mut extra = Vec::new();
-    for (t, n, k, r) in [
-        (129usize, 200usize, 4096usize, 16usize),
+    let extra = cases_of(&[
+        (129, 200, 4096, 16),
         (1100, 520, 64, 16),
         (1030, 776, 136, 3),
         (700, 1000, 88, 12),
         (300, 2056, 40, 1),
         (257, 1024, 520, 64),
-    ] {
-        extra.push(Case {
-            t,
-            n,
-            k,
-            bias: t % 2 == 0,
-            scale: t % 3 == 0,
-            r,
-        });
-    }
+    ]);
     for (i, c) in extra.iter().enumerate() {
         for tile in [None, Some(gemm::TILE_N), Some(gemm::TILE_N_NARROW)] {
             gemm::set_tile_n_override(tile).unwrap();
@@ -384,23 +389,14 @@ fn gemm_mma_path_shapes() {
     }
     gemm::force_mma_path(true);
     let mut cases = odd_cases();
-    for (t, n, k, r) in [
-        (129usize, 200usize, 4096usize, 16usize),
+    cases.extend(cases_of(&[
+        (129, 200, 4096, 16),
         (1100, 520, 64, 16),
         (1030, 777, 136, 0),
         (300, 1000, 88, 3),
         (257, 1024, 520, 64),
         (130, 260, 64, 17),
-    ] {
-        cases.push(Case {
-            t,
-            n,
-            k,
-            bias: t % 2 == 0,
-            scale: t % 3 == 0,
-            r,
-        });
-    }
+    ]));
     for (i, c) in cases.iter().enumerate() {
         check_case::<bf16>(gpu, c, 1500 + i as u64);
         check_case::<f16>(gpu, c, 1600 + i as u64);
