@@ -20,13 +20,15 @@
 //! - forward under dropout (peft's formula, two base products): `h` from the LoRA
 //!   down kernel, `z = (1/(1−p))·x_m Wᵀ + s·h Bᵀ` with `x_m` the masked x (scratch
 //!   [T, K]), `y = (g − 1)⊙z + bias + s·h Bᵀ + x Wᵀ`;
-//! - backward: `gl = dy (g⊙B)` and `dB = s·g⊙(dyᵀh)` on [T, r] / [N, r] scratch, then
+//! - backward: `dB = s·g⊙(dyᵀh)` on [N, r] scratch and `gl = dy (g⊙B)` [T, r], then
 //!   token chunks of at most [`BACKWARD_CHUNK_ELEMS`] / max(N, K) rows: `z` (given, or
 //!   recomputed), one pass writing `dy⊙g` (or `dy⊙(g−1)` under dropout) and the chunk's
-//!   deterministic partial sums of `dy⊙z`, and the chunk's dX: `(dy⊙g) W + (s·gl) A` by
-//!   one NN GEMM-core launch where it can (sm_90, f16/bf16, dense W, no dropout, K and N
-//!   multiples of 8, enough tiles; see `lora::backward_core`), else by cuBLAS. dm is the
-//!   sum of the partials over the norm. No [N, K] temporary is ever formed.
+//!   deterministic partial sums of `dy⊙z`, and the chunk's dX by cuBLAS. Where the NN
+//!   GEMM core can take dX (sm_90, f16/bf16, dense W, no dropout, K and N multiples of 8,
+//!   enough tiles; see `lora::backward_core`), each chunk's `dX = (dy⊙g) W + G A` is one
+//!   core launch instead, with `G = s·gl = s·(dy⊙g) B` for the chunk computed inside it
+//!   (or by cuBLAS just before), and `dA = Gᵀ x` after the chunks. dm is the sum of the
+//!   partials over the norm. No [N, K] temporary is ever formed.
 //!
 //! Extra device memory: forward O(N + T·r) (plus [T, K] under dropout); backward
 //! O(N·r + T·r) plus the chunk buffers, at most 2 × [`BACKWARD_CHUNK_ELEMS`] elements
