@@ -36,11 +36,10 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, SyncOnDrop};
 
-use super::gemm::{fused_down_fits_for, transpose, CoreDown};
 use super::lora::{
     core_takes, dora_fused_small, dx_core_takes, forward_core_launch, forward_large, forward_small,
-    fused_down_enabled, grid_1d, launch_down, launch_dx_core, launch_merge, launch_tn, DoraPtrs,
-    FwdPtrs, MergeMode,
+    grid_1d, launch_down, launch_dx_core, launch_g, launch_merge, launch_tn, DoraPtrs, FwdPtrs,
+    MergeMode,
 };
 use super::qlora::for_each_panel;
 use super::{dptr, dptr_mut, gemm_rm, gemm_rm_ld, lk_dropout, Gpu, LkNf4};
@@ -774,8 +773,8 @@ pub(crate) fn backward_impl<T: Element>(
     let ldg = if core_dx { r.next_multiple_of(8) } else { r };
     let gl = gpu.scratch::<T>(t * ldg)?;
     let (glp, _ggl) = dptr(gpu, "gl", &gl)?;
-    // Bᵀ [r, N]: the jobs' K-major operand (only when a chunk fuses G).
-    let mut bt: Option<cudarc::driver::CudaSlice<T>> = None;
+    // Bᵀ [r, N], the jobs' K-major operand: copied by the first chunk that fuses G.
+    let mut bt = None;
     if !core_dx {
         // g ⊙ B [N, r] and gl = dy (g ⊙ B) [T, r] (scratch, written in full before reads).
         let bg = gpu.scratch::<T>(shape.b_len())?;
@@ -874,47 +873,27 @@ pub(crate) fn backward_impl<T: Element>(
         gpu.launch(&format!("lk_dora_dyz_{}", T::DTYPE.suffix()), cfg, &params)?;
         split0 += splits;
         let glc = offset::<T>(glp, t0 * ldg);
-        // G of this chunk = s · (dy ⊙ g) B, by cuBLAS (core path, unfused).
-        let g_chunk = || {
-            gemm_rm_ld::<T>(
-                gpu,
-                tn,
-                r,
-                n,
-                s,
-                (dyfp, n),
-                false,
-                (bp, r),
-                false,
-                0.0,
-                (glc, ldg),
-            )
-        };
         match (dropout, dense_w) {
             (None, Some(w))
                 if core_dx && dx_core_takes::<T>(gpu, shape, tn, dyfp, w, ap) && dxc % 4 == 0 =>
             {
-                // dX = (dy ⊙ g) W + G A, one NN core launch (G from its jobs if it fits).
-                let fused = fused_down_enabled() && fused_down_fits_for::<T>(gpu, tn, k, r, true)?;
-                let down = if fused {
-                    if bt.is_none() {
-                        bt = Some(transpose::<T>(gpu, bp, n, r)?);
-                    }
-                    let (btp, _gbt) = dptr(gpu, "bt", bt.as_ref().unwrap())?;
-                    Some(CoreDown {
-                        a: btp,
-                        h: 0,
-                        scale: s,
-                    })
-                } else {
-                    g_chunk()?;
-                    None
-                };
-                launch_dx_core::<T>(gpu, shape, tn, dyfp, w, (glc, ldg), ap, dxc, down)?;
+                // dX = (dy ⊙ g) W + G A, G = s · (dy ⊙ g) B: one NN core launch.
+                launch_dx_core::<T>(
+                    gpu,
+                    shape,
+                    tn,
+                    dyfp,
+                    w,
+                    (bp, s),
+                    (glc, ldg),
+                    ap,
+                    dxc,
+                    &mut bt,
+                )?;
             }
             (None, _) if core_dx => {
                 // This chunk too small for the core: G by cuBLAS, then dX.
-                g_chunk()?;
+                launch_g::<T>(gpu, tn, n, r, s, dyfp, bp, (glc, ldg))?;
                 base.dw::<T>(gpu, tn, k, n, 1.0, dyfp, 0.0, dxc)?;
                 gemm_rm_ld::<T>(
                     gpu,

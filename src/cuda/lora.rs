@@ -917,14 +917,15 @@ pub(crate) fn dx_core_takes<T: Element>(
         && d % 16 == 0
         && w % 16 == 0
         && a % 16 == 0
-        && super::gemm::supported(gpu)
-        && !super::gemm::mma_path(gpu)
+        && super::gemm::core_runs(gpu, false)
 }
 
 /// `dX [tokens, K] = d [tokens, N] · W [N, K] + G [tokens, r] · A [r, K]` by one NN core
-/// launch (W read MN-major, G A as the extra K-slice, dX written once). G has rows of
-/// `ldg` elements (a multiple of 8, ≥ r, 16-byte aligned); with `down` the launch's own
-/// jobs write it first (`G = down.scale · d Bᵀᵀ`, A of the jobs = `down.a` = Bᵀ [r, N]).
+/// launch (W read MN-major, G A as the extra K-slice, dX written once), with
+/// `G = scale · d B` (B [N, r]) written into `(g, ldg)` (rows of a multiple of 8 ≥ r
+/// elements, 16-byte aligned; columns < r written, the only ones read): by the launch's
+/// own jobs where the fused rule allows (their A operand is Bᵀ [r, N], a copy made once
+/// into `bt` and reused by later calls), else by cuBLAS just before it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_dx_core<T: Element>(
     gpu: &Gpu,
@@ -932,12 +933,25 @@ pub(crate) fn launch_dx_core<T: Element>(
     tokens: usize,
     d: u64,
     w: u64,
+    (b, scale): (u64, f32),
     (g, ldg): (u64, usize),
     a: u64,
     dx: u64,
-    down: Option<super::gemm::CoreDown>,
+    bt: &mut Option<cudarc::driver::CudaSlice<T>>,
 ) -> Result<()> {
-    use super::gemm::{self, CorePtrs};
+    use super::gemm::{self, CoreDown, CorePtrs};
+    let (k, n, r) = (shape.in_features, shape.out_features, shape.rank);
+    let fused = fused_down_enabled() && gemm::fused_down_fits_for::<T>(gpu, tokens, k, r, true)?;
+    if fused && bt.is_none() {
+        *bt = Some(gemm::transpose::<T>(gpu, b, n, r)?);
+    }
+    let bt_ptr = match bt.as_ref().filter(|_| fused) {
+        Some(bt) => Some(dptr(gpu, "bt", bt)?),
+        None => {
+            launch_g::<T>(gpu, tokens, n, r, scale, d, b, (g, ldg))?;
+            None
+        }
+    };
     let core = CorePtrs {
         x: d,
         w,
@@ -945,14 +959,46 @@ pub(crate) fn launch_dx_core<T: Element>(
         bias: 0,
         col_scale: 0,
         z: 0,
-        low_rank: Some((g, a, shape.rank)),
+        low_rank: Some((g, a, r)),
         nf4: None,
         ldy: 0,
         ldu: ldg,
-        down,
+        down: bt_ptr.as_ref().map(|(btp, _)| CoreDown {
+            a: *btp,
+            h: 0,
+            scale,
+        }),
         w_kn: true,
     };
-    gemm::launch_core::<T>(gpu, &core, tokens, shape.in_features, shape.out_features)
+    gemm::launch_core::<T>(gpu, &core, tokens, k, n)
+}
+
+/// `G = scale · d B` [tokens, r] by cuBLAS into rows of `ldg` elements: d [tokens, N],
+/// B [N, r].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_g<T: Element>(
+    gpu: &Gpu,
+    tokens: usize,
+    n: usize,
+    r: usize,
+    scale: f32,
+    d: u64,
+    b: u64,
+    (g, ldg): (u64, usize),
+) -> Result<()> {
+    gemm_rm_ld::<T>(
+        gpu,
+        tokens,
+        r,
+        n,
+        scale,
+        (d, n),
+        false,
+        (b, r),
+        false,
+        0.0,
+        (g, ldg),
+    )
 }
 
 /// [`backward_core`]'s launches, arguments checked.
@@ -963,51 +1009,30 @@ fn backward_core_launch<T: Element>(
     p: &BwdPtrs,
     w: u64,
 ) -> Result<()> {
-    use super::gemm;
     let (t, k, n, r) = (
         shape.tokens,
         shape.in_features,
         shape.out_features,
         shape.rank,
     );
-    // G = s · dY B [T, r] with rows of rp = r rounded up to 8 (TMA's 16-byte rows):
-    // columns < r written (by the core launch's jobs or by cuBLAS first), the only ones
-    // the core's U map and dA read.
+    // dX [T, K] = dY [T, N] · W [N, K] + G [T, r] · A [r, K] (the NN core, its "K" is N),
+    // G = s · dY B [T, r] in rows of rp = r rounded up to 8 (TMA's 16-byte rows).
     let rp = r.next_multiple_of(8);
     let g = gpu.scratch::<T>(t * rp)?;
     let (gp, _gg) = dptr(gpu, "g", &g)?;
-    // Inside the core launch (as the forward's fused down product, x = dY and A = Bᵀ
-    // [r, N], a small transposed copy) when the rule allows it; else cuBLAS first.
-    let fused = fused_down_enabled() && gemm::fused_down_fits_for::<T>(gpu, t, k, r, true)?;
-    let bt = if fused {
-        Some(gemm::transpose::<T>(gpu, p.b, n, r)?)
-    } else {
-        gemm_rm_ld::<T>(
-            gpu,
-            t,
-            r,
-            n,
-            opts.scale,
-            (p.dy, n),
-            false,
-            (p.b, r),
-            false,
-            0.0,
-            (gp, rp),
-        )?;
-        None
-    };
-    let bt_ptr = match &bt {
-        Some(bt) => Some(dptr(gpu, "bt", bt)?),
-        None => None,
-    };
-    // dX [T, K] = dY [T, N] · W [N, K] + G [T, r] · A [r, K]: the NN core (its "K" is N).
-    let down = bt_ptr.as_ref().map(|(btp, _)| gemm::CoreDown {
-        a: *btp,
-        h: 0,
-        scale: opts.scale,
-    });
-    launch_dx_core::<T>(gpu, shape, t, p.dy, w, (gp, rp), p.a, p.dx, down)?;
+    let mut bt = None;
+    launch_dx_core::<T>(
+        gpu,
+        shape,
+        t,
+        p.dy,
+        w,
+        (p.b, opts.scale),
+        (gp, rp),
+        p.a,
+        p.dx,
+        &mut bt,
+    )?;
     // dA = Gᵀ x (G already holds s);  dB = s · dYᵀ h.
     gemm_rm_ld::<T>(
         gpu,
