@@ -7,6 +7,9 @@
 //!   registers); at T = 4096 the GEMM core's NF4 kernel (`gemm::matmul_nt_nf4`: W tiles
 //!   dequantized into shared memory), beside `core_bf16`, the same core over the dense
 //!   bf16 W (`gemm::matmul_nt`, sm_90 only), so the dequantize's own cost shows;
+//! - at T = 4096 also the backward's product `dX = dY · W` [4096, K]: `cublas_nn` (cuBLAS,
+//!   dense bf16 W), `core_nn` (`gemm::matmul_nn` over the dense W) and `nf4_nn`
+//!   (`gemm::matmul_nn_nf4`: W's pieces dequantized into the MN-major B layout);
 //! - `dequant`: our standalone dequantize to bf16, against `copy`, a device-to-device
 //!   copy of the same output bytes (the copy bandwidth: read + write bytes / time).
 //!
@@ -32,10 +35,21 @@ struct Set {
     x: [CudaSlice<bf16>; 3],
     y: [CudaSlice<bf16>; 3],
     out: CudaSlice<bf16>,
+    /// dX [4096, K] of the NN products (their dY is `y` at T = 4096).
+    dx: CudaSlice<bf16>,
 }
 
 const TS: [usize; 3] = [1, 16, 4096];
-const OPS: [&str; 5] = ["cublas_bf16", "nf4_mm", "dequant", "copy", "core_bf16"];
+const OPS: [&str; 8] = [
+    "cublas_bf16",
+    "nf4_mm",
+    "dequant",
+    "copy",
+    "core_bf16",
+    "cublas_nn",
+    "core_nn",
+    "nf4_nn",
+];
 
 fn run(gpu: &Gpu, t: usize, n: usize, k: usize, op: usize, s: &mut Set) {
     let i = TS.iter().position(|&v| v == t).unwrap();
@@ -77,6 +91,26 @@ fn run(gpu: &Gpu, t: usize, n: usize, k: usize, op: usize, s: &mut Set) {
         "nf4_mm" => cuda::matmul(gpu, t, &s.x[i], &s.q, None, &mut s.y[i]).unwrap(),
         "dequant" => cuda::dequantize(gpu, &s.q, &mut s.out).unwrap(),
         "copy" => gpu.stream().memcpy_dtod(&s.w, &mut s.out).unwrap(),
+        // dX [T, K] = dY [T, N] · W [N, K]: the GEMMs' N is K and their K is N.
+        "cublas_nn" => gemm(
+            gpu, t, k, n, 1.0, &s.y[i], false, &s.w, false, 0.0, &mut s.dx,
+        )
+        .unwrap(),
+        "core_nn" => gemm::matmul_nn(
+            gpu,
+            &s.y[i],
+            &s.w,
+            &mut s.dx,
+            &gemm::GemmEpilogue::new(),
+            t,
+            k,
+            n,
+        )
+        .unwrap(),
+        "nf4_nn" => {
+            gemm::matmul_nn_nf4(gpu, t, &s.y[i], &s.q, &mut s.dx, &gemm::GemmEpilogue::new())
+                .unwrap()
+        }
         _ => unreachable!(),
     }
 }
@@ -135,8 +169,12 @@ fn main() {
                     gpu.upload(&common::random_bf16(t * k, 100 + i as u64, 1.0))
                         .unwrap()
                 }),
-                y: TS.map(|t| gpu.zeros(t * n).unwrap()),
+                y: TS.map(|t| {
+                    gpu.upload(&common::random_bf16(t * n, 200 + i as u64, 1.0))
+                        .unwrap()
+                }),
                 out: gpu.zeros(n * k).unwrap(),
+                dx: gpu.zeros(4096 * k).unwrap(),
             })
             .collect();
         for t in [1usize, 16] {
@@ -226,8 +264,8 @@ fn main() {
     .unwrap();
     writeln!(
         table,
-        "{:>6} {:>6} | {:>9} {:>9} {:>9} | {:>11} {:>11} | {:>8}",
-        "T", "N", "cublas", "core_bf16", "core_nf4", "nf4/cublas", "nf4/core", "TFLOP/s"
+        "{:>6} {:>6} {:>4} | {:>9} {:>9} {:>9} | {:>11} {:>11} | {:>8}",
+        "T", "N", "op", "cublas", "core_bf16", "core_nf4", "nf4/cublas", "nf4/core", "TFLOP/s"
     )
     .unwrap();
     for l in large {
@@ -236,8 +274,8 @@ fn main() {
     common::finish(&table);
 }
 
-/// The T = 4096 row: cuBLAS, the dense core and the NF4 core (the last two need sm_90;
-/// elsewhere the row says so).
+/// The T = 4096 rows, `y = x Wᵀ` and `dX = dY W`: cuBLAS, the dense core and the NF4
+/// core (the last two need sm_90; elsewhere the row says so).
 #[allow(clippy::too_many_arguments)]
 fn large_t(
     gpu: &Gpu,
@@ -253,45 +291,63 @@ fn large_t(
     if !gemm::supported(gpu) {
         return format!("{t:>6} {n:>6} | the GEMM core needs sm_90: not measured");
     }
-    let ops = [0usize, 4, 1]; // cublas_bf16, core_bf16, nf4_mm (the NF4 core)
-    let us: Vec<f64> = ops
-        .iter()
-        .map(|&op| {
-            let len = sets.len();
-            common::median_us(gpu, samples, |i| run(gpu, t, n, k, op, &mut sets[i % len]))
-        })
-        .collect();
     let flops = 2.0 * (t * n * k) as f64;
     let shape = format!("T={t} K={k} N={n}");
-    rec.row(common::Row {
-        kernel: "nf4 GEMM core",
-        shape: shape.clone(),
-        dtype: "bf16 x, NF4 W (bs 64, dq)",
-        ours_us: us[2],
-        baseline: Some(("cuBLAS bf16 x·Wᵀ, dense W", us[0])),
-        bytes: Some(bpp * (n * k) as f64 / 8.0 + 2.0 * (t * k + t * n) as f64),
-        flops: Some(flops),
-    });
-    let mut group = criterion.benchmark_group(format!("nf4_bf16/T{t}_N{n}"));
-    for &op in &ops {
-        group.bench_function(OPS[op], |b| {
-            b.iter_custom(|iters| {
-                Duration::from_secs_f64(time_iters(gpu, t, n, k, op, sets, iters))
+    let mut lines = Vec::new();
+    // cublas, the dense core, the NF4 core: forward (x Wᵀ), then backward (dY W).
+    for (ops, kernel, base, label) in [
+        (
+            [0usize, 4, 1],
+            "nf4 GEMM core",
+            "cuBLAS bf16 x·Wᵀ, dense W",
+            "xWᵀ",
+        ),
+        (
+            [5, 6, 7],
+            "nf4 GEMM core, NN (dX = dY·deq(W))",
+            "cuBLAS bf16 dY·W, dense W",
+            "dYW",
+        ),
+    ] {
+        let us: Vec<f64> = ops
+            .iter()
+            .map(|&op| {
+                let len = sets.len();
+                common::median_us(gpu, samples, |i| run(gpu, t, n, k, op, &mut sets[i % len]))
             })
+            .collect();
+        rec.row(common::Row {
+            kernel,
+            shape: shape.clone(),
+            dtype: "bf16 x, NF4 W (bs 64, dq)",
+            ours_us: us[2],
+            baseline: Some((base, us[0])),
+            bytes: Some(bpp * (n * k) as f64 / 8.0 + 2.0 * (t * k + t * n) as f64),
+            flops: Some(flops),
         });
+        let mut group = criterion.benchmark_group(format!("nf4_bf16/T{t}_N{n}"));
+        for &op in &ops {
+            group.bench_function(OPS[op], |b| {
+                b.iter_custom(|iters| {
+                    Duration::from_secs_f64(time_iters(gpu, t, n, k, op, sets, iters))
+                })
+            });
+        }
+        group.finish();
+        let line = format!(
+            "{:>6} {:>6} {:>4} | {:>9.1} {:>9.1} {:>9.1} | {:>10.3}x {:>10.3}x | {:>8.0}",
+            t,
+            n,
+            label,
+            us[0],
+            us[1],
+            us[2],
+            us[2] / us[0],
+            us[2] / us[1],
+            flops / us[2] * 1e-6
+        );
+        eprintln!("{line}");
+        lines.push(line);
     }
-    group.finish();
-    let line = format!(
-        "{:>6} {:>6} | {:>9.1} {:>9.1} {:>9.1} | {:>10.3}x {:>10.3}x | {:>8.0}",
-        t,
-        n,
-        us[0],
-        us[1],
-        us[2],
-        us[2] / us[0],
-        us[2] / us[1],
-        flops / us[2] * 1e-6
-    );
-    eprintln!("{line}");
-    line
+    lines.join("\n")
 }

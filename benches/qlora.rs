@@ -7,6 +7,9 @@
 //! - `qlora`: our QLoRA forward over the NF4 W;
 //! - at T = 4096 also forward + backward: `cublas_base_fb` (`x Wᵀ` then `dY W`),
 //!   `lora_bf16_fb` and `qlora_fb`;
+//! - at T = 4096 `qlora_core` and `qlora_core_fb`: the same QLoRA calls with
+//!   `qlora::set_nf4_core(true)` (the base products on the GEMM core's NF4 kernels, W
+//!   dequantized in shared memory, no dense panel);
 //! - `quantize`: our GPU quantizer (bf16 W to NF4 with double quantization), against
 //!   `copy`, a device-to-device copy of W (read + write bytes / time).
 //!
@@ -42,13 +45,15 @@ struct Acts {
     db: CudaSlice<bf16>,
 }
 
-const OPS: [&str; 6] = [
+const OPS: [&str; 8] = [
     "cublas_base",
     "lora_bf16",
     "qlora",
     "cublas_base_fb",
     "lora_bf16_fb",
     "qlora_fb",
+    "qlora_core",
+    "qlora_core_fb",
 ];
 
 fn run(gpu: &Gpu, s: &LoraShape, op: &str, w: &Weights, z: &mut Acts) {
@@ -85,7 +90,8 @@ fn run(gpu: &Gpu, s: &LoraShape, op: &str, w: &Weights, z: &mut Acts) {
                 lora::backward(gpu, s, &opts, &z.x, lw, &z.h, &z.dy, grads).unwrap();
             }
         }
-        "qlora" => {
+        "qlora" | "qlora_core" => {
+            qlora::set_nf4_core(op.starts_with("qlora_core"));
             qlora::forward(gpu, s, &opts, &z.x, qw, &mut z.y, Some(&mut z.h)).unwrap();
             if fb {
                 let grads = LoraGrads {
@@ -95,6 +101,7 @@ fn run(gpu: &Gpu, s: &LoraShape, op: &str, w: &Weights, z: &mut Acts) {
                 };
                 qlora::backward(gpu, s, &opts, &z.x, qw, &z.h, &z.dy, grads).unwrap();
             }
+            qlora::set_nf4_core(false);
         }
         _ => unreachable!(),
     }
@@ -112,8 +119,9 @@ fn stored_bytes(q: &Nf4Device) -> f64 {
 }
 
 /// The JSON records of one shape and pass (`us`: cuBLAS dense, our LoRA over the dense
-/// W, our QLoRA): our QLoRA against cuBLAS's base product with a dense bf16 W, and
-/// against our own LoRA linear over that dense W.
+/// W, our QLoRA, and at T = 4096 our QLoRA on the NF4 core): our QLoRA against cuBLAS's
+/// base product with a dense bf16 W, and against our own LoRA linear over that dense W;
+/// the NF4-core form against cuBLAS.
 fn record(rec: &common::Recorder, s: &LoraShape, fb: bool, w_bytes: f64, us: &[f64]) {
     let (t, k, n, r) = (s.tokens, s.in_features, s.out_features, s.rank);
     let e = |v: usize| v as f64;
@@ -134,12 +142,24 @@ fn record(rec: &common::Recorder, s: &LoraShape, fb: bool, w_bytes: f64, us: &[f
     } else {
         ("qlora forward", "cuBLAS x·Wᵀ, dense bf16 W")
     };
-    for (name, base_us) in [(cublas, us[0]), ("our LoRA linear, dense bf16 W", us[1])] {
+    let mut rows = vec![
+        (kernel, us[2], cublas, us[0]),
+        (kernel, us[2], "our LoRA linear, dense bf16 W", us[1]),
+    ];
+    if let Some(&core_us) = us.get(3) {
+        let core_kernel = if fb {
+            "qlora forward + backward, NF4 core"
+        } else {
+            "qlora forward, NF4 core"
+        };
+        rows.push((core_kernel, core_us, cublas, us[0]));
+    }
+    for (kernel, ours_us, name, base_us) in rows {
         rec.row(common::Row {
             kernel,
             shape: format!("T={t} K={k} N={n} r={r}"),
             dtype: "bf16, NF4 W (bs 64, dq)",
-            ours_us: us[2],
+            ours_us,
             baseline: Some((name, base_us)),
             bytes: Some(bytes),
             flops: Some(flops),
@@ -164,8 +184,17 @@ fn main() {
     .unwrap();
     writeln!(
         table,
-        "{:>5} {:>6} {:>5} | {:>9} {:>9} {:>9} | {:>9} {:>9}",
-        "T", "N", "pass", "cublas", "lora bf16", "qlora", "q/cublas", "q/lora"
+        "{:>5} {:>6} {:>5} | {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9}",
+        "T",
+        "N",
+        "pass",
+        "cublas",
+        "lora bf16",
+        "qlora",
+        "q core",
+        "q/cublas",
+        "q/lora",
+        "qc/cublas"
     )
     .unwrap();
     let (k, r) = (4096usize, 16usize);
@@ -203,31 +232,43 @@ fn main() {
             };
             let passes: &[usize] = if t == 4096 { &[0, 3] } else { &[0] };
             for &p in passes {
-                let us: Vec<f64> = (p..p + 3)
-                    .map(|op| {
+                // cuBLAS, LoRA, QLoRA; at T = 4096 also QLoRA on the NF4 core.
+                let mut ops: Vec<usize> = (p..p + 3).collect();
+                if t == 4096 {
+                    ops.push(if p == 0 { 6 } else { 7 });
+                }
+                let us: Vec<f64> = ops
+                    .iter()
+                    .map(|&op| {
                         common::median_us(&gpu, samples, |i| {
                             run(&gpu, &s, OPS[op], &sets[i % nsets], &mut z)
                         })
                     })
                     .collect();
+                let (core, core_ratio) = match us.get(3) {
+                    Some(c) => (format!("{c:.1}"), format!("{:.3}x", c / us[0])),
+                    None => ("—".to_string(), "—".to_string()),
+                };
                 writeln!(
                     table,
-                    "{:>5} {:>6} {:>5} | {:>9.1} {:>9.1} {:>9.1} | {:>8.3}x {:>8.3}x",
+                    "{:>5} {:>6} {:>5} | {:>9.1} {:>9.1} {:>9.1} {:>9} | {:>8.3}x {:>8.3}x {:>9}",
                     t,
                     n,
                     if p == 0 { "fwd" } else { "f+b" },
                     us[0],
                     us[1],
                     us[2],
+                    core,
                     us[2] / us[0],
-                    us[2] / us[1]
+                    us[2] / us[1],
+                    core_ratio
                 )
                 .unwrap();
                 record(&rec, &s, p == 3, stored_bytes(&sets[0].q), &us);
                 eprintln!("{}", table.lines().last().unwrap());
                 let mut group = criterion.benchmark_group(format!("qlora_bf16/T{t}_N{n}"));
-                for op in &OPS[p..p + 3] {
-                    group.bench_function(*op, |b| {
+                for op in ops.iter().map(|&i| OPS[i]) {
+                    group.bench_function(op, |b| {
                         b.iter_custom(|iters| {
                             Duration::from_secs_f64(common::time_iters(&gpu, iters, |i| {
                                 run(&gpu, &s, op, &sets[i % nsets], &mut z)

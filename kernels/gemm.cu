@@ -788,7 +788,15 @@ __device__ __forceinline__ void nf4_store_piece(const float *lut, uint4 codes, f
 // fence) plus the transaction bytes of the x tile (TMA) and of the peer's half. A raw
 // slot is refilled once the producer barrier after its K-slice has passed (every thread
 // has read it).
-template <typename T, int BN>
+//
+// TB (the NN kernels, dX = dY · deq(W), W [N_w, K_w] the layer's weight read as the
+// GEMM's MN-major B [k = N_w, n = K_w]): a K-slice is 64 rows of W and the CTA's half
+// is BN/2 of its columns, stored as BN/128 chunks of [64 rows][64 columns] (128-byte
+// rows, the layout the dense NN kernels' TMA boxes write, MN_CHUNK_BYTES apart). A W
+// row's piece is then a half of a chunk row, so the same piece store serves: the raw
+// slot holds the codes [64][BN/4] bytes (one TMA box) and their scales as BN/128 runs of
+// [64][2] f32 (the table's [s][rows][2] for the chunk's column step s).
+template <typename T, int BN, bool TB>
 __device__ __forceinline__ void nf4_producer(uint32_t ring, uint32_t raw, const uint64_t *full_bar,
                                              const uint64_t *empty_bar, const uint64_t *raw_bar,
                                              float *lut, uint32_t rank, int pairs_m, int pairs,
@@ -799,7 +807,7 @@ __device__ __forceinline__ void nf4_producer(uint32_t ring, uint32_t raw, const 
   using C = Tile<BN>;
   using R = Nf4Raw<BN>;
   constexpr int STAGES = C::STAGES;
-  constexpr int HALF = BN / 2;            // W rows this CTA dequantizes per K-slice
+  constexpr int HALF = BN / 2;            // W rows (TB: columns) this CTA dequantizes
   constexpr int PIECES = HALF * 2 / 128;  // per thread: 2 (BN = 256) or 1 (BN = 128)
   const uint32_t peer = rank ^ 1u;
   const bool lead = threadIdx.x == 0;
@@ -822,10 +830,21 @@ __device__ __forceinline__ void nf4_producer(uint32_t ring, uint32_t raw, const 
     const uint32_t dst = raw + slot * R::SLOT_BYTES;
     const int n_base = n_base_of(load_pair);
     mbar_arrive_expect_tx(bar, R::SLOT_BYTES);
-    tma_load_2d(dst, &codes_map, load_it * 32, n_base, bar);
-    bulk_load(dst + R::CODE_BYTES,
-              p.nf4_scales + (static_cast<int64_t>(load_it) * p.nf4_n_pad + n_base) * 2,
-              R::SCALE_BYTES, bar);
+    if constexpr (TB) {
+      tma_load_2d(dst, &codes_map, n_base / 2, load_it * BK, bar);
+#pragma unroll
+      for (int j = 0; j < BN / 128; ++j) {
+        bulk_load(dst + R::CODE_BYTES + j * (BK * 8),
+                  p.nf4_scales +
+                      ((static_cast<int64_t>(n_base / 64 + j)) * p.nf4_n_pad + load_it * BK) * 2,
+                  BK * 8, bar);
+      }
+    } else {
+      tma_load_2d(dst, &codes_map, load_it * 32, n_base, bar);
+      bulk_load(dst + R::CODE_BYTES,
+                p.nf4_scales + (static_cast<int64_t>(load_it) * p.nf4_n_pad + n_base) * 2,
+                R::SCALE_BYTES, bar);
+    }
     ++issued;
     if (++load_it == p.k_tiles) {
       load_it = 0;
@@ -860,11 +879,22 @@ __device__ __forceinline__ void nf4_producer(uint32_t ring, uint32_t raw, const 
         const uint32_t src = raw + slot * R::SLOT_BYTES;
 #pragma unroll
         for (int j = 0; j < PIECES; ++j) {
-          const int q = static_cast<int>(threadIdx.x) + 128 * j;  // row q / 2, half q % 2
-          const int row = q / 2;
-          const uint4 codes = ld_shared_v4(src + q * 16);
-          const float am = ld_shared_f32(src + R::CODE_BYTES + q * 4);
-          nf4_store_piece<T>(lut, codes, am, half_dst + row * 128, q % 2, row % 8);
+          const int q = static_cast<int>(threadIdx.x) + 128 * j;
+          if constexpr (TB) {
+            // Row q / RP of the slice, its piece c = q % RP: chunk c / 2, half c % 2.
+            constexpr int RP = HALF / 32;  // pieces per W row in this CTA's half
+            const int row = q / RP, c = q % RP;
+            const uint4 codes = ld_shared_v4(src + q * 16);
+            const float am = ld_shared_f32(src + R::CODE_BYTES + ((c / 2) * BK + row) * 8 +
+                                           (c % 2) * 4);
+            nf4_store_piece<T>(lut, codes, am, half_dst + (c / 2) * MN_CHUNK_BYTES + row * 128,
+                               c % 2, row % 8);
+          } else {
+            const int row = q / 2;  // row q / 2, half q % 2
+            const uint4 codes = ld_shared_v4(src + q * 16);
+            const float am = ld_shared_f32(src + R::CODE_BYTES + q * 4);
+            nf4_store_piece<T>(lut, codes, am, half_dst + row * 128, q % 2, row % 8);
+          }
         }
         fence_async_smem();
         mbar_arrive(full);
@@ -879,7 +909,16 @@ __device__ __forceinline__ void nf4_producer(uint32_t ring, uint32_t raw, const 
         if (lead) {
           mbar_expect_tx(full, C::STAGE_BYTES);
           tma_load_2d(a_dst, &u_map, 0, m0, full);
-          tma_load_2d_multicast(half_dst, &bl_map, 0, n_base, full, 0x3);
+          if constexpr (TB) {
+            // Bl [r, N]: rows 0 .. 63, zeros from r on, as the dense NN kernels.
+#pragma unroll
+            for (int j = 0; j < BN / 128; ++j) {
+              tma_load_2d_multicast(half_dst + j * MN_CHUNK_BYTES, &bl_map, n_base + 64 * j, 0,
+                                    full, 0x3);
+            }
+          } else {
+            tma_load_2d_multicast(half_dst, &bl_map, 0, n_base, full, 0x3);
+          }
         }
         mbar_arrive(full);
       }
@@ -953,11 +992,11 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
       asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
       __shared__ float lut[16];
       const uint32_t raw = ring + RING_BYTES + NF4_STORE_BYTES;
-      nf4_producer<T, BN>(ring, raw, full_bar, empty_bar, raw_bar, lut, rank, pairs_m, pairs,
-                          cluster, clusters, iters, x_map, w_map, u_map, bl_map, p);
+      nf4_producer<T, BN, TB>(ring, raw, full_bar, empty_bar, raw_bar, lut, rank, pairs_m,
+                              pairs, cluster, clusters, iters, x_map, w_map, u_map, bl_map, p);
     } else {
       asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
-      consumer<T, F16, BN, 1, false>(ring, full_bar, empty_bar, rank, pairs_m, pairs, cluster,
+      consumer<T, F16, BN, 1, TB>(ring, full_bar, empty_bar, rank, pairs_m, pairs, cluster,
                               clusters, iters, y_map, z_map, p);
     }
   } else if (wg == 0) {
@@ -1094,6 +1133,12 @@ LK_GEMM_ENTRY(lk_gemm_nf4_bf16, __nv_bfloat16, false, 256, true, false)
 LK_GEMM_ENTRY(lk_gemm_nf4_f16, __half, true, 256, true, false)
 LK_GEMM_ENTRY(lk_gemm_nf4_n128_bf16, __nv_bfloat16, false, 128, true, false)
 LK_GEMM_ENTRY(lk_gemm_nf4_n128_f16, __half, true, 128, true, false)
+// NF4 W read as the MN-major B (dX = dY · deq(W), W [N_w, K_w]: the GEMM's k = N_w,
+// n = K_w), low-rank Bl [r, n]: lk_gemm_nf4nn_{bf16,f16} and lk_gemm_nf4nn_n128_{bf16,f16}.
+LK_GEMM_ENTRY(lk_gemm_nf4nn_bf16, __nv_bfloat16, false, 256, true, true)
+LK_GEMM_ENTRY(lk_gemm_nf4nn_f16, __half, true, 256, true, true)
+LK_GEMM_ENTRY(lk_gemm_nf4nn_n128_bf16, __nv_bfloat16, false, 128, true, true)
+LK_GEMM_ENTRY(lk_gemm_nf4nn_n128_f16, __half, true, 128, true, true)
 
 // ---- the mma.sync core (sm_80 .. sm_89; runs on sm_90 too) --------------------------------
 // y[T, N] = col_scale ⊙ (x[T, K] · W[N, K]ᵀ + U[T, r] · Bl[N, r]ᵀ) + bias, z = the sum,

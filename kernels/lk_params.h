@@ -213,11 +213,15 @@ typedef struct LkNf4 {
 } LkNf4;
 
 /* out[i] = NF4_CODE[code(e)] * absmax(e / blocksize) for e = start + i, i < count (a
- * range of the row-major [rows, cols] elements: a panel of rows), in out's type. */
+ * range of the row-major [rows, cols] elements: a panel of rows), in out's type.
+ * streaming != 0: the output is stored with st.global.cs (evict-first: the standalone
+ * dequantize, whose output is not read back soon); 0: plain stores (a panel the next
+ * GEMM reads, which may still find it in L2). */
 typedef struct LkNf4DequantParams {
   LkNf4 w;
   void *out;
   int64_t start, count;
+  int32_t streaming;
 } LkNf4DequantParams;
 
 /* Small-T NF4 matmul: y[t, n] = sum_k x[t, k] * deq(W)[n, k] (+ bias[n])

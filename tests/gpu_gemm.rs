@@ -160,12 +160,14 @@ fn oracle<T: Element>(c: &Case, d: &Host<T>, abs: bool) -> Vec<T> {
 }
 
 /// How the product takes W: [N, K] (`matmul_nt`), [K, N] with Bl [r, N] (`matmul_nn`),
-/// or NF4 (blocksize, double quantization; `matmul_nt_nf4`).
+/// or NF4 (blocksize, double quantization) as [N, K] (`matmul_nt_nf4`) or as [K, N]
+/// with Bl [r, N] (`matmul_nn_nf4`).
 #[derive(Debug, Clone, Copy)]
 enum Layout {
     Nt,
     Nn,
     Nf4(usize, bool),
+    Nf4Nn(usize, bool),
 }
 
 fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
@@ -189,12 +191,18 @@ fn run_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64, layout: Layout) {
             d.w = q.dequantize::<T>();
             Some(q)
         }
+        Layout::Nf4Nn(bs, dq) => {
+            // The weight stored [K, N] is quantized (its blocks run along N).
+            let q = Nf4Weight::quantize(&transpose(&d.w, c.n, c.k), c.k, c.n, bs, dq).unwrap();
+            d.w = transpose(&q.dequantize::<T>(), c.k, c.n);
+            Some(q)
+        }
         _ => None,
     };
     let want = oracle(c, &d, false);
     let mag = oracle(c, &d, true);
 
-    let nn = matches!(layout, Layout::Nn);
+    let nn = matches!(layout, Layout::Nn | Layout::Nf4Nn(..));
     let x = gpu.upload(&d.x).unwrap();
     let w = if nn {
         gpu.upload(&transpose(&d.w, c.n, c.k)).unwrap()
@@ -224,9 +232,13 @@ fn run_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64, layout: Layout) {
         epi = epi.with_col_scale(s);
     }
     match (&q, nn) {
-        (Some(q), _) => {
+        (Some(q), false) => {
             let wq = Nf4Device::upload(gpu, q).unwrap();
             gemm::matmul_nt_nf4(gpu, c.t, &x, &wq, &mut y, &epi)
+        }
+        (Some(q), true) => {
+            let wq = Nf4Device::upload(gpu, q).unwrap();
+            gemm::matmul_nn_nf4(gpu, c.t, &x, &wq, &mut y, &epi)
         }
         (None, true) => gemm::matmul_nn(gpu, &x, &w, &mut y, &epi, c.t, c.n, c.k),
         (None, false) => gemm::matmul_nt(gpu, &x, &w, &mut y, &epi, c.t, c.n, c.k),
@@ -565,6 +577,58 @@ fn gemm_nf4_shapes() {
     gemm::set_tile_n_override(None).unwrap();
 }
 
+/// `matmul_nn_nf4` (W [K, N] in NF4, dequantized into the MN-major B layout; Bl
+/// [r, N]): every blocksize kind (blocks within a row, across rows, 4096), with and
+/// without double quantization, N a multiple of 32 but not of the tile widths, K not a
+/// multiple of 64 (zero-filled rows past K), every epilogue option and rank kind, both
+/// tile widths forced on a grid of more tiles than clusters, then the per-call choice.
+#[test]
+fn gemm_nf4nn_shapes() {
+    let Some(gpu) = gpu90("gemm_nf4nn_shapes") else {
+        return;
+    };
+    let cases = [
+        (1usize, 32usize, 64usize, 0usize, 32usize, false),
+        (3, 224, 96, 16, 64, true),
+        (129, 288, 168, 0, 128, false),
+        (257, 1024, 4096, 8, 256, true),
+        (1000, 544, 200, 64, 4096, false),
+        (37, 96, 8, 3, 64, true),
+        (300, 4096, 520, 12, 64, true),
+    ];
+    for (i, &(t, n, k, r, bs, dq)) in cases.iter().enumerate() {
+        let c = Case {
+            t,
+            n,
+            k,
+            bias: i % 2 == 0,
+            scale: i % 3 == 1,
+            r,
+        };
+        run_case::<bf16>(gpu, &c, 1500 + i as u64, Layout::Nf4Nn(bs, dq));
+        run_case::<f16>(gpu, &c, 1550 + i as u64, Layout::Nf4Nn(bs, dq));
+    }
+    let sms = gpu.sm_count() as usize;
+    let t = (sms.isqrt() + 1) * gemm::TILE_M + 5;
+    let n = (sms.div_ceil(t.div_ceil(gemm::TILE_M)) + 1) * gemm::TILE_N - 32;
+    for (i, &w) in [gemm::TILE_N, gemm::TILE_N_NARROW].iter().enumerate() {
+        gemm::set_tile_n_override(Some(w)).unwrap();
+        for (j, n) in [n, n + 64].into_iter().enumerate() {
+            let c = Case {
+                t,
+                n,
+                k: 232,
+                bias: true,
+                scale: j == 0,
+                r: if j == 1 { 16 } else { 0 },
+            };
+            let layout = Layout::Nf4Nn(64, j == 1);
+            run_case::<bf16>(gpu, &c, 1600 + 2 * i as u64 + j as u64, layout);
+        }
+    }
+    gemm::set_tile_n_override(None).unwrap();
+}
+
 /// The NF4 entry's own argument errors: K % 32 != 0, a misaligned or short buffer.
 #[test]
 fn gemm_nf4_errors() {
@@ -598,6 +662,27 @@ fn gemm_nf4_errors() {
     let e = gemm::matmul_nt_nf4(g, t - 1, &x_off, &wq, &mut y_short, &GemmEpilogue::new());
     let e = e.unwrap_err();
     assert!(matches!(e, Error::Misaligned { name: "x", .. }), "{e}");
+    // matmul_nn_nf4: W [K = 16, N = 40] has a row length that is not a multiple of 32;
+    // then W [16, 64] against an x of the wrong length.
+    let q = Nf4Weight::quantize(&vec![bf16::ONE; n * 40], n, 40, 64, false).unwrap();
+    let wq = Nf4Device::upload(g, &q).unwrap();
+    let mut y: CudaSlice<bf16> = g.zeros(t * 40).unwrap();
+    let e = gemm::matmul_nn_nf4(g, t, &x, &wq, &mut y, &epi).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Dim {
+                name: "cols (K_w)",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let q = Nf4Weight::quantize(&vec![bf16::ONE; n * 64], n, 64, 64, true).unwrap();
+    let wq = Nf4Device::upload(g, &q).unwrap();
+    let mut y: CudaSlice<bf16> = g.zeros(t * 64).unwrap();
+    let e = gemm::matmul_nn_nf4(g, t, &x, &wq, &mut y, &epi).unwrap_err();
+    assert!(matches!(e, Error::Length { name: "x", .. }), "{e}");
 }
 
 /// Argument errors come before the architecture check, so they show on any GPU.

@@ -254,7 +254,11 @@ fn gpu_qlora_bf16() {
 /// low-rank K-slice, bias and dropout (U from the down kernel on the dropped x); then the
 /// same cases on the default panel path. Blocks cross rows (K % blocksize != 0), K is not
 /// a multiple of 64, tile-row counts are odd, N both not a multiple of 8 (direct stores)
-/// and a multiple of 8 (TMA stores). On other GPUs both runs take the panel path.
+/// and a multiple of 8 (TMA stores). The last three shapes (enough [T, K] tiles, N % 8
+/// == 0, no dropout) take the backward's NF4 NN core with `set_nf4_core(true)`: dX from
+/// W's [64-row × tile] pieces dequantized in shared memory, N not a multiple of 64
+/// (zero-filled rows), blocks crossing rows, ranks 12, 16, 64. On other GPUs both runs
+/// take the panel path.
 #[test]
 fn gpu_qlora_core_sized() {
     let Some(gpu) = gpu() else { return };
@@ -264,6 +268,15 @@ fn gpu_qlora_core_sized() {
         (LoraShape::new(300, 96, 2900, 8), 32, false, true, true),
         (LoraShape::new(257, 320, 2816, 64), 128, true, false, false),
         (LoraShape::new(515, 160, 1800, 16), 4096, true, true, false),
+        (LoraShape::new(300, 2848, 328, 16), 64, true, true, false),
+        (
+            LoraShape::new(257, 2880, 1000, 64),
+            4096,
+            false,
+            false,
+            false,
+        ),
+        (LoraShape::new(520, 1792, 776, 12), 256, true, true, false),
     ];
     for (i, &(shape, bs, dq, bias, dropout)) in cases.iter().enumerate() {
         let c = Case {

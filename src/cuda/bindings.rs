@@ -581,10 +581,11 @@ pub struct LkNf4DequantParams {
     pub out: *mut ::core::ffi::c_void,
     pub start: i64,
     pub count: i64,
+    pub streaming: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkNf4DequantParams"][::core::mem::size_of::<LkNf4DequantParams>() - 80usize];
+    ["Size of LkNf4DequantParams"][::core::mem::size_of::<LkNf4DequantParams>() - 88usize];
     ["Alignment of LkNf4DequantParams"][::core::mem::align_of::<LkNf4DequantParams>() - 8usize];
     ["Offset of field: LkNf4DequantParams::w"]
         [::core::mem::offset_of!(LkNf4DequantParams, w) - 0usize];
@@ -594,6 +595,8 @@ const _: () = {
         [::core::mem::offset_of!(LkNf4DequantParams, start) - 64usize];
     ["Offset of field: LkNf4DequantParams::count"]
         [::core::mem::offset_of!(LkNf4DequantParams, count) - 72usize];
+    ["Offset of field: LkNf4DequantParams::streaming"]
+        [::core::mem::offset_of!(LkNf4DequantParams, streaming) - 80usize];
 };
 impl Default for LkNf4DequantParams {
     fn default() -> Self {

@@ -38,8 +38,8 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, SyncOnDrop};
 
 use super::lora::{
     core_takes, dora_fused_small, dx_core_takes, forward_core_launch, forward_large, forward_small,
-    grid_1d, launch_down, launch_dx_core, launch_g, launch_merge, launch_tn, DoraPtrs, FwdPtrs,
-    MergeMode,
+    grid_1d, launch_down, launch_dx_core, launch_g, launch_merge, launch_tn, DoraPtrs, DxWeight,
+    FwdPtrs, MergeMode,
 };
 use super::qlora::for_each_panel;
 use super::{dptr, dptr_mut, gemm_rm, gemm_rm_ld, lk_dropout, Gpu, LkNf4};
@@ -883,7 +883,7 @@ pub(crate) fn backward_impl<T: Element>(
                     shape,
                     tn,
                     dyfp,
-                    w,
+                    DxWeight::Dense(w),
                     (bp, s),
                     (glc, ldg),
                     ap,

@@ -309,16 +309,54 @@ where
     matmul_impl(gpu, x, BaseRef::DenseKn(w), y, epi, tokens, n, k)
 }
 
+/// [`matmul_nn`] with W in NF4 ([N_w = `w.rows`, K_w = `w.cols`], bitsandbytes' format):
+/// `y [T, K_w] = col_scale ⊙ (x [T, N_w] · deq(W) + U Bl) + bias` with Bl [r, K_w], the
+/// QLoRA backward's `dX = dY deq(W) + G A`. The producer warpgroup dequantizes each
+/// [64 rows × tile] piece of W into the MN-major B layout in shared memory (each CTA of a
+/// cluster half of it, copied into the other), so no dense W ever exists in device
+/// memory; the values are the standalone dequantize's.
+///
+/// Errors as [`matmul_nn`]'s (its N is K_w, its K is N_w), plus [`Error::Dim`] for
+/// K_w % 32 != 0 and [`Error::Misaligned`] for packed codes not 16-byte aligned (and the
+/// NF4 weight's own errors from its descriptor); [`Error::Unsupported`] off sm_90.
+pub fn matmul_nn_nf4<T, I, S, O>(
+    gpu: &Gpu,
+    tokens: usize,
+    x: &I,
+    w: &Nf4Device,
+    y: &mut O,
+    epi: &GemmEpilogue<'_, I, S>,
+) -> Result<()>
+where
+    T: Element,
+    I: DevicePtr<T> + ?Sized,
+    S: DevicePtr<f32> + ?Sized,
+    O: DevicePtrMut<T> + ?Sized,
+{
+    if w.cols % NF4_K_MULTIPLE != 0 {
+        return Err(Error::Dim {
+            name: "cols (K_w)",
+            value: w.cols,
+            reason: "the NF4 NN core needs W's row length K_w % 32 == 0",
+        });
+    }
+    matmul_impl(gpu, x, BaseRef::Nf4Kn(w), y, epi, tokens, w.cols, w.rows)
+}
+
 /// The base weight of one core call.
 enum BaseRef<'a, I: ?Sized> {
     /// W [N, K] ([`matmul_nt`]).
     Dense(&'a I),
     /// W [K, N] ([`matmul_nn`]).
     DenseKn(&'a I),
+    /// W [N, K] in NF4 ([`matmul_nt_nf4`]).
     Nf4(&'a Nf4Device),
+    /// W [K, N] in NF4 ([`matmul_nn_nf4`]: the layer's W [N_w, K_w] read as B [K, N]).
+    Nf4Kn(&'a Nf4Device),
 }
 
-/// [`matmul_nt`] and [`matmul_nt_nf4`]: the argument checks, then [`launch_core`].
+/// [`matmul_nt`], [`matmul_nn`] and their NF4 forms: the argument checks, then
+/// [`launch_core`].
 #[allow(clippy::too_many_arguments)]
 fn matmul_impl<T, I, S, O>(
     gpu: &Gpu,
@@ -384,13 +422,13 @@ where
     }
 
     let (xp, _gx) = dptr(gpu, "x", x)?;
-    let w_kn = matches!(base, BaseRef::DenseKn(_));
+    let w_kn = matches!(base, BaseRef::DenseKn(_) | BaseRef::Nf4Kn(_));
     let (wp, nf4, _gw, _gq) = match base {
         BaseRef::Dense(w) | BaseRef::DenseKn(w) => {
             let (wp, g) = dptr(gpu, "w", w)?;
             (wp, None, Some(g), Vec::new())
         }
-        BaseRef::Nf4(q) => {
+        BaseRef::Nf4(q) | BaseRef::Nf4Kn(q) => {
             let (desc, guards) = q.desc(gpu)?;
             (0, Some(desc), None, guards)
         }
@@ -436,8 +474,9 @@ pub(crate) struct CorePtrs {
     pub z: u64,
     /// (U, Bl, rank), rank in 1..=64.
     pub low_rank: Option<(u64, u64, usize)>,
-    /// W as NF4 (validated by [`Nf4Device::desc`], [N, K], K % 32 == 0): the
-    /// `lk_gemm_nf4_*` kernels dequantize it into shared memory and `w` is unused.
+    /// W as NF4 (validated by [`Nf4Device::desc`]; [N, K] with K % 32 == 0, or with
+    /// `w_kn` [K, N] with N % 32 == 0): the `lk_gemm_nf4_*` (`lk_gemm_nf4nn_*`) kernels
+    /// dequantize it into shared memory and `w` is unused.
     pub nf4: Option<LkNf4>,
     /// y's row stride in elements, or 0 for N (a contiguous y). Another stride (y being
     /// columns of a wider matrix) needs the TMA-store epilogue: stride % 8 == 0, y
@@ -550,7 +589,8 @@ pub fn force_fused_down(force: bool) {
 /// The entry point for an operand type, W's format and layout and a tile width.
 fn kernel_name<T: Element>(nf4: bool, w_kn: bool, tile_n: usize) -> String {
     let family = match (nf4, w_kn) {
-        (true, _) => "nf4",
+        (true, false) => "nf4",
+        (true, true) => "nf4nn",
         (false, true) => "nn",
         (false, false) => "nt",
     };
@@ -578,11 +618,14 @@ pub(crate) fn launch_core<T: Element>(
         None => check_align_to("w", wp, 16)?,
         Some(q) => {
             check_align_to("packed", q.packed as u64, 16)?;
-            if k % NF4_K_MULTIPLE != 0 || q.cols as usize != k || q.rows as usize != n {
+            // W's rows and row length: [N, K] (NT) or [K, N] (NN); the row length a
+            // multiple of 32 (whole 32-element pieces, 16-byte rows of codes).
+            let (rows, cols) = if p.w_kn { (k, n) } else { (n, k) };
+            if cols % NF4_K_MULTIPLE != 0 || q.cols as usize != cols || q.rows as usize != rows {
                 return Err(Error::Dim {
-                    name: "k",
-                    value: k,
-                    reason: "the NF4 GEMM core needs W [N, K] with K % 32 == 0",
+                    name: if p.w_kn { "n" } else { "k" },
+                    value: cols,
+                    reason: "the NF4 GEMM core needs W's shape and a row length % 32 == 0",
                 });
             }
         }
@@ -599,10 +642,10 @@ pub(crate) fn launch_core<T: Element>(
             check_align_to("b", bp, 16)?;
         }
     }
-    if p.w_kn && (p.nf4.is_some() || n % 8 != 0) {
+    if p.w_kn && n % 8 != 0 {
         return Err(Error::Unsupported {
             op: "gemm core",
-            reason: format!("W stored [K, N] needs a dense W and N % 8 == 0 (N = {n})"),
+            reason: format!("W stored [K, N] needs N % 8 == 0 (N = {n})"),
         });
     }
     let low_rank = p.low_rank;
@@ -640,10 +683,20 @@ pub(crate) fn launch_core<T: Element>(
     // kernels read their half's packed codes through this map instead (bytes [N, K/2],
     // boxes of 32 bytes = 64 codes × tile_n/2 rows, no swizzle) and dequantize them.
     // W stored [K, N] (the NN kernels): boxes of 64 columns × 64 rows (K), each CTA
-    // loading its tile_n/2 columns as tile_n/128 of them.
+    // loading its tile_n/2 columns as tile_n/128 of them; in NF4 (bytes [K, N/2]) one box
+    // of tile_n/4 bytes × 64 rows per K-slice.
     let w_map = match &p.nf4 {
         None if p.w_kn => tensor_map(dt, wp, n, k, n, TILE_K)?,
         None => tensor_map(dt, wp, k, n, k, tile_n / 2)?,
+        Some(q) if p.w_kn => encode_map(
+            dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            1,
+            q.packed as u64,
+            [n / 2, k],
+            n / 2,
+            [tile_n / 4, TILE_K],
+            dsys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+        )?,
         Some(q) => encode_map(
             dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
             1,
@@ -654,12 +707,22 @@ pub(crate) fn launch_core<T: Element>(
             dsys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
         )?,
     };
-    // The NF4 kernels' scale table, [k_tiles][n_pad][2] f32, written in full by
-    // lk_nf4_core_scales before the GEMM (stream order) and freed after it is queued.
-    let n_pad = n.next_multiple_of(TILE_N);
+    // The NF4 kernels' scale table, [steps][rows_pad][2] f32 over W's 64-column steps
+    // and its rows (padded to 256), written in full by lk_nf4_core_scales before the
+    // GEMM (stream order) and freed after it is queued. NT: W's rows are the tiles' N
+    // (steps: the K-slices); NN: W's rows are the K-slices and its columns the tiles' N
+    // (steps up to the last tile's end).
+    let n_pad = if p.w_kn { k } else { n }.next_multiple_of(TILE_N);
     let scales = match &p.nf4 {
         None => None,
-        Some(q) => Some(core_scales(gpu, q, k.div_ceil(TILE_K), n_pad)?),
+        Some(q) => {
+            let steps = if p.w_kn {
+                n.next_multiple_of(TILE_N) / TILE_K
+            } else {
+                k.div_ceil(TILE_K)
+            };
+            Some(core_scales(gpu, q, steps, n_pad)?)
+        }
     };
 
     // The low-rank operands (see low_rank_operands).
@@ -803,11 +866,13 @@ pub(crate) fn launch_core<T: Element>(
     // [N, r] (or [r, N]) exactly as validated above (lengths, 16-byte alignment, K % 8 == 0; U and Bl possibly
     // padded copies that live until the launch is queued and are freed in stream order);
     // TMA never reads outside them (out-of-bounds boxes are zero-filled). For NF4 the W
-    // map describes the packed codes as bytes [N, K/2] (lengths checked by the weight's
-    // descriptor, 16-byte aligned, K % 32 == 0), and the kernel's bulk copies of the
-    // scale table read [s][n_base .. n_base + tile_n/2][2] with n_base + tile_n/2 ≤ n_pad
-    // and s < k_tiles: inside the k_tiles × n_pad × 2 scratch written just before, which
-    // lives until the launch is queued. The kernel writes y (and z, when set: a [T, N]
+    // map describes the packed codes as bytes [N, K/2] (NN: [K, N/2]; lengths checked by
+    // the weight's descriptor, 16-byte aligned, row length % 32 == 0), and the kernel's
+    // bulk copies of the scale table read [s][n_base .. n_base + tile_n/2][2] with
+    // n_base + tile_n/2 ≤ n_pad and s < k_tiles (NN: [n_base/64 + j][64 it .. 64 it + 64]
+    // with n_base/64 + j < tiles_n · tile_n / 64 ≤ steps and 64 · k_tiles ≤ n_pad):
+    // inside the steps × n_pad × 2 scratch written just before, which lives until the
+    // launch is queued. The kernel writes y (and z, when set: a [T, N]
     // buffer whose length the caller checked) only at rows < T and columns < N, reads
     // bias / col_scale only at columns < N, and needs `smem` bytes of dynamic shared
     // memory, set by prepare(). With the fused down product the A map describes A [r, K]

@@ -870,10 +870,10 @@ fn backward_impl<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
                 });
             }
         }
-        return backward_core_launch::<T>(gpu, shape, opts, &p, wp);
+        return backward_core_launch::<T>(gpu, shape, opts, &p, DxWeight::Dense(wp));
     }
     if backward_core_takes::<T>(gpu, shape, opts, &p, wp) {
-        return backward_core_launch::<T>(gpu, shape, opts, &p, wp);
+        return backward_core_launch::<T>(gpu, shape, opts, &p, DxWeight::Dense(wp));
     }
     backward_with::<T>(gpu, shape, opts, &p, |beta| {
         gemm_rm::<T>(gpu, t, k, n, 1.0, dyp, false, wp, false, beta, dxp)
@@ -896,10 +896,20 @@ fn backward_core_takes<T: Element>(
         && dx_core_takes::<T>(gpu, shape, shape.tokens, p.dy, w, p.a)
 }
 
+/// The base weight of [`launch_dx_core`]'s `dX = d W + G A`.
+#[derive(Clone, Copy)]
+pub(crate) enum DxWeight {
+    /// A dense W [N, K] at this address.
+    Dense(u64),
+    /// W [N, K] in NF4 (validated; K % 32 == 0 is the caller's check).
+    Nf4(super::LkNf4),
+}
+
 /// Whether `dX = d W + G A` for `tokens` rows of d ([tokens, N] at `d`) can run on the
 /// NN core (see [`launch_dx_core`]): this thread's [`set_core_dispatch`], enough
 /// [tokens, K] output tiles, sm_90 (not the forced mma path), f16/bf16, rank ≤ 64, K and
-/// N multiples of 8, d, W and A 16-byte aligned. Callers check dX's 4-byte alignment.
+/// N multiples of 8, d, W (or W's packed NF4 codes) and A 16-byte aligned. Callers check
+/// dX's 4-byte alignment (and K % 32 == 0 for an NF4 W).
 pub(crate) fn dx_core_takes<T: Element>(
     gpu: &Gpu,
     shape: &LoraShape,
@@ -921,18 +931,19 @@ pub(crate) fn dx_core_takes<T: Element>(
 }
 
 /// `dX [tokens, K] = d [tokens, N] · W [N, K] + G [tokens, r] · A [r, K]` by one NN core
-/// launch (W read MN-major, G A as the extra K-slice, dX written once), with
-/// `G = scale · d B` (B [N, r]) written into `(g, ldg)` (rows of a multiple of 8 ≥ r
-/// elements, 16-byte aligned; columns < r written, the only ones read): by the launch's
-/// own jobs where the fused rule allows (their A operand is Bᵀ [r, N], a copy made once
-/// into `bt` and reused by later calls), else by cuBLAS just before it.
+/// launch (W read MN-major, dense or dequantized from NF4 in shared memory, G A as the
+/// extra K-slice, dX written once), with `G = scale · d B` (B [N, r]) written into
+/// `(g, ldg)` (rows of a multiple of 8 ≥ r elements, 16-byte aligned; columns < r
+/// written, the only ones read): with a dense W by the launch's own jobs where the fused
+/// rule allows (their A operand is Bᵀ [r, N], a copy made once into `bt` and reused by
+/// later calls), else by cuBLAS just before it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_dx_core<T: Element>(
     gpu: &Gpu,
     shape: &LoraShape,
     tokens: usize,
     d: u64,
-    w: u64,
+    w: DxWeight,
     (b, scale): (u64, f32),
     (g, ldg): (u64, usize),
     a: u64,
@@ -941,7 +952,13 @@ pub(crate) fn launch_dx_core<T: Element>(
 ) -> Result<()> {
     use super::gemm::{self, CoreDown, CorePtrs};
     let (k, n, r) = (shape.in_features, shape.out_features, shape.rank);
-    let fused = fused_down_enabled() && gemm::fused_down_fits_for::<T>(gpu, tokens, k, r, true)?;
+    let (wp, nf4) = match w {
+        DxWeight::Dense(wp) => (wp, None),
+        DxWeight::Nf4(q) => (0, Some(q)),
+    };
+    let fused = nf4.is_none()
+        && fused_down_enabled()
+        && gemm::fused_down_fits_for::<T>(gpu, tokens, k, r, true)?;
     if fused && bt.is_none() {
         *bt = Some(gemm::transpose::<T>(gpu, b, n, r)?);
     }
@@ -954,13 +971,13 @@ pub(crate) fn launch_dx_core<T: Element>(
     };
     let core = CorePtrs {
         x: d,
-        w,
+        w: wp,
         y: dx,
         bias: 0,
         col_scale: 0,
         z: 0,
         low_rank: Some((g, a, r)),
-        nf4: None,
+        nf4,
         ldy: 0,
         ldu: ldg,
         down: bt_ptr.as_ref().map(|(btp, _)| CoreDown {
@@ -1001,13 +1018,14 @@ pub(crate) fn launch_g<T: Element>(
     )
 }
 
-/// [`backward_core`]'s launches, arguments checked.
-fn backward_core_launch<T: Element>(
+/// [`backward_core`]'s launches, arguments checked (also the QLoRA backward's core path,
+/// with W in NF4).
+pub(crate) fn backward_core_launch<T: Element>(
     gpu: &Gpu,
     shape: &LoraShape,
     opts: &LoraOptions,
     p: &BwdPtrs,
-    w: u64,
+    w: DxWeight,
 ) -> Result<()> {
     let (t, k, n, r) = (
         shape.tokens,

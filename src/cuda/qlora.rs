@@ -19,14 +19,19 @@
 //!   dequantizes each W tile into shared memory, with the low-rank K-slice and the bias
 //!   in the same pass. No dense W at all; on an H100 it is slower than the panels today
 //!   (docs/PERF_NOTES_NF4.md), so it is opt-in.
-//! - backward: as the dense LoRA backward, with `dY deq(W)` accumulated over the same
-//!   row panels (`dX += dY[:, panel] · deq(W[panel])`).
+//! - backward (the default): as the dense LoRA backward, with `dY deq(W)` accumulated
+//!   over the same row panels (`dX += dY[:, panel] · deq(W[panel])`).
+//! - backward with [`set_nf4_core`]`(true)` on sm_90 and no active dropout (f16/bf16,
+//!   r ≤ 64, K % 32 == 0, N % 8 == 0, dY, A and the codes 16-byte aligned, dX 4-byte
+//!   aligned, enough [T, K] output tiles): `G = s · dY B` by cuBLAS, then one launch of
+//!   the NF4 NN core ([`crate::cuda::gemm::matmul_nn_nf4`]'s kernel) for
+//!   `dX = dY deq(W) + G A`, W's [64-row × tile] pieces dequantized into shared memory
+//!   in the MN-major layout; then `dA = Gᵀ x` and `dB = s · dYᵀ h` by cuBLAS.
 //!
 //! The whole dense W never exists in device memory: the panel paths hold one panel (at
-//! most 16 MiB in bf16) plus the LoRA path's O(T·r) buffers; the core path holds no
-//! dense W at all (its extra memory is U, O(T·r), and the core's scale table, one f32
-//! per 32 weights: N·K/8 bytes). The backward's dX has no NF4 core kernel yet (that
-//! needs the core with W as its MN-major operand) and stays on panels.
+//! most 16 MiB in bf16) plus the LoRA path's O(T·r) buffers; the core paths hold no
+//! dense W at all (their extra memory is U or G, O(T·r), and the core's scale table, one
+//! f32 per 32 weights: N·K/8 bytes).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -34,8 +39,8 @@ use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 use super::gemm::{self, CorePtrs};
 use super::lora::{
-    backward_with, core_takes, forward_core_launch, forward_large, launch_down, launch_u, BwdPtrs,
-    FwdPtrs,
+    backward_core_launch, backward_with, core_takes, dx_core_takes, forward_core_launch,
+    forward_large, launch_down, launch_u, BwdPtrs, DxWeight, FwdPtrs,
 };
 use super::nf4::{launch_dequant, launch_mm, MmLora, Nf4Device};
 use super::{dptr, dptr_mut, gemm_rm_ld, Gpu, LkNf4};
@@ -48,11 +53,12 @@ thread_local! {
     static NF4_CORE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Makes [`forward`] calls from this thread compute the large-T base product with the
-/// GEMM core's NF4 kernel where it runs (`true`: W tiles dequantized in shared memory, no
-/// dense panel), or with dequantized panels and cuBLAS (`false`, the default: faster on
-/// an H100 today, 1.4× against 2.0× cuBLAS's dense time at T = 4096, K = 4096; see the
-/// module docs and docs/PERF_NOTES_NF4.md). Results agree to the GEMMs' rounding.
+/// Makes [`forward`] and [`backward`] calls from this thread compute the large-T base
+/// products (`x deq(W)ᵀ`, and `dY deq(W)` when dropout is off) with the GEMM core's NF4
+/// kernels where they run (`true`: W tiles dequantized in shared memory, no dense
+/// panel), or with dequantized panels (`false`, the default: faster on an H100 today,
+/// 1.4× against 2.0× cuBLAS's dense time at T = 4096, K = 4096; see the module docs and
+/// docs/PERF_NOTES_NF4.md). Results agree to the GEMMs' rounding.
 pub fn set_nf4_core(enabled: bool) {
     NF4_CORE.with(|c| c.set(enabled));
 }
@@ -101,7 +107,7 @@ pub(crate) fn for_each_panel<T: Element>(
     let (pp, _gp) = dptr(gpu, "panel", &panel)?;
     for (i, n0) in (0..rows).step_by(pr).enumerate() {
         let nc = pr.min(rows - n0);
-        launch_dequant::<T>(gpu, desc, n0 * cols, nc * cols, pp)?;
+        launch_dequant::<T>(gpu, desc, n0 * cols, nc * cols, pp, false)?;
         f(i, n0, nc, pp)?;
     }
     Ok(())
@@ -314,6 +320,16 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         da: dap,
         db: dbp,
     };
+    if NF4_CORE.with(|c| c.get())
+        && opts.active_dropout().is_none()
+        && k % 32 == 0
+        && dxp % 4 == 0
+        && dx_core_takes::<T>(gpu, shape, t, dyp, desc.packed as u64, ap)
+    {
+        // dX = dY deq(W) + G A in one launch of the NF4 NN core (G = s · dY B by cuBLAS
+        // just before it), then dA = Gᵀ x and dB = s · dYᵀ h: no dense W, no panel.
+        return backward_core_launch::<T>(gpu, shape, opts, &p, DxWeight::Nf4(desc));
+    }
     let size = std::mem::size_of::<T>() as u64;
     backward_with::<T>(gpu, shape, opts, &p, |beta| {
         // dX = Σ_panels dY[:, panel] · deq(W[panel]) (+ beta · dX on the first panel).
