@@ -212,8 +212,10 @@ typedef struct LkNf4 {
   int32_t rows, cols;
 } LkNf4;
 
-/* out[i] = NF4_CODE[code(e)] * absmax(e / blocksize) for e = start + i, i < count (a
- * range of the row-major [rows, cols] elements: a panel of rows), in out's type.
+/* out[i] = NF4_CODE[code(e)] * absmax(e / blocksize) for i < count, in out's type, with
+ * e = start + i (pcols == 0: a range of the row-major [rows, cols] elements, such as a
+ * panel of rows), or e = start + (i / pcols) * cols + i % pcols (pcols > 0: a panel of
+ * pcols columns, out [count / pcols, pcols]; count % pcols == 0 and count < 2^32).
  * streaming != 0: the output is stored with st.global.cs (evict-first: the standalone
  * dequantize, whose output is not read back soon); 0: plain stores (a panel the next
  * GEMM reads, which may still find it in L2). */
@@ -222,6 +224,7 @@ typedef struct LkNf4DequantParams {
   void *out;
   int64_t start, count;
   int32_t streaming;
+  int32_t pcols;
 } LkNf4DequantParams;
 
 /* Small-T NF4 matmul: y[t, n] = sum_k x[t, k] * deq(W)[n, k] (+ bias[n])

@@ -65,8 +65,18 @@ template <typename T> __device__ void nf4_dequant(const LkNf4DequantParams &p) {
   const int64_t start = p.start, count = p.count;
   T *out = reinterpret_cast<T *>(p.out);
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  const int64_t pcols = p.pcols;
+  // Element i of the output: W's element start + i, or in a column panel the element at
+  // panel row i / pcols, column i % pcols (W's row length w.cols).
+  // (The host keeps a column panel's count below 2^32, so 32-bit division serves.)
+  auto elem = [&](int64_t i) {
+    if (pcols == 0) return start + i;
+    const uint32_t r = static_cast<uint32_t>(i) / static_cast<uint32_t>(pcols);
+    const uint32_t c = static_cast<uint32_t>(i) - r * static_cast<uint32_t>(pcols);
+    return start + static_cast<int64_t>(r) * w.cols + c;
+  };
   const bool vec = start % 8 == 0 && count % 8 == 0 && (uintptr_t)w.packed % 4 == 0 &&
-                   (uintptr_t)p.out % 16 == 0;
+                   (uintptr_t)p.out % 16 == 0 && (pcols == 0 || (pcols % 8 == 0 && w.cols % 8 == 0));
   const bool streaming = p.streaming != 0;
   if (vec) {
     // 8 elements (one 32-bit word of codes) per thread and step: a warp reads 128
@@ -74,17 +84,20 @@ template <typename T> __device__ void nf4_dequant(const LkNf4DequantParams &p) {
     // crosses an NF4 block (blocksize >= 32, groups start at multiples of 8). With
     // streaming stores and a grid of one group per thread this measured 90–94% of the
     // copy bandwidth on an H100 (dev/nf4_dequant.cu), against 79–82% with plain stores.
-    const uint32_t *words = reinterpret_cast<const uint32_t *>(w.packed) + start / 8;
+    // In a column panel the 8 elements of a group lie in one row (pcols % 8 == 0) and
+    // start at a multiple of 8 (start, cols and the column offset are).
+    const uint32_t *words = reinterpret_cast<const uint32_t *>(w.packed);
     for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < count / 8; g += stride) {
+      const int64_t e = elem(8 * g);
       uint32_t word;
-      asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(word) : "l"(words + g));
+      asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(word) : "l"(words + e / 8));
       float v[8];
-      dequant8(lut, word, nf4_absmax(w, (start + 8 * g) >> w.log2_blocksize), v);
+      dequant8(lut, word, nf4_absmax(w, e >> w.log2_blocksize), v);
       store8<T>(out + 8 * g, v, streaming);
     }
   } else {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += stride) {
-      const int64_t e = start + i;
+      const int64_t e = elem(i);
       const uint32_t byte = __ldg(w.packed + (e >> 1));
       const uint32_t c = (e & 1) ? (byte & 15u) : (byte >> 4);
       out[i] = lk::from_f32<T>(__fmul_rn(lut[c], nf4_absmax(w, e >> w.log2_blocksize)));

@@ -582,6 +582,7 @@ pub struct LkNf4DequantParams {
     pub start: i64,
     pub count: i64,
     pub streaming: i32,
+    pub pcols: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -597,6 +598,8 @@ const _: () = {
         [::core::mem::offset_of!(LkNf4DequantParams, count) - 72usize];
     ["Offset of field: LkNf4DequantParams::streaming"]
         [::core::mem::offset_of!(LkNf4DequantParams, streaming) - 80usize];
+    ["Offset of field: LkNf4DequantParams::pcols"]
+        [::core::mem::offset_of!(LkNf4DequantParams, pcols) - 84usize];
 };
 impl Default for LkNf4DequantParams {
     fn default() -> Self {

@@ -459,11 +459,13 @@ where
         ldu: 0,
         down: None,
         w_kn,
+        ldbl: 0,
     };
     launch_core::<T>(gpu, &ptrs, tokens, n, k)
 }
 
 /// Device addresses of one [`matmul_nt`] call (0 = absent), lengths already checked.
+#[derive(Clone, Copy)]
 pub(crate) struct CorePtrs {
     pub x: u64,
     pub w: u64,
@@ -490,10 +492,13 @@ pub(crate) struct CorePtrs {
     /// [`fused_down_fits`]): the kernel computes `h = x Aᵀ` itself and writes `U = s·h`
     /// into `low_rank`'s U, which is then an output.
     pub down: Option<CoreDown>,
-    /// W stored [K, N] and Bl [r, N] (the `lk_gemm_nn_*` kernels, [`matmul_nn`]): dense
-    /// W only, N % 8 == 0, Bl 16-byte aligned. A fused down product's A is still
-    /// [r, K] (K-major; for the LoRA backward, Bᵀ).
+    /// W stored [K, N] and Bl [r, N] (the `lk_gemm_nn_*` kernels, [`matmul_nn`]; in NF4
+    /// the `lk_gemm_nf4nn_*` ones, [`matmul_nn_nf4`]): N % 8 == 0, Bl 16-byte aligned. A
+    /// fused down product's A is still [r, K] (K-major; for the LoRA backward, Bᵀ).
     pub w_kn: bool,
+    /// With `w_kn`: Bl's row stride in elements (a multiple of 8, ≥ N), or 0 for N (Bl
+    /// being columns of a wider matrix, as A's columns for a column panel of W).
+    pub ldbl: usize,
 }
 
 /// The fused down product of one core launch: jobs (one per pair of tile rows, run
@@ -501,6 +506,7 @@ pub(crate) struct CorePtrs {
 /// `U = scale · h` (row stride [`CorePtrs::ldu`]) into the low-rank term's U buffer and
 /// `h` into `h` (if not 0), and flag each tile row; every tile waits for its row's flag
 /// before it loads U.
+#[derive(Clone, Copy)]
 pub(crate) struct CoreDown {
     /// A [r, K], 16-byte aligned.
     pub a: u64,
@@ -730,8 +736,9 @@ pub(crate) fn launch_core<T: Element>(
     let (u_map, bl_map) = match low_rank_operands::<T>(gpu, p, tokens, n, &mut _pads)? {
         Some(lr) => {
             let bl_map = if p.w_kn {
-                // Bl [r, N]: boxes of 64 columns × 64 rows, rows ≥ r zero-filled.
-                tensor_map(dt, lr.b, n, lr.r, n, TILE_K)?
+                // Bl [r, N] (row stride ldb): boxes of 64 columns × 64 rows, rows ≥ r
+                // zero-filled.
+                tensor_map(dt, lr.b, n, lr.r, lr.ldb, TILE_K)?
             } else {
                 tensor_map(dt, lr.b, lr.r, n, lr.ldb, tile_n / 2)?
             };
@@ -1030,7 +1037,16 @@ fn low_rank_operands<T: Element>(
         }
     };
     let (b, ldb) = if p.w_kn {
-        (bp, n)
+        match p.ldbl {
+            0 => (bp, n),
+            ld if ld % 8 == 0 && ld >= n => (bp, ld),
+            ld => {
+                return Err(Error::Unsupported {
+                    op: "gemm core",
+                    reason: format!("Bl's row stride {ld} must be a multiple of 8 and ≥ N = {n}"),
+                })
+            }
+        }
     } else if r == rp {
         (bp, rp)
     } else {

@@ -344,6 +344,7 @@ pub(crate) fn forward_core_launch<T: Element>(
             scale: opts.scale,
         }),
         w_kn: false,
+        ldbl: 0,
     };
     gemm::launch_core::<T>(gpu, &core, t, n, k)
 }
@@ -901,8 +902,13 @@ fn backward_core_takes<T: Element>(
 pub(crate) enum DxWeight {
     /// A dense W [N, K] at this address.
     Dense(u64),
-    /// W [N, K] in NF4 (validated; K % 32 == 0 is the caller's check).
+    /// W [N, K] in NF4 (validated; K % 32 == 0 is the caller's check), dequantized
+    /// tile by tile in shared memory by the NF4 NN core.
     Nf4(super::LkNf4),
+    /// W [N, K] in NF4, dequantized one bounded column panel at a time
+    /// ([`super::qlora::for_each_col_panel`]) for the dense NN core, each launch writing
+    /// its columns of dX (row stride K: dX 16-byte aligned is the caller's check).
+    Nf4ColPanels(super::LkNf4),
 }
 
 /// Whether `dX = d W + G A` for `tokens` rows of d ([tokens, N] at `d`) can run on the
@@ -932,11 +938,12 @@ pub(crate) fn dx_core_takes<T: Element>(
 
 /// `dX [tokens, K] = d [tokens, N] · W [N, K] + G [tokens, r] · A [r, K]` by one NN core
 /// launch (W read MN-major, dense or dequantized from NF4 in shared memory, G A as the
-/// extra K-slice, dX written once), with `G = scale · d B` (B [N, r]) written into
-/// `(g, ldg)` (rows of a multiple of 8 ≥ r elements, 16-byte aligned; columns < r
-/// written, the only ones read): with a dense W by the launch's own jobs where the fused
-/// rule allows (their A operand is Bᵀ [r, N], a copy made once into `bt` and reused by
-/// later calls), else by cuBLAS just before it.
+/// extra K-slice, dX written once), or one per column panel of an NF4 W (each writing
+/// its columns of dX once), with `G = scale · d B` (B [N, r]) written into `(g, ldg)`
+/// (rows of a multiple of 8 ≥ r elements, 16-byte aligned; columns < r written, the only
+/// ones read): with a dense W by the launch's own jobs where the fused rule allows
+/// (their A operand is Bᵀ [r, N], a copy made once into `bt` and reused by later calls),
+/// else by cuBLAS just before it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_dx_core<T: Element>(
     gpu: &Gpu,
@@ -955,8 +962,9 @@ pub(crate) fn launch_dx_core<T: Element>(
     let (wp, nf4) = match w {
         DxWeight::Dense(wp) => (wp, None),
         DxWeight::Nf4(q) => (0, Some(q)),
+        DxWeight::Nf4ColPanels(_) => (0, None),
     };
-    let fused = nf4.is_none()
+    let fused = matches!(w, DxWeight::Dense(_))
         && fused_down_enabled()
         && gemm::fused_down_fits_for::<T>(gpu, tokens, k, r, true)?;
     if fused && bt.is_none() {
@@ -986,7 +994,25 @@ pub(crate) fn launch_dx_core<T: Element>(
             scale,
         }),
         w_kn: true,
+        ldbl: 0,
     };
+    if let DxWeight::Nf4ColPanels(q) = w {
+        // dX[:, c0 .. c0 + pc] = d · deq(W[:, c0 .. c0 + pc]) + G · A[:, c0 .. c0 + pc]:
+        // the panel as W [N, pc], A's columns as Bl (row stride K), TMA stores into dX's
+        // columns (row stride K).
+        let size = std::mem::size_of::<T>() as u64;
+        return super::qlora::for_each_col_panel::<T>(gpu, &q, |c0, pc, pp| {
+            let panel = CorePtrs {
+                w: pp,
+                y: dx + c0 as u64 * size,
+                low_rank: Some((g, a + c0 as u64 * size, r)),
+                ldy: k,
+                ldbl: k,
+                ..core
+            };
+            gemm::launch_core::<T>(gpu, &panel, tokens, pc, n)
+        });
+    }
     gemm::launch_core::<T>(gpu, &core, tokens, k, n)
 }
 

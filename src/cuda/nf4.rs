@@ -179,28 +179,39 @@ pub fn dequantize<T: Element, O: DevicePtrMut<T>>(
     check_len("out", out.len(), w.numel())?;
     let (desc, _guards) = w.desc(gpu)?;
     let (op, _go) = dptr_mut(gpu, "out", out)?;
-    launch_dequant::<T>(gpu, &desc, 0, w.numel(), op, true)
+    launch_dequant::<T>(gpu, &desc, (0, 0), w.numel(), op, true)
 }
 
-/// Dequantizes elements `start..start + count` of the row-major weight into `out`
-/// (`count` elements of T; the caller validated `desc` and `out`). `streaming`: the
+/// Dequantizes `count` elements of the row-major weight into `out` (`count` elements of
+/// T; the caller validated `desc` and `out`): with `(start, 0)` the elements
+/// `start..start + count` (a panel of rows); with `(start, pcols)`, pcols > 0, the
+/// column panel of `count / pcols` rows and `pcols` columns whose first element is
+/// `start` (count a multiple of pcols and below 2³²). `streaming`: the
 /// standalone dequantize (evict-first stores, one 8-element group per thread: 90–94% of
 /// the copy bandwidth on an H100); else a panel for the next GEMM (plain stores, which
 /// leave it in L2, and a grid of at most 8 blocks per SM).
 pub(crate) fn launch_dequant<T: Element>(
     gpu: &Gpu,
     desc: &LkNf4,
-    start: usize,
+    (start, pcols): (usize, usize),
     count: usize,
     out: u64,
     streaming: bool,
 ) -> Result<()> {
+    if pcols > 0 && (count % pcols != 0 || count >= 1 << 32 || pcols > i32::MAX as usize) {
+        return Err(Error::Dim {
+            name: "column panel",
+            value: count,
+            reason: "a column panel's element count must be a multiple of its width and below 2^32",
+        });
+    }
     let params = LkNf4DequantParams {
         w: *desc,
         out: out as *mut _,
         start: start as i64,
         count: count as i64,
         streaming: streaming as i32,
+        pcols: pcols as i32,
     };
     let blocks = if streaming {
         count.div_ceil(8 * 256).clamp(1, 1 << 20)

@@ -19,14 +19,22 @@
 //!   dequantizes each W tile into shared memory, with the low-rank K-slice and the bias
 //!   in the same pass. No dense W at all; on an H100 it is slower than the panels today
 //!   (docs/PERF_NOTES_NF4.md), so it is opt-in.
-//! - backward (the default): as the dense LoRA backward, with `dY deq(W)` accumulated
-//!   over the same row panels (`dX += dY[:, panel] · deq(W[panel])`).
-//! - backward with [`set_nf4_core`]`(true)` on sm_90 and no active dropout (f16/bf16,
-//!   r ≤ 64, K % 32 == 0, N % 8 == 0, dY, A and the codes 16-byte aligned, dX 4-byte
-//!   aligned, enough [T, K] output tiles): `G = s · dY B` by cuBLAS, then one launch of
+//! - backward on sm_90, no active dropout, where the dense LoRA backward's core rule
+//!   holds (f16/bf16, r ≤ 64, K and N multiples of 8, enough [T, K] output tiles, dY and
+//!   A 16-byte aligned) and dX is 16-byte aligned: `G = s · dY B` by cuBLAS, then W
+//!   dequantized one column panel at a time (at most [`PANEL_ELEMS`] elements, a
+//!   multiple of 64 columns) and per panel one launch of the dense NN GEMM core,
+//!   `dX[:, panel] = dY deq(W[:, panel]) + G A[:, panel]`, storing into dX's columns
+//!   (dX written once); then `dA = Gᵀ x` and `dB = s · dYᵀ h` by cuBLAS.
+//! - backward with [`set_nf4_core`]`(true)`, tried before the column panels (sm_90, no
+//!   active dropout, f16/bf16, r ≤ 64, K % 32 == 0, N % 8 == 0, dY, A and the codes
+//!   16-byte aligned, dX 4-byte aligned, enough [T, K] output tiles): `G = s · dY B` by
+//!   cuBLAS, then one launch of
 //!   the NF4 NN core ([`crate::cuda::gemm::matmul_nn_nf4`]'s kernel) for
 //!   `dX = dY deq(W) + G A`, W's [64-row × tile] pieces dequantized into shared memory
 //!   in the MN-major layout; then `dA = Gᵀ x` and `dB = s · dYᵀ h` by cuBLAS.
+//! - backward otherwise: as the dense LoRA backward, with `dY deq(W)` accumulated over
+//!   row panels (`dX += dY[:, panel] · deq(W[panel])`) by cuBLAS.
 //!
 //! The whole dense W never exists in device memory: the panel paths hold one panel (at
 //! most 16 MiB in bf16) plus the LoRA path's O(T·r) buffers; the core paths hold no
@@ -107,8 +115,43 @@ pub(crate) fn for_each_panel<T: Element>(
     let (pp, _gp) = dptr(gpu, "panel", &panel)?;
     for (i, n0) in (0..rows).step_by(pr).enumerate() {
         let nc = pr.min(rows - n0);
-        launch_dequant::<T>(gpu, desc, n0 * cols, nc * cols, pp, false)?;
+        launch_dequant::<T>(gpu, desc, (n0 * cols, 0), nc * cols, pp, false)?;
         f(i, n0, nc, pp)?;
+    }
+    Ok(())
+}
+
+/// Columns per column panel of W [rows, cols]: as many as fit the cap, a multiple of 64
+/// (of 8 when fewer than 64 fit, at least 8), or all of them.
+fn panel_cols(rows: usize, cols: usize) -> usize {
+    let fit = PANEL_LIMIT.load(Ordering::Relaxed) / rows;
+    if fit >= cols {
+        cols
+    } else if fit >= 64 {
+        fit / 64 * 64
+    } else {
+        (fit / 8 * 8).max(8)
+    }
+}
+
+/// Calls `f(c0, pc, panel)` for each panel of columns `c0..c0 + pc` of W (K % 8 == 0),
+/// the panel dequantized to T in a scratch buffer [rows, pc] (address `panel`, row
+/// stride pc; every c0 a multiple of 8).
+pub(crate) fn for_each_col_panel<T: Element>(
+    gpu: &Gpu,
+    desc: &LkNf4,
+    mut f: impl FnMut(usize, usize, u64) -> Result<()>,
+) -> Result<()> {
+    let (rows, cols) = (desc.rows as usize, desc.cols as usize);
+    let pc = panel_cols(rows, cols);
+    // SAFETY of the scratch: as for_each_panel's (each panel written in full before the
+    // GEMM that reads it, the next one queued after that GEMM).
+    let panel = gpu.scratch::<T>(rows * pc)?;
+    let (pp, _gp) = dptr(gpu, "panel", &panel)?;
+    for c0 in (0..cols).step_by(pc) {
+        let w = pc.min(cols - c0);
+        launch_dequant::<T>(gpu, desc, (c0, w), rows * w, pp, false)?;
+        f(c0, w, pp)?;
     }
     Ok(())
 }
@@ -246,6 +289,7 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
                 ldu: 0,
                 down: None,
                 w_kn: false,
+                ldbl: 0,
             };
             gemm::launch_core::<T>(gpu, &core, t, nc, k)
         });
@@ -320,15 +364,24 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         da: dap,
         db: dbp,
     };
-    if NF4_CORE.with(|c| c.get())
-        && opts.active_dropout().is_none()
-        && k % 32 == 0
-        && dxp % 4 == 0
-        && dx_core_takes::<T>(gpu, shape, t, dyp, desc.packed as u64, ap)
-    {
-        // dX = dY deq(W) + G A in one launch of the NF4 NN core (G = s · dY B by cuBLAS
-        // just before it), then dA = Gᵀ x and dB = s · dYᵀ h: no dense W, no panel.
-        return backward_core_launch::<T>(gpu, shape, opts, &p, DxWeight::Nf4(desc));
+    if opts.active_dropout().is_none() {
+        if NF4_CORE.with(|c| c.get())
+            && k % 32 == 0
+            && dxp % 4 == 0
+            && dx_core_takes::<T>(gpu, shape, t, dyp, desc.packed as u64, ap)
+        {
+            // dX = dY deq(W) + G A in one launch of the NF4 NN core (G = s · dY B by
+            // cuBLAS just before it), then dA = Gᵀ x and dB = s · dYᵀ h: no dense W.
+            return backward_core_launch::<T>(gpu, shape, opts, &p, DxWeight::Nf4(desc));
+        }
+        // The column panels' scratch is 16-byte aligned (16 stands in for it).
+        if dxp % 16 == 0 && dx_core_takes::<T>(gpu, shape, t, dyp, 16, ap) {
+            // G = s · dY B by cuBLAS, then per column panel of W one dense NN core launch
+            // writing dX's columns once (G A's columns as its extra K-slice); then dA
+            // and dB.
+            let w = DxWeight::Nf4ColPanels(desc);
+            return backward_core_launch::<T>(gpu, shape, opts, &p, w);
+        }
     }
     let size = std::mem::size_of::<T>() as u64;
     backward_with::<T>(gpu, shape, opts, &p, |beta| {
