@@ -327,9 +327,10 @@ fn gpu_qlora_mma_path() {
 /// Many panels: 8-row panels, a 13-row cap (8-row panels, the last ragged), 3-row
 /// panels (fewer than 8 rows fit) and 1000-row panels of a core-sized layer, on the
 /// large-T path and the backward; and a layer whose backward takes the column panels
-/// on an H100 (N % 8 == 0, enough [T, K] tiles, no dropout): a cap of 80 rows is
-/// 227 840 elements, so 640-column panels of W [328, 2848], the last 288 wide, each
-/// dequantized (a strided read of W) for one NN core launch into dX's columns.
+/// on an H100 (N % 8 == 0, enough [T, K] tiles, no dropout): a cap of 118 rows is
+/// 336 064 elements, so 1024-column panels of W [328, 2848] (the narrowest the path
+/// takes), the last 800 wide, each dequantized (a strided read of W) for one NN core
+/// launch into dX's columns.
 #[test]
 fn gpu_qlora_many_panels() {
     let Some(gpu) = gpu() else { return };
@@ -341,7 +342,7 @@ fn gpu_qlora_many_panels() {
         // Core-sized (on an H100 the dense GEMM core runs once per panel, storing into
         // y's columns): 1000-row panels, the last one 816 rows.
         (1000, LoraShape::new(257, 320, 2816, 16)),
-        (80, LoraShape::new(300, 2848, 328, 16)),
+        (118, LoraShape::new(300, 2848, 328, 16)),
     ]
     .into_iter()
     .enumerate()

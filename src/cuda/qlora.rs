@@ -21,9 +21,10 @@
 //!   (docs/PERF_NOTES_NF4.md), so it is opt-in.
 //! - backward on sm_90, no active dropout, where the dense LoRA backward's core rule
 //!   holds (f16/bf16, r ≤ 64, K and N multiples of 8, enough [T, K] output tiles, dY and
-//!   A 16-byte aligned) and dX is 16-byte aligned: `G = s · dY B` by cuBLAS, then W
-//!   dequantized one column panel at a time (at most [`PANEL_ELEMS`] elements, a
-//!   multiple of 64 columns) and per panel one launch of the dense NN GEMM core,
+//!   A 16-byte aligned), dX is 16-byte aligned and a column panel of at most
+//!   [`PANEL_ELEMS`] elements holds all of W or at least 1024 columns (N ≤ 8192 at the
+//!   default cap): `G = s · dY B` by cuBLAS, then W dequantized one column panel at a
+//!   time (a multiple of 64 columns) and per panel one launch of the dense NN GEMM core,
 //!   `dX[:, panel] = dY deq(W[:, panel]) + G A[:, panel]`, storing into dX's columns
 //!   (dX written once); then `dA = Gᵀ x` and `dB = s · dYᵀ h` by cuBLAS.
 //! - backward with [`set_nf4_core`]`(true)`, tried before the column panels (sm_90, no
@@ -120,6 +121,10 @@ pub(crate) fn for_each_panel<T: Element>(
     }
     Ok(())
 }
+
+/// The narrowest column panel the backward's column-panel path takes (unless the panel
+/// is all of W): 1024 columns, four 256-wide core tiles.
+const COL_PANEL_MIN: usize = 1024;
 
 /// Columns per column panel of W [rows, cols]: as many as fit the cap, a multiple of 64
 /// (of 8 when fewer than 64 fit, at least 8), or all of them.
@@ -374,8 +379,15 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
             // cuBLAS just before it), then dA = Gᵀ x and dB = s · dYᵀ h: no dense W.
             return backward_core_launch::<T>(gpu, shape, opts, &p, DxWeight::Nf4(desc));
         }
-        // The column panels' scratch is 16-byte aligned (16 stands in for it).
-        if dxp % 16 == 0 && dx_core_takes::<T>(gpu, shape, t, dyp, 16, ap) {
+        // The column panels' scratch is 16-byte aligned (16 stands in for it). Panels
+        // narrower than COL_PANEL_MIN columns leave the core's clusters idle in their
+        // one round of tiles (measured slower than the row panels at N = 11008, whose
+        // 16 MiB panels hold 704 columns), so those take the row panels.
+        let pc = panel_cols(n, k);
+        if dxp % 16 == 0
+            && (pc == k || pc >= COL_PANEL_MIN)
+            && dx_core_takes::<T>(gpu, shape, t, dyp, 16, ap)
+        {
             // G = s · dY B by cuBLAS, then per column panel of W one dense NN core launch
             // writing dX's columns once (G A's columns as its extra K-slice); then dA
             // and dB.
