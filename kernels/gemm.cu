@@ -748,6 +748,23 @@ __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar
   if (lane == 0) bulk_wait_read<0>();
 }
 
+// The low-rank K-slice's half of the B tile that a CTA loads for both CTAs of its
+// cluster (multicast): Bl's columns n_half .. n_half + BN/2 into dst. Bl [N, r] (TB
+// false): its columns 0 .. 63, zeros from r on; Bl [r, N] (TB, the NN kernels): rows
+// 0 .. 63 (zeros from r on) as BN/128 chunks of [64][64], MN_CHUNK_BYTES apart.
+template <int BN, bool TB>
+__device__ __forceinline__ void load_bl_half(uint32_t dst, const LkTmap &bl_map, int n_half,
+                                             uint32_t full) {
+  if constexpr (TB) {
+#pragma unroll
+    for (int j = 0; j < BN / 128; ++j) {
+      tma_load_2d_multicast(dst + j * MN_CHUNK_BYTES, &bl_map, n_half + 64 * j, 0, full, 0x3);
+    }
+  } else {
+    tma_load_2d_multicast(dst, &bl_map, 0, n_half, full, 0x3);
+  }
+}
+
 // ---- the NF4 B-operand producer (lk_gemm_nf4_*) ----------------------------------------
 // Dequantizes one 32-element piece of a W row (16 bytes of codes, byte b holding elements
 // 2b (high nibble) and 2b + 1 (low)) with its block's absmax: code · absmax in f32,
@@ -909,16 +926,7 @@ __device__ __forceinline__ void nf4_producer(uint32_t ring, uint32_t raw, const 
         if (lead) {
           mbar_expect_tx(full, C::STAGE_BYTES);
           tma_load_2d(a_dst, &u_map, 0, m0, full);
-          if constexpr (TB) {
-            // Bl [r, N]: rows 0 .. 63, zeros from r on, as the dense NN kernels.
-#pragma unroll
-            for (int j = 0; j < BN / 128; ++j) {
-              tma_load_2d_multicast(half_dst + j * MN_CHUNK_BYTES, &bl_map, n_base + 64 * j, 0,
-                                    full, 0x3);
-            }
-          } else {
-            tma_load_2d_multicast(half_dst, &bl_map, 0, n_base, full, 0x3);
-          }
+          load_bl_half<BN, TB>(half_dst, bl_map, n_base, full);
         }
         mbar_arrive(full);
       }
@@ -1064,16 +1072,7 @@ __device__ __forceinline__ void gemm_nt_body(const LkTmap &x_map, const LkTmap &
             mbar_arrive_expect_tx(full, C::STAGE_BYTES);
             // The low-rank K-slice: U's and Bl's columns 0 .. 63, zeros from r on.
             tma_load_2d(a_dst, &u_map, 0, m0, full);
-            if constexpr (TB) {
-              // Bl [r, N]: rows 0 .. 63, zeros from r on.
-#pragma unroll
-              for (int j = 0; j < BN / 128; ++j) {
-                tma_load_2d_multicast(b_dst + j * MN_CHUNK_BYTES, &bl_map, n_half + 64 * j, 0,
-                                      full, 0x3);
-              }
-            } else {
-              tma_load_2d_multicast(b_dst, &bl_map, 0, n_half, full, 0x3);
-            }
+            load_bl_half<BN, TB>(b_dst, bl_map, n_half, full);
           }
         }
       }

@@ -161,7 +161,8 @@ fn oracle<T: Element>(c: &Case, d: &Host<T>, abs: bool) -> Vec<T> {
 
 /// How the product takes W: [N, K] (`matmul_nt`), [K, N] with Bl [r, N] (`matmul_nn`),
 /// or NF4 (blocksize, double quantization) as [N, K] (`matmul_nt_nf4`) or as [K, N]
-/// with Bl [r, N] (`matmul_nn_nf4`).
+/// with Bl [r, N] (`matmul_nn_nf4`); for NF4 the oracle takes the host dequantize of
+/// the same weight (the values the kernel must produce in shared memory).
 #[derive(Debug, Clone, Copy)]
 enum Layout {
     Nt,
@@ -172,13 +173,6 @@ enum Layout {
 
 fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
     run_case::<T>(gpu, c, seed, Layout::Nt);
-}
-
-/// W quantized to NF4 (blocksize, double quantization) and multiplied by
-/// `gemm::matmul_nt_nf4`; the oracle takes the host dequantize of the same weight (the
-/// values the kernel must produce in shared memory).
-fn check_case_nf4<T: Element>(gpu: &Gpu, c: &Case, bs: usize, dq: bool, seed: u64) {
-    run_case::<T>(gpu, c, seed, Layout::Nf4(bs, dq));
 }
 
 fn run_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64, layout: Layout) {
@@ -545,36 +539,7 @@ fn gemm_nf4_shapes() {
         (1000, 520, 224, 64, 4096, false),
         (37, 24, 32, 3, 64, true),
     ];
-    for (i, &(t, n, k, r, bs, dq)) in cases.iter().enumerate() {
-        let c = Case {
-            t,
-            n,
-            k,
-            bias: i % 2 == 0,
-            scale: i % 3 == 1,
-            r,
-        };
-        check_case_nf4::<bf16>(gpu, &c, bs, dq, 900 + i as u64);
-        check_case_nf4::<f16>(gpu, &c, bs, dq, 950 + i as u64);
-    }
-    let sms = gpu.sm_count() as usize;
-    let t = (sms.isqrt() + 1) * gemm::TILE_M + 5;
-    let n = (sms.div_ceil(t.div_ceil(gemm::TILE_M)) + 1) * gemm::TILE_N - 3;
-    for (i, &w) in [gemm::TILE_N, gemm::TILE_N_NARROW].iter().enumerate() {
-        gemm::set_tile_n_override(Some(w)).unwrap();
-        for (j, n) in [n, n + 3].into_iter().enumerate() {
-            let c = Case {
-                t,
-                n,
-                k: 160,
-                bias: true,
-                scale: j == 0,
-                r: if j == 1 { 16 } else { 0 },
-            };
-            check_case_nf4::<bf16>(gpu, &c, 64, j == 1, 970 + 2 * i as u64 + j as u64);
-        }
-    }
-    gemm::set_tile_n_override(None).unwrap();
+    nf4_grid(gpu, &cases, Layout::Nf4, (-3, 3), 160, 900);
 }
 
 /// `matmul_nn_nf4` (W [K, N] in NF4, dequantized into the MN-major B layout; Bl
@@ -596,6 +561,21 @@ fn gemm_nf4nn_shapes() {
         (37, 96, 8, 3, 64, true),
         (300, 4096, 520, 12, 64, true),
     ];
+    nf4_grid(gpu, &cases, Layout::Nf4Nn, (-32, 64), 232, 1500);
+}
+
+/// The NF4 shape tests' runs: each case (T, N, K, rank, blocksize, double quantization)
+/// in bf16 and f16 with the epilogue options in turn, then a grid of more tiles than
+/// clusters at both forced tile widths: N = a few tile columns + `dn.0`, then `dn.1` more
+/// (one with the low-rank slice and double quantization), K = `k`.
+fn nf4_grid(
+    gpu: &Gpu,
+    cases: &[(usize, usize, usize, usize, usize, bool)],
+    layout: fn(usize, bool) -> Layout,
+    dn: (isize, usize),
+    k: usize,
+    seed: u64,
+) {
     for (i, &(t, n, k, r, bs, dq)) in cases.iter().enumerate() {
         let c = Case {
             t,
@@ -605,25 +585,26 @@ fn gemm_nf4nn_shapes() {
             scale: i % 3 == 1,
             r,
         };
-        run_case::<bf16>(gpu, &c, 1500 + i as u64, Layout::Nf4Nn(bs, dq));
-        run_case::<f16>(gpu, &c, 1550 + i as u64, Layout::Nf4Nn(bs, dq));
+        run_case::<bf16>(gpu, &c, seed + i as u64, layout(bs, dq));
+        run_case::<f16>(gpu, &c, seed + 50 + i as u64, layout(bs, dq));
     }
     let sms = gpu.sm_count() as usize;
     let t = (sms.isqrt() + 1) * gemm::TILE_M + 5;
-    let n = (sms.div_ceil(t.div_ceil(gemm::TILE_M)) + 1) * gemm::TILE_N - 32;
+    let n = (sms.div_ceil(t.div_ceil(gemm::TILE_M)) + 1) * gemm::TILE_N;
+    let n = n.checked_add_signed(dn.0).unwrap();
     for (i, &w) in [gemm::TILE_N, gemm::TILE_N_NARROW].iter().enumerate() {
         gemm::set_tile_n_override(Some(w)).unwrap();
-        for (j, n) in [n, n + 64].into_iter().enumerate() {
+        for (j, n) in [n, n + dn.1].into_iter().enumerate() {
             let c = Case {
                 t,
                 n,
-                k: 232,
+                k,
                 bias: true,
                 scale: j == 0,
                 r: if j == 1 { 16 } else { 0 },
             };
-            let layout = Layout::Nf4Nn(64, j == 1);
-            run_case::<bf16>(gpu, &c, 1600 + 2 * i as u64 + j as u64, layout);
+            let s = seed + 70 + 2 * i as u64 + j as u64;
+            run_case::<bf16>(gpu, &c, s, layout(64, j == 1));
         }
     }
     gemm::set_tile_n_override(None).unwrap();

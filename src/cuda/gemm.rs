@@ -263,14 +263,7 @@ where
     S: DevicePtr<f32> + ?Sized,
     O: DevicePtrMut<T> + ?Sized,
 {
-    if w.cols % NF4_K_MULTIPLE != 0 {
-        return Err(Error::Dim {
-            name: "cols (K)",
-            value: w.cols,
-            reason: "the NF4 GEMM core needs K % 32 == 0",
-        });
-    }
-    matmul_impl(gpu, x, BaseRef::Nf4(w), y, epi, tokens, w.rows, w.cols)
+    matmul_nf4(gpu, tokens, x, BaseRef::Nf4(w), y, epi)
 }
 
 /// `y = col_scale ⊙ (x W + U Bl) + bias` on the GPU's stream: [`matmul_nt`] with W
@@ -333,14 +326,43 @@ where
     S: DevicePtr<f32> + ?Sized,
     O: DevicePtrMut<T> + ?Sized,
 {
+    matmul_nf4(gpu, tokens, x, BaseRef::Nf4Kn(w), y, epi)
+}
+
+/// [`matmul_nt_nf4`] and [`matmul_nn_nf4`]: W's row length checked (whole 32-element
+/// pieces), then [`matmul_impl`] with the GEMM's N and K of the layout.
+fn matmul_nf4<T, I, S, O>(
+    gpu: &Gpu,
+    tokens: usize,
+    x: &I,
+    base: BaseRef<'_, I>,
+    y: &mut O,
+    epi: &GemmEpilogue<'_, I, S>,
+) -> Result<()>
+where
+    T: Element,
+    I: DevicePtr<T> + ?Sized,
+    S: DevicePtr<f32> + ?Sized,
+    O: DevicePtrMut<T> + ?Sized,
+{
+    let (w, kn) = match base {
+        BaseRef::Nf4(w) => (w, false),
+        BaseRef::Nf4Kn(w) => (w, true),
+        _ => unreachable!("matmul_nf4 takes an NF4 base"),
+    };
     if w.cols % NF4_K_MULTIPLE != 0 {
         return Err(Error::Dim {
-            name: "cols (K_w)",
+            name: if kn { "cols (K_w)" } else { "cols (K)" },
             value: w.cols,
-            reason: "the NF4 NN core needs W's row length K_w % 32 == 0",
+            reason: "the NF4 GEMM core needs W's row length % 32 == 0",
         });
     }
-    matmul_impl(gpu, x, BaseRef::Nf4Kn(w), y, epi, tokens, w.cols, w.rows)
+    let (n, k) = if kn {
+        (w.cols, w.rows)
+    } else {
+        (w.rows, w.cols)
+    };
+    matmul_impl(gpu, x, base, y, epi, tokens, n, k)
 }
 
 /// The base weight of one core call.
