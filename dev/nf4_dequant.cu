@@ -10,6 +10,7 @@
 //
 // Not part of the crate's build; benches/nf4.rs gives the crate's figures.
 #include "../kernels/nf4.cu"
+#include "dev_common.cuh"
 
 #include <algorithm>
 #include <cstdio>
@@ -17,28 +18,6 @@
 #include <cstring>
 #include <random>
 #include <vector>
-
-#define CK(x)                                                                            \
-  do {                                                                                   \
-    cudaError_t e_ = (x);                                                                \
-    if (e_ != cudaSuccess) {                                                             \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      exit(1);                                                                           \
-    }                                                                                    \
-  } while (0)
-
-static const float CODE[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
-
-static uint16_t bf16_bits(float v) {
-  uint32_t u;
-  memcpy(&u, &v, 4);
-  u = (u + 0x7fffu + ((u >> 16) & 1u));
-  return (uint16_t)(u >> 16);
-}
 
 // v3: G groups of 8 elements per thread and step, G consecutive 32-bit words of codes
 // (one 4G-byte load) and G consecutive 16-byte stores; STREAM: st.global.cs.
@@ -200,26 +179,7 @@ int main(int argc, char **argv) {
     return p;
   };
 
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  auto time_us = [&](auto &&launch) {
-    for (int i = 0; i < 10; ++i) launch(i);
-    CK(cudaDeviceSynchronize());
-    std::vector<float> v;
-    const int batch = 20;
-    for (int s = 0; s < 31; ++s) {
-      CK(cudaEventRecord(e0));
-      for (int i = 0; i < batch; ++i) launch(s * batch + i);
-      CK(cudaEventRecord(e1));
-      CK(cudaEventSynchronize(e1));
-      float ms;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      v.push_back(ms * 1000.0f / batch);
-    }
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-  };
+  auto time_us = [&](auto &&launch) { return ::time_us(launch, 20, 31); };
 
   const double copy_bytes = 4.0 * numel, deq_bytes = packed.size() + q.size() + 2.0 * numel;
   auto copy = [&](int i) {

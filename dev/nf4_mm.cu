@@ -10,6 +10,7 @@
 // Not part of the crate's build; the crate's benches (benches/nf4.rs) give the figures
 // against cuBLAS.
 #include "../kernels/nf4.cu"
+#include "dev_common.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -18,35 +19,6 @@
 #include <cstring>
 #include <random>
 #include <vector>
-
-#define CK(x)                                                                       \
-  do {                                                                              \
-    cudaError_t e_ = (x);                                                           \
-    if (e_ != cudaSuccess) {                                                        \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      exit(1);                                                                      \
-    }                                                                               \
-  } while (0)
-
-static const float CODE[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
-
-static float bf16_round(float v) {
-  uint32_t u;
-  memcpy(&u, &v, 4);
-  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-  memcpy(&v, &u, 4);
-  return v;
-}
-static uint16_t bf16_bits(float v) {
-  uint32_t u;
-  float r = bf16_round(v);
-  memcpy(&u, &r, 4);
-  return (uint16_t)(u >> 16);
-}
 
 __global__ void empty_kernel(int) {}
 
@@ -151,26 +123,7 @@ int main(int argc, char **argv) {
       {"v4 scale-after, lane table", lk_nf4_mm_sa_bf16_n1, lk_nf4_mm_sa_bf16_n2, lk_nf4_mm_sa_bf16_n4},
   };
 
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  auto time_us = [&](auto &&launch) {
-    for (int i = 0; i < 10; ++i) launch(i);
-    CK(cudaDeviceSynchronize());
-    std::vector<float> v;
-    const int batch = 50;
-    for (int s = 0; s < 30; ++s) {
-      CK(cudaEventRecord(e0));
-      for (int i = 0; i < batch; ++i) launch(s * batch + i);
-      CK(cudaEventRecord(e1));
-      CK(cudaEventSynchronize(e1));
-      float ms;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      v.push_back(ms * 1000.0f / batch);
-    }
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-  };
+  auto time_us = [&](auto &&launch) { return ::time_us(launch, 50, 30); };
 
   const float t_empty = time_us([&](int) { empty_kernel<<<1, 32>>>(0); });
   const int64_t n16 = (int64_t)packed.size() / 16;
