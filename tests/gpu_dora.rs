@@ -15,6 +15,10 @@ use lora_kernels::{
     LoraOptions, LoraShape, LoraWeights, Nf4Weight,
 };
 
+/// Held by the tests that set the process-wide knobs (backward chunk size, panel cap),
+/// so that each sees its own settings.
+static KNOBS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[derive(Debug, Clone, Copy)]
 struct Case {
     shape: LoraShape,
@@ -516,6 +520,7 @@ fn gpu_dora_mma_path_f16_bf16() {
 #[test]
 fn gpu_dora_backward_in_chunks() {
     let Some(gpu) = gpu() else { return };
+    let _knobs = KNOBS.lock().unwrap_or_else(|e| e.into_inner());
     cuda::set_backward_chunk_elems(64 * 200);
     for (i, dropout) in [false, true].into_iter().enumerate() {
         for save_z in [false, true] {
@@ -541,6 +546,7 @@ fn gpu_dora_backward_in_chunks() {
 #[test]
 fn gpu_dora_backward_core_dx() {
     let Some(gpu) = gpu() else { return };
+    let _knobs = KNOBS.lock().unwrap_or_else(|e| e.into_inner());
     for (j, (chunk_elems, fused)) in [
         (cuda::BACKWARD_CHUNK_ELEMS, true),
         (600 * 1024, true),
@@ -571,6 +577,39 @@ fn gpu_dora_backward_core_dx() {
     }
     lora_kernels::cuda::lora::set_fused_down(true);
     cuda::set_backward_chunk_elems(cuda::BACKWARD_CHUNK_ELEMS);
+}
+
+/// QDoRA's backward dX on the dense NN core over column panels of the NF4 W (sm_90,
+/// f16/bf16, no dropout, N and K multiples of 8, enough [chunk, K] tiles): a cap of
+/// 65 536 elements makes 1024-column panels of W [64, 2112] (1024, 1024, then 64 wide),
+/// one NN launch each into dX's columns; one chunk, then chunks of 576 rows (the core)
+/// and a last one of 124 rows too small for it (G by cuBLAS, dX over row panels), with z
+/// saved and recomputed. On other GPUs the same cases run the cuBLAS path.
+#[test]
+fn gpu_qdora_backward_column_panels() {
+    let Some(gpu) = gpu() else { return };
+    let _knobs = KNOBS.lock().unwrap_or_else(|e| e.into_inner());
+    qlora::set_panel_elems(1024 * 64);
+    for (j, chunk_elems) in [cuda::BACKWARD_CHUNK_ELEMS, 600 * 2112]
+        .into_iter()
+        .enumerate()
+    {
+        cuda::set_backward_chunk_elems(chunk_elems);
+        for save_z in [false, true] {
+            let c = Case {
+                shape: LoraShape::new(700, 2112, 64, 12),
+                bias: save_z,
+                dropout: false,
+                save_z,
+                nf4: Some((64, true)),
+            };
+            let seed = 9400 + 10 * j as u64 + save_z as u64;
+            check_case::<bf16>(gpu, &c, seed);
+            check_case::<f16>(gpu, &c, seed + 100);
+        }
+    }
+    cuda::set_backward_chunk_elems(cuda::BACKWARD_CHUNK_ELEMS);
+    qlora::set_panel_elems(0);
 }
 
 fn qdora_cases() -> Vec<Case> {
@@ -625,6 +664,7 @@ fn gpu_qdora_bf16() {
 #[test]
 fn gpu_qdora_many_panels() {
     let Some(gpu) = gpu() else { return };
+    let _knobs = KNOBS.lock().unwrap_or_else(|e| e.into_inner());
     for (i, (cap_rows, shape)) in [
         (8, LoraShape::new(40, 96, 61, 8)),
         (13, LoraShape::new(70, 64, 45, 4)),

@@ -757,17 +757,23 @@ pub(crate) fn backward_impl<T: Element>(
     let (xp, ap, bp, mp, hp, np) = (p.x, p.a, p.b, p.m, p.h, p.norm);
     let (dyp, dxp, dap, dbp, dmp) = (p.dy, p.dx, p.da, p.db, p.dm);
     let zs = p.z;
-    // dX on the NN GEMM core (dense W, no dropout, see lora::dx_core_takes): each chunk's
-    // `dX = (dy ⊙ g) W + G A` in one launch, with G = s · gl = s · (dy ⊙ g) B computed per
-    // chunk from the chunk's dy ⊙ g (by the launch's own jobs where the fused rule allows,
-    // else by cuBLAS first) into rows of rp = r rounded up to 8 (TMA's 16-byte rows;
-    // columns < r written, the only ones read); dA = Gᵀ x after the chunks.
-    let dense_w = match base {
-        Base::Dense(w) => Some(*w),
+    // dX on the NN GEMM core (no dropout, see lora::dx_core_takes): each chunk's
+    // `dX = (dy ⊙ g) W + G A` in one launch (dense W), or one per column panel of an NF4
+    // W (QDoRA, where the panels are wide enough and dX is 16-byte aligned), with
+    // G = s · gl = s · (dy ⊙ g) B computed per chunk from the chunk's dy ⊙ g (with a
+    // dense W by the launch's own jobs where the fused rule allows, else by cuBLAS first)
+    // into rows of rp = r rounded up to 8 (TMA's 16-byte rows; columns < r written, the
+    // only ones read); dA = Gᵀ x after the chunks.
+    // (The weight, the address that must be 16-byte aligned, dX's alignment.)
+    let dx_w = match base {
+        Base::Dense(w) => Some((DxWeight::Dense(*w), *w, 4)),
+        Base::Nf4(desc) if dxp % 16 == 0 && super::qlora::col_panels_fit(n, k) => {
+            Some((DxWeight::Nf4ColPanels(*desc), 16, 16))
+        }
         Base::Nf4(_) => None,
     };
-    let core_dx = match dense_w {
-        Some(w) => dropout.is_none() && dx_core_takes::<T>(gpu, shape, t, 0, w, ap),
+    let core_dx = match dx_w {
+        Some((_, w, _)) => dropout.is_none() && dx_core_takes::<T>(gpu, shape, t, 0, w, ap),
         None => false,
     };
     let ldg = if core_dx { r.next_multiple_of(8) } else { r };
@@ -873,17 +879,20 @@ pub(crate) fn backward_impl<T: Element>(
         gpu.launch(&format!("lk_dora_dyz_{}", T::DTYPE.suffix()), cfg, &params)?;
         split0 += splits;
         let glc = offset::<T>(glp, t0 * ldg);
-        match (dropout, dense_w) {
-            (None, Some(w))
-                if core_dx && dx_core_takes::<T>(gpu, shape, tn, dyfp, w, ap) && dxc % 4 == 0 =>
+        match (dropout, dx_w) {
+            (None, Some((dw, w, align)))
+                if core_dx
+                    && dx_core_takes::<T>(gpu, shape, tn, dyfp, w, ap)
+                    && dxc % align == 0 =>
             {
-                // dX = (dy ⊙ g) W + G A, G = s · (dy ⊙ g) B: one NN core launch.
+                // dX = (dy ⊙ g) W + G A, G = s · (dy ⊙ g) B: one NN core launch (or one
+                // per column panel of an NF4 W).
                 launch_dx_core::<T>(
                     gpu,
                     shape,
                     tn,
                     dyfp,
-                    DxWeight::Dense(w),
+                    dw,
                     (bp, s),
                     (glc, ldg),
                     ap,

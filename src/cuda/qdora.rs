@@ -12,7 +12,11 @@
 //!   scale-and-bias pass;
 //! - forward under dropout and backward: the dense DoRA composition
 //!   ([`crate::cuda::dora`]) with every `x Wᵀ` and `dy W` done over dequantized row
-//!   panels (backward dequantizes W again in each token chunk).
+//!   panels (backward dequantizes W again in each token chunk); except that on sm_90
+//!   without dropout, where the QLoRA backward takes its column panels (f16/bf16,
+//!   r ≤ 64, N and K multiples of 8, enough tiles, panels of all of W or ≥ 1024
+//!   columns, dX 16-byte aligned), each chunk's `dX = (dy ⊙ g) deq(W) + G A` is one
+//!   dense NN core launch per column panel, writing dX's columns once.
 //!
 //! Extra device memory: as DoRA, plus one panel.
 

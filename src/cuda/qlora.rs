@@ -126,6 +126,13 @@ pub(crate) fn for_each_panel<T: Element>(
 /// is all of W): 1024 columns, four 256-wide core tiles.
 const COL_PANEL_MIN: usize = 1024;
 
+/// Whether the column panels of W [rows, cols] are wide enough for the backward's
+/// column-panel path: all of W in one panel, or at least [`COL_PANEL_MIN`] columns.
+pub(crate) fn col_panels_fit(rows: usize, cols: usize) -> bool {
+    let pc = panel_cols(rows, cols);
+    pc == cols || pc >= COL_PANEL_MIN
+}
+
 /// Columns per column panel of W [rows, cols]: as many as fit the cap, a multiple of 64
 /// (of 8 when fewer than 64 fit, at least 8), or all of them.
 fn panel_cols(rows: usize, cols: usize) -> usize {
@@ -383,11 +390,7 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         // narrower than COL_PANEL_MIN columns leave the core's clusters idle in their
         // one round of tiles (measured slower than the row panels at N = 11008, whose
         // 16 MiB panels hold 704 columns), so those take the row panels.
-        let pc = panel_cols(n, k);
-        if dxp % 16 == 0
-            && (pc == k || pc >= COL_PANEL_MIN)
-            && dx_core_takes::<T>(gpu, shape, t, dyp, 16, ap)
-        {
+        if dxp % 16 == 0 && col_panels_fit(n, k) && dx_core_takes::<T>(gpu, shape, t, dyp, 16, ap) {
             // G = s · dY B by cuBLAS, then per column panel of W one dense NN core launch
             // writing dX's columns once (G A's columns as its extra K-slice); then dA
             // and dB.
