@@ -113,8 +113,13 @@ def run_date(runs):
     times = [r["unix_time"] for r in runs if r.get("unix_time")]
     if not times:
         return "unknown date"
-    t = datetime.datetime.fromtimestamp(min(times), tz=datetime.timezone.utc)
-    return t.strftime("%Y-%m-%d %H:%M UTC")
+    fmt = "%Y-%m-%d %H:%M UTC"
+    first, last = (
+        datetime.datetime.fromtimestamp(t, tz=datetime.timezone.utc).strftime(fmt)
+        for t in (min(times), max(times))
+    )
+    # Merged records from several runs: the span of their runs.
+    return first if first == last else f"{first} to {last}"
 
 
 def derived(row):
