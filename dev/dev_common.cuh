@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <random>
 #include <vector>
 
 #define CK(x)                                                                            \
@@ -39,6 +40,48 @@ static uint16_t bf16_bits(float v) {
   float r = bf16_round(v);
   memcpy(&u, &r, 4);
   return (uint16_t)(u >> 16);
+}
+
+// A random blocksize-64, double-quantized NF4 weight of numel elements on the host:
+// random codes and nested codes, a linear nested map, absmax2 in [0.005, 0.015).
+struct HostNf4 {
+  std::vector<uint8_t> packed, q;
+  std::vector<float> code2, absmax2;
+  float offset = 0.02f;
+  explicit HostNf4(int64_t numel, std::mt19937_64 &rng)
+      : packed(numel / 2), q(numel / 64), code2(256), absmax2((numel / 64 + 255) / 256) {
+    for (auto &b : packed) b = (uint8_t)rng();
+    for (auto &b : q) b = (uint8_t)rng();
+    for (int i = 0; i < 256; ++i) code2[i] = -1.0f + 2.0f * i / 255.0f;
+    std::uniform_real_distribution<float> u(0.5f, 1.5f);
+    for (auto &a : absmax2) a = 0.01f * u(rng);
+  }
+  // Element e dequantized in f32, as the kernels compute it (before rounding to T).
+  float value(int64_t e) const {
+    const int64_t b = e / 64;
+    const float am = code2[q[b]] * absmax2[b / 256] + offset;
+    const uint8_t byte = packed[e / 2];
+    const int c = (e & 1) ? (byte & 15) : (byte >> 4);
+    return CODE[c] * am;
+  }
+};
+
+// A blocksize-64, double-quantized NF4 weight [n, k] on the device (LkNf4, from
+// lk_params.h, which the including harness brings in with the kernels).
+static LkNf4 nf4_weight_dq64(const uint8_t *packed, const uint8_t *q, const float *absmax2,
+                             const float *code2, float offset, int n, int k) {
+  LkNf4 w;
+  memset(&w, 0, sizeof w);
+  w.packed = packed;
+  w.absmax = nullptr;
+  w.q = q;
+  w.absmax2 = absmax2;
+  w.code2 = code2;
+  w.offset = offset;
+  w.log2_blocksize = 6;
+  w.rows = n;
+  w.cols = k;
+  return w;
 }
 
 // The median µs per launch of `samples` CUDA-event-timed batches of `batch` launches

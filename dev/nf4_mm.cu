@@ -54,22 +54,13 @@ int main(int argc, char **argv) {
          prop.multiProcessorCount, N, K);
 
   std::mt19937_64 rng(42);
-  std::vector<uint8_t> packed(numel / 2), q(blocks);
-  for (auto &b : packed) b = (uint8_t)rng();
-  for (auto &b : q) b = (uint8_t)rng();
-  std::vector<float> code2(256), absmax2(groups);
-  for (int i = 0; i < 256; ++i) code2[i] = -1.0f + 2.0f * i / 255.0f;
-  std::uniform_real_distribution<float> U(0.5f, 1.5f), X(-1.0f, 1.0f);
-  for (auto &a : absmax2) a = 0.01f * U(rng);
-  const float offset = 0.02f;
+  const HostNf4 h(numel, rng);
+  const auto &packed = h.packed, &q = h.q;
+  const auto &code2 = h.code2, &absmax2 = h.absmax2;
+  const float offset = h.offset;
+  std::uniform_real_distribution<float> X(-1.0f, 1.0f);
   std::vector<float> deq(numel);
-  for (int64_t e = 0; e < numel; ++e) {
-    const int64_t b = e / 64;
-    const float am = code2[q[b]] * absmax2[b / 256] + offset;
-    const uint8_t byte = packed[e / 2];
-    const int c = (e & 1) ? (byte & 15) : (byte >> 4);
-    deq[e] = bf16_round(CODE[c] * am);
-  }
+  for (int64_t e = 0; e < numel; ++e) deq[e] = bf16_round(h.value(e));
   const int TMAX = 32;
   std::vector<float> xf(TMAX * K);
   std::vector<uint16_t> xb(TMAX * K);
@@ -103,15 +94,7 @@ int main(int argc, char **argv) {
   auto params = [&](const Set &s, int t) {
     LkNf4MmParams p;
     memset(&p, 0, sizeof p);
-    p.w.packed = s.packed;
-    p.w.absmax = nullptr;
-    p.w.q = s.q;
-    p.w.absmax2 = d_absmax2;
-    p.w.code2 = d_code2;
-    p.w.offset = offset;
-    p.w.log2_blocksize = 6;
-    p.w.rows = N;
-    p.w.cols = K;
+    p.w = nf4_weight_dq64(s.packed, s.q, d_absmax2, d_code2, offset, N, K);
     p.x = d_x;
     p.y = d_y;
     p.t = t;
