@@ -76,6 +76,23 @@ struct alignas(64) LkTmap {
 #define LK_GEMM_SM90 1
 #endif
 
+// ---- the direct-store epilogue's column pairs (the wgmma and the mma.sync kernels) -------
+namespace {
+
+// (v0, v1) into dst[0], dst[1]: one 4-byte store where column pairs are 4-byte aligned
+// (even), else element by element, dst[1] only when has1.
+template <typename T>
+__device__ __forceinline__ void store_col_pair(T *dst, float v0, float v1, bool even, bool has1) {
+  if (even) {
+    *reinterpret_cast<uint32_t *>(dst) = lk::pack2<T>(v0, v1);
+  } else {
+    dst[0] = lk::from_f32<T>(v0);
+    if (has1) dst[1] = lk::from_f32<T>(v1);
+  }
+}
+
+}  // namespace
+
 #ifdef LK_GEMM_SM90
 namespace {
 
@@ -480,24 +497,6 @@ __device__ __forceinline__ void fence_async_global() {
 }
 // The two consumer warpgroups' barrier (named barrier 2, 256 threads).
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 2, 256;" ::: "memory"); }
-template <typename T> struct Pair;
-template <> struct Pair<__nv_bfloat16> {
-  using type = __nv_bfloat162;
-  static __device__ __forceinline__ type make(float a, float b) { return __floats2bfloat162_rn(a, b); }
-  static __device__ __forceinline__ uint32_t bits(float a, float b) {
-    const type v = make(a, b);
-    return *reinterpret_cast<const uint32_t *>(&v);
-  }
-};
-template <> struct Pair<__half> {
-  using type = __half2;
-  static __device__ __forceinline__ type make(float a, float b) { return __floats2half2_rn(a, b); }
-  static __device__ __forceinline__ uint32_t bits(float a, float b) {
-    const type v = make(a, b);
-    return *reinterpret_cast<const uint32_t *>(&v);
-  }
-};
-
 // The fused down product's outputs for one consumer thread: du is its m64n{u_rn} fragment
 // of h for rows row0 and row0 + 8 (row0 = the tile's row 64c + 16·warp + lane/4):
 // U[row, col] = u_scale · h (row stride u_ld) and h[row, col] (row stride rank, if
@@ -536,7 +535,6 @@ __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar
   const int c = threadIdx.x / 128 - 1;      // consumer: rows 64c .. 64c + 63 of the tile
   const int lane = threadIdx.x % 32;
   const int warp = (threadIdx.x / 32) % 4;  // warp within the warpgroup
-  using P = Pair<T>;
   T *y = static_cast<T *>(p.y);
   T *z = static_cast<T *>(p.z);
   const T *bias = static_cast<const T *>(p.bias);
@@ -685,9 +683,9 @@ __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar
               for (int h = 0; h < 2; ++h) {
                 const int r = lane / 4 + 8 * h;
                 const float a0 = d[4 * j + 2 * h], a1 = d[4 * j + 2 * h + 1];
-                const uint32_t v = out == 0 ? P::bits(fmaf(sc[2 * jj], a0, bi[2 * jj]),
+                const uint32_t v = out == 0 ? lk::pack2<T>(fmaf(sc[2 * jj], a0, bi[2 * jj]),
                                                       fmaf(sc[2 * jj + 1], a1, bi[2 * jj + 1]))
-                                            : P::bits(a0, a1);
+                                            : lk::pack2<T>(a0, a1);
                 st_shared_u32(sb + r * 128 + ((jj ^ (r % 8)) * 16) + 4 * (lane % 4), v);
               }
             }
@@ -724,22 +722,10 @@ __device__ __forceinline__ void consumer(uint32_t ring, const uint64_t *full_bar
         if (row >= p.t) continue;
         const float v0 = fmaf(s0, d[4 * j + 2 * h], b0);
         const float v1 = fmaf(s1, d[4 * j + 2 * h + 1], b1);
-        T *dst = y + static_cast<size_t>(row) * p.n + col;
-        if (even_n) {
-          *reinterpret_cast<typename P::type *>(dst) = P::make(v0, v1);
-        } else {
-          dst[0] = lk::from_f32<T>(v0);
-          if (has1) dst[1] = lk::from_f32<T>(v1);
-        }
+        store_col_pair(y + static_cast<size_t>(row) * p.n + col, v0, v1, even_n, has1);
         if (z != nullptr) {
           const float a0 = d[4 * j + 2 * h], a1 = d[4 * j + 2 * h + 1];
-          T *zd = z + static_cast<size_t>(row) * p.n + col;
-          if (even_n) {
-            *reinterpret_cast<typename P::type *>(zd) = P::make(a0, a1);
-          } else {
-            zd[0] = lk::from_f32<T>(a0);
-            if (has1) zd[1] = lk::from_f32<T>(a1);
-          }
+          store_col_pair(z + static_cast<size_t>(row) * p.n + col, a0, a1, even_n, has1);
         }
       }
     }
@@ -1298,17 +1284,8 @@ __device__ __forceinline__ void gemm_mma_nt(const LkGemmMmaParams &p) {
         const float v0 = fmaf(s0, a0, b0), v1 = fmaf(s1, a1, b1);
         const size_t off = static_cast<size_t>(row) * p.ldy + col;
         const size_t zoff = static_cast<size_t>(row) * p.n + col;
-        if (even_n) {
-          *reinterpret_cast<uint32_t *>(y + off) = lk::pack2<T>(v0, v1);
-          if (z != nullptr) *reinterpret_cast<uint32_t *>(z + zoff) = lk::pack2<T>(a0, a1);
-        } else {
-          y[off] = lk::from_f32<T>(v0);
-          if (has1) y[off + 1] = lk::from_f32<T>(v1);
-          if (z != nullptr) {
-            z[zoff] = lk::from_f32<T>(a0);
-            if (has1) z[zoff + 1] = lk::from_f32<T>(a1);
-          }
-        }
+        store_col_pair(y + off, v0, v1, even_n, has1);
+        if (z != nullptr) store_col_pair(z + zoff, a0, a1, even_n, has1);
       }
     }
   }
