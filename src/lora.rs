@@ -42,6 +42,11 @@ impl LoraShape {
         }
     }
 
+    /// (tokens, in_features, out_features, rank): T, K, N, r.
+    pub(crate) fn dims(&self) -> (usize, usize, usize, usize) {
+        (self.tokens, self.in_features, self.out_features, self.rank)
+    }
+
     /// Checks every dimension: all ≥ 1, rank ≤ 256, each < 2^31 and every tensor's
     /// element count representable.
     pub fn validate(&self) -> Result<()> {

@@ -136,12 +136,7 @@ pub fn forward<T: Element>(
             z: out.z.as_ref().map(|z| z.len()),
         },
     )?;
-    let (t, k, n, r) = (
-        shape.tokens,
-        shape.in_features,
-        shape.out_features,
-        shape.rank,
-    );
+    let (t, k, n, r) = shape.dims();
     let s = opts.scale as f64;
     let norm = norms_f64(shape, opts.scale, weights.w, weights.a, weights.b);
     let m = f64s(weights.magnitude);
@@ -213,12 +208,7 @@ pub fn backward<T: Element>(
             dm: grads.dm.len(),
         },
     )?;
-    let (t, k, n, r) = (
-        shape.tokens,
-        shape.in_features,
-        shape.out_features,
-        shape.rank,
-    );
+    let (t, k, n, r) = shape.dims();
     let s = opts.scale as f64;
     let norm: Vec<f64> = saved.norm.iter().map(|&v| v as f64).collect();
     let m = f64s(weights.magnitude);

@@ -104,12 +104,7 @@ pub fn backward<T: Element>(
         },
     )?;
     opts.validate()?;
-    let (t_len, k, n, r) = (
-        shape.tokens,
-        shape.in_features,
-        shape.out_features,
-        shape.rank,
-    );
+    let (t_len, k, n, r) = shape.dims();
     let s = opts.scale as f64;
     let dropout = opts.active_dropout();
     let w = f64s(weights.w);

@@ -567,12 +567,7 @@ pub(crate) fn forward_dropout<T: Element>(
     p: &DropFwdPtrs,
     base: &Base,
 ) -> Result<()> {
-    let (t, k, n, r) = (
-        shape.tokens,
-        shape.in_features,
-        shape.out_features,
-        shape.rank,
-    );
+    let (t, k, n, r) = shape.dims();
     let (xp, ap, bp, mp, np, biasp, yp, zptr) = (p.x, p.a, p.b, p.m, p.norm, p.bias, p.y, p.z);
     // SAFETY of the scratch: `down` writes all T·r entries of h.
     let h_scratch;
@@ -745,12 +740,7 @@ pub(crate) fn backward_impl<T: Element>(
     p: &BwdPtrs,
     base: &Base,
 ) -> Result<()> {
-    let (t, k, n, r) = (
-        shape.tokens,
-        shape.in_features,
-        shape.out_features,
-        shape.rank,
-    );
+    let (t, k, n, r) = shape.dims();
     let s = opts.scale;
     let dropout = opts.active_dropout();
     let kp = dropout.map_or(1.0, |d| d.keep_scale());

@@ -304,12 +304,7 @@ pub(crate) fn forward_core_launch<T: Element>(
     z: u64,
 ) -> Result<()> {
     use super::gemm::{self, CorePtrs};
-    let (t, k, n, r) = (
-        shape.tokens,
-        shape.in_features,
-        shape.out_features,
-        shape.rank,
-    );
+    let (t, k, n, r) = shape.dims();
     // The down product inside the core launch (jobs run before the tiles) when it can
     // be: no active dropout (the core stages x as it is), a dense W, A 16-byte aligned
     // and r ≤ 32; else the down kernel first.
@@ -496,12 +491,7 @@ pub(crate) fn forward_large<T: Element>(
     p: &FwdPtrs,
     base: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
-    let (t, k, n, r) = (
-        shape.tokens,
-        shape.in_features,
-        shape.out_features,
-        shape.rank,
-    );
+    let (t, k, n, r) = shape.dims();
     // h in the activation type: the caller's buffer, or scratch (written in full by
     // the down kernel before the GEMM reads it).
     let h_scratch;
@@ -1053,12 +1043,7 @@ pub(crate) fn backward_core_launch<T: Element>(
     p: &BwdPtrs,
     w: DxWeight,
 ) -> Result<()> {
-    let (t, k, n, r) = (
-        shape.tokens,
-        shape.in_features,
-        shape.out_features,
-        shape.rank,
-    );
+    let (t, k, n, r) = shape.dims();
     // dX [T, K] = dY [T, N] · W [N, K] + G [T, r] · A [r, K] (the NN core, its "K" is N),
     // G = s · dY B [T, r] in rows of rp = r rounded up to 8 (TMA's 16-byte rows).
     let rp = r.next_multiple_of(8);
@@ -1115,12 +1100,7 @@ pub(crate) fn backward_with<T: Element>(
     p: &BwdPtrs,
     base_dx: impl FnOnce(f32) -> Result<()>,
 ) -> Result<()> {
-    let (t, k, n, r) = (
-        shape.tokens,
-        shape.in_features,
-        shape.out_features,
-        shape.rank,
-    );
+    let (t, k, n, r) = shape.dims();
     let dropout = opts.active_dropout();
     let (xp, ap, bp, hp, dyp, dxp, dap, dbp) = (p.x, p.a, p.b, p.h, p.dy, p.dx, p.da, p.db);
 

@@ -191,12 +191,7 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         h.as_ref().map(|h| h.len()),
     )?;
     opts.validate()?;
-    let (t, k, n, r) = (
-        shape.tokens,
-        shape.in_features,
-        shape.out_features,
-        shape.rank,
-    );
+    let (t, k, n, r) = shape.dims();
     let (desc, _gw) = weights.w.desc(gpu)?;
     let (xp, _gx) = dptr(gpu, "x", x)?;
     let (ap, _ga) = dptr(gpu, "a", weights.a)?;
