@@ -309,14 +309,7 @@ fn gpu_qlora_mma_path() {
     .into_iter()
     .enumerate()
     {
-        cuda::set_panel_elems(cap_rows * shape.in_features);
-        let c = Case {
-            shape,
-            bs: 64,
-            dq: i == 0,
-            bias: true,
-            dropout: i == 1,
-        };
+        let c = panel_case(cap_rows, shape, i == 0, i == 1);
         check_case::<bf16>(gpu, &c, 800 + i as u64);
         check_case::<f16>(gpu, &c, 810 + i as u64);
     }
@@ -347,14 +340,7 @@ fn gpu_qlora_many_panels() {
     .into_iter()
     .enumerate()
     {
-        cuda::set_panel_elems(cap_rows * shape.in_features);
-        let c = Case {
-            shape,
-            bs: 64,
-            dq: i % 2 == 0,
-            bias: true,
-            dropout: i == 1,
-        };
+        let c = panel_case(cap_rows, shape, i % 2 == 0, i == 1);
         check_case::<bf16>(gpu, &c, 500 + i as u64);
         if i >= 3 {
             check_case::<f16>(gpu, &c, 650 + i as u64);
@@ -363,6 +349,19 @@ fn gpu_qlora_many_panels() {
         }
     }
     cuda::set_panel_elems(0);
+}
+
+/// Caps the panels at `cap_rows` rows of `shape`'s W (0: the default cap) and returns
+/// the blocksize-64 case with bias over it.
+fn panel_case(cap_rows: usize, shape: LoraShape, dq: bool, dropout: bool) -> Case {
+    cuda::set_panel_elems(cap_rows * shape.in_features);
+    Case {
+        shape,
+        bs: 64,
+        dq,
+        bias: true,
+        dropout,
+    }
 }
 
 #[test]
