@@ -754,18 +754,11 @@ pub(crate) fn backward_impl<T: Element>(
     // dense W by the launch's own jobs where the fused rule allows, else by cuBLAS first)
     // into rows of rp = r rounded up to 8 (TMA's 16-byte rows; columns < r written, the
     // only ones read); dA = Gᵀ x after the chunks.
-    // (The weight, the address that must be 16-byte aligned, dX's alignment.)
     let dx_w = match base {
-        Base::Dense(w) => Some((DxWeight::Dense(*w), *w, 4)),
-        Base::Nf4(desc) if dxp % 16 == 0 && super::qlora::col_panels_fit(n, k) => {
-            Some((DxWeight::Nf4ColPanels(*desc), 16, 16))
-        }
-        Base::Nf4(_) => None,
+        Base::Dense(w) => DxWeight::Dense(*w),
+        Base::Nf4(desc) => DxWeight::Nf4ColPanels(*desc),
     };
-    let core_dx = match dx_w {
-        Some((_, w, _)) => dropout.is_none() && dx_core_takes::<T>(gpu, shape, t, 0, w, ap),
-        None => false,
-    };
+    let core_dx = dropout.is_none() && dx_core_takes::<T>(gpu, shape, t, 0, dx_w, ap, dxp);
     let ldg = if core_dx { r.next_multiple_of(8) } else { r };
     let gl = gpu.scratch::<T>(t * ldg)?;
     let (glp, _ggl) = dptr(gpu, "gl", &gl)?;
@@ -869,12 +862,8 @@ pub(crate) fn backward_impl<T: Element>(
         gpu.launch(&format!("lk_dora_dyz_{}", T::DTYPE.suffix()), cfg, &params)?;
         split0 += splits;
         let glc = offset::<T>(glp, t0 * ldg);
-        match (dropout, dx_w) {
-            (None, Some((dw, w, align)))
-                if core_dx
-                    && dx_core_takes::<T>(gpu, shape, tn, dyfp, w, ap)
-                    && dxc % align == 0 =>
-            {
+        match dropout {
+            None if core_dx && dx_core_takes::<T>(gpu, shape, tn, dyfp, dx_w, ap, dxc) => {
                 // dX = (dy ⊙ g) W + G A, G = s · (dy ⊙ g) B: one NN core launch (or one
                 // per column panel of an NF4 W).
                 launch_dx_core::<T>(
@@ -882,7 +871,7 @@ pub(crate) fn backward_impl<T: Element>(
                     shape,
                     tn,
                     dyfp,
-                    dw,
+                    dx_w,
                     (bp, s),
                     (glc, ldg),
                     ap,
@@ -890,7 +879,7 @@ pub(crate) fn backward_impl<T: Element>(
                     &mut bt,
                 )?;
             }
-            (None, _) if core_dx => {
+            None if core_dx => {
                 // This chunk too small for the core: G by cuBLAS, then dX.
                 launch_g::<T>(gpu, tn, n, r, s, dyfp, bp, (glc, ldg))?;
                 base.dw::<T>(gpu, tn, k, n, 1.0, dyfp, 0.0, dxc)?;
@@ -908,12 +897,12 @@ pub(crate) fn backward_impl<T: Element>(
                     (dxc, k),
                 )?;
             }
-            (None, _) => {
+            None => {
                 // dX = (dy ⊙ g) W + s · gl A.
                 base.dw::<T>(gpu, tn, k, n, 1.0, dyfp, 0.0, dxc)?;
                 gemm_rm::<T>(gpu, tn, k, r, s, glc, false, ap, false, 1.0, dxc)?;
             }
-            (Some(d), _) => {
+            Some(d) => {
                 // dX = dy W + ((dy ⊙ (g − 1)) W + s · gl A) ⊙ mask / (1 − p).
                 base.dw::<T>(gpu, tn, k, n, kp, dyfp, 0.0, dxc)?;
                 gemm_rm::<T>(gpu, tn, k, r, s * kp, glc, false, ap, false, 1.0, dxc)?;

@@ -883,8 +883,15 @@ fn backward_core_takes<T: Element>(
     w: u64,
 ) -> bool {
     opts.active_dropout().is_none()
-        && p.dx % 4 == 0
-        && dx_core_takes::<T>(gpu, shape, shape.tokens, p.dy, w, p.a)
+        && dx_core_takes::<T>(
+            gpu,
+            shape,
+            shape.tokens,
+            p.dy,
+            DxWeight::Dense(w),
+            p.a,
+            p.dx,
+        )
 }
 
 /// The base weight of [`launch_dx_core`]'s `dX = d W + G A`.
@@ -892,36 +899,46 @@ fn backward_core_takes<T: Element>(
 pub(crate) enum DxWeight {
     /// A dense W [N, K] at this address.
     Dense(u64),
-    /// W [N, K] in NF4 (validated; K % 32 == 0 is the caller's check), dequantized
-    /// tile by tile in shared memory by the NF4 NN core.
+    /// W [N, K] in NF4 (validated), dequantized tile by tile in shared memory by the NF4
+    /// NN core.
     Nf4(super::LkNf4),
     /// W [N, K] in NF4, dequantized one bounded column panel at a time
     /// ([`super::qlora::for_each_col_panel`]) for the dense NN core, each launch writing
-    /// its columns of dX (row stride K: dX 16-byte aligned is the caller's check).
+    /// its columns of dX (row stride K).
     Nf4ColPanels(super::LkNf4),
 }
 
-/// Whether `dX = d W + G A` for `tokens` rows of d ([tokens, N] at `d`) can run on the
-/// NN core (see [`launch_dx_core`]): this thread's [`set_core_dispatch`], enough
-/// [tokens, K] output tiles, sm_90 (not the forced mma path), f16/bf16, rank ≤ 64, K and
-/// N multiples of 8, d, W (or W's packed NF4 codes) and A 16-byte aligned. Callers check
-/// dX's 4-byte alignment (and K % 32 == 0 for an NF4 W).
+/// Whether `dX = d W + G A` for `tokens` rows of d ([tokens, N] at `d`) into dX at `dx`
+/// can run on the NN core (see [`launch_dx_core`]): this thread's [`set_core_dispatch`],
+/// enough [tokens, K] output tiles, sm_90 (not the forced mma path), f16/bf16, rank ≤ 64,
+/// K and N multiples of 8, d and A 16-byte aligned; and the weight's own rule: a dense W
+/// 16-byte aligned, dX 4-byte aligned; NF4 in the core: K % 32 == 0, the codes 16-byte
+/// aligned, dX 4-byte aligned; NF4 column panels: panels wide enough
+/// ([`super::qlora::col_panels_fit`]), dX 16-byte aligned (TMA stores into its columns;
+/// the panel scratch is aligned).
 pub(crate) fn dx_core_takes<T: Element>(
     gpu: &Gpu,
     shape: &LoraShape,
     tokens: usize,
     d: u64,
-    w: u64,
+    w: DxWeight,
     a: u64,
+    dx: u64,
 ) -> bool {
-    CORE_DISPATCH.with(|c| c.get())
+    let (k, n) = (shape.in_features, shape.out_features);
+    let weight_ok = match w {
+        DxWeight::Dense(wp) => wp % 16 == 0 && dx % 4 == 0,
+        DxWeight::Nf4(q) => (q.packed as u64) % 16 == 0 && k % 32 == 0 && dx % 4 == 0,
+        DxWeight::Nf4ColPanels(_) => super::qlora::col_panels_fit(n, k) && dx % 16 == 0,
+    };
+    weight_ok
+        && CORE_DISPATCH.with(|c| c.get())
         && core_fills_gpu(tokens, shape.in_features, gpu.sm_count() as usize)
         && T::DTYPE != crate::DType::F32
         && shape.rank <= super::gemm::MAX_RANK
         && shape.in_features % 8 == 0
         && shape.out_features % 8 == 0
         && d % 16 == 0
-        && w % 16 == 0
         && a % 16 == 0
         && super::gemm::core_runs(gpu, false)
 }

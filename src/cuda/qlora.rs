@@ -373,23 +373,20 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     };
     if opts.active_dropout().is_none() {
         if NF4_CORE.with(|c| c.get())
-            && k % 32 == 0
-            && dxp % 4 == 0
-            && dx_core_takes::<T>(gpu, shape, t, dyp, desc.packed as u64, ap)
+            && dx_core_takes::<T>(gpu, shape, t, dyp, DxWeight::Nf4(desc), ap, dxp)
         {
             // dX = dY deq(W) + G A in one launch of the NF4 NN core (G = s · dY B by
             // cuBLAS just before it), then dA = Gᵀ x and dB = s · dYᵀ h: no dense W.
             return backward_core_launch::<T>(gpu, shape, opts, &p, DxWeight::Nf4(desc));
         }
-        // The column panels' scratch is 16-byte aligned (16 stands in for it). Panels
-        // narrower than COL_PANEL_MIN columns leave the core's clusters idle in their
-        // one round of tiles (measured slower than the row panels at N = 11008, whose
-        // 16 MiB panels hold 704 columns), so those take the row panels.
-        if dxp % 16 == 0 && col_panels_fit(n, k) && dx_core_takes::<T>(gpu, shape, t, dyp, 16, ap) {
+        // Panels narrower than COL_PANEL_MIN columns leave the core's clusters idle in
+        // their one round of tiles (measured slower than the row panels at N = 11008,
+        // whose 16 MiB panels hold 704 columns), so those take the row panels.
+        let w = DxWeight::Nf4ColPanels(desc);
+        if dx_core_takes::<T>(gpu, shape, t, dyp, w, ap, dxp) {
             // G = s · dY B by cuBLAS, then per column panel of W one dense NN core launch
             // writing dX's columns once (G A's columns as its extra K-slice); then dA
             // and dB.
-            let w = DxWeight::Nf4ColPanels(desc);
             return backward_core_launch::<T>(gpu, shape, opts, &p, w);
         }
     }
