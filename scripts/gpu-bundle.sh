@@ -21,7 +21,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 dir=${1:-"$repo/gpu-bundle"}
-fixtures=${LORA_KERNELS_FIXTURES:-"$repo/../shared/fixtures/peer"}
+fixtures=${LORA_KERNELS_FIXTURES:-"$repo/tests/fixtures/peer"}
 cd "$repo"
 
 rm -rf "$dir/bin" "$dir/fixtures"

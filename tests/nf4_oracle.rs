@@ -1,4 +1,4 @@
-//! NF4 on the CPU against bitsandbytes' own outputs (../shared/fixtures/peer/nf4_*):
+//! NF4 on the CPU against bitsandbytes' own outputs (tests/fixtures/peer/nf4_*):
 //! packed bytes, absmax (plain and double-quantized), the dequantized weight, the
 //! matmul, and Linear4bit checkpoints (load, save, round trip, bad input).
 

@@ -8,11 +8,12 @@ use std::sync::OnceLock;
 
 use lora_kernels::{cuda::Gpu, DType, Element};
 
-/// The peer fixtures folder: `$LORA_KERNELS_FIXTURES`, else `../shared/fixtures/peer`.
+/// The peer fixtures folder: `$LORA_KERNELS_FIXTURES` if set, else the copy in the
+/// repository, `tests/fixtures/peer`.
 pub fn fixtures_dir() -> PathBuf {
     match std::env::var("LORA_KERNELS_FIXTURES") {
         Ok(d) => PathBuf::from(d),
-        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/peer"),
+        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peer"),
     }
 }
 
@@ -27,7 +28,7 @@ impl Fixture {
         let path = fixtures_dir().join(name);
         let bytes = std::fs::read(&path).unwrap_or_else(|e| {
             panic!(
-                "fixture {} is missing ({e}); set LORA_KERNELS_FIXTURES to the peer fixtures folder",
+                "fixture {} is missing ({e}); the repository ships them in tests/fixtures/peer; LORA_KERNELS_FIXTURES overrides that folder",
                 path.display()
             )
         });
