@@ -52,6 +52,7 @@ pub mod nf4;
 pub mod peft;
 mod philox;
 pub mod qlora;
+pub mod tuning;
 
 pub use dora::{DoraGrads, DoraOutputs, DoraSaved, DoraWeights};
 pub use dtype::{DType, Element};
@@ -62,3 +63,4 @@ pub use neftune::{EmbedShape, Noise, SeqLen};
 pub use nf4::Nf4Weight;
 pub use philox::{philox4x32_10, philox_word, Dropout};
 pub use qlora::QloraWeights;
+pub use tuning::Tuning;

@@ -13,7 +13,7 @@
 //! row-major (PyTorch's `nn.Linear` and peft's `lora_A` / `lora_B` layouts). `W` and
 //! the bias are frozen: backward gives dX, dA and dB.
 
-use crate::{Dropout, Error, Result};
+use crate::{Dropout, Error, Result, Tuning};
 
 /// The largest LoRA rank the kernels support.
 pub const MAX_RANK: usize = 256;
@@ -121,13 +121,17 @@ impl LoraShape {
     }
 }
 
-/// The LoRA scale `s` and dropout of one call.
+/// The LoRA scale `s`, dropout and path tuning of one call (the LoRA, DoRA, QLoRA and
+/// QDoRA ops all take it).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoraOptions {
     /// The scale `s` applied to the low-rank term (see [`scale`] and [`rslora_scale`]).
     pub scale: f32,
     /// Dropout on the LoRA branch's input, or `None`.
     pub dropout: Option<Dropout>,
+    /// Overrides of the CUDA path planner for this call ([`Tuning::AUTO`] by default;
+    /// the CPU oracle ignores it).
+    pub tuning: Tuning,
 }
 
 impl LoraOptions {
@@ -136,7 +140,14 @@ impl LoraOptions {
         LoraOptions {
             scale,
             dropout: None,
+            tuning: Tuning::AUTO,
         }
+    }
+
+    /// The same options with a path tuning (see [`Tuning`]).
+    pub fn with_tuning(mut self, tuning: Tuning) -> Self {
+        self.tuning = tuning;
+        self
     }
 
     /// The same options with dropout.
@@ -162,7 +173,7 @@ impl LoraOptions {
         if let Some(d) = &self.dropout {
             d.validate()?;
         }
-        Ok(())
+        self.tuning.validate()
     }
 }
 

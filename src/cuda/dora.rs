@@ -41,6 +41,7 @@ use super::lora::{
     grid_1d, launch_down, launch_dx_core, launch_g, launch_merge, launch_tn, DoraPtrs, DxWeight,
     FwdPtrs, MergeMode,
 };
+use super::plan::{Path, Plan};
 use super::qlora::for_each_panel;
 use super::{dptr, dptr_mut, gemm_rm, gemm_rm_ld, lk_dropout, Gpu, LkNf4};
 use super::{
@@ -52,19 +53,11 @@ use crate::dora::{
     DoraSaved, DoraWeights, ForwardLens,
 };
 use crate::lora::check_len;
+use crate::tuning::CorePolicy;
 use crate::{Element, LoraOptions, LoraShape, Result};
 
 /// The most elements of one backward chunk buffer ([chunk, N] or [chunk, K]).
 pub const BACKWARD_CHUNK_ELEMS: usize = 1 << 23;
-
-static CHUNK_ELEMS: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(BACKWARD_CHUNK_ELEMS);
-
-/// Tests only: a smaller chunk bound, so that small shapes take several chunks.
-#[doc(hidden)]
-pub fn set_backward_chunk_elems(elems: usize) {
-    CHUNK_ELEMS.store(elems.max(1), std::sync::atomic::Ordering::Relaxed);
-}
 
 const NORM_ROWS: usize = 8;
 const DYZ_ROWS: usize = 32;
@@ -228,8 +221,8 @@ fn offset<T>(base: u64, elems: usize) -> u64 {
 pub(crate) enum Base {
     /// Address of W [N, K] in T.
     Dense(u64),
-    /// The NF4 weight's device descriptor.
-    Nf4(LkNf4),
+    /// The NF4 weight's device descriptor and the call's panel bound (elements).
+    Nf4(LkNf4, usize),
 }
 
 impl Base {
@@ -249,7 +242,7 @@ impl Base {
         match self {
             Base::Dense(w) => gemm_rm::<T>(gpu, t, n, k, alpha, x, false, *w, true, beta, c),
             // Each panel owns its columns of c: beta applies to every panel.
-            Base::Nf4(desc) => for_each_panel::<T>(gpu, desc, |_, n0, nc, pp| {
+            Base::Nf4(desc, limit) => for_each_panel::<T>(gpu, *limit, desc, |_, n0, nc, pp| {
                 gemm_rm_ld::<T>(
                     gpu,
                     t,
@@ -283,7 +276,7 @@ impl Base {
         match self {
             Base::Dense(w) => gemm_rm::<T>(gpu, t, k, n, alpha, d, false, *w, false, beta, c),
             // The panels' products are summed into c: beta on the first only.
-            Base::Nf4(desc) => for_each_panel::<T>(gpu, desc, |i, n0, nc, pp| {
+            Base::Nf4(desc, limit) => for_each_panel::<T>(gpu, *limit, desc, |i, n0, nc, pp| {
                 gemm_rm_ld::<T>(
                     gpu,
                     t,
@@ -316,7 +309,7 @@ impl Base {
     ) -> Result<()> {
         match self {
             Base::Dense(w) => launch_norm::<T>(gpu, shape, scale, *w, a, b, norm, m_out),
-            Base::Nf4(desc) => for_each_panel::<T>(gpu, desc, |_, n0, nc, pp| {
+            Base::Nf4(desc, limit) => for_each_panel::<T>(gpu, *limit, desc, |_, n0, nc, pp| {
                 let sub = LoraShape {
                     out_features: nc,
                     ..*shape
@@ -395,7 +388,10 @@ pub fn magnitude_init<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
 }
 
 /// Forward: writes `y` and, where asked, `h`, the norms and `z` (see [`crate::dora`]).
-/// Queued on the GPU's stream.
+/// Queued on the GPU's stream; returns the [`Plan`] taken ([`Path::SmallFused`] for the
+/// one-pass kernel, [`Path::Core`], or [`Path::Cublas`] for the composition).
+/// [`CorePolicy::Require`] errors (before any launch) where the core cannot take the
+/// call: under dropout, or where the LoRA linear's core rule fails.
 pub fn forward<T, I, O, F>(
     gpu: &Gpu,
     shape: &LoraShape,
@@ -403,7 +399,7 @@ pub fn forward<T, I, O, F>(
     x: &I,
     weights: DoraWeights<'_, I>,
     out: DoraOutputs<'_, O, F>,
-) -> Result<()>
+) -> Result<Plan>
 where
     T: Element,
     I: DevicePtr<T>,
@@ -479,8 +475,26 @@ where
         dora: None,
         nf4: None,
     };
+    let tuning = &opts.tuning;
+    let core_ok = core_takes::<T>(gpu, tuning, shape, &lora_ptrs) && (zptr == 0 || zptr % 4 == 0);
+    if tuning.core == CorePolicy::Require && (!core_ok || opts.active_dropout().is_some()) {
+        return Err(crate::Error::Unsupported {
+            op: "dora::forward",
+            reason: format!(
+                "the tuning requires the GEMM core, whose rule this call fails ({:?} on {}, \
+                 T = {t}, N = {n}, r = {r}, dropout {}; see cuda::plan)",
+                T::DTYPE,
+                gpu.name(),
+                if opts.active_dropout().is_some() {
+                    "on"
+                } else {
+                    "off"
+                }
+            ),
+        });
+    }
     match opts.active_dropout() {
-        None if shape.tokens <= super::lora::SMALL_T_MAX => {
+        None if shape.tokens <= super::lora::SMALL_T_MAX && tuning.core != CorePolicy::Require => {
             // One pass over W: base product, low-rank term, norm and scale together,
             // when the tensor-core kernel takes the shape; else the composition below.
             let mut ptrs = FwdPtrs {
@@ -493,17 +507,19 @@ where
                 ..lora_ptrs
             };
             if dora_fused_small::<T>(shape, &ptrs) {
-                return forward_small::<T>(gpu, shape, opts, &ptrs);
+                forward_small::<T>(gpu, shape, opts, &ptrs)?;
+                return Ok(Plan::of(Path::SmallFused));
             }
             // The composition: norms, then the LoRA small-T kernel, then the scale.
             launch_norm::<T>(gpu, shape, opts.scale, wp, ap, bp, np, 0)?;
             ptrs.dora = None;
             ptrs.bias = 0;
             forward_small::<T>(gpu, shape, opts, &ptrs)?;
-            launch_scale::<T>(gpu, t, n, yp, zptr, biasp, mp, np, 0.0)
+            launch_scale::<T>(gpu, t, n, yp, zptr, biasp, mp, np, 0.0)?;
+            Ok(Plan::of(Path::SmallFused))
         }
         None => {
-            if core_takes::<T>(gpu, shape, &lora_ptrs) && (zptr == 0 || zptr % 4 == 0) {
+            if core_ok {
                 // The GEMM core: norms and g = m/‖·‖ in one launch, then one GEMM with
                 // the low-rank slice whose epilogue writes y = g ⊙ acc + bias (and
                 // z = acc when asked): y is written once, no scale pass over it.
@@ -524,7 +540,8 @@ where
             forward_large::<T>(gpu, shape, opts, &no_bias, || {
                 gemm_rm::<T>(gpu, t, n, k, 1.0, xp, false, wp, true, 1.0, yp)
             })?;
-            launch_scale::<T>(gpu, t, n, yp, zptr, biasp, mp, np, 0.0)
+            launch_scale::<T>(gpu, t, n, yp, zptr, biasp, mp, np, 0.0)?;
+            Ok(Plan::of(Path::Cublas))
         }
         Some(d) => {
             launch_norm::<T>(gpu, shape, opts.scale, wp, ap, bp, np, 0)?;
@@ -539,7 +556,8 @@ where
                 h: hp,
                 z: zptr,
             };
-            forward_dropout::<T>(gpu, shape, opts, d, &p, &Base::Dense(wp))
+            forward_dropout::<T>(gpu, shape, opts, d, &p, &Base::Dense(wp))?;
+            Ok(Plan::of(Path::Cublas))
         }
     }
 }
@@ -605,7 +623,11 @@ pub(crate) fn forward_dropout<T: Element>(
 }
 
 /// Backward from `dy` [T, N]: dX, dA, dB and dm, from what forward saved (`h`, the
-/// norms, and `z` if given; else `z` is recomputed chunk by chunk).
+/// norms, and `z` if given; else `z` is recomputed chunk by chunk). Returns the
+/// [`Plan`] taken: [`Path::Core`] when each chunk's dX ran on the NN core (no dropout,
+/// the LoRA backward's core rule; [`Plan::fused_down`] if any chunk computed its G
+/// inside the launch), else [`Path::Cublas`]. [`CorePolicy::Require`] errors (before any
+/// launch) where the core cannot take dX.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T, I, O, F>(
     gpu: &Gpu,
@@ -616,7 +638,7 @@ pub fn backward<T, I, O, F>(
     saved: DoraSaved<'_, I, F>,
     dy: &I,
     grads: DoraGrads<'_, O>,
-) -> Result<()>
+) -> Result<Plan>
 where
     T: Element,
     I: DevicePtr<T>,
@@ -656,7 +678,7 @@ pub(crate) fn backward_over<'a, T, I, O, F, W: ?Sized>(
     dy: &'a I,
     grads: DoraGrads<'a, O>,
     base: impl FnOnce() -> Result<(Base, Vec<SyncOnDrop<'a>>)>,
-) -> Result<()>
+) -> Result<Plan>
 where
     T: Element,
     I: DevicePtr<T>,
@@ -739,8 +761,9 @@ pub(crate) fn backward_impl<T: Element>(
     opts: &LoraOptions,
     p: &BwdPtrs,
     base: &Base,
-) -> Result<()> {
+) -> Result<Plan> {
     let (t, k, n, r) = shape.dims();
+    let tuning = &opts.tuning;
     let s = opts.scale;
     let dropout = opts.active_dropout();
     let kp = dropout.map_or(1.0, |d| d.keep_scale());
@@ -756,9 +779,22 @@ pub(crate) fn backward_impl<T: Element>(
     // only ones read); dA = Gᵀ x after the chunks.
     let dx_w = match base {
         Base::Dense(w) => DxWeight::Dense(*w),
-        Base::Nf4(desc) => DxWeight::Nf4ColPanels(*desc),
+        Base::Nf4(desc, _) => DxWeight::Nf4ColPanels(*desc),
     };
-    let core_dx = dropout.is_none() && dx_core_takes::<T>(gpu, shape, t, 0, dx_w, ap, dxp);
+    let core_dx = dropout.is_none() && dx_core_takes::<T>(gpu, tuning, shape, t, 0, dx_w, ap, dxp);
+    if tuning.core == CorePolicy::Require && !core_dx {
+        return Err(crate::Error::Unsupported {
+            op: "dora::backward",
+            reason: format!(
+                "the tuning requires the GEMM core, whose rule this call's dX fails ({:?} on \
+                 {}, T = {t}, K = {k}, N = {n}, dropout {}; see cuda::plan)",
+                T::DTYPE,
+                gpu.name(),
+                if dropout.is_some() { "on" } else { "off" }
+            ),
+        });
+    }
+    let mut any_fused = false;
     let ldg = if core_dx { r.next_multiple_of(8) } else { r };
     let gl = gpu.scratch::<T>(t * ldg)?;
     let (glp, _ggl) = dptr(gpu, "gl", &gl)?;
@@ -782,7 +818,7 @@ pub(crate) fn backward_impl<T: Element>(
     }
 
     // Token chunks: z, dy ⊙ f with the partial sums of dy ⊙ z, and dX.
-    let chunk_elems = CHUNK_ELEMS.load(std::sync::atomic::Ordering::Relaxed);
+    let chunk_elems = tuning.chunk_elems.unwrap_or(BACKWARD_CHUNK_ELEMS).max(1);
     let chunk = (chunk_elems / n.max(k)).max(DYZ_ROWS).min(t);
     let chunk = if chunk < t {
         chunk / DYZ_ROWS * DYZ_ROWS
@@ -863,11 +899,12 @@ pub(crate) fn backward_impl<T: Element>(
         split0 += splits;
         let glc = offset::<T>(glp, t0 * ldg);
         match dropout {
-            None if core_dx && dx_core_takes::<T>(gpu, shape, tn, dyfp, dx_w, ap, dxc) => {
+            None if core_dx && dx_core_takes::<T>(gpu, tuning, shape, tn, dyfp, dx_w, ap, dxc) => {
                 // dX = (dy ⊙ g) W + G A, G = s · (dy ⊙ g) B: one NN core launch (or one
                 // per column panel of an NF4 W).
-                launch_dx_core::<T>(
+                any_fused |= launch_dx_core::<T>(
                     gpu,
+                    tuning,
                     shape,
                     tn,
                     dyfp,
@@ -938,7 +975,19 @@ pub(crate) fn backward_impl<T: Element>(
         &format!("lk_dora_dm_{}", T::DTYPE.suffix()),
         grid_1d(n, 256, u32::MAX),
         &params,
-    )
+    )?;
+    let nf4 = matches!(base, Base::Nf4(..));
+    Ok(Plan {
+        path: match (core_dx, nf4) {
+            (true, false) => Path::Core,
+            (true, true) => Path::CorePanels,
+            (false, false) => Path::Cublas,
+            (false, true) => Path::CublasPanels,
+        },
+        fused_down: any_fused,
+        mma: false,
+        nf4_in_core: false,
+    })
 }
 
 /// Merge in place: `W' = (m / ‖W + s·BA‖) ⊙ (W + s·BA)`. Writes the norms (of the

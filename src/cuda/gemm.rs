@@ -61,6 +61,7 @@ use super::{
     LkNf4CoreScalesParams, LkTransposeParams,
 };
 use crate::lora::check_len;
+use crate::tuning::{FusedDown, Tuning};
 use crate::{DType, Element, Error, Result};
 
 /// Rows of y per CTA tile.
@@ -85,42 +86,14 @@ const DYN_SMEM: u32 = (192 * 1024 + 32 * 1024 + 1024) as u32;
 /// of a W half-tile's codes and scales (128 × 32 B + 128 × 8 B each at the wide tile).
 const DYN_SMEM_NF4: u32 = (192 * 1024 + 16 * 1024 + 3 * 5 * 1024 + 1024) as u32;
 
-thread_local! {
-    /// 0: choose the tile width per call; else the width this thread's calls use.
-    static TILE_N_OVERRIDE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Forces the later core launches made from this thread to use tiles of `tile_n` columns
-/// ([`TILE_N`] or [`TILE_N_NARROW`]), or restores the per-call choice with `None`. For
-/// benches and tests that measure or check one variant; any other width is refused.
-#[doc(hidden)]
-pub fn set_tile_n_override(tile_n: Option<usize>) -> Result<()> {
-    let v = match tile_n {
-        None => 0,
-        Some(w) if w == TILE_N || w == TILE_N_NARROW => w,
-        Some(w) => {
-            return Err(Error::Dim {
-                name: "tile_n",
-                value: w,
-                reason: "the GEMM core has tiles of 256 or 128 columns",
-            })
-        }
-    };
-    TILE_N_OVERRIDE.with(|c| c.set(v));
-    Ok(())
-}
-
 /// The tile width the core uses for a [T, N] output on a GPU of `sms` SMs: the width
 /// with the smaller estimated time, counting whole rounds of tiles over the persistent
 /// grid (`ceil(tiles / sms)`, each CTA runs that many tiles back to back) times the
 /// tile's work, the narrow tile charged 10% more per column (its wgmmas read more
 /// shared memory per flop). 4096 × 4096: 4 rounds of 256 wide against 8 of 128, wide;
-/// 512 × 4096: 1 round either way, narrow (half the work per CTA).
+/// 512 × 4096: 1 round either way, narrow (half the work per CTA). A call's
+/// [`Tuning::tile_n`] overrides it.
 pub fn tile_n_for(tokens: usize, n: usize, sms: usize) -> usize {
-    let forced = TILE_N_OVERRIDE.with(|c| c.get());
-    if forced != 0 {
-        return forced;
-    }
     let sms = sms.max(1);
     let rounds = |w: usize| (tokens.div_ceil(TILE_M) * n.div_ceil(w)).div_ceil(sms);
     let wide = rounds(TILE_N) * 10 * TILE_N;
@@ -130,6 +103,11 @@ pub fn tile_n_for(tokens: usize, n: usize, sms: usize) -> usize {
     } else {
         TILE_N
     }
+}
+
+/// The tile width of one call: its tuning's, else [`tile_n_for`].
+pub(crate) fn tile_n(tuning: &Tuning, tokens: usize, n: usize, sms: usize) -> usize {
+    tuning.tile_n.unwrap_or_else(|| tile_n_for(tokens, n, sms))
 }
 
 /// The low-rank K-slice `U Blᵀ`: `u` [T, rank], `b` [N, rank] (LoRA's B), same type as x.
@@ -162,6 +140,9 @@ pub struct GemmEpilogue<'a, I: ?Sized, S: ?Sized = CudaSlice<f32>> {
     pub col_scale: Option<&'a S>,
     /// `acc += U Blᵀ` in the same accumulator.
     pub low_rank: Option<LowRank<'a, I>>,
+    /// Overrides of the call's path choices (tile width, the mma.sync kernels on
+    /// sm_90); [`Tuning::AUTO`] by default.
+    pub tuning: Tuning,
 }
 
 impl<I: ?Sized> GemmEpilogue<'_, I> {
@@ -171,6 +152,7 @@ impl<I: ?Sized> GemmEpilogue<'_, I> {
             bias: None,
             col_scale: None,
             low_rank: None,
+            tuning: Tuning::AUTO,
         }
     }
 }
@@ -194,7 +176,14 @@ impl<'a, I: ?Sized, S: ?Sized> GemmEpilogue<'a, I, S> {
             bias: self.bias,
             col_scale: Some(scale),
             low_rank: self.low_rank,
+            tuning: self.tuning,
         }
+    }
+
+    /// The call's path tuning (see [`Tuning`]).
+    pub fn with_tuning(mut self, tuning: Tuning) -> Self {
+        self.tuning = tuning;
+        self
     }
 
     /// Adds `u [T, rank] · b [N, rank]ᵀ` to the accumulator (1 ≤ rank ≤ [`MAX_RANK`]).
@@ -420,6 +409,7 @@ where
             reason: "too many output tiles for one grid",
         });
     }
+    epi.tuning.validate()?;
     check_len("x", x.len(), tokens * k)?;
     if let BaseRef::Dense(w) | BaseRef::DenseKn(w) = base {
         check_len("w", w.len(), n * k)?;
@@ -482,6 +472,7 @@ where
         down: None,
         w_kn,
         ldbl: 0,
+        tuning: epi.tuning,
     };
     launch_core::<T>(gpu, &ptrs, tokens, n, k)
 }
@@ -521,6 +512,8 @@ pub(crate) struct CorePtrs {
     /// With `w_kn`: Bl's row stride in elements (a multiple of 8, ≥ N), or 0 for N (Bl
     /// being columns of a wider matrix, as A's columns for a column panel of W).
     pub ldbl: usize,
+    /// The call's tuning: tile width, mma.sync kernels on sm_90.
+    pub tuning: Tuning,
 }
 
 /// The fused down product of one core launch: jobs (one per pair of tile rows, run
@@ -543,20 +536,27 @@ pub(crate) const FUSED_DOWN_MAX_RANK: usize = 32;
 
 /// Whether a core launch of this shape can fuse the down product: sm_90, f16/bf16,
 /// 1 ≤ r ≤ [`FUSED_DOWN_MAX_RANK`], T within the flag buffer (524 288 rows), and (unless
-/// [`force_fused_down`]) cheap: the jobs (one per pair of tile rows) go to the clusters
+/// the tuning says [`FusedDown::Force`]; [`FusedDown::Never`]: false) cheap: the jobs (one per pair of tile rows) go to the clusters
 /// with one tile fewer than the rest, or none, and each of those takes at most
 /// [`FUSED_DOWN_MAX_JOBS`] of them (1 with 128-wide tiles), so they fill the time those
 /// clusters would idle at the end. (Public, hidden, for tests that must know which path
 /// a LoRA forward takes.)
 #[doc(hidden)]
-pub fn fused_down_fits<T: Element>(gpu: &Gpu, tokens: usize, n: usize, r: usize) -> Result<bool> {
-    fused_down_fits_for::<T>(gpu, tokens, n, r, false)
+pub fn fused_down_fits<T: Element>(
+    gpu: &Gpu,
+    tuning: &Tuning,
+    tokens: usize,
+    n: usize,
+    r: usize,
+) -> Result<bool> {
+    fused_down_fits_for::<T>(gpu, tuning, tokens, n, r, false)
 }
 
 /// [`fused_down_fits`] for the NT kernels (`w_kn` false) or the NN kernels (true: the
 /// LoRA backward's dX launch, whose jobs compute `G = s · dY B`).
 pub(crate) fn fused_down_fits_for<T: Element>(
     gpu: &Gpu,
+    tuning: &Tuning,
     tokens: usize,
     n: usize,
     r: usize,
@@ -564,17 +564,18 @@ pub(crate) fn fused_down_fits_for<T: Element>(
 ) -> Result<bool> {
     let pairs_m = tokens.div_ceil(TILE_M).div_ceil(2);
     if T::DTYPE == DType::F32
+        || tuning.fused_down == FusedDown::Never
         || !supported(gpu)
-        || mma_path(gpu)
+        || mma_path(gpu, tuning)
         || !(1..=FUSED_DOWN_MAX_RANK).contains(&r)
         || 2 * pairs_m > gpu.core_flags.len()
     {
         return Ok(false);
     }
-    if FORCE_FUSED_DOWN.with(|c| c.get()) {
+    if tuning.fused_down == FusedDown::Force {
         return Ok(true);
     }
-    let tile_n = tile_n_for(tokens, n, gpu.sm_count() as usize);
+    let tile_n = tile_n(tuning, tokens, n, gpu.sm_count() as usize);
     let name = kernel_name::<T>(false, w_kn, tile_n);
     let max_clusters = prepare(gpu, &name, &gpu.function(&name)?, DYN_SMEM)?;
     // As the kernel's jobs_of: the grid's clusters, and those with the fewest tiles.
@@ -602,18 +603,6 @@ pub(crate) fn fused_down_fits_for<T: Element>(
 /// clusters at T = N = 4096 cost ~4 µs against the down kernel's ~25.
 pub const FUSED_DOWN_MAX_JOBS: usize = 2;
 
-thread_local! {
-    static FORCE_FUSED_DOWN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Makes [`fused_down_fits`] (on this thread) accept every shape the kernel can run,
-/// however many jobs a cluster then takes, so tests reach those schedules. Off by
-/// default.
-#[doc(hidden)]
-pub fn force_fused_down(force: bool) {
-    FORCE_FUSED_DOWN.with(|c| c.set(force));
-}
-
 /// The entry point for an operand type, W's format and layout and a tile width.
 fn kernel_name<T: Element>(nf4: bool, w_kn: bool, tile_n: usize) -> String {
     let family = match (nf4, w_kn) {
@@ -638,7 +627,7 @@ pub(crate) fn launch_core<T: Element>(
     n: usize,
     k: usize,
 ) -> Result<()> {
-    let tile_n = tile_n_for(tokens, n, gpu.sm_count() as usize);
+    let tile_n = tile_n(&p.tuning, tokens, n, gpu.sm_count() as usize);
     let (tiles_m, tiles_n) = (tokens.div_ceil(TILE_M), n.div_ceil(tile_n));
     let (xp, wp, yp) = (p.x, p.w, p.y);
     check_align_to("x", xp, 16)?;
@@ -684,7 +673,7 @@ pub(crate) fn launch_core<T: Element>(
             reason: "f32 operands (the GEMM core takes f16 and bf16)".into(),
         });
     }
-    if mma_path(gpu) {
+    if mma_path(gpu, &p.tuning) {
         return launch_mma::<T>(gpu, p, tokens, n, k);
     }
     if !supported(gpu) {
@@ -876,6 +865,9 @@ pub(crate) fn launch_core<T: Element>(
             ),
         });
     }
+    if p.down.is_some() {
+        gpu.reset_core_flags_if_capturing(2 * pairs_m)?;
+    }
     let work = pairs + if p.down.is_some() { pairs_m } else { 0 };
     let cfg = LaunchConfig {
         grid_dim: ((2 * work.min(max_clusters)) as u32, 1, 1),
@@ -916,30 +908,17 @@ pub(crate) fn launch_core<T: Element>(
     Ok(())
 }
 
-thread_local! {
-    /// Whether this thread's core launches take the mma.sync kernels on sm_90 too.
-    static FORCE_MMA: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Makes this thread's core launches on an sm_90 GPU take the mma.sync kernels (the
-/// sm_80 .. sm_89 path) instead of the wgmma ones, so tests check that path on Hopper
-/// machines. Off by default.
-#[doc(hidden)]
-pub fn force_mma_path(force: bool) {
-    FORCE_MMA.with(|c| c.set(force));
-}
-
 /// Whether core launches take the mma.sync kernels here: an sm_80 .. sm_89 GPU (the
-/// build always holds compute_80 PTX), or [`force_mma_path`] on this thread.
-pub(crate) fn mma_path(gpu: &Gpu) -> bool {
-    FORCE_MMA.with(|c| c.get()) || gpu.compute_capability().0 == 8
+/// build always holds compute_80 PTX), or the call's [`Tuning::mma_path`].
+pub(crate) fn mma_path(gpu: &Gpu, tuning: &Tuning) -> bool {
+    tuning.mma_path || gpu.compute_capability().0 == 8
 }
 
 /// Whether a core launch runs on this GPU: the wgmma kernels on sm_90 ([`supported`]),
 /// or the mma.sync kernels on sm_80 .. sm_89 for a dense W [N, K] (`w_nt_dense`; NF4, W
 /// [K, N] and the fused down product are sm_90 only).
-pub(crate) fn core_runs(gpu: &Gpu, w_nt_dense: bool) -> bool {
-    if mma_path(gpu) {
+pub(crate) fn core_runs(gpu: &Gpu, tuning: &Tuning, w_nt_dense: bool) -> bool {
+    if mma_path(gpu, tuning) {
         w_nt_dense
     } else {
         supported(gpu)
@@ -1098,7 +1077,7 @@ fn no_nf4() -> LkNf4 {
 /// Per loaded kernel: its dynamic shared memory limit raised to `smem` (once), and
 /// how many of its 2-CTA clusters fit on the GPU at once (asked once, then cached).
 fn prepare(gpu: &Gpu, name: &str, func: &cudarc::driver::CudaFunction, smem: u32) -> Result<usize> {
-    if let Some(&c) = gpu.cluster_grid.lock().unwrap().get(name) {
+    if let Some(&c) = gpu.cluster_grid().lock().unwrap().get(name) {
         return Ok(c);
     }
     func.set_attribute(
@@ -1129,7 +1108,7 @@ fn prepare(gpu: &Gpu, name: &str, func: &cudarc::driver::CudaFunction, smem: u32
     } else {
         fallback
     };
-    gpu.cluster_grid
+    gpu.cluster_grid()
         .lock()
         .unwrap()
         .insert(name.to_string(), clusters);

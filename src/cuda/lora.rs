@@ -9,7 +9,7 @@
 //!   `y = s · h Bᵀ` by cuBLAS (onto a bias-filled y with beta = 1 when there is a
 //!   bias), then `y += x Wᵀ` by cuBLAS with beta = 1.
 //! - backward: where the core can take dX (sm_90, f16/bf16, no active dropout, K and N
-//!   multiples of 8, see [`backward_core`]): `G = s · dY B` by cuBLAS, `dX = dY W + G A`
+//!   multiples of 8, see [`backward`]): `G = s · dY B` by cuBLAS, `dX = dY W + G A`
 //!   by one GEMM-core launch (dX written once), `dA = Gᵀ x` and `dB = s · dYᵀ h` by
 //!   cuBLAS. Otherwise `g = dY B`, `dX = dY W + s · g A`, `dA = s · gᵀ x` and
 //!   `dB = s · dYᵀ h` by cuBLAS. Under dropout, `s/(1−p) · g A` is zeroed in place where x was dropped
@@ -20,12 +20,14 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
+use super::plan::{Path, Plan};
 use super::{dptr, dptr_mut, gemm_rm, gemm_rm_ld, lk_dropout, Gpu};
 use super::{
     LkBiasFillParams, LkDownParams, LkMaskParams, LkMergeParams, LkReduceParams, LkSmallFwdParams,
     LkTnParams,
 };
 use crate::lora::{check_backward_lens, check_forward_lens, check_merge_lens, BackwardLens};
+use crate::tuning::{CorePolicy, Tuning};
 use crate::{Element, LoraGrads, LoraOptions, LoraShape, LoraWeights, Result};
 
 /// The largest T the fused single-pass forward handles; larger T uses the GEMM path.
@@ -49,48 +51,24 @@ pub(crate) fn grid_1d(total: usize, block: u32, cap: u32) -> LaunchConfig {
     }
 }
 
-thread_local! {
-    /// Whether [`forward`] may take the GEMM core path (see [`set_core_dispatch`]).
-    static CORE_DISPATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
-}
-
-/// Lets (`true`, the default) or stops [`forward`] and [`backward`] calls made from this
-/// thread taking the GEMM core path, so a bench can time the cuBLAS path on the same GPU.
-#[doc(hidden)]
-pub fn set_core_dispatch(enabled: bool) {
-    CORE_DISPATCH.with(|c| c.set(enabled));
-}
-
-thread_local! {
-    /// Whether the core path may fuse the down product (see [`set_fused_down`]).
-    static FUSED_DOWN: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
-}
-
-/// Lets (`true`, the default) or stops the GEMM-core calls made from this thread
-/// computing `x Aᵀ` (forward) or `G = s·dY B` (backward's dX) inside the core launch (as
-/// jobs before the tiles), so that tests and benches can run the unfused paths on the
-/// same shapes.
-#[doc(hidden)]
-pub fn set_fused_down(enabled: bool) {
-    FUSED_DOWN.with(|c| c.set(enabled));
-}
-
-/// Whether this thread lets the core compute the down product (or the backward's G)
-/// inside its launch ([`set_fused_down`]).
-pub(crate) fn fused_down_enabled() -> bool {
-    FUSED_DOWN.with(|c| c.get())
-}
-
 /// Forward: `y = x Wᵀ + bias + s · drop(x) Aᵀ Bᵀ`. Writes `y` [T, N] and, if given,
-/// `h = drop(x) Aᵀ` [T, r] for [`backward`]. Queued on the GPU's stream.
+/// `h = drop(x) Aᵀ` [T, r] for [`backward`]. Queued on the GPU's stream; returns the
+/// [`Plan`] it took.
 ///
-/// Paths: T ≤ [`SMALL_T_MAX`], one fused pass over W; larger T on an sm_90 GPU, f16 or
-/// bf16, r ≤ 64, K % 8 == 0, x, W (and B when r % 8 == 0) 16-byte aligned, y 4-byte
-/// aligned, and enough output tiles to occupy at least half the SMs (T ≥ 129 and
-/// ceil(T/128) · ceil(N/128) ≥ SMs/2): [`forward_core`] (one GEMM-core launch that
-/// writes y once; it computes `x Aᵀ` itself when r ≤ 32, dropout is off and A is
-/// 16-byte aligned, else the down kernel runs first); otherwise the down kernel, a
-/// skinny cuBLAS product into y and a beta = 1 cuBLAS base GEMM.
+/// Paths ([`super::plan`] has the rules): T ≤ [`SMALL_T_MAX`], one fused pass over W;
+/// larger T where the GEMM core runs and fills the GPU (sm_90 or sm_80 .. sm_89,
+/// f16/bf16, r ≤ 64, K % 8 == 0, x, W (and B when r % 8 == 0) 16-byte aligned, y 4-byte
+/// aligned, T ≥ 129 and ceil(T/128) · ceil(N/128) ≥ SMs/2): one GEMM-core launch
+/// `y = x Wᵀ + U Bᵀ + bias` that writes y once, with `U = s · drop(x) Aᵀ` (and h)
+/// computed inside it when r ≤ 32, dropout is off and A is 16-byte aligned (jobs on the
+/// clusters with the fewest tiles, each tile waiting for its row's flag), else by the
+/// down kernel first; otherwise the down kernel, a skinny cuBLAS product into y and a
+/// beta = 1 cuBLAS base GEMM.
+///
+/// With `opts.tuning.core` = [`CorePolicy::Require`] the core path is taken at any T or
+/// an error names why it cannot be (`Error::Unsupported` off sm_80+ or for f32,
+/// `Error::Dim`, `Error::Misaligned`), before anything is launched;
+/// [`CorePolicy::Never`] keeps the cuBLAS path.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     gpu: &Gpu,
@@ -100,49 +78,7 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     weights: LoraWeights<'_, I>,
     y: &mut O,
     h: Option<&mut O>,
-) -> Result<()> {
-    forward_impl(gpu, shape, opts, x, weights, y, h, false)
-}
-
-/// The forward through the Hopper GEMM core ([`mod@super::gemm`]) at any T, the path
-/// [`forward`] takes for T > [`SMALL_T_MAX`] where it can: the same result, with `y`
-/// written once by one core GEMM `y = x Wᵀ + U Bᵀ + bias` (the low-rank term as its extra
-/// K-slice). `U = s · drop(x) Aᵀ` and (into `h` when given) `h = drop(x) Aᵀ`, each
-/// rounded once to the activation type, come from inside that launch when r ≤ 32,
-/// dropout is off and A is 16-byte aligned (the clusters with the fewest tiles first
-/// run one job per pair of tile rows, `x Aᵀ` by wgmma, and flag the rows; each tile waits
-/// for its row's flag before the low-rank slice), else from one down-kernel launch
-/// before it.
-///
-/// Needs sm_90, f16/bf16, rank ≤ 64, K % 8 == 0, x, W (and B for rank % 8 == 0) 16-byte
-/// aligned and y 4-byte aligned; otherwise an error (`Error::Unsupported` off sm_90 or
-/// for f32), before anything is launched.
-#[allow(clippy::too_many_arguments)]
-pub fn forward_core<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
-    gpu: &Gpu,
-    shape: &LoraShape,
-    opts: &LoraOptions,
-    x: &I,
-    weights: LoraWeights<'_, I>,
-    y: &mut O,
-    h: Option<&mut O>,
-) -> Result<()> {
-    forward_impl(gpu, shape, opts, x, weights, y, h, true)
-}
-
-/// [`forward`] (`core_only` false: the path chosen per call) and [`forward_core`]
-/// (`core_only`: the core path or an error naming why not, before any launch).
-#[allow(clippy::too_many_arguments)]
-fn forward_impl<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
-    gpu: &Gpu,
-    shape: &LoraShape,
-    opts: &LoraOptions,
-    x: &I,
-    weights: LoraWeights<'_, I>,
-    y: &mut O,
-    h: Option<&mut O>,
-    core_only: bool,
-) -> Result<()> {
+) -> Result<Plan> {
     check_forward_lens(
         shape,
         x.len(),
@@ -154,8 +90,9 @@ fn forward_impl<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         h.as_ref().map(|h| h.len()),
     )?;
     opts.validate()?;
+    let core_only = opts.tuning.core == CorePolicy::Require;
     if core_only {
-        check_core_args::<T>(gpu, shape, "lora::forward_core", true)?;
+        check_core_args::<T>(gpu, &opts.tuning, shape, "lora::forward", true)?;
     }
     let (xp, _gx) = dptr(gpu, "x", x)?;
     let (wp, _gw) = dptr(gpu, "w", weights.w)?;
@@ -185,21 +122,25 @@ fn forward_impl<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         check_core_alignment(shape, &ptrs)?;
         forward_core_launch::<T>(gpu, shape, opts, &ptrs, 0, 0)
     } else if shape.tokens <= SMALL_T_MAX {
-        forward_small::<T>(gpu, shape, opts, &ptrs)
-    } else if core_takes::<T>(gpu, shape, &ptrs) {
+        forward_small::<T>(gpu, shape, opts, &ptrs)?;
+        Ok(Plan::of(Path::SmallFused))
+    } else if core_takes::<T>(gpu, &opts.tuning, shape, &ptrs) {
         forward_core_launch::<T>(gpu, shape, opts, &ptrs, 0, 0)
     } else {
         let (t, k, n) = (shape.tokens, shape.in_features, shape.out_features);
         forward_large::<T>(gpu, shape, opts, &ptrs, || {
             gemm_rm::<T>(gpu, t, n, k, 1.0, xp, false, wp, true, 1.0, yp)
-        })
+        })?;
+        Ok(Plan::of(Path::Cublas))
     }
 }
 
-/// [`forward_core`]'s (`w_nt_dense`: the mma.sync kernels of sm_80 .. sm_89 can take it)
-/// and [`backward_core`]'s (sm_90 only) shape, dtype and GPU requirements, as errors.
+/// The core path's shape, dtype and GPU requirements as errors, for
+/// [`CorePolicy::Require`]: the forward's (`w_nt_dense`: the mma.sync kernels of
+/// sm_80 .. sm_89 can take it) or the backward's (sm_90 only).
 fn check_core_args<T: Element>(
     gpu: &Gpu,
+    tuning: &Tuning,
     shape: &LoraShape,
     op: &'static str,
     w_nt_dense: bool,
@@ -220,7 +161,7 @@ fn check_core_args<T: Element>(
             reason: "the GEMM core needs K % 8 == 0 (TMA's 16-byte row stride)",
         });
     }
-    if T::DTYPE == crate::DType::F32 || !gemm::core_runs(gpu, w_nt_dense) {
+    if T::DTYPE == crate::DType::F32 || !gemm::core_runs(gpu, tuning, w_nt_dense) {
         let (major, minor) = gpu.compute_capability();
         let needs = if w_nt_dense {
             "sm_80 or newer (sm_90 with sm_90a code for the wgmma kernels)"
@@ -239,7 +180,7 @@ fn check_core_args<T: Element>(
     Ok(())
 }
 
-/// [`forward_core`]'s alignment requirements (TMA's), as errors, so that a misaligned
+/// The forward core path's alignment requirements (TMA's), as errors, so that a misaligned
 /// buffer is refused before the down kernel launches.
 fn check_core_alignment(shape: &LoraShape, p: &FwdPtrs) -> Result<()> {
     for (name, addr, align) in [("x", p.x, 16), ("w", p.w, 16), ("y", p.y, 4)] {
@@ -262,9 +203,14 @@ fn check_core_alignment(shape: &LoraShape, p: &FwdPtrs) -> Result<()> {
 }
 
 /// Whether the GEMM core path can take this large-T forward (see [`forward`]'s paths),
-/// and this thread has not switched it off ([`set_core_dispatch`]).
-pub(crate) fn core_takes<T: Element>(gpu: &Gpu, shape: &LoraShape, p: &FwdPtrs) -> bool {
-    CORE_DISPATCH.with(|c| c.get())
+/// and the tuning lets it ([`CorePolicy::Never`] does not).
+pub(crate) fn core_takes<T: Element>(
+    gpu: &Gpu,
+    tuning: &Tuning,
+    shape: &LoraShape,
+    p: &FwdPtrs,
+) -> bool {
+    tuning.core != CorePolicy::Never
         && core_fills_gpu(shape.tokens, shape.out_features, gpu.sm_count() as usize)
         && T::DTYPE != crate::DType::F32
         && shape.rank <= super::gemm::MAX_RANK
@@ -278,7 +224,7 @@ pub(crate) fn core_takes<T: Element>(gpu: &Gpu, shape: &LoraShape, p: &FwdPtrs) 
         }
         && p.y % 4 == 0
         && (shape.rank % 8 != 0 || p.b % 16 == 0)
-        && super::gemm::core_runs(gpu, p.nf4.is_none())
+        && super::gemm::core_runs(gpu, tuning, p.nf4.is_none())
 }
 
 /// Whether a [T, N] output has enough 128 × 128 tiles for the core's clusters of 2 CTAs
@@ -293,7 +239,7 @@ fn core_fills_gpu(tokens: usize, n: usize, sms: usize) -> bool {
 
 /// The core path's launches, arguments checked: `U = s · drop(x) Aᵀ` (and `h` from the
 /// same sums when `p.h` is set) inside the core launch or by the down kernel before it
-/// (see [`forward_core`]), and `y = x Wᵀ + U Bᵀ + bias` by one GEMM-core launch; with `col_scale` (f32 [N], DoRA's m/‖·‖) `y = col_scale ⊙ (…)
+/// (see [`forward`]), and `y = x Wᵀ + U Bᵀ + bias` by one GEMM-core launch; with `col_scale` (f32 [N], DoRA's m/‖·‖) `y = col_scale ⊙ (…)
 /// + bias`, and with `z` the unscaled sum is also written there.
 pub(crate) fn forward_core_launch<T: Element>(
     gpu: &Gpu,
@@ -302,17 +248,16 @@ pub(crate) fn forward_core_launch<T: Element>(
     p: &FwdPtrs,
     col_scale: u64,
     z: u64,
-) -> Result<()> {
+) -> Result<Plan> {
     use super::gemm::{self, CorePtrs};
     let (t, k, n, r) = shape.dims();
     // The down product inside the core launch (jobs run before the tiles) when it can
     // be: no active dropout (the core stages x as it is), a dense W, A 16-byte aligned
     // and r ≤ 32; else the down kernel first.
-    let fused = fused_down_enabled()
-        && opts.active_dropout().is_none()
+    let fused = opts.active_dropout().is_none()
         && p.nf4.is_none()
         && p.a % 16 == 0
-        && gemm::fused_down_fits::<T>(gpu, t, n, r)?;
+        && gemm::fused_down_fits::<T>(gpu, &opts.tuning, t, n, r)?;
     // Fused: U is the core launch's own output ([T, r rounded up to 8], columns < r of
     // every row written before any tile reads them, the only ones its tensor map reads).
     let (u, ldu) = if fused {
@@ -340,8 +285,15 @@ pub(crate) fn forward_core_launch<T: Element>(
         }),
         w_kn: false,
         ldbl: 0,
+        tuning: opts.tuning,
     };
-    gemm::launch_core::<T>(gpu, &core, t, n, k)
+    gemm::launch_core::<T>(gpu, &core, t, n, k)?;
+    Ok(Plan {
+        path: Path::Core,
+        fused_down: fused,
+        mma: gemm::mma_path(gpu, &opts.tuning),
+        nf4_in_core: p.nf4.is_some(),
+    })
 }
 
 /// The core path's first launch: `U = s · drop(x) Aᵀ` [T, r] into a scratch buffer it
@@ -739,8 +691,16 @@ pub(crate) fn launch_tn<T: Element>(
 
 /// Backward from `dy` [T, N]: writes dX [T, K], dA [r, K] and dB [N, r]. `h` is what
 /// [`forward`] returned; `weights.bias` is ignored (the base layer is frozen); the
-/// dropout mask is regenerated from `opts`, never stored. dX comes from the GEMM core
-/// ([`backward_core`]) where it can take it, else from cuBLAS (see the module docs).
+/// dropout mask is regenerated from `opts`, never stored. Returns the [`Plan`] taken.
+///
+/// Where the core can take dX (sm_90, f16/bf16, no active dropout, rank ≤ 64, K and N
+/// multiples of 8, dy, W and A 16-byte aligned, dX 4-byte aligned, enough [T, K] tiles):
+/// one NN core launch `dX = dY W + G A` (W read as [K, N] = MN-major, the low-rank term
+/// as its extra K-slice, so dX is written once and never read back) with `G = s · dY B`
+/// computed inside it when r ≤ 32 and the fused rule allows, else by cuBLAS before it;
+/// then `dA = Gᵀ x` and `dB = s · dYᵀ h` by cuBLAS. Otherwise cuBLAS (see the module
+/// docs). [`CorePolicy::Require`] makes a failed core condition an error before any
+/// launch; [`CorePolicy::Never`] keeps cuBLAS.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     gpu: &Gpu,
@@ -751,49 +711,7 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     h: &I,
     dy: &I,
     grads: LoraGrads<'_, O>,
-) -> Result<()> {
-    backward_impl(gpu, shape, opts, x, weights, h, dy, grads, false)
-}
-
-/// The backward with dX on the Hopper GEMM core, the path [`backward`] takes where it
-/// can (sm_90, f16/bf16, no active dropout, enough tiles): one core launch
-/// `dX = dY W + G A` (W read as [K, N] = MN-major, the low-rank term as its extra
-/// K-slice, so dX is written once and never read back) with `G = s · dY B` [T, r]
-/// computed inside it when r ≤ 32 and the fused rule allows (jobs on the dY tiles and a
-/// transposed copy of B, as the forward's fused down product), else by cuBLAS before it;
-/// then `dA = Gᵀ x` and `dB = s · dYᵀ h` by cuBLAS.
-///
-/// Needs sm_90, f16/bf16, no active dropout, rank ≤ 64, in_features and out_features
-/// multiples of 8, dy, W and A 16-byte aligned, dX 4-byte aligned; otherwise an error
-/// before anything is launched.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_core<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
-    gpu: &Gpu,
-    shape: &LoraShape,
-    opts: &LoraOptions,
-    x: &I,
-    weights: LoraWeights<'_, I>,
-    h: &I,
-    dy: &I,
-    grads: LoraGrads<'_, O>,
-) -> Result<()> {
-    backward_impl(gpu, shape, opts, x, weights, h, dy, grads, true)
-}
-
-/// [`backward`] (`core_only` false: the path chosen per call) and [`backward_core`]
-/// (`core_only`: the core path or an error naming why not, before any launch).
-#[allow(clippy::too_many_arguments)]
-fn backward_impl<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
-    gpu: &Gpu,
-    shape: &LoraShape,
-    opts: &LoraOptions,
-    x: &I,
-    weights: LoraWeights<'_, I>,
-    h: &I,
-    dy: &I,
-    grads: LoraGrads<'_, O>,
-    core_only: bool,
-) -> Result<()> {
+) -> Result<Plan> {
     check_backward_lens(
         shape,
         &BackwardLens {
@@ -809,8 +727,9 @@ fn backward_impl<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         },
     )?;
     opts.validate()?;
+    let core_only = opts.tuning.core == CorePolicy::Require;
     if core_only {
-        check_core_args::<T>(gpu, shape, "lora::backward_core", false)?;
+        check_core_args::<T>(gpu, &opts.tuning, shape, "lora::backward", false)?;
         if shape.out_features % 8 != 0 {
             return Err(crate::Error::Dim {
                 name: "out_features",
@@ -821,7 +740,7 @@ fn backward_impl<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         }
         if opts.active_dropout().is_some() {
             return Err(crate::Error::Unsupported {
-                op: "lora::backward_core",
+                op: "lora::backward",
                 reason: "active dropout (the core stages dY W without the mask)".into(),
             });
         }
@@ -868,12 +787,13 @@ fn backward_impl<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     }
     backward_with::<T>(gpu, shape, opts, &p, |beta| {
         gemm_rm::<T>(gpu, t, k, n, 1.0, dyp, false, wp, false, beta, dxp)
-    })
+    })?;
+    Ok(Plan::of(Path::Cublas))
 }
 
-/// Whether [`backward`] takes the core path ([`backward_core`]) for these arguments: as
-/// the forward's core path (sm_90, f16/bf16, enough [T, K] output tiles, this thread's
-/// [`set_core_dispatch`]), no active dropout, rank ≤ 64, K and N multiples of 8, dy, W
+/// Whether [`backward`] takes the core path for these arguments: as the forward's core
+/// path (sm_90, f16/bf16, enough [T, K] output tiles, the tuning's core policy not
+/// [`CorePolicy::Never`]), no active dropout, rank ≤ 64, K and N multiples of 8, dy, W
 /// and A 16-byte aligned, dX 4-byte aligned.
 fn backward_core_takes<T: Element>(
     gpu: &Gpu,
@@ -885,6 +805,7 @@ fn backward_core_takes<T: Element>(
     opts.active_dropout().is_none()
         && dx_core_takes::<T>(
             gpu,
+            &opts.tuning,
             shape,
             shape.tokens,
             p.dy,
@@ -909,15 +830,18 @@ pub(crate) enum DxWeight {
 }
 
 /// Whether `dX = d W + G A` for `tokens` rows of d ([tokens, N] at `d`) into dX at `dx`
-/// can run on the NN core (see [`launch_dx_core`]): this thread's [`set_core_dispatch`],
+/// can run on the NN core (see [`launch_dx_core`]): the tuning's core policy not
+/// [`CorePolicy::Never`],
 /// enough [tokens, K] output tiles, sm_90 (not the forced mma path), f16/bf16, rank ≤ 64,
 /// K and N multiples of 8, d and A 16-byte aligned; and the weight's own rule: a dense W
 /// 16-byte aligned, dX 4-byte aligned; NF4 in the core: K % 32 == 0, the codes 16-byte
 /// aligned, dX 4-byte aligned; NF4 column panels: panels wide enough
 /// ([`super::qlora::col_panels_fit`]), dX 16-byte aligned (TMA stores into its columns;
 /// the panel scratch is aligned).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn dx_core_takes<T: Element>(
     gpu: &Gpu,
+    tuning: &Tuning,
     shape: &LoraShape,
     tokens: usize,
     d: u64,
@@ -929,10 +853,12 @@ pub(crate) fn dx_core_takes<T: Element>(
     let weight_ok = match w {
         DxWeight::Dense(wp) => wp % 16 == 0 && dx % 4 == 0,
         DxWeight::Nf4(q) => (q.packed as u64) % 16 == 0 && k % 32 == 0 && dx % 4 == 0,
-        DxWeight::Nf4ColPanels(_) => super::qlora::col_panels_fit(n, k) && dx % 16 == 0,
+        DxWeight::Nf4ColPanels(_) => {
+            super::qlora::col_panels_fit(super::qlora::panel_limit(tuning), n, k) && dx % 16 == 0
+        }
     };
     weight_ok
-        && CORE_DISPATCH.with(|c| c.get())
+        && tuning.core != CorePolicy::Never
         && core_fills_gpu(tokens, shape.in_features, gpu.sm_count() as usize)
         && T::DTYPE != crate::DType::F32
         && shape.rank <= super::gemm::MAX_RANK
@@ -940,7 +866,7 @@ pub(crate) fn dx_core_takes<T: Element>(
         && shape.out_features % 8 == 0
         && d % 16 == 0
         && a % 16 == 0
-        && super::gemm::core_runs(gpu, false)
+        && super::gemm::core_runs(gpu, tuning, false)
 }
 
 /// `dX [tokens, K] = d [tokens, N] · W [N, K] + G [tokens, r] · A [r, K]` by one NN core
@@ -950,10 +876,11 @@ pub(crate) fn dx_core_takes<T: Element>(
 /// (rows of a multiple of 8 ≥ r elements, 16-byte aligned; columns < r written, the only
 /// ones read): with a dense W by the launch's own jobs where the fused rule allows
 /// (their A operand is Bᵀ [r, N], a copy made once into `bt` and reused by later calls),
-/// else by cuBLAS just before it.
+/// else by cuBLAS just before it. Returns whether G came from the launch's jobs.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_dx_core<T: Element>(
     gpu: &Gpu,
+    tuning: &Tuning,
     shape: &LoraShape,
     tokens: usize,
     d: u64,
@@ -963,7 +890,7 @@ pub(crate) fn launch_dx_core<T: Element>(
     a: u64,
     dx: u64,
     bt: &mut Option<cudarc::driver::CudaSlice<T>>,
-) -> Result<()> {
+) -> Result<bool> {
     use super::gemm::{self, CoreDown, CorePtrs};
     let (k, n, r) = (shape.in_features, shape.out_features, shape.rank);
     let (wp, nf4) = match w {
@@ -972,8 +899,7 @@ pub(crate) fn launch_dx_core<T: Element>(
         DxWeight::Nf4ColPanels(_) => (0, None),
     };
     let fused = matches!(w, DxWeight::Dense(_))
-        && fused_down_enabled()
-        && gemm::fused_down_fits_for::<T>(gpu, tokens, k, r, true)?;
+        && gemm::fused_down_fits_for::<T>(gpu, tuning, tokens, k, r, true)?;
     if fused && bt.is_none() {
         *bt = Some(gemm::transpose::<T>(gpu, b, n, r)?);
     }
@@ -1002,13 +928,14 @@ pub(crate) fn launch_dx_core<T: Element>(
         }),
         w_kn: true,
         ldbl: 0,
+        tuning: *tuning,
     };
     if let DxWeight::Nf4ColPanels(q) = w {
         // dX[:, c0 .. c0 + pc] = d · deq(W[:, c0 .. c0 + pc]) + G · A[:, c0 .. c0 + pc]:
         // the panel as W [N, pc], A's columns as Bl (row stride K), TMA stores into dX's
         // columns (row stride K).
         let size = std::mem::size_of::<T>() as u64;
-        return super::qlora::for_each_col_panel::<T>(gpu, &q, |c0, pc, pp| {
+        super::qlora::for_each_col_panel::<T>(gpu, tuning, &q, |c0, pc, pp| {
             let panel = CorePtrs {
                 w: pp,
                 y: dx + c0 as u64 * size,
@@ -1018,9 +945,11 @@ pub(crate) fn launch_dx_core<T: Element>(
                 ..core
             };
             gemm::launch_core::<T>(gpu, &panel, tokens, pc, n)
-        });
+        })?;
+        return Ok(false);
     }
-    gemm::launch_core::<T>(gpu, &core, tokens, k, n)
+    gemm::launch_core::<T>(gpu, &core, tokens, k, n)?;
+    Ok(fused)
 }
 
 /// `G = scale · d B` [tokens, r] by cuBLAS into rows of `ldg` elements: d [tokens, N],
@@ -1051,15 +980,15 @@ pub(crate) fn launch_g<T: Element>(
     )
 }
 
-/// [`backward_core`]'s launches, arguments checked (also the QLoRA backward's core path,
-/// with W in NF4).
+/// The backward core path's launches, arguments checked (also the QLoRA backward's core
+/// path, with W in NF4); returns its plan.
 pub(crate) fn backward_core_launch<T: Element>(
     gpu: &Gpu,
     shape: &LoraShape,
     opts: &LoraOptions,
     p: &BwdPtrs,
     w: DxWeight,
-) -> Result<()> {
+) -> Result<Plan> {
     let (t, k, n, r) = shape.dims();
     // dX [T, K] = dY [T, N] · W [N, K] + G [T, r] · A [r, K] (the NN core, its "K" is N),
     // G = s · dY B [T, r] in rows of rp = r rounded up to 8 (TMA's 16-byte rows).
@@ -1067,8 +996,9 @@ pub(crate) fn backward_core_launch<T: Element>(
     let g = gpu.scratch::<T>(t * rp)?;
     let (gp, _gg) = dptr(gpu, "g", &g)?;
     let mut bt = None;
-    launch_dx_core::<T>(
+    let fused = launch_dx_core::<T>(
         gpu,
+        &opts.tuning,
         shape,
         t,
         p.dy,
@@ -1093,7 +1023,16 @@ pub(crate) fn backward_core_launch<T: Element>(
         0.0,
         (p.da, k),
     )?;
-    gemm_rm::<T>(gpu, n, r, t, opts.scale, p.dy, true, p.h, false, 0.0, p.db)
+    gemm_rm::<T>(gpu, n, r, t, opts.scale, p.dy, true, p.h, false, 0.0, p.db)?;
+    Ok(Plan {
+        path: match w {
+            DxWeight::Nf4ColPanels(_) => Path::CorePanels,
+            _ => Path::Core,
+        },
+        fused_down: fused,
+        mma: false,
+        nf4_in_core: matches!(w, DxWeight::Nf4(_)),
+    })
 }
 
 /// Validated device addresses of one backward call.

@@ -9,8 +9,11 @@ pub mod gemm;
 pub mod lora;
 pub mod neftune;
 pub mod nf4;
+pub mod plan;
 pub mod qdora;
 pub mod qlora;
+
+pub use plan::{Path, Plan};
 
 #[allow(clippy::all)]
 #[rustfmt::skip]
@@ -82,20 +85,48 @@ unsafe impl DeviceRepr for LkNf4CoreScalesParams {}
 /// Words of [`Gpu`]'s index-error status buffer (layout in kernels/lk_params.h).
 const STATUS_WORDS: usize = 8;
 
-/// One GPU: its context, a stream every op of this `Gpu` is queued on, a cuBLAS handle
-/// and the kernels, loaded once for the device's compute capability.
-///
-/// Ops are asynchronous on [`Gpu::stream`]; reading results back ([`Gpu::download`])
-/// synchronizes. A `Gpu` can be shared between threads; its ops are queued in call order.
-pub struct Gpu {
+/// What a [`Gpu`] shares with every other `Gpu` of the same device made from it
+/// ([`Gpu::with_stream`]): the context, the kernels loaded once, and the launch
+/// configurations found once per kernel (cooperative grid sizes, cluster counts).
+struct Device {
     ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    blas: CudaBlas,
     modules: Vec<(&'static str, Arc<CudaModule>)>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     coop_grid: Mutex<HashMap<String, u32>>,
     /// Per GEMM-core kernel name: its co-resident 2-CTA clusters (set up once).
-    pub(crate) cluster_grid: Mutex<HashMap<String, usize>>,
+    cluster_grid: Mutex<HashMap<String, usize>>,
+    name: String,
+    compute_capability: (i32, i32),
+    sm_count: u32,
+}
+
+/// One GPU as seen from one stream: the device's shared state (context, kernels), the
+/// stream every op of this `Gpu` is queued on, a cuBLAS handle bound to that stream and
+/// the small scratch buffers the kernels of one stream use between launches.
+///
+/// - [`Gpu::new`] opens a device with a stream of its own;
+/// - [`Gpu::from_stream`] wraps a stream the caller already has (a framework's: candle's
+///   `CudaDevice::cuda_stream()`, PyTorch's current stream wrapped by cudarc), so every op
+///   is queued there, in that stream's order and inside that stream's CUDA-graph
+///   captures;
+/// - [`Gpu::with_stream`] gives another stream of the same device, sharing the loaded
+///   kernels.
+///
+/// Ops are asynchronous on [`Gpu::stream`] and never synchronize the host, except the
+/// functions whose docs say so ([`Gpu::download`], [`Gpu::synchronize`],
+/// [`Gpu::take_index_errors`], the NF4 quantize with double quantization and
+/// [`nf4::Nf4Device::to_host`]). Every path of the LoRA, DoRA, QLoRA and QDoRA ops can be
+/// captured in a CUDA graph on that stream (capture mode global or thread-local; with
+/// cudarc's event tracking off or every buffer used on this one stream, as for any
+/// capture through cudarc) and replayed.
+///
+/// A `Gpu` can be shared between threads; ops from several threads are queued on its
+/// one stream in call order. Ops on different `Gpu`s of one device run concurrently
+/// without sharing scratch.
+pub struct Gpu {
+    dev: Arc<Device>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
     /// Counters of the cooperative small-T kernels: zero between launches.
     pub(crate) sync: CudaSlice<u32>,
     /// Out-of-range index reports of the NEFTune kernels (see [`Gpu::take_index_errors`]).
@@ -106,17 +137,14 @@ pub struct Gpu {
     pub(crate) core_flags: CudaSlice<u32>,
     /// The last epoch handed out by [`Gpu::next_core_epoch`] (0: none yet).
     core_epoch: std::sync::atomic::AtomicU32,
-    name: String,
-    compute_capability: (i32, i32),
-    sm_count: u32,
 }
 
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gpu")
-            .field("name", &self.name)
-            .field("compute_capability", &self.compute_capability)
-            .field("sm_count", &self.sm_count)
+            .field("name", &self.dev.name)
+            .field("compute_capability", &self.dev.compute_capability)
+            .field("sm_count", &self.dev.sm_count)
             .finish()
     }
 }
@@ -125,25 +153,27 @@ impl std::fmt::Debug for Gpu {
 pub(crate) const CORE_FLAG_WORDS: usize = 4096;
 
 impl Gpu {
-    /// Opens GPU `ordinal`: checks that the kernels were built, that the driver and
-    /// cuBLAS load, that the device exists and is sm_80 or newer, and loads the kernels.
+    /// Opens GPU `ordinal` with a new stream of its own: checks that the kernels were
+    /// built, that the driver and cuBLAS load, that the device exists and is sm_80 or
+    /// newer, and loads the kernels.
     pub fn new(ordinal: usize) -> Result<Self> {
-        if !kernels::KERNELS_BUILT {
-            return Err(Error::KernelsNotBuilt);
-        }
-        // SAFETY: only tries to dlopen libcuda; no CUDA call is made.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::NoDriver);
-        }
-        // SAFETY: as above, for libcublas.
-        if !unsafe { cublas_sys::is_culib_present() } {
-            return Err(Error::NoCublas);
-        }
+        check_runtime()?;
         let count = CudaContext::device_count()? as usize;
         if ordinal >= count {
             return Err(Error::NoDevice { ordinal, count });
         }
         let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.new_stream()?;
+        Self::from_stream(stream)
+    }
+
+    /// A `Gpu` whose ops run on `stream`, a stream the caller made (of any cudarc
+    /// context: its device is the one used). Loads the kernels into the stream's
+    /// context; checks as [`Gpu::new`]. Nothing is synchronized; the few small scratch
+    /// buffers it allocates are zeroed on `stream`.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        check_runtime()?;
+        let ctx = stream.context().clone();
         let name = ctx.name()?;
         let (major, minor) = ctx.compute_capability()?;
         if major < 8 {
@@ -151,8 +181,6 @@ impl Gpu {
         }
         let sm_count =
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
-        let stream = ctx.new_stream()?;
-        let blas = CudaBlas::new(stream.clone())?;
         let modules = vec![
             ("lora", load_module(&ctx, "lora")?),
             ("neftune", load_module(&ctx, "neftune")?),
@@ -160,45 +188,66 @@ impl Gpu {
             ("dora", load_module(&ctx, "dora")?),
             ("gemm", load_module(&ctx, "gemm")?),
         ];
-        let sync = stream.alloc_zeros::<u32>(2)?;
-        let status = stream.alloc_zeros::<u32>(STATUS_WORDS)?;
-        let core_flags = stream.alloc_zeros::<u32>(CORE_FLAG_WORDS)?;
-        Ok(Gpu {
+        let dev = Arc::new(Device {
             ctx,
-            stream,
-            blas,
             modules,
             functions: Mutex::new(HashMap::new()),
             coop_grid: Mutex::new(HashMap::new()),
             cluster_grid: Mutex::new(HashMap::new()),
+            name,
+            compute_capability: (major, minor),
+            sm_count,
+        });
+        Self::on(dev, stream)
+    }
+
+    /// A `Gpu` of the same device whose ops run on `stream` (a stream of this `Gpu`'s
+    /// context), sharing the loaded kernels; its own cuBLAS handle and scratch buffers,
+    /// so both can be used at once from different threads.
+    pub fn with_stream(&self, stream: Arc<CudaStream>) -> Result<Self> {
+        if !Arc::ptr_eq(stream.context(), &self.dev.ctx) {
+            return Err(Error::Unsupported {
+                op: "Gpu::with_stream",
+                reason: "the stream belongs to another CUDA context (use Gpu::from_stream)".into(),
+            });
+        }
+        Self::on(self.dev.clone(), stream)
+    }
+
+    fn on(dev: Arc<Device>, stream: Arc<CudaStream>) -> Result<Self> {
+        let blas = CudaBlas::new(stream.clone())?;
+        let sync = stream.alloc_zeros::<u32>(2)?;
+        let status = stream.alloc_zeros::<u32>(STATUS_WORDS)?;
+        let core_flags = stream.alloc_zeros::<u32>(CORE_FLAG_WORDS)?;
+        Ok(Gpu {
+            dev,
+            stream,
+            blas,
             sync,
             status,
             core_flags,
             core_epoch: std::sync::atomic::AtomicU32::new(0),
-            name,
-            compute_capability: (major, minor),
-            sm_count,
         })
     }
 
     /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
     pub fn name(&self) -> &str {
-        &self.name
+        &self.dev.name
     }
 
     /// The device's compute capability (major, minor).
     pub fn compute_capability(&self) -> (i32, i32) {
-        self.compute_capability
+        self.dev.compute_capability
     }
 
     /// Number of streaming multiprocessors.
     pub fn sm_count(&self) -> u32 {
-        self.sm_count
+        self.dev.sm_count
     }
 
     /// The cudarc context.
     pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+        &self.dev.ctx
     }
 
     /// The stream every op of this `Gpu` runs on.
@@ -237,14 +286,14 @@ impl Gpu {
     /// memory with it: reset, run, synchronize, read `high − current_before`.
     pub fn pool_usage(&self, reset: bool) -> Result<(u64, u64)> {
         use cudarc::driver::sys::{self as dsys, CUmemPool_attribute as A};
-        self.ctx.bind_to_thread()?;
+        self.dev.ctx.bind_to_thread()?;
         let mut pool: dsys::CUmemoryPool = std::ptr::null_mut();
         let mut current = 0u64;
         let mut high = 0u64;
         // SAFETY: plain driver queries on this context's device with valid out-pointers
         // (the attributes are u64 values, as the driver API documents).
         unsafe {
-            dsys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()).result()?;
+            dsys::cuDeviceGetDefaultMemPool(&mut pool, self.dev.ctx.cu_device()).result()?;
             dsys::cuMemPoolGetAttribute(
                 pool,
                 A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
@@ -286,6 +335,30 @@ impl Gpu {
         }
     }
 
+    /// The per-kernel cluster counts of the GEMM core, shared by the device's `Gpu`s.
+    pub(crate) fn cluster_grid(&self) -> &Mutex<HashMap<String, usize>> {
+        &self.dev.cluster_grid
+    }
+
+    /// Zeroes the first `words` flags of [`Gpu::core_flags`] on the stream when the
+    /// stream is being captured into a CUDA graph: a replay repeats the captured epochs,
+    /// so without this a replay's tiles would take the flags that the previous replay
+    /// left as already set. Eager launches need no reset (each has a new epoch).
+    pub(crate) fn reset_core_flags_if_capturing(&self, words: usize) -> Result<()> {
+        use cudarc::driver::sys::CUstreamCaptureStatus as S;
+        if self.stream.capture_status()? == S::CU_STREAM_CAPTURE_STATUS_NONE {
+            return Ok(());
+        }
+        let words = words.min(self.core_flags.len());
+        let (ptr, _guard) = self.core_flags.device_ptr(&self.stream);
+        // SAFETY: zeroes the first `words` (≤ its length) u32 words of the flag buffer
+        // this Gpu owns, on its own stream, ordered before the launch that reads them.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(ptr, 0, words * 4, self.stream.cu_stream())
+        }?;
+        Ok(())
+    }
+
     /// An uninitialized device buffer for kernel outputs or scratch.
     pub(crate) fn scratch<T: cudarc::driver::DeviceRepr>(
         &self,
@@ -297,7 +370,7 @@ impl Gpu {
     }
 
     pub(crate) fn function(&self, name: &str) -> Result<CudaFunction> {
-        let mut map = self.functions.lock().unwrap();
+        let mut map = self.dev.functions.lock().unwrap();
         if let Some(f) = map.get(name) {
             return Ok(f.clone());
         }
@@ -313,7 +386,7 @@ impl Gpu {
         } else {
             "lora"
         };
-        let (_, m) = self.modules.iter().find(|(n, _)| *n == module).unwrap();
+        let (_, m) = self.dev.modules.iter().find(|(n, _)| *n == module).unwrap();
         let f = m.load_function(name).map_err(|e| Error::ModuleLoad {
             module: module.into(),
             archs: kernels::ARCHS.into(),
@@ -370,7 +443,7 @@ impl Gpu {
         block: u32,
         smem: u32,
     ) -> Result<u32> {
-        let mut map = self.coop_grid.lock().unwrap();
+        let mut map = self.dev.coop_grid.lock().unwrap();
         if let Some(&g) = map.get(name) {
             return Ok(g);
         }
@@ -387,7 +460,7 @@ impl Gpu {
                 "kernel {name} cannot be resident on this GPU"
             )));
         }
-        let g = per_sm * self.sm_count;
+        let g = per_sm * self.dev.sm_count;
         map.insert(name.to_string(), g);
         Ok(g)
     }
@@ -424,6 +497,23 @@ impl Gpu {
         unsafe { b.launch_cooperative(cfg) }?;
         Ok(())
     }
+}
+
+/// The checks every constructor makes before any CUDA call: kernels built, the driver
+/// and cuBLAS present.
+fn check_runtime() -> Result<()> {
+    if !kernels::KERNELS_BUILT {
+        return Err(Error::KernelsNotBuilt);
+    }
+    // SAFETY: only tries to dlopen libcuda; no CUDA call is made.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::NoDriver);
+    }
+    // SAFETY: as above, for libcublas.
+    if !unsafe { cublas_sys::is_culib_present() } {
+        return Err(Error::NoCublas);
+    }
+    Ok(())
 }
 
 fn load_module(ctx: &Arc<CudaContext>, name: &str) -> Result<Arc<CudaModule>> {
@@ -540,7 +630,7 @@ pub(crate) fn gemm_rm_ld<T: Element>(
 ) -> Result<()> {
     use cublas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
     let dt = cublas_dtype(T::DTYPE);
-    gpu.ctx.bind_to_thread()?;
+    gpu.dev.ctx.bind_to_thread()?;
     // Column-major view: Cᵀ [n, m] = op(B)ᵀ op(A)ᵀ.
     let op_first = if b_t { CUBLAS_OP_T } else { CUBLAS_OP_N };
     let op_second = if a_t { CUBLAS_OP_T } else { CUBLAS_OP_N };

@@ -24,11 +24,14 @@ use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 use super::dora::{backward_over, forward_dropout, launch_scale, Base, DropFwdPtrs};
 use super::nf4::Nf4Device;
+use super::plan::{Path, Plan};
+use super::qlora::{panel_limit, PANEL_ELEMS};
 use super::{dptr, dptr_mut, Gpu};
 use crate::dora::{
     check_forward, check_weight_op, DoraGrads, DoraOutputs, DoraSaved, DoraWeights, ForwardLens,
 };
 use crate::qlora::{check_base, QloraWeights};
+use crate::tuning::CorePolicy;
 use crate::{Element, LoraOptions, LoraShape, Result};
 
 /// The row norms `‖deq(W) + s·BA‖` \[N\] into an f32 buffer.
@@ -54,7 +57,7 @@ pub fn weight_norm<T: Element, I: DevicePtr<T>, F: DevicePtrMut<f32>>(
     let (ap, _ga) = dptr(gpu, "a", a)?;
     let (bp, _gb) = dptr(gpu, "b", b)?;
     let (np, _gn) = dptr_mut(gpu, "norm", norm)?;
-    Base::Nf4(desc).norm::<T>(gpu, shape, scale, ap, bp, np, 0)
+    Base::Nf4(desc, PANEL_ELEMS).norm::<T>(gpu, shape, scale, ap, bp, np, 0)
 }
 
 /// peft's magnitude initialisation over the NF4 weight: `m = ‖deq(W) + s·BA‖` per row.
@@ -83,11 +86,13 @@ pub fn magnitude_init<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     // SAFETY of the scratch: the norm kernels write all N entries.
     let norm = gpu.scratch::<f32>(shape.out_features)?;
     let (np, _gn) = dptr(gpu, "norm", &norm)?;
-    Base::Nf4(desc).norm::<T>(gpu, shape, scale, ap, bp, np, mp)
+    Base::Nf4(desc, PANEL_ELEMS).norm::<T>(gpu, shape, scale, ap, bp, np, mp)
 }
 
 /// Forward: writes `y` and, where asked, `h`, the norms and `z` (see [`crate::dora`]).
-/// Queued on the GPU's stream.
+/// Queued on the GPU's stream; returns the [`Plan`] of its QLoRA linear (no dropout) or
+/// [`Path::CublasPanels`] (dropout). [`CorePolicy::Require`] errors before any launch
+/// under dropout or where the QLoRA forward's core path cannot run.
 pub fn forward<T, I, O, F>(
     gpu: &Gpu,
     shape: &LoraShape,
@@ -95,7 +100,7 @@ pub fn forward<T, I, O, F>(
     x: &I,
     weights: DoraWeights<'_, I, Nf4Device>,
     out: DoraOutputs<'_, O, F>,
-) -> Result<()>
+) -> Result<Plan>
 where
     T: Element,
     I: DevicePtr<T>,
@@ -120,8 +125,14 @@ where
     )?;
     check_base(shape, weights.w.rows, weights.w.cols)?;
     let (t, n) = (shape.tokens, shape.out_features);
+    if opts.tuning.core == CorePolicy::Require && opts.active_dropout().is_some() {
+        return Err(crate::Error::Unsupported {
+            op: "qdora::forward",
+            reason: "the tuning requires the GEMM core, which takes no dropout here".into(),
+        });
+    }
     let (desc, _gw) = weights.w.desc(gpu)?;
-    let base = Base::Nf4(desc);
+    let base = Base::Nf4(desc, panel_limit(&opts.tuning));
     let (xp, _gx) = dptr(gpu, "x", x)?;
     let (ap, _ga) = dptr(gpu, "a", weights.a)?;
     let (bp, _gb) = dptr(gpu, "b", weights.b)?;
@@ -155,7 +166,6 @@ where
         None => None,
     };
     let zptr = zp.as_ref().map_or(0, |z| z.0);
-    base.norm::<T>(gpu, shape, opts.scale, ap, bp, np, 0)?;
     match opts.active_dropout() {
         None => {
             // y = z = x deq(W)ᵀ + s·h Bᵀ by the QLoRA linear (no bias), then the scale.
@@ -165,11 +175,15 @@ where
                 b: weights.b,
                 bias: None,
             };
-            super::qlora::forward(gpu, shape, opts, x, qw, y, h)?;
+            // The linear first: with a required core it errors before any launch.
+            let plan = super::qlora::forward(gpu, shape, opts, x, qw, y, h)?;
+            base.norm::<T>(gpu, shape, opts.scale, ap, bp, np, 0)?;
             let (yp, _gy) = dptr_mut(gpu, "y", y)?;
-            launch_scale::<T>(gpu, t, n, yp, zptr, biasp, mp, np, 0.0)
+            launch_scale::<T>(gpu, t, n, yp, zptr, biasp, mp, np, 0.0)?;
+            Ok(plan)
         }
         Some(d) => {
+            base.norm::<T>(gpu, shape, opts.scale, ap, bp, np, 0)?;
             let (yp, _gy) = dptr_mut(gpu, "y", y)?;
             let hd = match h {
                 Some(h) => Some(dptr_mut(gpu, "h", h)?),
@@ -186,13 +200,16 @@ where
                 h: hd.as_ref().map_or(0, |h| h.0),
                 z: zptr,
             };
-            forward_dropout::<T>(gpu, shape, opts, d, &p, &base)
+            forward_dropout::<T>(gpu, shape, opts, d, &p, &base)?;
+            Ok(Plan::of(Path::CublasPanels))
         }
     }
 }
 
 /// Backward from `dy` [T, N]: dX (through deq(W)), dA, dB and dm, from what forward
 /// saved (`h`, the norms, and `z` if given; else `z` is recomputed chunk by chunk).
+/// Returns the [`Plan`] taken ([`Path::CorePanels`] where each chunk's dX ran on the NN
+/// core over column panels, else [`Path::CublasPanels`]).
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T, I, O, F>(
     gpu: &Gpu,
@@ -203,7 +220,7 @@ pub fn backward<T, I, O, F>(
     saved: DoraSaved<'_, I, F>,
     dy: &I,
     grads: DoraGrads<'_, O>,
-) -> Result<()>
+) -> Result<Plan>
 where
     T: Element,
     I: DevicePtr<T>,
@@ -223,7 +240,7 @@ where
         || {
             check_base(shape, weights.w.rows, weights.w.cols)?;
             let (desc, guards) = weights.w.desc(gpu)?;
-            Ok((Base::Nf4(desc), guards))
+            Ok((Base::Nf4(desc, panel_limit(&opts.tuning)), guards))
         },
     )
 }

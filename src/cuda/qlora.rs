@@ -12,7 +12,7 @@
 //!   panel's rows of B as the low-rank slice and its bias, storing into y's columns
 //!   (y written once). Otherwise as the dense LoRA linear's cuBLAS path, with
 //!   `y += x deq(W)ᵀ` by cuBLAS into y's columns per panel.
-//! - forward, larger T with [`set_nf4_core`]`(true)` on sm_90 (f16/bf16, r ≤ 64,
+//! - forward, larger T with [`Tuning::nf4_core`] set, on sm_90 (f16/bf16, r ≤ 64,
 //!   K % 32 == 0, aligned buffers, enough output tiles: the dense LoRA linear's core
 //!   rule): `U = s · drop(x) Aᵀ` by the down kernel, then one launch of the GEMM core's
 //!   NF4 kernel ([`crate::cuda::gemm::matmul_nt_nf4`]), whose producer warpgroup
@@ -27,7 +27,7 @@
 //!   time (a multiple of 64 columns) and per panel one launch of the dense NN GEMM core,
 //!   `dX[:, panel] = dY deq(W[:, panel]) + G A[:, panel]`, storing into dX's columns
 //!   (dX written once); then `dA = Gᵀ x` and `dB = s · dYᵀ h` by cuBLAS.
-//! - backward with [`set_nf4_core`]`(true)`, tried before the column panels (sm_90, no
+//! - backward with [`Tuning::nf4_core`] set, tried before the column panels (sm_90, no
 //!   active dropout, f16/bf16, r ≤ 64, K % 32 == 0, N % 8 == 0, dY, A and the codes
 //!   16-byte aligned, dX 4-byte aligned, enough [T, K] output tiles): `G = s · dY B` by
 //!   cuBLAS, then one launch of
@@ -42,8 +42,6 @@
 //! dense W at all (their extra memory is U or G, O(T·r), and the core's scale table, one
 //! f32 per 32 weights: N·K/8 bytes).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 use super::gemm::{self, CorePtrs};
@@ -52,45 +50,26 @@ use super::lora::{
     forward_large, launch_down, launch_u, BwdPtrs, DxWeight, FwdPtrs,
 };
 use super::nf4::{launch_dequant, launch_mm, MmLora, Nf4Device};
+use super::plan::{Path, Plan};
 use super::{dptr, dptr_mut, gemm_rm_ld, Gpu, LkNf4};
 use crate::lora::{check_backward_lens, check_forward_lens, BackwardLens};
 use crate::qlora::{check_base, QloraWeights};
+use crate::tuning::{CorePolicy, Tuning};
 use crate::{Element, LoraGrads, LoraOptions, LoraShape, Result};
-
-thread_local! {
-    /// Whether [`forward`] takes the GEMM core's NF4 kernel at large T ([`set_nf4_core`]).
-    static NF4_CORE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Makes [`forward`] and [`backward`] calls from this thread compute the large-T base
-/// products (`x deq(W)ᵀ`, and `dY deq(W)` when dropout is off) with the GEMM core's NF4
-/// kernels where they run (`true`: W tiles dequantized in shared memory, no dense
-/// panel), or with dequantized panels (`false`, the default: faster on an H100 today,
-/// 1.4× against 2.0× cuBLAS's dense time at T = 4096, K = 4096; see the module docs and
-/// docs/PERF_NOTES_NF4.md). Results agree to the GEMMs' rounding.
-pub fn set_nf4_core(enabled: bool) {
-    NF4_CORE.with(|c| c.set(enabled));
-}
 
 /// The most elements of one dequantized panel of W (2²³: 16 MiB in bf16).
 pub const PANEL_ELEMS: usize = 1 << 23;
 
-static PANEL_LIMIT: AtomicUsize = AtomicUsize::new(PANEL_ELEMS);
-
-/// Test hook: caps the panel at `elems` elements (at least one row; 0 restores
-/// [`PANEL_ELEMS`]), so tests can exercise many panels on small shapes.
-#[doc(hidden)]
-pub fn set_panel_elems(elems: usize) {
-    PANEL_LIMIT.store(
-        if elems == 0 { PANEL_ELEMS } else { elems },
-        Ordering::Relaxed,
-    );
+/// The panel bound of a call: its tuning's [`Tuning::panel_elems`], else
+/// [`PANEL_ELEMS`].
+pub(crate) fn panel_limit(tuning: &Tuning) -> usize {
+    tuning.panel_elems.unwrap_or(PANEL_ELEMS).max(1)
 }
 
 /// Rows per panel: as many as fit the cap, a multiple of 8 when W has more rows (so
 /// every panel's columns of y start 16-byte aligned).
-fn panel_rows(rows: usize, cols: usize) -> usize {
-    let fit = (PANEL_LIMIT.load(Ordering::Relaxed) / cols).max(1);
+fn panel_rows(limit: usize, rows: usize, cols: usize) -> usize {
+    let fit = (limit / cols).max(1);
     if fit >= rows {
         rows
     } else if fit >= 8 {
@@ -101,14 +80,16 @@ fn panel_rows(rows: usize, cols: usize) -> usize {
 }
 
 /// Calls `f(i, n0, nc, panel)` for each panel of rows `n0..n0 + nc` of W, the panel
-/// dequantized to T in a scratch buffer (address `panel`, row stride K).
+/// dequantized to T in a scratch buffer (address `panel`, row stride K), panels of at
+/// most `limit` elements (at least one row).
 pub(crate) fn for_each_panel<T: Element>(
     gpu: &Gpu,
+    limit: usize,
     desc: &LkNf4,
     mut f: impl FnMut(usize, usize, usize, u64) -> Result<()>,
 ) -> Result<()> {
     let (rows, cols) = (desc.rows as usize, desc.cols as usize);
-    let pr = panel_rows(rows, cols);
+    let pr = panel_rows(limit, rows, cols);
     // SAFETY of the scratch: each panel is written in full by the dequantize kernel
     // before the GEMM that reads it (stream order), and the next panel's dequantize is
     // queued after that GEMM.
@@ -128,15 +109,15 @@ const COL_PANEL_MIN: usize = 1024;
 
 /// Whether the column panels of W [rows, cols] are wide enough for the backward's
 /// column-panel path: all of W in one panel, or at least [`COL_PANEL_MIN`] columns.
-pub(crate) fn col_panels_fit(rows: usize, cols: usize) -> bool {
-    let pc = panel_cols(rows, cols);
+pub(crate) fn col_panels_fit(limit: usize, rows: usize, cols: usize) -> bool {
+    let pc = panel_cols(limit, rows, cols);
     pc == cols || pc >= COL_PANEL_MIN
 }
 
 /// Columns per column panel of W [rows, cols]: as many as fit the cap, a multiple of 64
 /// (of 8 when fewer than 64 fit, at least 8), or all of them.
-fn panel_cols(rows: usize, cols: usize) -> usize {
-    let fit = PANEL_LIMIT.load(Ordering::Relaxed) / rows;
+fn panel_cols(limit: usize, rows: usize, cols: usize) -> usize {
+    let fit = limit / rows;
     if fit >= cols {
         cols
     } else if fit >= 64 {
@@ -151,11 +132,12 @@ fn panel_cols(rows: usize, cols: usize) -> usize {
 /// stride pc; every c0 a multiple of 8).
 pub(crate) fn for_each_col_panel<T: Element>(
     gpu: &Gpu,
+    tuning: &Tuning,
     desc: &LkNf4,
     mut f: impl FnMut(usize, usize, u64) -> Result<()>,
 ) -> Result<()> {
     let (rows, cols) = (desc.rows as usize, desc.cols as usize);
-    let pc = panel_cols(rows, cols);
+    let pc = panel_cols(panel_limit(tuning), rows, cols);
     // SAFETY of the scratch: as for_each_panel's (each panel written in full before the
     // GEMM that reads it, the next one queued after that GEMM).
     let panel = gpu.scratch::<T>(rows * pc)?;
@@ -169,7 +151,8 @@ pub(crate) fn for_each_col_panel<T: Element>(
 }
 
 /// Forward: `y = x deq(W)ᵀ + bias + s · drop(x) Aᵀ Bᵀ`; writes `y` [T, N] and, if given,
-/// `h = drop(x) Aᵀ` [T, r] for [`backward`]. Queued on the GPU's stream.
+/// `h = drop(x) Aᵀ` [T, r] for [`backward`]. Queued on the GPU's stream; returns the
+/// [`Plan`] taken (see the module docs and [`super::plan`]).
 pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     gpu: &Gpu,
     shape: &LoraShape,
@@ -178,7 +161,7 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     weights: QloraWeights<'_, Nf4Device, I>,
     y: &mut O,
     h: Option<&mut O>,
-) -> Result<()> {
+) -> Result<Plan> {
     check_base(shape, weights.w.rows, weights.w.cols)?;
     check_forward_lens(
         shape,
@@ -192,6 +175,8 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     )?;
     opts.validate()?;
     let (t, k, n, r) = shape.dims();
+    let tuning = &opts.tuning;
+    let limit = panel_limit(tuning);
     let (desc, _gw) = weights.w.desc(gpu)?;
     let (xp, _gx) = dptr(gpu, "x", x)?;
     let (ap, _ga) = dptr(gpu, "a", weights.a)?;
@@ -209,7 +194,11 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     let hp = h.as_ref().map_or(0, |h| h.0);
     let size = std::mem::size_of::<T>() as u64;
 
-    if t <= super::nf4::SMALL_T_MAX && k % 32 == 0 && xp % 16 == 0 {
+    if tuning.core != CorePolicy::Require
+        && t <= super::nf4::SMALL_T_MAX
+        && k % 32 == 0
+        && xp % 16 == 0
+    {
         // h in T (the caller's buffer or scratch, written in full by the down kernel),
         // then the fused pass over the 4-bit weight.
         let h_scratch;
@@ -239,7 +228,8 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
             r,
             scale: opts.scale,
         };
-        return launch_mm::<T>(gpu, &desc, t, xp, biasp, yp, Some(lora));
+        launch_mm::<T>(gpu, &desc, t, xp, biasp, yp, Some(lora))?;
+        return Ok(Plan::of(Path::SmallFused));
     }
 
     let ptrs = FwdPtrs {
@@ -253,7 +243,7 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         dora: None,
         nf4: Some(desc),
     };
-    if NF4_CORE.with(|c| c.get()) && core_takes::<T>(gpu, shape, &ptrs) {
+    if tuning.nf4_core && core_takes::<T>(gpu, tuning, shape, &ptrs) {
         // U = s · drop(x) Aᵀ (and h) by the down kernel, then one GEMM-core launch whose
         // producer dequantizes the NF4 tiles into shared memory: y written once.
         return forward_core_launch::<T>(gpu, shape, opts, &ptrs, 0, 0);
@@ -269,16 +259,20 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         nf4: None,
         ..ptrs
     };
-    let pr = panel_rows(n, k);
+    let pr = panel_rows(limit, n, k);
     let aligned_panels = pr >= n || pr % 8 == 0; // every panel's y columns 16-byte aligned
-    if n % 8 == 0 && yp % 16 == 0 && aligned_panels && core_takes::<T>(gpu, shape, &panel_core) {
+    if n % 8 == 0
+        && yp % 16 == 0
+        && aligned_panels
+        && core_takes::<T>(gpu, tuning, shape, &panel_core)
+    {
         // U = s · drop(x) Aᵀ (and h) by the down kernel before the panels. (Computing it
         // in the first panel's core launch measured faster at N = 4096 but slower at
         // N = 11008 on an H100, unexplained; see docs/PERF_NOTES_GEMM.md.)
         let u = launch_u::<T>(gpu, shape, opts, &ptrs)?;
         let (up, _gu) = dptr(gpu, "u", &u)?;
         let r_bytes = (r as u64) * size;
-        return for_each_panel::<T>(gpu, &desc, |_, n0, nc, pp| {
+        for_each_panel::<T>(gpu, limit, &desc, |_, n0, nc, pp| {
             let core = CorePtrs {
                 x: xp,
                 w: pp,
@@ -297,13 +291,31 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
                 down: None,
                 w_kn: false,
                 ldbl: 0,
+                tuning: *tuning,
             };
             gemm::launch_core::<T>(gpu, &core, t, nc, k)
+        })?;
+        return Ok(Plan {
+            path: Path::CorePanels,
+            fused_down: false,
+            mma: gemm::mma_path(gpu, tuning),
+            nf4_in_core: false,
+        });
+    }
+    if tuning.core == CorePolicy::Require {
+        return Err(crate::Error::Unsupported {
+            op: "qlora::forward",
+            reason: format!(
+                "the tuning requires the GEMM core, whose rule this call fails ({:?} on {}, \
+                 T = {t}, K = {k}, N = {n}, r = {r}; see cuda::plan)",
+                T::DTYPE,
+                gpu.name()
+            ),
         });
     }
     forward_large::<T>(gpu, shape, opts, &ptrs, || {
         // y[:, panel] += x · deq(W[panel])ᵀ
-        for_each_panel::<T>(gpu, &desc, |_, n0, nc, pp| {
+        for_each_panel::<T>(gpu, limit, &desc, |_, n0, nc, pp| {
             gemm_rm_ld::<T>(
                 gpu,
                 t,
@@ -318,7 +330,8 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
                 (yp + n0 as u64 * size, n),
             )
         })
-    })
+    })?;
+    Ok(Plan::of(Path::CublasPanels))
 }
 
 /// Backward from `dy` [T, N]: writes dX [T, K] (through deq(W)), dA [r, K] and dB [N, r].
@@ -334,7 +347,7 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     h: &I,
     dy: &I,
     grads: LoraGrads<'_, O>,
-) -> Result<()> {
+) -> Result<Plan> {
     check_base(shape, weights.w.rows, weights.w.cols)?;
     check_backward_lens(
         shape,
@@ -352,6 +365,7 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     )?;
     opts.validate()?;
     let (t, k, n) = (shape.tokens, shape.in_features, shape.out_features);
+    let tuning = &opts.tuning;
     let (desc, _gw) = weights.w.desc(gpu)?;
     let (xp, _gx) = dptr(gpu, "x", x)?;
     let (ap, _ga) = dptr(gpu, "a", weights.a)?;
@@ -372,8 +386,8 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         db: dbp,
     };
     if opts.active_dropout().is_none() {
-        if NF4_CORE.with(|c| c.get())
-            && dx_core_takes::<T>(gpu, shape, t, dyp, DxWeight::Nf4(desc), ap, dxp)
+        if tuning.nf4_core
+            && dx_core_takes::<T>(gpu, tuning, shape, t, dyp, DxWeight::Nf4(desc), ap, dxp)
         {
             // dX = dY deq(W) + G A in one launch of the NF4 NN core (G = s · dY B by
             // cuBLAS just before it), then dA = Gᵀ x and dB = s · dYᵀ h: no dense W.
@@ -383,17 +397,33 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         // their one round of tiles (measured slower than the row panels at N = 11008,
         // whose 16 MiB panels hold 704 columns), so those take the row panels.
         let w = DxWeight::Nf4ColPanels(desc);
-        if dx_core_takes::<T>(gpu, shape, t, dyp, w, ap, dxp) {
+        if dx_core_takes::<T>(gpu, tuning, shape, t, dyp, w, ap, dxp) {
             // G = s · dY B by cuBLAS, then per column panel of W one dense NN core launch
             // writing dX's columns once (G A's columns as its extra K-slice); then dA
             // and dB.
             return backward_core_launch::<T>(gpu, shape, opts, &p, w);
         }
     }
+    if tuning.core == CorePolicy::Require {
+        return Err(crate::Error::Unsupported {
+            op: "qlora::backward",
+            reason: format!(
+                "the tuning requires the GEMM core, whose rule this call fails ({:?} on {}, \
+                 T = {t}, K = {k}, N = {n}, dropout {}; see cuda::plan)",
+                T::DTYPE,
+                gpu.name(),
+                if opts.active_dropout().is_some() {
+                    "on"
+                } else {
+                    "off"
+                }
+            ),
+        });
+    }
     let size = std::mem::size_of::<T>() as u64;
     backward_with::<T>(gpu, shape, opts, &p, |beta| {
         // dX = Σ_panels dY[:, panel] · deq(W[panel]) (+ beta · dX on the first panel).
-        for_each_panel::<T>(gpu, &desc, |i, n0, nc, pp| {
+        for_each_panel::<T>(gpu, panel_limit(tuning), &desc, |i, n0, nc, pp| {
             gemm_rm_ld::<T>(
                 gpu,
                 t,
@@ -408,5 +438,6 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
                 (dxp, k),
             )
         })
-    })
+    })?;
+    Ok(Plan::of(Path::CublasPanels))
 }
