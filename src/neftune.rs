@@ -62,22 +62,28 @@ impl EmbedShape {
         }
     }
 
-    /// Number of positions, `batch · seq`.
+    /// Number of positions, `batch · seq`. Saturates at `usize::MAX` instead of
+    /// overflowing (no panic for any shape); every op rejects such a shape with
+    /// [`Error::Dim`] before using it.
     pub fn tokens(&self) -> usize {
-        self.batch * self.seq
+        self.batch.saturating_mul(self.seq)
     }
 
-    /// Elements of the table, `vocab · dim`.
+    /// Elements of the table, `vocab · dim` (saturating, as [`EmbedShape::tokens`]).
     pub fn table_len(&self) -> usize {
-        self.vocab * self.dim
+        self.vocab.saturating_mul(self.dim)
     }
 
-    /// Elements of the output, `batch · seq · dim`.
+    /// Elements of the output, `batch · seq · dim` (saturating, as
+    /// [`EmbedShape::tokens`]).
     pub fn out_len(&self) -> usize {
-        self.tokens() * self.dim
+        self.tokens().saturating_mul(self.dim)
     }
 
-    /// Checks that every dimension is in range. `need_vocab`: the op reads the table.
+    /// Checks that every dimension is in range and that the element counts
+    /// ([`EmbedShape::tokens`], [`EmbedShape::out_len`] and, with `need_vocab`,
+    /// [`EmbedShape::table_len`]) fit in `usize` without overflow: [`Error::Dim`]
+    /// naming the dimension or product otherwise. `need_vocab`: the op reads the table.
     pub(crate) fn validate(&self, need_vocab: bool) -> Result<()> {
         let dims = [("batch", self.batch), ("seq", self.seq), ("dim", self.dim)];
         for (name, v) in dims {
@@ -96,11 +102,30 @@ impl EmbedShape {
                 reason: "must be in 1..2^31",
             });
         }
-        if self.tokens() > i32::MAX as usize {
+        let tokens = self.batch.checked_mul(self.seq).ok_or(Error::Dim {
+            name: "batch * seq",
+            value: usize::MAX,
+            reason: "overflows usize",
+        })?;
+        if tokens > i32::MAX as usize {
             return Err(Error::Dim {
                 name: "batch * seq",
-                value: self.tokens(),
+                value: tokens,
                 reason: "must be below 2^31",
+            });
+        }
+        if tokens.checked_mul(self.dim).is_none() {
+            return Err(Error::Dim {
+                name: "batch * seq * dim",
+                value: usize::MAX,
+                reason: "overflows usize",
+            });
+        }
+        if need_vocab && self.vocab.checked_mul(self.dim).is_none() {
+            return Err(Error::Dim {
+                name: "vocab * dim",
+                value: usize::MAX,
+                reason: "overflows usize",
             });
         }
         Ok(())
@@ -139,13 +164,24 @@ pub struct Noise {
 }
 
 impl Noise {
-    /// Noise of strength `alpha` from stream `(seed, offset)`.
+    /// Noise of strength `alpha` from stream `(seed, offset)`. Does not check `alpha`:
+    /// every op that takes a [`Noise`] first calls [`Noise::validate`], so a NaN,
+    /// infinite or negative `alpha` is an [`Error::Value`] there, before anything is
+    /// written. [`Noise::try_new`] checks it here instead.
     pub fn new(alpha: f32, seed: u64, offset: u64) -> Self {
         Noise {
             alpha,
             seed,
             offset,
         }
+    }
+
+    /// [`Noise::new`], checked: [`Error::Value`] naming `noise.alpha` unless `alpha` is
+    /// finite and `>= 0`.
+    pub fn try_new(alpha: f32, seed: u64, offset: u64) -> Result<Self> {
+        let n = Noise::new(alpha, seed, offset);
+        n.validate()?;
+        Ok(n)
     }
 
     /// The magnitude `alpha / sqrt(len · dim)` for a sequence of `len` real tokens, as
@@ -179,7 +215,10 @@ impl Noise {
         }
     }
 
-    pub(crate) fn validate(&self) -> Result<()> {
+    /// [`Error::Value`] naming `noise.alpha` unless `alpha` is finite and `>= 0` (NaN,
+    /// ±infinity and negative values are refused; the magnitude would be NaN or flip the
+    /// noise's sign). Every op that takes a [`Noise`] calls this first.
+    pub fn validate(&self) -> Result<()> {
         if !(self.alpha >= 0.0 && self.alpha.is_finite()) {
             return Err(Error::Value {
                 name: "noise.alpha",

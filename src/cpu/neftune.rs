@@ -1,6 +1,8 @@
 //! NEFTune on the CPU: the oracle of [`crate::cuda::neftune`], bit for bit (see
-//! [`crate::neftune`] for the exact noise). Out-of-range ids or lengths are an
-//! [`Error::Index`] before anything is written.
+//! [`crate::neftune`] for the exact noise). Every entry checks all its arguments (the
+//! shape and its products, buffer lengths, `noise.alpha`, ids, mask or lengths) before
+//! its first write: on any error the output buffer is untouched. Out-of-range ids or
+//! lengths are an [`Error::Index`].
 
 use crate::lora::check_len;
 use crate::neftune::{check_ids, check_seq_len, BackwardOptions, EmbedShape, Index, Noise, SeqLen};
@@ -63,27 +65,45 @@ fn noise_rows<T: Element>(shape: &EmbedShape, noise: &Noise, mag: &[f32], emb: &
     });
 }
 
-/// Plain gather: `out[p, :] = table[ids[p], :]`.
+/// Every check of a gather into an output of `out_len` elements: the shape, the
+/// buffers' lengths and the ids.
+fn check_gather<T: Element, I: Index>(
+    shape: &EmbedShape,
+    table: &[T],
+    ids: &[I],
+    out_len: usize,
+) -> Result<()> {
+    shape.validate(true)?;
+    check_len("table", table.len(), shape.table_len())?;
+    check_len("ids", ids.len(), shape.tokens())?;
+    check_len("out", out_len, shape.out_len())?;
+    check_ids(ids, shape.vocab)
+}
+
+/// `out[p, :] = table[ids[p], :]`, arguments already checked.
+fn gather_rows<T: Element, I: Index>(shape: &EmbedShape, table: &[T], ids: &[I], out: &mut [T]) {
+    let d = shape.dim;
+    super::par_rows(out, d, |p, row| {
+        let id = ids[p].to_i64() as usize;
+        row.copy_from_slice(&table[id * d..(id + 1) * d]);
+    });
+}
+
+/// Plain gather: `out[p, :] = table[ids[p], :]`. On error `out` is untouched.
 pub fn gather<T: Element, I: Index>(
     shape: &EmbedShape,
     table: &[T],
     ids: &[I],
     out: &mut [T],
 ) -> Result<()> {
-    shape.validate(true)?;
-    check_len("table", table.len(), shape.table_len())?;
-    check_len("ids", ids.len(), shape.tokens())?;
-    check_len("out", out.len(), shape.out_len())?;
-    check_ids(ids, shape.vocab)?;
-    let d = shape.dim;
-    super::par_rows(out, d, |p, row| {
-        let id = ids[p].to_i64() as usize;
-        row.copy_from_slice(&table[id * d..(id + 1) * d]);
-    });
+    check_gather(shape, table, ids, out.len())?;
+    gather_rows(shape, table, ids, out);
     Ok(())
 }
 
-/// Gather and NEFTune noise: `out[p, :] = table[ids[p], :] + noise`.
+/// Gather and NEFTune noise: `out[p, :] = table[ids[p], :] + noise`. Every argument
+/// (shape, buffer lengths, `noise.alpha`, ids, mask or lengths) is checked before
+/// `out` is written: on error `out` is untouched.
 pub fn embed<T: Element, I: Index, M: Index>(
     shape: &EmbedShape,
     table: &[T],
@@ -94,14 +114,17 @@ pub fn embed<T: Element, I: Index, M: Index>(
 ) -> Result<()> {
     noise.validate()?;
     check_seq_len(shape, &len, |b: &[M]| b.len())?;
-    gather(shape, table, ids, out)?;
+    check_gather(shape, table, ids, out.len())?;
+    // Checks the lengths' values too, so this comes before the first write.
     let mag = magnitudes(shape, noise, len)?;
+    gather_rows(shape, table, ids, out);
     noise_rows(shape, noise, &mag, out);
     Ok(())
 }
 
 /// The noise alone, in place on embeddings `emb` [batch · seq, dim] (`shape.vocab` is
-/// not used). Equal to the noise of [`embed`] for the same arguments.
+/// not used). Equal to the noise of [`embed`] for the same arguments. On error `emb` is
+/// untouched.
 pub fn add_noise<T: Element, M: Index>(
     shape: &EmbedShape,
     noise: &Noise,
@@ -120,6 +143,7 @@ pub fn add_noise<T: Element, M: Index>(
 /// The table's gradient: `d_table[ids[p], :] += d_out[p, :]` (f32), skipping
 /// `padding_idx`. Each row's contributions are summed in position order in f32 from 0,
 /// then added to `d_table` once: the result of the GPU's deterministic mode, bit for bit.
+/// On error `d_table` is untouched.
 pub fn embedding_backward<T: Element, I: Index>(
     shape: &EmbedShape,
     ids: &[I],
