@@ -205,7 +205,7 @@ impl Gpu {
     /// context), sharing the loaded kernels; its own cuBLAS handle and scratch buffers,
     /// so both can be used at once from different threads.
     pub fn with_stream(&self, stream: Arc<CudaStream>) -> Result<Self> {
-        if !Arc::ptr_eq(stream.context(), &self.dev.ctx) {
+        if stream.context().cu_ctx() != self.dev.ctx.cu_ctx() {
             return Err(Error::Unsupported {
                 op: "Gpu::with_stream",
                 reason: "the stream belongs to another CUDA context (use Gpu::from_stream)".into(),
