@@ -36,14 +36,14 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, SyncOnDrop};
 
+use super::base::for_each_panel;
 use super::lora::{
     core_takes, dora_fused_small, dx_core_takes, forward_core_launch, forward_large, forward_small,
-    grid_1d, launch_down, launch_dx_core, launch_g, launch_merge, launch_tn, DoraPtrs, DxWeight,
-    FwdPtrs, MergeMode,
+    launch_down, launch_dx_core, launch_g, launch_merge, launch_tn, DoraPtrs, DxWeight, FwdPtrs,
+    MergeMode,
 };
 use super::plan::{Path, Plan};
-use super::qlora::for_each_panel;
-use super::{dptr, dptr_mut, gemm_rm, gemm_rm_ld, lk_dropout, Gpu, LkNf4};
+use super::{dptr, dptr_mut, gemm_rm, gemm_rm_ld, grid_1d, lk_dropout, Gpu, LkNf4};
 use super::{
     LkDoraDmParams, LkDoraDropParams, LkDoraDyzParams, LkDoraNormParams, LkDoraRowScaleParams,
     LkDoraScaleParams,

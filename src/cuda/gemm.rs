@@ -1203,7 +1203,7 @@ fn core_scales(gpu: &Gpu, w: &LkNf4, k_steps: usize, n_pad: usize) -> Result<Cud
         k_steps: k_steps as i32,
         n_pad: n_pad as i32,
     };
-    let cfg = super::lora::grid_1d(len, 256, 8 * gpu.sm_count());
+    let cfg = super::grid_1d(len, 256, 8 * gpu.sm_count());
     gpu.launch("lk_nf4_core_scales", cfg, &params)?;
     Ok(out)
 }
@@ -1223,7 +1223,7 @@ pub(crate) fn transpose<T: Element>(
         rows: rows as i32,
         cols: cols as i32,
     };
-    let cfg = super::lora::grid_1d(rows * cols, 256, 8 * gpu.sm_count());
+    let cfg = super::grid_1d(rows * cols, 256, 8 * gpu.sm_count());
     gpu.launch("lk_gemm_transpose", cfg, &params)?;
     Ok(out)
 }
@@ -1245,7 +1245,7 @@ fn pad_cols<T: Element>(
         r: r as i32,
         rp: rp as i32,
     };
-    let cfg = super::lora::grid_1d(rows * rp, 256, 8 * gpu.sm_count());
+    let cfg = super::grid_1d(rows * rp, 256, 8 * gpu.sm_count());
     gpu.launch("lk_gemm_pad_cols", cfg, &params)?;
     Ok(out)
 }

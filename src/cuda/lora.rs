@@ -20,6 +20,9 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
+pub(crate) use super::base::DxWeight;
+use super::base::{col_panels_fit, for_each_col_panel, panel_limit};
+use super::grid_1d;
 use super::plan::{Path, Plan};
 use super::{dptr, dptr_mut, gemm_rm, gemm_rm_ld, lk_dropout, Gpu};
 use super::{
@@ -40,15 +43,6 @@ fn small_variant(tokens: usize) -> (usize, usize) {
     let tb = tokens.next_power_of_two().max(1);
     let rows = if tb <= 4 { 2 } else { 4 };
     (tb, rows)
-}
-
-pub(crate) fn grid_1d(total: usize, block: u32, cap: u32) -> LaunchConfig {
-    let blocks = total.div_ceil(block as usize).clamp(1, cap as usize) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: 0,
-    }
 }
 
 /// Forward: `y = x Wᵀ + bias + s · drop(x) Aᵀ Bᵀ`. Writes `y` [T, N] and, if given,
@@ -815,20 +809,6 @@ fn backward_core_takes<T: Element>(
         )
 }
 
-/// The base weight of [`launch_dx_core`]'s `dX = d W + G A`.
-#[derive(Clone, Copy)]
-pub(crate) enum DxWeight {
-    /// A dense W [N, K] at this address.
-    Dense(u64),
-    /// W [N, K] in NF4 (validated), dequantized tile by tile in shared memory by the NF4
-    /// NN core.
-    Nf4(super::LkNf4),
-    /// W [N, K] in NF4, dequantized one bounded column panel at a time
-    /// ([`super::qlora::for_each_col_panel`]) for the dense NN core, each launch writing
-    /// its columns of dX (row stride K).
-    Nf4ColPanels(super::LkNf4),
-}
-
 /// Whether `dX = d W + G A` for `tokens` rows of d ([tokens, N] at `d`) into dX at `dx`
 /// can run on the NN core (see [`launch_dx_core`]): the tuning's core policy not
 /// [`CorePolicy::Never`],
@@ -836,7 +816,7 @@ pub(crate) enum DxWeight {
 /// K and N multiples of 8, d and A 16-byte aligned; and the weight's own rule: a dense W
 /// 16-byte aligned, dX 4-byte aligned; NF4 in the core: K % 32 == 0, the codes 16-byte
 /// aligned, dX 4-byte aligned; NF4 column panels: panels wide enough
-/// ([`super::qlora::col_panels_fit`]), dX 16-byte aligned (TMA stores into its columns;
+/// ([`col_panels_fit`]), dX 16-byte aligned (TMA stores into its columns;
 /// the panel scratch is aligned).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dx_core_takes<T: Element>(
@@ -853,9 +833,7 @@ pub(crate) fn dx_core_takes<T: Element>(
     let weight_ok = match w {
         DxWeight::Dense(wp) => wp % 16 == 0 && dx % 4 == 0,
         DxWeight::Nf4(q) => (q.packed as u64) % 16 == 0 && k % 32 == 0 && dx % 4 == 0,
-        DxWeight::Nf4ColPanels(_) => {
-            super::qlora::col_panels_fit(super::qlora::panel_limit(tuning), n, k) && dx % 16 == 0
-        }
+        DxWeight::Nf4ColPanels(_) => col_panels_fit(panel_limit(tuning), n, k) && dx % 16 == 0,
     };
     weight_ok
         && tuning.core != CorePolicy::Never
@@ -935,7 +913,7 @@ pub(crate) fn launch_dx_core<T: Element>(
         // the panel as W [N, pc], A's columns as Bl (row stride K), TMA stores into dX's
         // columns (row stride K).
         let size = std::mem::size_of::<T>() as u64;
-        super::qlora::for_each_col_panel::<T>(gpu, tuning, &q, |c0, pc, pp| {
+        for_each_col_panel::<T>(gpu, tuning, &q, |c0, pc, pp| {
             let panel = CorePtrs {
                 w: pp,
                 y: dx + c0 as u64 * size,

@@ -4,6 +4,7 @@
 //! All `unsafe` of the crate lives in this module's launch code, each block with a
 //! `// SAFETY:` note.
 
+mod base;
 pub mod dora;
 pub mod gemm;
 pub mod lora;
@@ -496,6 +497,16 @@ impl Gpu {
         // driver checks again for cooperative launches.
         unsafe { b.launch_cooperative(cfg) }?;
         Ok(())
+    }
+}
+
+/// A 1-D launch of `total` threads in blocks of `block`, at most `cap` blocks.
+pub(crate) fn grid_1d(total: usize, block: u32, cap: u32) -> LaunchConfig {
+    let blocks = total.div_ceil(block as usize).clamp(1, cap as usize) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 

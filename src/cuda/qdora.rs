@@ -22,10 +22,10 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
+use super::base::{panel_limit, PANEL_ELEMS};
 use super::dora::{backward_over, forward_dropout, launch_scale, Base, DropFwdPtrs};
 use super::nf4::Nf4Device;
 use super::plan::{Path, Plan};
-use super::qlora::{panel_limit, PANEL_ELEMS};
 use super::{dptr, dptr_mut, Gpu};
 use crate::dora::{
     check_forward, check_weight_op, DoraGrads, DoraOutputs, DoraSaved, DoraWeights, ForwardLens,
