@@ -409,7 +409,7 @@ fn run_case<T: Element>(c: &Case, seed: u64, dev: &Device) -> Res<Vec<Tensor>> {
                     };
                     cpu_qlora::backward(&s, &opts, &inp.x, wts, &h, &inp.dy, grads)
                         .map_err(err("backward"))?;
-                    q.dequantize::<T>()
+                    q.dequantize::<T>().map_err(err("dequantize"))?
                 }
                 Device::Gpu(gpu) => {
                     let up = |v: &[T]| gpu.upload(v).map_err(err("upload"));
@@ -479,7 +479,11 @@ fn run_case<T: Element>(c: &Case, seed: u64, dev: &Device) -> Res<Vec<Tensor>> {
                     };
                     cpu_qdora::backward(&s, &opts, &inp.x, wts, saved, &inp.dy, grads)
                         .map_err(err("backward"))?;
-                    out.push(tensor("W_deq", &[n, k], &q.dequantize::<T>()));
+                    out.push(tensor(
+                        "W_deq",
+                        &[n, k],
+                        &q.dequantize::<T>().map_err(err("dequantize"))?,
+                    ));
                 }
                 Device::Gpu(gpu) => {
                     let up = |v: &[T]| gpu.upload(v).map_err(err("upload"));

@@ -979,7 +979,7 @@ fn run() -> Res<()> {
         base.push((
             format!("{}.weight", l.name),
             vec![l.n, l.k],
-            f32_bytes(&l.w.dequantize::<f32>()),
+            f32_bytes(&l.w.dequantize::<f32>().map_err(err)?),
         ));
     }
     let meta = serde_json::json!({

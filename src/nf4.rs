@@ -23,6 +23,14 @@
 //!
 //! Stored size: 4 bits per parameter plus 32 bits per block, or 8 bits per block plus
 //! 32 per 256 blocks with double quantization: 4.127 bits per parameter at blocksize 64.
+//!
+//! ## Errors, not panics
+//! Every public function here checks its input before it computes or writes anything:
+//! sizes with `checked_mul` ([`Error::Dim`] when `rows · cols` or `tokens · K`
+//! overflows), the lengths of every part ([`Error::Length`]), and the scales' values
+//! ([`Nf4Weight::validate`]: non-finite or negative scales are an [`Error::Checkpoint`]
+//! naming the tensor and index). [`Nf4Weight::quantize`] rejects NaN and ±Inf input;
+//! its rustdoc states what bitsandbytes does with them.
 
 use std::collections::HashMap;
 
@@ -162,13 +170,14 @@ pub fn dynamic_code(code: &[f32; 256], x: f32) -> u8 {
 /// Double-quantized absmax values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DoubleQuant {
-    /// One 8-bit code per NF4 block.
+    /// One 8-bit code per NF4 block (checkpoint tensor `weight.absmax`, u8).
     pub q: Vec<u8>,
-    /// One f32 scale per [`NESTED_BLOCKSIZE`] NF4 blocks.
+    /// One f32 scale per [`NESTED_BLOCKSIZE`] NF4 blocks (`weight.nested_absmax`).
     pub absmax2: Vec<f32>,
-    /// The 256-value code the `q` index ([`dynamic_map`] unless loaded otherwise).
+    /// The 256-value code the `q` index ([`dynamic_map`] unless loaded otherwise;
+    /// `weight.nested_quant_map`).
     pub code: Vec<f32>,
-    /// The mean that was subtracted before quantizing.
+    /// The mean that was subtracted before quantizing (quant_state `nested_offset`).
     pub offset: f32,
 }
 
@@ -205,13 +214,13 @@ pub fn check_blocksize(blocksize: usize) -> Result<()> {
 }
 
 /// Checks the arguments of a quantize call: blocksize, dims in 1..2³¹, and the length of
-/// the dense weight.
+/// the dense weight. Returns `rows · cols`.
 pub(crate) fn check_quantize_args(
     rows: usize,
     cols: usize,
     blocksize: usize,
     len: usize,
-) -> Result<()> {
+) -> Result<usize> {
     check_blocksize(blocksize)?;
     for (name, v) in [("rows", rows), ("cols", cols)] {
         if v == 0 || v > i32::MAX as usize {
@@ -222,22 +231,77 @@ pub(crate) fn check_quantize_args(
             });
         }
     }
-    crate::lora::check_len("w", len, rows * cols)
+    let numel = checked_numel(rows, cols)?;
+    crate::lora::check_len("w", len, numel)?;
+    Ok(numel)
 }
 
+/// `rows · cols`, or [`Error::Dim`] naming `rows` when the product overflows usize.
+fn checked_numel(rows: usize, cols: usize) -> Result<usize> {
+    rows.checked_mul(cols).ok_or(Error::Dim {
+        name: "rows",
+        value: rows,
+        reason: "rows · cols overflows usize",
+    })
+}
+
+/// The largest `rows · cols` a weight may have: its dense f32 form must be addressable
+/// (`isize::MAX` bytes), as [`crate::LoraShape`] requires of every dense tensor.
+const MAX_NUMEL: usize = isize::MAX as usize / 4;
+
+/// The reason of the error [`Nf4Weight::quantize`] gives for a NaN, +Inf or −Inf.
+fn non_finite_reason(v: f32) -> &'static str {
+    if v.is_nan() {
+        "that element is NaN; Nf4Weight::quantize takes finite values only"
+    } else if v > 0.0 {
+        "that element is +inf; Nf4Weight::quantize takes finite values only"
+    } else {
+        "that element is -inf; Nf4Weight::quantize takes finite values only"
+    }
+}
+
+/// The `name` of the [`Error::Value`] that [`Nf4Weight::quantize`] gives for non-finite
+/// input; its `value` is the index of the first NaN or ±Inf element of `w`.
+pub const NON_FINITE_INDEX: &str = "w (index of the first non-finite element)";
+
 impl Nf4Weight {
-    /// Number of elements, `rows · cols`.
-    pub fn numel(&self) -> usize {
-        self.rows * self.cols
+    /// Number of elements, `rows · cols`; [`Error::Dim`] naming `rows` when the product
+    /// overflows usize.
+    pub fn numel(&self) -> Result<usize> {
+        checked_numel(self.rows, self.cols)
     }
 
-    /// Number of NF4 blocks.
-    pub fn blocks(&self) -> usize {
-        self.numel().div_ceil(self.blocksize)
+    /// Number of NF4 blocks, `ceil(rows · cols / blocksize)`; an error for a blocksize
+    /// [`check_blocksize`] rejects or an overflowing `rows · cols`.
+    pub fn blocks(&self) -> Result<usize> {
+        check_blocksize(self.blocksize)?;
+        Ok(self.numel()?.div_ceil(self.blocksize))
     }
 
     /// Quantizes `w` [rows, cols] exactly as bitsandbytes' `quantize_4bit(w, blocksize,
     /// quant_type="nf4", compress_statistics=double_quant)`.
+    ///
+    /// ## Non-finite input is an error
+    /// A NaN, +Inf or −Inf anywhere in `w` gives [`Error::Value`] with `name`
+    /// [`NON_FINITE_INDEX`] and `value` the index of the first such element (the reason
+    /// says which of the three it is), before anything is computed. So does a finite
+    /// weight whose double-quantized scales overflow f32 (values near `f32::MAX`), with
+    /// `name` `"w"`: every weight this returns passes [`Nf4Weight::validate`] and
+    /// dequantizes to finite values.
+    ///
+    /// bitsandbytes (its CUDA `kQuantizeBlockwise`, read from its source) takes
+    /// `absmax = fmaxf` over `|x|` of the block, which skips NaN, then codes `x · (1 /
+    /// absmax)` with comparisons that are all false for NaN. So there:
+    /// - a NaN takes code 0 and dequantizes to `−absmax`, a finite value, silently;
+    /// - a ±Inf makes its block's absmax +Inf and its scale 0: every finite value of the
+    ///   block takes code 7 (0.0) and dequantizes to `0 · inf` = NaN, the ±Inf itself to
+    ///   `−inf`;
+    /// - with `compress_statistics`, the offset (the mean of all absmax values) is +Inf,
+    ///   so every block's centred scale is −Inf or NaN, every nested scale +Inf, and the
+    ///   whole weight dequantizes to NaN or ±Inf.
+    ///
+    /// [`Nf4Weight::quantize_allow_nonfinite`] reproduces that behaviour (it is what the
+    /// GPU quantizer, [`crate::cuda::nf4::quantize`], does too).
     pub fn quantize<T: Element>(
         w: &[T],
         rows: usize,
@@ -246,16 +310,59 @@ impl Nf4Weight {
         double_quant: bool,
     ) -> Result<Self> {
         check_quantize_args(rows, cols, blocksize, w.len())?;
-        let numel = rows * cols;
+        if let Some((i, v)) = w
+            .iter()
+            .map(|v| v.to_f32())
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+        {
+            return Err(Error::Value {
+                name: NON_FINITE_INDEX,
+                value: i as f64,
+                reason: non_finite_reason(v),
+            });
+        }
+        let q = Self::quantize_allow_nonfinite(w, rows, cols, blocksize, double_quant)?;
+        match q.validate() {
+            Ok(()) => Ok(q),
+            // The input is finite, so the one value check that can fail is a double-
+            // quantized scale's reconstruction overflowing f32.
+            Err(Error::Checkpoint(_)) => Err(Error::Value {
+                name: "w",
+                value: w.iter().fold(0f64, |m, v| m.max(v.to_f64().abs())),
+                reason: "max |w|: too large for double quantization (a reconstructed block \
+                         scale overflows f32)",
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`Nf4Weight::quantize`] without its check for NaN and ±Inf: what bitsandbytes
+    /// computes for them (see [`Nf4Weight::quantize`]), bit for bit, with one difference:
+    /// a block whose values are all NaN gets absmax 0 here (bitsandbytes: −`f32::MAX`,
+    /// the start value of its max reduction). A ±Inf gives a weight that
+    /// [`Nf4Weight::validate`] rejects (a non-finite block scale), so it can be neither
+    /// dequantized nor saved; a NaN gives a valid weight. Only the arguments are checked.
+    pub fn quantize_allow_nonfinite<T: Element>(
+        w: &[T],
+        rows: usize,
+        cols: usize,
+        blocksize: usize,
+        double_quant: bool,
+    ) -> Result<Self> {
+        let numel = check_quantize_args(rows, cols, blocksize, w.len())?;
         let blocks = numel.div_ceil(blocksize);
         let mut absmax = vec![0f32; blocks];
         let mut packed = vec![0u8; numel.div_ceil(2)];
-        for (b, am) in absmax.iter_mut().enumerate() {
-            let vals = &w[b * blocksize..((b + 1) * blocksize).min(numel)];
+        for ((vals, am), first) in w
+            .chunks(blocksize)
+            .zip(absmax.iter_mut())
+            .zip((0..).step_by(blocksize))
+        {
             *am = vals.iter().fold(0f32, |m, v| m.max(v.to_f32().abs()));
             let inv = 1.0 / *am;
             for (j, v) in vals.iter().enumerate() {
-                let e = b * blocksize + j;
+                let e: usize = first + j;
                 let c = nf4_code(v.to_f32() * inv);
                 packed[e / 2] |= if e % 2 == 0 { c << 4 } else { c };
             }
@@ -275,65 +382,165 @@ impl Nf4Weight {
         })
     }
 
-    /// The f32 block scales (reconstructed from the double quantization if there is one).
-    pub fn absmax_f32(&self) -> Vec<f32> {
+    /// The f32 block scales (reconstructed from the double quantization if there is one),
+    /// after [`Nf4Weight::validate`].
+    pub fn absmax_f32(&self) -> Result<Vec<f32>> {
+        self.validate()?;
+        Ok(self.scales())
+    }
+
+    /// The block scales of a validated weight.
+    fn scales(&self) -> Vec<f32> {
         match &self.absmax {
             Absmax::F32(a) => a.clone(),
-            Absmax::Double(d) => {
-                d.q.iter()
-                    .enumerate()
-                    .map(|(b, &q)| d.code[q as usize] * d.absmax2[b / NESTED_BLOCKSIZE] + d.offset)
-                    .collect()
-            }
+            Absmax::Double(d) => (0..d.q.len()).map(|b| d.scale(b)).collect(),
         }
     }
 
-    /// The dequantized weight [rows, cols], as bitsandbytes' `dequantize_4bit`.
-    pub fn dequantize<T: Element>(&self) -> Vec<T> {
-        let absmax = self.absmax_f32();
-        (0..self.numel())
+    /// The dequantized weight [rows, cols], as bitsandbytes' `dequantize_4bit`, after
+    /// [`Nf4Weight::validate`] (its error if the fields are inconsistent).
+    pub fn dequantize<T: Element>(&self) -> Result<Vec<T>> {
+        self.validate()?;
+        let absmax = self.scales();
+        let numel = self.numel()?;
+        Ok((0..numel)
             .map(|e| {
                 let byte = self.packed[e / 2];
                 let c = if e % 2 == 0 { byte >> 4 } else { byte & 15 };
                 T::from_f32(NF4_CODE[c as usize] * absmax[e / self.blocksize])
             })
-            .collect()
+            .collect())
     }
 
     /// Stored bits per parameter: codes, block scales and (double quantization) the
-    /// nested scales and offset.
+    /// nested scales and offset. Computed in f64 from the fields as they are (no
+    /// validation): NaN or infinite for a weight with no elements.
     pub fn bits_per_param(&self) -> f64 {
         let scale_bits = match &self.absmax {
-            Absmax::F32(a) => 32 * a.len(),
-            Absmax::Double(d) => 8 * d.q.len() + 32 * d.absmax2.len() + 32,
+            Absmax::F32(a) => 32.0 * a.len() as f64,
+            Absmax::Double(d) => 8.0 * d.q.len() as f64 + 32.0 * d.absmax2.len() as f64 + 32.0,
         };
-        (8 * self.packed.len() + scale_bits) as f64 / self.numel() as f64
+        (8.0 * self.packed.len() as f64 + scale_bits) / (self.rows as f64 * self.cols as f64)
     }
 
-    /// Checks internal consistency (lengths, blocksize, codes table).
+    /// Checks internal consistency: the blocksize ([`Error::Dim`] `blocksize`); rows and
+    /// cols at least 1 and `rows · cols` without overflow and below 2⁶¹ ([`Error::Dim`]
+    /// `rows`, `cols` or `rows * cols`); every length ([`Error::Length`] `packed`,
+    /// `absmax`, `nested_absmax`, `nested_quant_map`); and the values of the scales
+    /// ([`Error::Checkpoint`], its message naming the tensor and index, e.g.
+    /// `weight.nested_absmax[3] is inf`): plain absmax values finite and non-negative
+    /// (a negative one flips its block's signs); with double quantization the nested
+    /// code table and offset finite, the nested scales finite and non-negative, and
+    /// every reconstructed block scale `code[q] · absmax2 + offset` finite. (A
+    /// reconstructed scale may be slightly negative: bitsandbytes' own double
+    /// quantization gives that for an all-zero block, within its quantization error.)
     pub fn validate(&self) -> Result<()> {
+        self.check("weight")
+    }
+
+    /// [`Nf4Weight::validate`], the tensors in value errors named `{tensor}.absmax` etc.
+    fn check(&self, tensor: &str) -> Result<()> {
+        use crate::lora::check_len;
         check_blocksize(self.blocksize)?;
-        if self.rows == 0 || self.cols == 0 {
+        for (name, v) in [("rows", self.rows), ("cols", self.cols)] {
+            if v == 0 {
+                return Err(Error::Dim {
+                    name,
+                    value: 0,
+                    reason: "must be at least 1",
+                });
+            }
+        }
+        let numel = self.numel()?;
+        if numel > MAX_NUMEL {
             return Err(Error::Dim {
                 name: "rows * cols",
-                value: self.numel(),
-                reason: "must be nonzero",
+                value: numel,
+                reason: "too large: the dense f32 weight must fit in isize::MAX bytes",
             });
         }
-        crate::lora::check_len("packed", self.packed.len(), self.numel().div_ceil(2))?;
+        let blocks = numel.div_ceil(self.blocksize);
+        check_len("packed", self.packed.len(), numel.div_ceil(2))?;
+        let bad = |what: &str, i: Option<usize>, v: f32, rule: &str| {
+            let at = i.map_or(String::new(), |i| format!("[{i}]"));
+            Err(Error::Checkpoint(format!(
+                "{tensor}{what}{at} is {v}: {rule}"
+            )))
+        };
         match &self.absmax {
-            Absmax::F32(a) => crate::lora::check_len("absmax", a.len(), self.blocks())?,
+            Absmax::F32(a) => {
+                check_len("absmax", a.len(), blocks)?;
+                if let Some((i, &v)) = a
+                    .iter()
+                    .enumerate()
+                    .find(|(_, v)| !(**v >= 0.0 && v.is_finite()))
+                {
+                    return bad(
+                        ".absmax",
+                        Some(i),
+                        v,
+                        "block scales must be finite and non-negative",
+                    );
+                }
+            }
             Absmax::Double(d) => {
-                crate::lora::check_len("absmax", d.q.len(), self.blocks())?;
-                crate::lora::check_len(
+                check_len("absmax", d.q.len(), blocks)?;
+                check_len(
                     "nested_absmax",
                     d.absmax2.len(),
-                    self.blocks().div_ceil(NESTED_BLOCKSIZE),
+                    blocks.div_ceil(NESTED_BLOCKSIZE),
                 )?;
-                crate::lora::check_len("nested_quant_map", d.code.len(), 256)?;
+                check_len("nested_quant_map", d.code.len(), 256)?;
+                if let Some((i, &v)) = d.code.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                    return bad(
+                        ".nested_quant_map",
+                        Some(i),
+                        v,
+                        "the nested code table must be finite",
+                    );
+                }
+                if let Some((i, &v)) = d
+                    .absmax2
+                    .iter()
+                    .enumerate()
+                    .find(|(_, v)| !(**v >= 0.0 && v.is_finite()))
+                {
+                    return bad(
+                        ".nested_absmax",
+                        Some(i),
+                        v,
+                        "nested scales must be finite and non-negative",
+                    );
+                }
+                if !d.offset.is_finite() {
+                    return bad(
+                        " quant_state.nested_offset",
+                        None,
+                        d.offset,
+                        "must be finite",
+                    );
+                }
+                if let Some((b, v)) = (0..blocks)
+                    .map(|b| (b, d.scale(b)))
+                    .find(|(_, v)| !v.is_finite())
+                {
+                    let rule = format!(
+                        "nested_quant_map[{}] · nested_absmax[{}] + nested_offset overflows f32",
+                        d.q[b],
+                        b / NESTED_BLOCKSIZE
+                    );
+                    return bad(".absmax (reconstructed)", Some(b), v, &rule);
+                }
             }
         }
         Ok(())
+    }
+}
+
+impl DoubleQuant {
+    /// The reconstructed scale of block `b` (its lengths checked by the caller).
+    fn scale(&self, b: usize) -> f32 {
+        self.code[self.q[b] as usize] * self.absmax2[b / NESTED_BLOCKSIZE] + self.offset
     }
 }
 
@@ -384,6 +591,12 @@ impl Nf4Weight {
     /// double quantization `weight.nested_absmax`, `weight.nested_quant_map`; the
     /// quant state JSON in `weight.quant_state.bitsandbytes__nf4`). `prefix` is e.g.
     /// `"model.layers.0.mlp.up_proj."` (or `""`).
+    ///
+    /// Every problem is an [`Error::Checkpoint`] naming the tensor or quant_state field:
+    /// a malformed file, a missing or mistyped tensor, an unsupported format, a shape
+    /// whose product overflows or that disagrees with the tensors' lengths, and every
+    /// value [`Nf4Weight::validate`] rejects (named with the prefix, e.g.
+    /// `model.layers.0.mlp.up_proj.weight.nested_absmax[3] is inf`).
     pub fn load_linear4bit(bytes: &[u8], prefix: &str) -> Result<Self> {
         use safetensors::{Dtype, SafeTensors};
         let st =
@@ -434,8 +647,8 @@ impl Nf4Weight {
         }
         let blocksize = field("blocksize")?
             .as_u64()
-            .ok_or_else(|| fmt_err("quant_state.blocksize is not an integer"))?
-            as usize;
+            .and_then(|b| usize::try_from(b).ok())
+            .ok_or_else(|| fmt_err("quant_state.blocksize is not a non-negative integer"))?;
         check_blocksize(blocksize).map_err(|e| fmt_err(format!("quant_state.blocksize: {e}")))?;
         let dtype = match field("dtype")?.as_str().unwrap_or("") {
             "float32" => DType::F32,
@@ -451,16 +664,21 @@ impl Nf4Weight {
             .as_array()
             .ok_or_else(|| fmt_err("quant_state.shape is not an array"))?
             .iter()
-            .map(|v| v.as_u64().map(|x| x as usize))
+            .map(|v| v.as_u64().and_then(|x| usize::try_from(x).ok()))
             .collect::<Option<_>>()
-            .ok_or_else(|| fmt_err("quant_state.shape holds a non-integer"))?;
+            .ok_or_else(|| {
+                fmt_err("quant_state.shape holds a value that is not a non-negative integer")
+            })?;
         let [rows, cols] = shape[..] else {
             return Err(fmt_err(format!("quant_state.shape {shape:?} is not 2-D")));
         };
         let packed = get("", Dtype::U8)?;
         let quant_map = f32s(&get(".quant_map", Dtype::F32)?);
         if quant_map != NF4_CODE {
-            return Err(fmt_err("weight.quant_map is not the NF4 code table"));
+            return Err(fmt_err(format!(
+                "`{}` is not the NF4 code table",
+                key(".quant_map")
+            )));
         }
         let absmax = match state.get("nested_blocksize") {
             None => Absmax::F32(f32s(&get(".absmax", Dtype::F32)?)),
@@ -478,8 +696,14 @@ impl Nf4Weight {
                 }
                 let offset = field("nested_offset")?
                     .as_f64()
-                    .ok_or_else(|| fmt_err("quant_state.nested_offset is not a number"))?
-                    as f32;
+                    .ok_or_else(|| fmt_err("quant_state.nested_offset is not a number"))?;
+                if !(offset as f32).is_finite() {
+                    return Err(fmt_err(format!(
+                        "quant_state.nested_offset {offset:e} of `{}` is not a finite f32",
+                        key("")
+                    )));
+                }
+                let offset = offset as f32;
                 Absmax::Double(DoubleQuant {
                     q: get(".absmax", Dtype::U8)?,
                     absmax2: f32s(&get(".nested_absmax", Dtype::F32)?),
@@ -496,8 +720,15 @@ impl Nf4Weight {
             absmax,
             dtype,
         };
-        w.validate()
-            .map_err(|e| fmt_err(format!("inconsistent checkpoint: {e}")))?;
+        w.check(&key("")).map_err(|e| match e {
+            // Already names the tensor and index.
+            e @ Error::Checkpoint(_) => e,
+            e => fmt_err(format!(
+                "`{}` is inconsistent with its quant_state (shape {shape:?}, blocksize \
+                 {blocksize}): {e}",
+                key("")
+            )),
+        })?;
         Ok(w)
     }
 

@@ -166,7 +166,7 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
         .nf4
         .map(|(bs, dq)| Nf4Weight::quantize(&d.w, n, k, bs, dq).unwrap());
     if let Some(q) = &q {
-        d.w = q.dequantize::<T>();
+        d.w = q.dequantize::<T>().unwrap();
     }
     let opts = opts_for(c, seed);
     let abs_opts = LoraOptions {

@@ -182,13 +182,13 @@ fn run_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64, layout: Layout) {
     let q = match layout {
         Layout::Nf4(bs, dq) => {
             let q = Nf4Weight::quantize(&d.w, c.n, c.k, bs, dq).unwrap();
-            d.w = q.dequantize::<T>();
+            d.w = q.dequantize::<T>().unwrap();
             Some(q)
         }
         Layout::Nf4Nn(bs, dq) => {
             // The weight stored [K, N] is quantized (its blocks run along N).
             let q = Nf4Weight::quantize(&transpose(&d.w, c.n, c.k), c.k, c.n, bs, dq).unwrap();
-            d.w = transpose(&q.dequantize::<T>(), c.k, c.n);
+            d.w = transpose(&q.dequantize::<T>().unwrap(), c.k, c.n);
             Some(q)
         }
         _ => None,

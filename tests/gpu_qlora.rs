@@ -114,7 +114,7 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
         Some(&mut h_ref),
     )
     .unwrap();
-    let wd_abs = abs(&q.dequantize::<T>());
+    let wd_abs = abs(&q.dequantize::<T>().unwrap());
     let (ax, aa, ab) = (abs(&x), abs(&a), abs(&b));
     let abias = bias.as_ref().map(|v| abs(v));
     let mut y_mag = vec![T::default(); s.y_len()];

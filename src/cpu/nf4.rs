@@ -6,7 +6,9 @@ use crate::lora::check_len;
 use crate::{Element, Error, Nf4Weight, Result};
 
 /// `y[t, n] = Σ_k x[t, k] · W[n, k] (+ bias[n])`, W [N, K] in NF4, any number of tokens.
-/// `y` is [tokens, N].
+/// `y` is [tokens, N]. Everything is checked before `y` is written: the weight
+/// ([`Nf4Weight::validate`]), `tokens` ≥ 1 and `tokens · K`, `tokens · N` without
+/// overflow ([`Error::Dim`] `tokens`), and the lengths of `x`, `y` and `bias`.
 pub fn matmul<T: Element>(
     tokens: usize,
     x: &[T],
@@ -23,12 +25,27 @@ pub fn matmul<T: Element>(
         });
     }
     let (n, k) = (w.rows, w.cols);
-    check_len("x", x.len(), tokens * k)?;
-    check_len("y", y.len(), tokens * n)?;
+    let times = |d: usize, reason: &'static str| {
+        tokens.checked_mul(d).ok_or(Error::Dim {
+            name: "tokens",
+            value: tokens,
+            reason,
+        })
+    };
+    check_len(
+        "x",
+        x.len(),
+        times(k, "tokens · K (w.cols) overflows usize")?,
+    )?;
+    check_len(
+        "y",
+        y.len(),
+        times(n, "tokens · N (w.rows) overflows usize")?,
+    )?;
     if let Some(b) = bias {
         check_len("bias", b.len(), n)?;
     }
-    let wd: Vec<f32> = w.dequantize();
+    let wd: Vec<f32> = w.dequantize()?;
     super::par_rows(y, n, |t, row| {
         let xr = &x[t * k..(t + 1) * k];
         for (j, out) in row.iter_mut().enumerate() {

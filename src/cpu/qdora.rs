@@ -9,7 +9,7 @@ use crate::{Element, LoraOptions, LoraShape, Nf4Weight, Result};
 fn dense<T: Element>(shape: &LoraShape, w: &Nf4Weight) -> Result<Vec<T>> {
     w.validate()?;
     check_base(shape, w.rows, w.cols)?;
-    Ok(w.dequantize::<T>())
+    w.dequantize::<T>()
 }
 
 fn with_dense<'a, T: Element>(

@@ -8,7 +8,7 @@ use crate::{Element, LoraGrads, LoraOptions, LoraShape, LoraWeights, Nf4Weight, 
 fn dense<T: Element>(shape: &LoraShape, w: &Nf4Weight) -> Result<Vec<T>> {
     w.validate()?;
     check_base(shape, w.rows, w.cols)?;
-    Ok(w.dequantize::<T>())
+    w.dequantize::<T>()
 }
 
 /// Forward: `y = x deq(W)ᵀ + bias + s · h Bᵀ`, `h = drop(x) Aᵀ` (written if given).
