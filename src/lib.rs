@@ -41,6 +41,7 @@
 //! # }
 //! ```
 
+mod check;
 pub mod cpu;
 pub mod cuda;
 pub mod dora;

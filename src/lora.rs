@@ -43,7 +43,7 @@ impl LoraShape {
     }
 
     /// (tokens, in_features, out_features, rank): T, K, N, r.
-    pub(crate) fn dims(&self) -> (usize, usize, usize, usize) {
+    pub fn dims(&self) -> (usize, usize, usize, usize) {
         (self.tokens, self.in_features, self.out_features, self.rank)
     }
 
@@ -95,29 +95,32 @@ impl LoraShape {
         Ok(())
     }
 
+    // The element counts saturate instead of overflowing: a shape whose counts would
+    // overflow fails `validate`, which every op runs before it uses them.
+
     /// Elements of x: T·K.
     pub fn x_len(&self) -> usize {
-        self.tokens * self.in_features
+        self.tokens.saturating_mul(self.in_features)
     }
     /// Elements of W: N·K.
     pub fn w_len(&self) -> usize {
-        self.out_features * self.in_features
+        self.out_features.saturating_mul(self.in_features)
     }
     /// Elements of A: r·K.
     pub fn a_len(&self) -> usize {
-        self.rank * self.in_features
+        self.rank.saturating_mul(self.in_features)
     }
     /// Elements of B: N·r.
     pub fn b_len(&self) -> usize {
-        self.out_features * self.rank
+        self.out_features.saturating_mul(self.rank)
     }
     /// Elements of y: T·N.
     pub fn y_len(&self) -> usize {
-        self.tokens * self.out_features
+        self.tokens.saturating_mul(self.out_features)
     }
     /// Elements of h: T·r.
     pub fn h_len(&self) -> usize {
-        self.tokens * self.rank
+        self.tokens.saturating_mul(self.rank)
     }
 }
 
@@ -214,17 +217,7 @@ pub struct LoraGrads<'a, S: ?Sized> {
     pub db: &'a mut S,
 }
 
-/// Checks a buffer's length against what the shape needs.
-pub(crate) fn check_len(name: &'static str, actual: usize, expected: usize) -> Result<()> {
-    if actual != expected {
-        return Err(Error::Length {
-            name,
-            expected,
-            actual,
-        });
-    }
-    Ok(())
-}
+pub(crate) use crate::check::check_len;
 
 /// Checks every buffer length of a forward call.
 #[allow(clippy::too_many_arguments)]
