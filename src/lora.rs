@@ -285,3 +285,72 @@ pub(crate) fn check_merge_lens(shape: &LoraShape, w: usize, a: usize, b: usize) 
     check_len("b", b, shape.b_len())?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shapes whose element counts overflow are refused by `validate` (naming the
+    /// dimension), and their length accessors saturate instead of panicking.
+    #[test]
+    fn overflowing_shapes_are_errors_not_panics() {
+        for s in [
+            LoraShape::new(usize::MAX, 8, 8, 4),
+            LoraShape::new(3 + (1 << 57), 64, 64, 8),
+            LoraShape::new((1 << 31) - 1, (1 << 31) - 1, 8, 4),
+            LoraShape::new(8, 8, 8, 257),
+            LoraShape::new(0, 8, 8, 4),
+        ] {
+            let e = s.validate().unwrap_err();
+            assert!(matches!(e, Error::Dim { .. }), "{s:?}: {e}");
+            let _ = (
+                s.x_len(),
+                s.w_len(),
+                s.a_len(),
+                s.b_len(),
+                s.y_len(),
+                s.h_len(),
+            );
+        }
+        let big = LoraShape::new(usize::MAX, usize::MAX, 2, 2);
+        assert_eq!(big.x_len(), usize::MAX);
+        assert!(LoraShape::new(4096, 4096, 4096, 16).validate().is_ok());
+    }
+
+    /// Options: non-finite scale and bad tunings are named errors.
+    #[test]
+    fn bad_options_are_named() {
+        let e = LoraOptions::new(f32::INFINITY).validate().unwrap_err();
+        assert!(matches!(e, Error::Value { name: "scale", .. }), "{e}");
+        let t = Tuning {
+            tile_n: Some(64),
+            ..Tuning::AUTO
+        };
+        let e = LoraOptions::new(1.0).with_tuning(t).validate().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Dim {
+                    name: "tuning.tile_n",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let t = Tuning {
+            panel_elems: Some(0),
+            ..Tuning::AUTO
+        };
+        let e = LoraOptions::new(1.0).with_tuning(t).validate().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Dim {
+                    name: "tuning.panel_elems",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+}
