@@ -26,9 +26,9 @@ use std::time::Duration;
 mod common;
 
 use cudarc::driver::CudaSlice;
-use lora_kernels::bf16;
 use lora_kernels::cuda::gemm::{self as core, GemmEpilogue};
 use lora_kernels::cuda::{gemm, Gpu};
+use lora_kernels::{bf16, Tuning};
 
 const RANK: usize = 16;
 
@@ -97,18 +97,22 @@ fn run(gpu: &Gpu, (t, n, k): (usize, usize, usize), op: Op, s: &mut Set) {
             } else {
                 core::TILE_N_NARROW
             };
-            core::set_tile_n_override(Some(w)).unwrap();
-            core::matmul_nt(gpu, &s.x, &s.w, &mut s.y, &GemmEpilogue::new(), t, n, k).unwrap();
-            core::set_tile_n_override(None).unwrap();
+            let epi = GemmEpilogue::new().with_tuning(Tuning {
+                tile_n: Some(w),
+                ..Tuning::AUTO
+            });
+            core::matmul_nt(gpu, &s.x, &s.w, &mut s.y, &epi, t, n, k).unwrap();
         }
         Op::CublasNn => gemm(gpu, t, n, k, 1.0, &s.x, false, &s.w, false, 0.0, &mut s.y).unwrap(),
         Op::OursNn => {
             core::matmul_nn(gpu, &s.x, &s.w, &mut s.y, &GemmEpilogue::new(), t, n, k).unwrap()
         }
         Op::OursMma => {
-            core::force_mma_path(true);
-            core::matmul_nt(gpu, &s.x, &s.w, &mut s.y, &GemmEpilogue::new(), t, n, k).unwrap();
-            core::force_mma_path(false);
+            let epi = GemmEpilogue::new().with_tuning(Tuning {
+                mma_path: true,
+                ..Tuning::AUTO
+            });
+            core::matmul_nt(gpu, &s.x, &s.w, &mut s.y, &epi, t, n, k).unwrap();
         }
     }
 }

@@ -7,11 +7,12 @@
 //! - `ours`: `cuda::lora::forward` (and `backward`); on sm_90 its T > 32 forward is the
 //!   GEMM core path;
 //! - `ours_cublas_path` (the table's last column, forward only): `forward` with the GEMM
-//!   core path switched off (`set_core_dispatch(false)`), the down kernel, a skinny
-//!   cuBLAS product and a beta = 1 cuBLAS base GEMM;
+//!   core path switched off (`Tuning { core: CorePolicy::Never, .. }`), the down kernel,
+//!   a skinny cuBLAS product and a beta = 1 cuBLAS base GEMM;
 //! - `ours_fwd_down_kernel` (the table's `downk/b`, forward only): `forward` with the
-//!   down product's fusion into the core switched off (`set_fused_down(false)`): the
-//!   down kernel, then the core launch;
+//!   down product's fusion into the core switched off
+//!   (`Tuning { fused_down: FusedDown::Never, .. }`): the down kernel, then the core
+//!   launch;
 //! - `ours_fwdbwd_cublas_dx` (the table's `cuBdx/b`, forward + backward): `ours`'s forward,
 //!   then `backward` with the core switched off (dX by cuBLAS `dY W` and a beta = 1
 //!   `s·g A`), against `base_fwdbwd`.
@@ -33,7 +34,8 @@ mod common;
 
 use cudarc::driver::CudaSlice;
 use lora_kernels::cuda::{gemm, lora as cuda, Gpu};
-use lora_kernels::{bf16, LoraGrads, LoraOptions, LoraShape, LoraWeights};
+use lora_kernels::tuning::{CorePolicy, FusedDown};
+use lora_kernels::{bf16, LoraGrads, LoraOptions, LoraShape, LoraWeights, Tuning};
 
 struct Set {
     x: CudaSlice<bf16>,
@@ -211,20 +213,35 @@ fn run(gpu: &Gpu, s: &LoraShape, opts: &LoraOptions, op: Op, set: &mut Set) {
                 b: &set.b,
                 bias: None,
             };
-            cuda::set_core_dispatch(op != Op::OursFwdCublas);
-            cuda::set_fused_down(op != Op::OursFwdDownKernel && !no_fused_down());
-            cuda::forward(gpu, s, opts, &set.x, wts, &mut set.y, Some(&mut set.h)).unwrap();
-            cuda::set_core_dispatch(true);
-            cuda::set_fused_down(true);
+            let fwd = opts.with_tuning(Tuning {
+                core: if op == Op::OursFwdCublas {
+                    CorePolicy::Never
+                } else {
+                    CorePolicy::Auto
+                },
+                fused_down: if op == Op::OursFwdDownKernel || no_fused_down() {
+                    FusedDown::Never
+                } else {
+                    FusedDown::Auto
+                },
+                ..opts.tuning
+            });
+            cuda::forward(gpu, s, &fwd, &set.x, wts, &mut set.y, Some(&mut set.h)).unwrap();
             if op == Op::OursFwdBwd || op == Op::OursFwdBwdCublasDx {
                 let grads = LoraGrads {
                     dx: &mut set.dx,
                     da: &mut set.da,
                     db: &mut set.db,
                 };
-                cuda::set_core_dispatch(op == Op::OursFwdBwd);
-                cuda::backward(gpu, s, opts, &set.x, wts, &set.h, &set.dy, grads).unwrap();
-                cuda::set_core_dispatch(true);
+                let bwd = opts.with_tuning(Tuning {
+                    core: if op == Op::OursFwdBwd {
+                        CorePolicy::Auto
+                    } else {
+                        CorePolicy::Never
+                    },
+                    ..opts.tuning
+                });
+                cuda::backward(gpu, s, &bwd, &set.x, wts, &set.h, &set.dy, grads).unwrap();
             }
         }
     }

@@ -8,7 +8,7 @@
 //! - at T = 4096 also forward + backward: `cublas_base_fb` (`x Wᵀ` then `dY W`),
 //!   `lora_bf16_fb` and `qlora_fb`;
 //! - at T = 4096 `qlora_core` and `qlora_core_fb`: the same QLoRA calls with
-//!   `qlora::set_nf4_core(true)` (the base products on the GEMM core's NF4 kernels, W
+//!   `Tuning { nf4_core: true, .. }` (the base products on the GEMM core's NF4 kernels, W
 //!   dequantized in shared memory, no dense panel);
 //! - `quantize`: our GPU quantizer (bf16 W to NF4 with double quantization), against
 //!   `copy`, a device-to-device copy of W (read + write bytes / time).
@@ -26,7 +26,7 @@ mod common;
 use cudarc::driver::CudaSlice;
 use lora_kernels::cuda::nf4::{self as nf4, DeviceAbsmax, Nf4Device};
 use lora_kernels::cuda::{gemm, lora, qlora, Gpu};
-use lora_kernels::{bf16, LoraGrads, LoraOptions, LoraShape, LoraWeights, QloraWeights};
+use lora_kernels::{bf16, LoraGrads, LoraOptions, LoraShape, LoraWeights, QloraWeights, Tuning};
 
 struct Weights {
     w: CudaSlice<bf16>,
@@ -91,7 +91,10 @@ fn run(gpu: &Gpu, s: &LoraShape, op: &str, w: &Weights, z: &mut Acts) {
             }
         }
         "qlora" | "qlora_core" => {
-            qlora::set_nf4_core(op.starts_with("qlora_core"));
+            let opts = opts.with_tuning(Tuning {
+                nf4_core: op.starts_with("qlora_core"),
+                ..Tuning::AUTO
+            });
             qlora::forward(gpu, s, &opts, &z.x, qw, &mut z.y, Some(&mut z.h)).unwrap();
             if fb {
                 let grads = LoraGrads {
@@ -101,7 +104,6 @@ fn run(gpu: &Gpu, s: &LoraShape, op: &str, w: &Weights, z: &mut Acts) {
                 };
                 qlora::backward(gpu, s, &opts, &z.x, qw, &z.h, &z.dy, grads).unwrap();
             }
-            qlora::set_nf4_core(false);
         }
         _ => unreachable!(),
     }

@@ -6,18 +6,15 @@
 
 mod common;
 
-use common::{abs, assert_close, gpu, poison, rel_err, Fixture, Rng};
+use common::{abs, assert_close, core_fills, gpu, poison, rel_err, Fixture, Rng};
 use lora_kernels::cpu::{dora as cpu, lora as cpu_lora, qdora as cpu_q};
 use lora_kernels::cuda::nf4::Nf4Device;
-use lora_kernels::cuda::{dora as cuda, qdora as cuda_q, qlora, Gpu};
+use lora_kernels::cuda::{dora as cuda, gemm, qdora as cuda_q, Gpu, Path, Plan};
+use lora_kernels::tuning::{CorePolicy, FusedDown};
 use lora_kernels::{
-    bf16, f16, DoraGrads, DoraOutputs, DoraSaved, DoraWeights, Dropout, Element, Error, LoraGrads,
-    LoraOptions, LoraShape, LoraWeights, Nf4Weight,
+    bf16, f16, DType, DoraGrads, DoraOutputs, DoraSaved, DoraWeights, Dropout, Element, Error,
+    LoraGrads, LoraOptions, LoraShape, LoraWeights, Nf4Weight, Tuning,
 };
-
-/// Held by the tests that set the process-wide knobs (backward chunk size, panel cap),
-/// so that each sees its own settings.
-static KNOBS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[derive(Debug, Clone, Copy)]
 struct Case {
@@ -147,7 +144,14 @@ fn scale_cols<T: Element>(v: &[T], n: usize, f: &[f64]) -> Vec<T> {
         .collect()
 }
 
-fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
+/// The forward, backward, merge and unmerge against the oracle; returns the forward's
+/// and the backward's plans.
+fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) -> (Plan, Plan) {
+    check_case_with::<T>(gpu, c, seed, Tuning::AUTO)
+}
+
+/// [`check_case`] with a path tuning on the forward and the backward.
+fn check_case_with<T: Element>(gpu: &Gpu, c: &Case, seed: u64, tuning: Tuning) -> (Plan, Plan) {
     let s = c.shape;
     let (t, k, n, r) = (s.tokens, s.in_features, s.out_features, s.rank);
     let what = format!(
@@ -168,7 +172,7 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
     if let Some(q) = &q {
         d.w = q.dequantize::<T>().unwrap();
     }
-    let opts = opts_for(c, seed);
+    let opts = opts_for(c, seed).with_tuning(tuning);
     let abs_opts = LoraOptions {
         scale: opts.scale.abs(),
         ..opts
@@ -246,7 +250,7 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
         norm: Some(&mut norm),
         z: Some(&mut z),
     };
-    match &wq {
+    let fwd_plan = match &wq {
         None => cuda::forward(gpu, &s, &opts, &x, dw(&w, &a, &b, bias.as_ref(), &m), outs),
         Some(wq) => {
             let qw = DoraWeights {
@@ -363,7 +367,7 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
         db: &mut db,
         dm: &mut dm,
     };
-    match &wq {
+    let bwd_plan = match &wq {
         None => cuda::backward(
             gpu,
             &s,
@@ -419,7 +423,7 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
 
     if wq.is_some() {
         // An NF4 W is not merged in place (it would need requantizing).
-        return;
+        return (fwd_plan, bwd_plan);
     }
     // Merge then unmerge: the merged W against the oracle's, and the restored W.
     let mut w_ref = d.w.clone();
@@ -461,12 +465,27 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
             d.w[e].to_f64()
         );
     }
+    (fwd_plan, bwd_plan)
 }
 
+/// Every case with the default tuning: T ≤ 32 without dropout takes the small-T forward
+/// (one pass, or the composition around the LoRA small-T kernel), and f32 never the GEMM
+/// core.
 fn run_all<T: Element>(seed0: u64) {
     let Some(gpu) = gpu() else { return };
     for (i, c) in cases().iter().enumerate() {
-        check_case::<T>(gpu, c, seed0 + i as u64);
+        let (fwd, bwd) = check_case::<T>(gpu, c, seed0 + i as u64);
+        let what = format!("{c:?}: {fwd:?} {bwd:?}");
+        let small = c.shape.tokens <= lora_kernels::cuda::lora::SMALL_T_MAX && !c.dropout;
+        if small {
+            assert_eq!(fwd.path, Path::SmallFused, "{what}");
+        }
+        if T::DTYPE == DType::F32 {
+            if !small {
+                assert_eq!(fwd.path, Path::Cublas, "{what}");
+            }
+            assert_eq!(bwd.path, Path::Cublas, "{what}");
+        }
     }
 }
 
@@ -486,42 +505,69 @@ fn gpu_dora_bf16() {
 }
 
 /// On an sm_90 GPU the f16/bf16 forward above T = 32 without dropout takes the GEMM core
-/// (scale in its epilogue); this runs those cases again with the core path switched off
-/// for this thread, so the norm-LoRA-scale composition stays checked on every GPU.
+/// (scale in its epilogue); this runs those cases again with the core switched off for
+/// these calls (`CorePolicy::Never`), so the norm-LoRA-scale composition stays checked on
+/// every GPU.
 #[test]
 fn gpu_dora_cublas_path_f16_bf16() {
     let Some(gpu) = gpu() else { return };
-    lora_kernels::cuda::lora::set_core_dispatch(false);
+    let never = Tuning {
+        core: CorePolicy::Never,
+        ..Tuning::AUTO
+    };
     for (i, c) in cases().iter().enumerate() {
         if c.shape.tokens > lora_kernels::cuda::lora::SMALL_T_MAX && !c.dropout {
-            check_case::<bf16>(gpu, c, 7500 + i as u64);
-            check_case::<f16>(gpu, c, 7700 + i as u64);
+            for (fwd, bwd) in [
+                check_case_with::<bf16>(gpu, c, 7500 + i as u64, never),
+                check_case_with::<f16>(gpu, c, 7700 + i as u64, never),
+            ] {
+                assert_eq!(fwd.path, Path::Cublas, "{c:?}");
+                assert_eq!(bwd.path, Path::Cublas, "{c:?}");
+            }
         }
     }
-    lora_kernels::cuda::lora::set_core_dispatch(true);
 }
 
 /// The large-T cases without dropout on the GEMM core's mma.sync kernels (the sm_80 ..
-/// sm_89 path, forced on sm_90): DoRA's scale (and z) in their epilogue.
+/// sm_89 path, forced on sm_90 by `Tuning::mma_path`): DoRA's scale (and z) in their
+/// epilogue; the backward on cuBLAS (the NN core is wgmma-only).
 #[test]
 fn gpu_dora_mma_path_f16_bf16() {
     let Some(gpu) = gpu() else { return };
-    lora_kernels::cuda::gemm::force_mma_path(true);
+    let mma = Tuning {
+        mma_path: true,
+        ..Tuning::AUTO
+    };
+    let mut on_core = 0;
     for (i, c) in cases().iter().enumerate() {
         if c.shape.tokens > lora_kernels::cuda::lora::SMALL_T_MAX && !c.dropout {
-            check_case::<bf16>(gpu, c, 7800 + i as u64);
-            check_case::<f16>(gpu, c, 7900 + i as u64);
+            for (fwd, bwd) in [
+                check_case_with::<bf16>(gpu, c, 7800 + i as u64, mma),
+                check_case_with::<f16>(gpu, c, 7900 + i as u64, mma),
+            ] {
+                let what = format!("{c:?}: {fwd:?}");
+                match fwd.path {
+                    Path::Core => {
+                        assert!(fwd.mma && !fwd.fused_down, "{what}");
+                        on_core += 1;
+                    }
+                    path => assert_eq!(path, Path::Cublas, "{what}"),
+                }
+                assert_eq!(bwd.path, Path::Cublas, "{c:?}");
+            }
         }
     }
-    lora_kernels::cuda::gemm::force_mma_path(false);
+    assert!(on_core > 0, "no forward took the mma.sync core");
 }
 
 /// Backward in several token chunks (a small chunk bound) equals the oracle.
 #[test]
 fn gpu_dora_backward_in_chunks() {
     let Some(gpu) = gpu() else { return };
-    let _knobs = KNOBS.lock().unwrap_or_else(|e| e.into_inner());
-    cuda::set_backward_chunk_elems(64 * 200);
+    let chunks = Tuning {
+        chunk_elems: Some(64 * 200),
+        ..Tuning::AUTO
+    };
     for (i, dropout) in [false, true].into_iter().enumerate() {
         for save_z in [false, true] {
             let c = Case {
@@ -531,36 +577,68 @@ fn gpu_dora_backward_in_chunks() {
                 save_z,
                 nf4: None,
             };
-            check_case::<bf16>(gpu, &c, 9000 + i as u64);
-            check_case::<f32>(gpu, &c, 9100 + i as u64);
+            check_case_with::<bf16>(gpu, &c, 9000 + i as u64, chunks);
+            check_case_with::<f32>(gpu, &c, 9100 + i as u64, chunks);
         }
     }
-    cuda::set_backward_chunk_elems(cuda::BACKWARD_CHUNK_ELEMS);
+}
+
+/// The rows of the DoRA backward's token chunks under a chunk bound of `elems` (as
+/// `cuda::dora::backward` splits T: `elems / max(N, K)` rows, a multiple of 32 when
+/// that is less than T).
+fn chunk_rows(elems: usize, s: &LoraShape) -> usize {
+    let rows = (elems / s.out_features.max(s.in_features))
+        .max(32)
+        .min(s.tokens);
+    if rows < s.tokens {
+        rows / 32 * 32
+    } else {
+        rows
+    }
 }
 
 /// The backward's dX on the NN GEMM core (sm_90, f16/bf16, dense W, no dropout, K and N
-/// multiples of 8, enough [chunk, K] tiles): one chunk, then chunks of 576 rows and a
-/// last one of 124 rows too small for the core (its G and dX by cuBLAS), G = s·(dy⊙g) B
-/// from the core launch's jobs and (fused down product off) from cuBLAS, with z saved
-/// and recomputed. On other GPUs the same cases run the cuBLAS path.
+/// multiples of 8, enough [T, K] and [chunk, K] tiles): one chunk, then chunks of 576
+/// rows and a last one of 124 rows too small for the core (its G and dX by cuBLAS),
+/// G = s·(dy⊙g) B from the core launch's jobs (where the fused rule allows, and forced)
+/// and (fused down product off) from cuBLAS, with z saved and recomputed. The plan must
+/// say the core wherever the [T, K] tiles fill the GPU (`common::core_fills`: the first
+/// two shapes on at most 96 and 80 SMs, W [64, 2048] on up to 192, its 576-row chunks on
+/// up to 160), and the fused G exactly where it was forced on chunks the core takes. On
+/// other GPUs the same cases run the cuBLAS path.
 #[test]
 fn gpu_dora_backward_core_dx() {
     let Some(gpu) = gpu() else { return };
-    let _knobs = KNOBS.lock().unwrap_or_else(|e| e.into_inner());
-    for (j, (chunk_elems, fused)) in [
-        (cuda::BACKWARD_CHUNK_ELEMS, true),
-        (600 * 1024, true),
-        (600 * 1024, false),
+    let sm90 = gemm::supported(gpu);
+    let (mut on_core, mut fused) = (0, 0);
+    for (j, (chunked, fused_down)) in [
+        (false, FusedDown::Auto),
+        (true, FusedDown::Auto),
+        (true, FusedDown::Never),
+        (true, FusedDown::Force),
     ]
     .into_iter()
     .enumerate()
     {
-        cuda::set_backward_chunk_elems(chunk_elems);
-        lora_kernels::cuda::lora::set_fused_down(fused);
-        for (i, &(t, k, n, r)) in [(700usize, 1024usize, 64usize, 12usize), (520, 1000, 88, 16)]
-            .iter()
-            .enumerate()
+        // (T, K, N, r, the chunked runs' bound: chunks of 576 rows; T = 520 at K = 1000
+        // stays one chunk of 520)
+        for (i, &(t, k, n, r, chunk_elems)) in [
+            (700usize, 1024usize, 64usize, 12usize, 600 * 1024),
+            (520, 1000, 88, 16, 600 * 1024),
+            (700, 2048, 64, 12, 600 * 2048),
+        ]
+        .iter()
+        .enumerate()
         {
+            let tuning = Tuning {
+                chunk_elems: Some(if chunked {
+                    chunk_elems
+                } else {
+                    cuda::BACKWARD_CHUNK_ELEMS
+                }),
+                fused_down,
+                ..Tuning::AUTO
+            };
             for save_z in [false, true] {
                 let c = Case {
                     shape: LoraShape::new(t, k, n, r),
@@ -570,13 +648,36 @@ fn gpu_dora_backward_core_dx() {
                     nf4: None,
                 };
                 let seed = 9200 + 10 * j as u64 + 2 * i as u64 + save_z as u64;
-                check_case::<bf16>(gpu, &c, seed);
-                check_case::<f16>(gpu, &c, seed + 100);
+                for (_, bwd) in [
+                    check_case_with::<bf16>(gpu, &c, seed, tuning),
+                    check_case_with::<f16>(gpu, &c, seed + 100, tuning),
+                ] {
+                    let what = format!("{c:?} {tuning:?}: {bwd:?}");
+                    let core = sm90 && core_fills(gpu, t, k);
+                    let chunk_core = core
+                        && core_fills(gpu, chunk_rows(tuning.chunk_elems.unwrap(), &c.shape), k);
+                    assert_eq!(
+                        bwd.path,
+                        if core { Path::Core } else { Path::Cublas },
+                        "{what}"
+                    );
+                    match fused_down {
+                        FusedDown::Auto => assert!(chunk_core || !bwd.fused_down, "{what}"),
+                        FusedDown::Force => assert_eq!(bwd.fused_down, chunk_core, "{what}"),
+                        FusedDown::Never => assert!(!bwd.fused_down, "{what}"),
+                    }
+                    on_core += core as usize;
+                    fused += bwd.fused_down as usize;
+                }
             }
         }
     }
-    lora_kernels::cuda::lora::set_fused_down(true);
-    cuda::set_backward_chunk_elems(cuda::BACKWARD_CHUNK_ELEMS);
+    if sm90 {
+        assert!(
+            on_core > 0 && fused > 0,
+            "no DoRA backward took the core ({on_core}) or fused G ({fused})"
+        );
+    }
 }
 
 /// QDoRA's backward dX on the dense NN core over column panels of the NF4 W (sm_90,
@@ -584,17 +685,21 @@ fn gpu_dora_backward_core_dx() {
 /// 65 536 elements makes 1024-column panels of W [64, 2112] (1024, 1024, then 64 wide),
 /// one NN launch each into dX's columns; one chunk, then chunks of 576 rows (the core)
 /// and a last one of 124 rows too small for it (G by cuBLAS, dX over row panels), with z
-/// saved and recomputed. On other GPUs the same cases run the cuBLAS path.
+/// saved and recomputed. The plan must say the column panels wherever the [T, K] tiles
+/// fill the GPU (`common::core_fills`; 700 × 2112 does up to 204 SMs). On other GPUs the
+/// same cases run the cuBLAS path over row panels.
 #[test]
 fn gpu_qdora_backward_column_panels() {
     let Some(gpu) = gpu() else { return };
-    let _knobs = KNOBS.lock().unwrap_or_else(|e| e.into_inner());
-    qlora::set_panel_elems(1024 * 64);
     for (j, chunk_elems) in [cuda::BACKWARD_CHUNK_ELEMS, 600 * 2112]
         .into_iter()
         .enumerate()
     {
-        cuda::set_backward_chunk_elems(chunk_elems);
+        let tuning = Tuning {
+            panel_elems: Some(1024 * 64),
+            chunk_elems: Some(chunk_elems),
+            ..Tuning::AUTO
+        };
         for save_z in [false, true] {
             let c = Case {
                 shape: LoraShape::new(700, 2112, 64, 12),
@@ -604,12 +709,24 @@ fn gpu_qdora_backward_column_panels() {
                 nf4: Some((64, true)),
             };
             let seed = 9400 + 10 * j as u64 + save_z as u64;
-            check_case::<bf16>(gpu, &c, seed);
-            check_case::<f16>(gpu, &c, seed + 100);
+            for (_, bwd) in [
+                check_case_with::<bf16>(gpu, &c, seed, tuning),
+                check_case_with::<f16>(gpu, &c, seed + 100, tuning),
+            ] {
+                let core = gemm::supported(gpu) && core_fills(gpu, 700, 2112);
+                assert_eq!(
+                    bwd.path,
+                    if core {
+                        Path::CorePanels
+                    } else {
+                        Path::CublasPanels
+                    },
+                    "{c:?} {tuning:?}: {bwd:?}"
+                );
+                assert!(!bwd.nf4_in_core && !bwd.fused_down, "{bwd:?}");
+            }
         }
     }
-    cuda::set_backward_chunk_elems(cuda::BACKWARD_CHUNK_ELEMS);
-    qlora::set_panel_elems(0);
 }
 
 fn qdora_cases() -> Vec<Case> {
@@ -659,12 +776,13 @@ fn gpu_qdora_bf16() {
     run_qdora::<bf16>(17000);
 }
 
-/// QDoRA over many row panels (8-row, a ragged 13-row cap, 3-row) and backward chunks;
-/// and its magnitude init and norms against the oracle's.
+/// QDoRA over many row panels (8-row, a ragged 13-row cap, 3-row; the forward's norms
+/// too) and backward chunks, all on cuBLAS over the panels (T < 129: no core; T = 3 with
+/// K % 32 != 0: no fused small-T pass); and its magnitude init and norms (over their
+/// default panel bound: those ops take no tuning) against the oracle's.
 #[test]
 fn gpu_qdora_many_panels() {
     let Some(gpu) = gpu() else { return };
-    let _knobs = KNOBS.lock().unwrap_or_else(|e| e.into_inner());
     for (i, (cap_rows, shape)) in [
         (8, LoraShape::new(40, 96, 61, 8)),
         (13, LoraShape::new(70, 64, 45, 4)),
@@ -673,7 +791,10 @@ fn gpu_qdora_many_panels() {
     .into_iter()
     .enumerate()
     {
-        qlora::set_panel_elems(cap_rows * shape.in_features);
+        let panels = Tuning {
+            panel_elems: Some(cap_rows * shape.in_features),
+            ..Tuning::AUTO
+        };
         for dropout in [false, true] {
             let c = Case {
                 shape,
@@ -682,10 +803,15 @@ fn gpu_qdora_many_panels() {
                 save_z: i == 1,
                 nf4: Some((64, i % 2 == 0)),
             };
-            check_case::<bf16>(gpu, &c, 18000 + i as u64);
-            check_case::<f32>(gpu, &c, 18100 + i as u64);
+            for (fwd, bwd) in [
+                check_case_with::<bf16>(gpu, &c, 18000 + i as u64, panels),
+                check_case_with::<f32>(gpu, &c, 18100 + i as u64, panels),
+            ] {
+                assert_eq!(fwd.path, Path::CublasPanels, "{c:?}: {fwd:?}");
+                assert_eq!(bwd.path, Path::CublasPanels, "{c:?}: {bwd:?}");
+            }
         }
-        // Magnitude init and norms over the panels, against the oracle.
+        // Magnitude init and norms, against the oracle.
         let mut rng = Rng::new(18200 + i as u64);
         let (k, n) = (shape.in_features, shape.out_features);
         let wd: Vec<f32> = rng.vec(shape.w_len(), 1.0);
@@ -719,7 +845,6 @@ fn gpu_qdora_many_panels() {
             }
         }
     }
-    qlora::set_panel_elems(0);
 }
 
 #[test]

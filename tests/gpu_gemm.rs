@@ -16,8 +16,9 @@ use common::{assert_close, gpu, poison, Rng};
 use cudarc::driver::CudaSlice;
 use lora_kernels::cuda::gemm::{self, GemmEpilogue};
 use lora_kernels::cuda::nf4::Nf4Device;
-use lora_kernels::cuda::Gpu;
-use lora_kernels::{bf16, f16, Element, Error, Nf4Weight};
+use lora_kernels::cuda::{Gpu, Path, Plan};
+use lora_kernels::tuning::{CorePolicy, FusedDown};
+use lora_kernels::{bf16, f16, Element, Error, Nf4Weight, Tuning};
 
 const TS: [usize; 5] = [1, 3, 17, 129, 1000];
 const NS: [usize; 4] = [8, 24, 200, 1000];
@@ -175,8 +176,25 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
     run_case::<T>(gpu, c, seed, Layout::Nt);
 }
 
+/// [`check_case`] with a path tuning (tile width, mma.sync kernels) in the epilogue.
+fn check_case_with<T: Element>(gpu: &Gpu, c: &Case, seed: u64, tuning: Tuning) {
+    run_case_with::<T>(gpu, c, seed, Layout::Nt, tuning);
+}
+
 fn run_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64, layout: Layout) {
-    let what = format!("{} {c:?} {layout:?}", common::dtype_name::<T>());
+    run_case_with::<T>(gpu, c, seed, layout, Tuning::AUTO);
+}
+
+/// The tuning of a forced tile width (`None`: the per-call choice).
+fn tile(tile_n: Option<usize>) -> Tuning {
+    Tuning {
+        tile_n,
+        ..Tuning::AUTO
+    }
+}
+
+fn run_case_with<T: Element>(gpu: &Gpu, c: &Case, seed: u64, layout: Layout, tuning: Tuning) {
+    let what = format!("{} {c:?} {layout:?} {tuning:?}", common::dtype_name::<T>());
     let mut rng = Rng::new(seed);
     let mut d = host_data::<T>(&mut rng, c);
     let q = match layout {
@@ -215,7 +233,7 @@ fn run_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64, layout: Layout) {
     });
     let mut y = gpu.upload(&poison::<T>(c.t * c.n)).unwrap();
 
-    let mut epi = GemmEpilogue::new();
+    let mut epi = GemmEpilogue::new().with_tuning(tuning);
     if let Some(b) = &bias {
         epi = epi.with_bias(b);
     }
@@ -251,8 +269,8 @@ fn transpose<T: Copy>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
 
 /// `gemm::matmul_nn` (W stored [K, N], Bl [r, N]: the MN-major B operand) on the same
 /// data and oracle as [`check_case`]: W and Bl are uploaded transposed.
-fn check_case_nn<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
-    run_case::<T>(gpu, c, seed, Layout::Nn);
+fn check_case_nn<T: Element>(gpu: &Gpu, c: &Case, seed: u64, tuning: Tuning) {
+    run_case_with::<T>(gpu, c, seed, Layout::Nn, tuning);
 }
 
 /// `matmul_nn` over the odd shapes (every N there is a multiple of 8, as it needs),
@@ -265,8 +283,8 @@ fn gemm_nn_shapes() {
     };
     for (i, c) in odd_cases().iter().enumerate() {
         assert_eq!(c.n % 8, 0);
-        check_case_nn::<bf16>(gpu, c, 1100 + i as u64);
-        check_case_nn::<f16>(gpu, c, 1200 + i as u64);
+        check_case_nn::<bf16>(gpu, c, 1100 + i as u64, Tuning::AUTO);
+        check_case_nn::<f16>(gpu, c, 1200 + i as u64, Tuning::AUTO);
     }
     let extra = cases_of(&[
         (129, 200, 4096, 16),
@@ -277,13 +295,11 @@ fn gemm_nn_shapes() {
         (257, 1024, 520, 64),
     ]);
     for (i, c) in extra.iter().enumerate() {
-        for tile in [None, Some(gemm::TILE_N), Some(gemm::TILE_N_NARROW)] {
-            gemm::set_tile_n_override(tile).unwrap();
-            check_case_nn::<bf16>(gpu, c, 1300 + i as u64);
-            check_case_nn::<f16>(gpu, c, 1400 + i as u64);
+        for width in [None, Some(gemm::TILE_N), Some(gemm::TILE_N_NARROW)] {
+            check_case_nn::<bf16>(gpu, c, 1300 + i as u64, tile(width));
+            check_case_nn::<f16>(gpu, c, 1400 + i as u64, tile(width));
         }
     }
-    gemm::set_tile_n_override(None).unwrap();
 }
 
 /// `matmul_nn`'s own argument errors: N % 8 != 0, Bl misaligned with a rank that is not a
@@ -393,7 +409,10 @@ fn gemm_mma_path_shapes() {
         eprintln!("\n*** gemm_mma_path_shapes SKIPPED: neither sm_8x nor sm_90 ***\n");
         return;
     }
-    gemm::force_mma_path(true);
+    let mma = Tuning {
+        mma_path: true,
+        ..Tuning::AUTO
+    };
     let mut cases = odd_cases();
     cases.extend(cases_of(&[
         (129, 200, 4096, 16),
@@ -404,21 +423,21 @@ fn gemm_mma_path_shapes() {
         (130, 260, 64, 17),
     ]));
     for (i, c) in cases.iter().enumerate() {
-        check_case::<bf16>(gpu, c, 1500 + i as u64);
-        check_case::<f16>(gpu, c, 1600 + i as u64);
+        check_case_with::<bf16>(gpu, c, 1500 + i as u64, mma);
+        check_case_with::<f16>(gpu, c, 1600 + i as u64, mma);
     }
     // NF4 and W [K, N] are wgmma-only.
     let (t, n, k) = (17usize, 24usize, 64usize);
     let x: CudaSlice<bf16> = gpu.zeros(t * k).unwrap();
     let w: CudaSlice<bf16> = gpu.zeros(n * k).unwrap();
     let mut y: CudaSlice<bf16> = gpu.zeros(t * n).unwrap();
-    let e = gemm::matmul_nn(gpu, &x, &w, &mut y, &GemmEpilogue::new(), t, n, k).unwrap_err();
+    let on_mma = GemmEpilogue::new().with_tuning(mma);
+    let e = gemm::matmul_nn(gpu, &x, &w, &mut y, &on_mma, t, n, k).unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }), "{e}");
     let q = Nf4Weight::quantize(&vec![bf16::ONE; n * k], n, k, 64, false).unwrap();
     let wq = Nf4Device::upload(gpu, &q).unwrap();
-    let e = gemm::matmul_nt_nf4(gpu, t, &x, &wq, &mut y, &GemmEpilogue::new()).unwrap_err();
+    let e = gemm::matmul_nt_nf4(gpu, t, &x, &wq, &mut y, &on_mma).unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }), "{e}");
-    gemm::force_mma_path(false);
 }
 
 /// Every rank the low-rank slice takes, including ranks that are not multiples of 8
@@ -486,7 +505,7 @@ fn gemm_tile_widths_persistent() {
     let n = (sms.div_ceil(t.div_ceil(gemm::TILE_M)) + 1) * gemm::TILE_N - 3;
     assert!(t.div_ceil(gemm::TILE_M) * n.div_ceil(gemm::TILE_N) > sms);
     for (i, &w) in [gemm::TILE_N, gemm::TILE_N_NARROW].iter().enumerate() {
-        gemm::set_tile_n_override(Some(w)).unwrap();
+        let forced = tile(Some(w));
         // N odd: the direct-store epilogue; N + 3 (a multiple of 8): the TMA-store one.
         for (j, n) in [n, n + 3].into_iter().enumerate() {
             let big = Case {
@@ -497,7 +516,7 @@ fn gemm_tile_widths_persistent() {
                 scale: j == 1,
                 r: 0,
             };
-            check_case::<bf16>(gpu, &big, 800 + 2 * i as u64 + j as u64);
+            check_case_with::<bf16>(gpu, &big, 800 + 2 * i as u64 + j as u64, forced);
         }
         let small = Case {
             t: 37,
@@ -507,11 +526,10 @@ fn gemm_tile_widths_persistent() {
             scale: true,
             r: 17,
         };
-        check_case::<bf16>(gpu, &small, 810 + i as u64);
-        check_case::<f16>(gpu, &small, 820 + i as u64);
+        check_case_with::<bf16>(gpu, &small, 810 + i as u64, forced);
+        check_case_with::<f16>(gpu, &small, 820 + i as u64, forced);
     }
-    gemm::set_tile_n_override(None).unwrap();
-    assert!(gemm::set_tile_n_override(Some(64)).is_err());
+    assert!(tile(Some(64)).validate().is_err());
     // The per-call choice: the narrow tile where it halves a single round's work, the
     // wide one on the large shapes.
     assert_eq!(gemm::tile_n_for(512, 4096, 132), gemm::TILE_N_NARROW);
@@ -593,7 +611,6 @@ fn nf4_grid(
     let n = (sms.div_ceil(t.div_ceil(gemm::TILE_M)) + 1) * gemm::TILE_N;
     let n = n.checked_add_signed(dn.0).unwrap();
     for (i, &w) in [gemm::TILE_N, gemm::TILE_N_NARROW].iter().enumerate() {
-        gemm::set_tile_n_override(Some(w)).unwrap();
         for (j, n) in [n, n + dn.1].into_iter().enumerate() {
             let c = Case {
                 t,
@@ -604,10 +621,9 @@ fn nf4_grid(
                 r: if j == 1 { 16 } else { 0 },
             };
             let s = seed + 70 + 2 * i as u64 + j as u64;
-            run_case::<bf16>(gpu, &c, s, layout(64, j == 1));
+            run_case_with::<bf16>(gpu, &c, s, layout(64, j == 1), tile(Some(w)));
         }
     }
-    gemm::set_tile_n_override(None).unwrap();
 }
 
 /// The NF4 entry's own argument errors: K % 32 != 0, a misaligned or short buffer.
@@ -734,6 +750,20 @@ fn gemm_errors() {
     // Zero sizes.
     let e = gemm::matmul_nt(g, &xv, &wv, &mut y, &none, 0, n, k).unwrap_err();
     assert!(matches!(e, Error::Dim { name: "tokens", .. }), "{e}");
+    // A tile width the core does not have.
+    let bad_tile = GemmEpilogue::new().with_tuning(tile(Some(64)));
+    let e = gemm::matmul_nt(g, &xv, &wv, &mut y, &bad_tile, t, n, k).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Dim {
+                name: "tuning.tile_n",
+                value: 64,
+                ..
+            }
+        ),
+        "{e}"
+    );
     // f32 operands: unsupported on every GPU.
     let xf: CudaSlice<f32> = g.zeros(t * k).unwrap();
     let wf: CudaSlice<f32> = g.zeros(n * k).unwrap();
@@ -760,33 +790,38 @@ fn gemm_sm90_bench_shape() {
     check_case::<bf16>(gpu, &c, 700);
 }
 
-/// `cuda::lora::forward_core` (down kernel, then one core GEMM with the low-rank slice
-/// and the bias) against the LoRA oracle, as tests/gpu_lora.rs checks `forward`.
+/// `cuda::lora::forward` with the GEMM core required (`CorePolicy::Require` added to
+/// `tuning`: U by the down kernel or inside the core launch, then one core GEMM with the
+/// low-rank slice and the bias) against the LoRA oracle, as tests/gpu_lora.rs checks
+/// `forward`; returns its plan, which must be the core's.
 fn check_lora_core<T: Element>(
     gpu: &Gpu,
     shape: (usize, usize, usize, usize),
     bias: bool,
     dropout: bool,
+    tuning: Tuning,
     seed: u64,
-) {
-    check_lora_core_h::<T>(gpu, shape, bias, dropout, true, seed)
+) -> Plan {
+    check_lora_core_h::<T>(gpu, shape, bias, dropout, true, tuning, seed)
 }
 
 /// [`check_lora_core`], with or without the `h` output.
+#[allow(clippy::too_many_arguments)]
 fn check_lora_core_h<T: Element>(
     gpu: &Gpu,
     (t, k, n, r): (usize, usize, usize, usize),
     bias: bool,
     dropout: bool,
     with_h: bool,
+    tuning: Tuning,
     seed: u64,
-) {
+) -> Plan {
     use lora_kernels::cpu::lora as cpu;
     use lora_kernels::cuda::lora as cuda;
     use lora_kernels::{Dropout, LoraOptions, LoraShape, LoraWeights};
     let s = LoraShape::new(t, k, n, r);
     let what = format!(
-        "{} forward_core {s:?} bias={bias} dropout={dropout} h={with_h}",
+        "{} core forward {s:?} bias={bias} dropout={dropout} h={with_h} {tuning:?}",
         common::dtype_name::<T>()
     );
     let mut rng = Rng::new(seed);
@@ -847,16 +882,27 @@ fn check_lora_core_h<T: Element>(
         b: &bd,
         bias: biasd.as_ref(),
     };
-    cuda::forward_core(
+    let required = Tuning {
+        core: CorePolicy::Require,
+        ..tuning
+    };
+    let plan = cuda::forward(
         gpu,
         &s,
-        &opts,
+        &opts.with_tuning(required),
         &xd,
         weights,
         &mut y,
         with_h.then_some(&mut h),
     )
     .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        plan.path == Path::Core && !plan.mma && !plan.nf4_in_core,
+        "{what}: {plan:?}"
+    );
+    if dropout {
+        assert!(!plan.fused_down, "{what}: {plan:?}");
+    }
     if with_h {
         assert_close(
             &format!("{what}: h"),
@@ -881,6 +927,7 @@ fn check_lora_core_h<T: Element>(
         &y_mag,
         k + r + 1,
     );
+    plan
 }
 
 #[test]
@@ -895,8 +942,8 @@ fn lora_forward_core() {
         ((512, 1024, 768, 8), true, false),
     ];
     for (i, &(shape, bias, dropout)) in cases.iter().enumerate() {
-        check_lora_core::<bf16>(gpu, shape, bias, dropout, 800 + i as u64);
-        check_lora_core::<f16>(gpu, shape, bias, dropout, 900 + i as u64);
+        check_lora_core::<bf16>(gpu, shape, bias, dropout, Tuning::AUTO, 800 + i as u64);
+        check_lora_core::<f16>(gpu, shape, bias, dropout, Tuning::AUTO, 900 + i as u64);
     }
 }
 
@@ -907,10 +954,10 @@ fn lora_forward_core() {
 /// without h, against the oracle; each shape also with the fused path switched off. T
 /// grows and shrinks from call to call, so stale flags of earlier launches are there.
 /// Then more pairs of tile rows than clusters (several jobs per cluster), and a rank
-/// above 32, which takes the down kernel.
+/// above 32, which takes the down kernel. Each plan says whether the down product was
+/// fused.
 #[test]
 fn lora_forward_core_fused_down() {
-    use lora_kernels::cuda::lora as cuda_lora;
     let Some(gpu) = gpu90("lora_forward_core_fused_down") else {
         return;
     };
@@ -927,36 +974,52 @@ fn lora_forward_core_fused_down() {
     ];
     // Every schedule the kernel can run, however many jobs a cluster takes (the default
     // rule keeps those with more than FUSED_DOWN_MAX_JOBS on the down kernel).
-    gemm::force_fused_down(true);
+    let fused_down = |fused_down, tile_n| Tuning {
+        fused_down,
+        tile_n,
+        ..Tuning::AUTO
+    };
     for width in [None, Some(gemm::TILE_N_NARROW), Some(gemm::TILE_N)] {
-        gemm::set_tile_n_override(width).unwrap();
+        let (forced, off) = (
+            fused_down(FusedDown::Force, width),
+            fused_down(FusedDown::Never, width),
+        );
         for (i, &(t, k, n, r, bias)) in cases.iter().enumerate() {
             assert!(
-                gemm::fused_down_fits::<bf16>(gpu, t, n, r).unwrap(),
+                gemm::fused_down_fits::<bf16>(gpu, &forced, t, n, r).unwrap(),
                 "the fused down product should take T = {t}, N = {n}, r = {r}"
             );
+            assert!(!gemm::fused_down_fits::<bf16>(gpu, &off, t, n, r).unwrap());
             let seed = 1000 + 10 * i as u64;
             let with_h = i % 3 != 1;
-            check_lora_core_h::<bf16>(gpu, (t, k, n, r), bias, false, with_h, seed);
-            check_lora_core_h::<f16>(gpu, (t, k, n, r), bias, false, with_h, seed + 1);
-            cuda_lora::set_fused_down(false);
-            check_lora_core_h::<bf16>(gpu, (t, k, n, r), bias, false, with_h, seed + 2);
-            cuda_lora::set_fused_down(true);
+            let shape = (t, k, n, r);
+            for plan in [
+                check_lora_core_h::<bf16>(gpu, shape, bias, false, with_h, forced, seed),
+                check_lora_core_h::<f16>(gpu, shape, bias, false, with_h, forced, seed + 1),
+            ] {
+                assert!(plan.fused_down, "{shape:?} {forced:?}: {plan:?}");
+            }
+            let plan = check_lora_core_h::<bf16>(gpu, shape, bias, false, with_h, off, seed + 2);
+            assert!(!plan.fused_down, "{shape:?} {off:?}: {plan:?}");
         }
     }
-    gemm::set_tile_n_override(None).unwrap();
     // More pairs of tile rows than clusters (several jobs per cluster), still fused; ranks
     // above 32: the down kernel, forced or not.
+    let forced = fused_down(FusedDown::Force, None);
     let t_big = 256 * (gpu.sm_count() as usize / 2) + 300;
-    assert!(gemm::fused_down_fits::<bf16>(gpu, t_big, 256, 8).unwrap());
-    check_lora_core::<bf16>(gpu, (t_big, 64, 256, 8), false, false, 1201);
-    check_lora_core::<f16>(gpu, (t_big, 128, 1000, 30), true, false, 1202);
-    assert!(!gemm::fused_down_fits::<bf16>(gpu, 1000, 264, 33).unwrap());
-    check_lora_core::<bf16>(gpu, (1000, 200, 264, 40), true, false, 1200);
-    gemm::force_fused_down(false);
+    assert!(gemm::fused_down_fits::<bf16>(gpu, &forced, t_big, 256, 8).unwrap());
+    for plan in [
+        check_lora_core::<bf16>(gpu, (t_big, 64, 256, 8), false, false, forced, 1201),
+        check_lora_core::<f16>(gpu, (t_big, 128, 1000, 30), true, false, forced, 1202),
+    ] {
+        assert!(plan.fused_down, "T = {t_big}: {plan:?}");
+    }
+    assert!(!gemm::fused_down_fits::<bf16>(gpu, &forced, 1000, 264, 33).unwrap());
+    let plan = check_lora_core::<bf16>(gpu, (1000, 200, 264, 40), true, false, forced, 1200);
+    assert!(!plan.fused_down, "r = 40: {plan:?}");
     // The default rule takes the bench shape (16 jobs on at least 8 light clusters when
     // 60 to 66 clusters of 2 fit on 132 SMs).
     if gpu.sm_count() == 132 {
-        assert!(gemm::fused_down_fits::<bf16>(gpu, 4096, 4096, 16).unwrap());
+        assert!(gemm::fused_down_fits::<bf16>(gpu, &Tuning::AUTO, 4096, 4096, 16).unwrap());
     }
 }

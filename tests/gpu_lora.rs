@@ -7,9 +7,11 @@ mod common;
 
 use common::{abs, assert_close, gpu, poison, Rng};
 use lora_kernels::cpu::lora as cpu;
-use lora_kernels::cuda::{lora as cuda, Gpu};
+use lora_kernels::cuda::{lora as cuda, Gpu, Path, Plan};
+use lora_kernels::tuning::{CorePolicy, FusedDown};
 use lora_kernels::{
-    bf16, f16, Dropout, Element, Error, LoraGrads, LoraOptions, LoraShape, LoraWeights,
+    bf16, f16, DType, Dropout, Element, Error, LoraGrads, LoraOptions, LoraShape, LoraWeights,
+    Tuning,
 };
 
 const TS: [usize; 5] = [1, 3, 17, 128, 1000];
@@ -98,13 +100,20 @@ fn weights<'a, S: ?Sized>(w: &'a S, a: &'a S, b: &'a S, bias: Option<&'a S>) -> 
     LoraWeights { w, a, b, bias }
 }
 
-fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
-    check_case_with::<T>(gpu, c, seed, false)
+/// The forward and the backward against the oracle; returns their plans.
+fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) -> (Plan, Plan) {
+    check_case_with::<T>(gpu, c, seed, Tuning::AUTO, Tuning::AUTO)
 }
 
-/// [`check_case`]; with `bwd_core` the backward is `cuda::backward_core` (dX on the GEMM
-/// core, or an error), not the per-call choice of `cuda::backward`.
-fn check_case_with<T: Element>(gpu: &Gpu, c: &Case, seed: u64, bwd_core: bool) {
+/// [`check_case`] with a path tuning for the forward and one for the backward (with
+/// `CorePolicy::Require` the backward's dX must take the GEMM core, or the call fails).
+fn check_case_with<T: Element>(
+    gpu: &Gpu,
+    c: &Case,
+    seed: u64,
+    fwd_tuning: Tuning,
+    bwd_tuning: Tuning,
+) -> (Plan, Plan) {
     let s = c.shape;
     let what = format!(
         "{} {:?} bias={} dropout={}",
@@ -153,10 +162,10 @@ fn check_case_with<T: Element>(gpu: &Gpu, c: &Case, seed: u64, bwd_core: bool) {
     let bias = d.bias.as_ref().map(|v| up(v));
     let mut y = up(&poison::<T>(s.y_len()));
     let mut h = up(&poison::<T>(s.h_len()));
-    cuda::forward(
+    let fwd_plan = cuda::forward(
         gpu,
         &s,
-        &opts,
+        &opts.with_tuning(fwd_tuning),
         &x,
         weights(&w, &a, &b, bias.as_ref()),
         &mut y,
@@ -219,15 +228,10 @@ fn check_case_with<T: Element>(gpu: &Gpu, c: &Case, seed: u64, bwd_core: bool) {
     let mut dx = up(&poison::<T>(s.x_len()));
     let mut da = up(&poison::<T>(s.a_len()));
     let mut db = up(&poison::<T>(s.b_len()));
-    let bwd = if bwd_core {
-        cuda::backward_core
-    } else {
-        cuda::backward
-    };
-    bwd(
+    let bwd_plan = cuda::backward(
         gpu,
         &s,
-        &opts,
+        &opts.with_tuning(bwd_tuning),
         &x,
         weights(&w, &a, &b, None),
         &h_dev,
@@ -238,7 +242,7 @@ fn check_case_with<T: Element>(gpu: &Gpu, c: &Case, seed: u64, bwd_core: bool) {
             db: &mut db,
         },
     )
-    .unwrap_or_else(|e| panic!("{what}: backward (core only: {bwd_core}): {e}"));
+    .unwrap_or_else(|e| panic!("{what}: backward ({bwd_tuning:?}): {e}"));
     let (n, t) = (s.out_features, s.tokens);
     assert_close(
         &format!("{what}: dx"),
@@ -261,12 +265,24 @@ fn check_case_with<T: Element>(gpu: &Gpu, c: &Case, seed: u64, bwd_core: bool) {
         &db_mag,
         t,
     );
+    (fwd_plan, bwd_plan)
 }
 
+/// Every case with the default tuning: T ≤ 32 takes the fused small-T forward, and f32
+/// never the GEMM core.
 fn run_all<T: Element>(seed0: u64) {
     let Some(gpu) = gpu() else { return };
     for (i, c) in cases().iter().enumerate() {
-        check_case::<T>(gpu, c, seed0 + i as u64);
+        let (fwd, bwd) = check_case::<T>(gpu, c, seed0 + i as u64);
+        let f32 = T::DTYPE == DType::F32;
+        if c.shape.tokens <= cuda::SMALL_T_MAX {
+            assert_eq!(fwd.path, Path::SmallFused, "{:?}", c.shape);
+        } else if f32 {
+            assert_eq!(fwd.path, Path::Cublas, "{:?}", c.shape);
+        }
+        if f32 {
+            assert_eq!(bwd.path, Path::Cublas, "{:?}", c.shape);
+        }
     }
 }
 
@@ -286,35 +302,59 @@ fn gpu_lora_bf16() {
 }
 
 /// On an sm_90 GPU the f16/bf16 forward above T = 32 takes the GEMM core path; this runs
-/// the large-T cases again with that path switched off for this thread, so the cuBLAS
-/// path stays checked on every GPU.
+/// the large-T cases again with the core switched off for these calls
+/// (`CorePolicy::Never`), so the cuBLAS path stays checked on every GPU.
 #[test]
 fn gpu_lora_cublas_path_f16_bf16() {
     let Some(gpu) = gpu() else { return };
-    cuda::set_core_dispatch(false);
+    let never = Tuning {
+        core: CorePolicy::Never,
+        ..Tuning::AUTO
+    };
     for (i, c) in cases().iter().enumerate() {
         if c.shape.tokens > cuda::SMALL_T_MAX {
-            check_case::<bf16>(gpu, c, 4000 + i as u64);
-            check_case::<f16>(gpu, c, 5000 + i as u64);
+            for (fwd, bwd) in [
+                check_case_with::<bf16>(gpu, c, 4000 + i as u64, never, never),
+                check_case_with::<f16>(gpu, c, 5000 + i as u64, never, never),
+            ] {
+                assert_eq!(fwd.path, Path::Cublas, "{:?}", c.shape);
+                assert_eq!(bwd.path, Path::Cublas, "{:?}", c.shape);
+            }
         }
     }
-    cuda::set_core_dispatch(true);
 }
 
 /// The large-T cases on the GEMM core's mma.sync kernels (the sm_80 .. sm_89 path,
-/// forced on sm_90): the forward's y from the mma core with the low-rank K-slice, the
+/// forced on sm_90 by `Tuning::mma_path`): the forward's y from the mma core with the
+/// low-rank K-slice (U from the down kernel: the fused down product is wgmma-only), the
 /// backward on cuBLAS (the NN core is wgmma-only).
 #[test]
 fn gpu_lora_mma_path_f16_bf16() {
     let Some(gpu) = gpu() else { return };
-    lora_kernels::cuda::gemm::force_mma_path(true);
+    let mma = Tuning {
+        mma_path: true,
+        ..Tuning::AUTO
+    };
+    let mut on_core = 0;
     for (i, c) in cases().iter().enumerate() {
         if c.shape.tokens > cuda::SMALL_T_MAX {
-            check_case::<bf16>(gpu, c, 8000 + i as u64);
-            check_case::<f16>(gpu, c, 8100 + i as u64);
+            for (fwd, bwd) in [
+                check_case_with::<bf16>(gpu, c, 8000 + i as u64, mma, mma),
+                check_case_with::<f16>(gpu, c, 8100 + i as u64, mma, mma),
+            ] {
+                let what = format!("{:?}: {fwd:?}", c.shape);
+                match fwd.path {
+                    Path::Core => {
+                        assert!(fwd.mma && !fwd.fused_down, "{what}");
+                        on_core += 1;
+                    }
+                    path => assert_eq!(path, Path::Cublas, "{what}"),
+                }
+                assert_eq!(bwd.path, Path::Cublas, "{:?}", c.shape);
+            }
         }
     }
-    lora_kernels::cuda::gemm::force_mma_path(false);
+    assert!(on_core > 0, "no forward took the mma.sync core");
 }
 
 fn merge_case<T: Element>(gpu: &Gpu, s: LoraShape, seed: u64) {
@@ -449,12 +489,14 @@ fn gpu_small_forward_is_repeatable() {
     }
 }
 
-/// The backward with dX on the GEMM core (`cuda::backward_core`: dX = dY W + (s·dY B) A
-/// by one MN-major core launch) on shapes the per-call choice may not give it: ranks 1,
-/// 12 (padded G rows), 17 and 64, N = 40 (one K-slice of the core), T not a multiple of
-/// the tile, few tiles; G from the launch's own jobs and from cuBLAS, and with several
-/// jobs per cluster. On a GPU without the core it must refuse with
-/// `Error::Unsupported`, and this test says loudly that it skipped.
+/// The backward with dX on the GEMM core (`cuda::backward` with `CorePolicy::Require`:
+/// dX = dY W + (s·dY B) A by one MN-major core launch, the plan says `Path::Core`) on
+/// shapes the per-call choice may not give it: ranks 1, 12 (padded G rows), 17 and 64,
+/// N = 40 (one K-slice of the core), T not a multiple of the tile, few tiles; G from the
+/// launch's own jobs (where the rule allows, and forced: the plan says `fused_down`
+/// exactly for r ≤ 32) and from cuBLAS, and with several jobs per cluster. On a GPU
+/// without the core it must refuse with `Error::Unsupported`, and this test says loudly
+/// that it skipped.
 #[test]
 fn gpu_lora_backward_core_f16_bf16() {
     let Some(gpu) = gpu() else { return };
@@ -468,27 +510,53 @@ fn gpu_lora_backward_core_f16_bf16() {
     if !lora_kernels::cuda::gemm::supported(gpu) {
         let e =
             backward_core_err::<bf16>(gpu, LoraShape::new(129, 64, 64, 8), &LoraOptions::new(1.0));
-        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Unsupported {
+                    op: "lora::backward",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         eprintln!("\n*** gpu_lora_backward_core_f16_bf16 SKIPPED: no sm_90 GEMM core ({e}) ***\n");
         return;
     }
-    // G = s·dY B inside the core launch (jobs, r ≤ 32 where the rule allows) and by
-    // cuBLAS before it.
-    for fused in [true, false] {
-        cuda::set_fused_down(fused);
+    let require = Tuning {
+        core: CorePolicy::Require,
+        ..Tuning::AUTO
+    };
+    // G = s·dY B inside the core launch (jobs: where the rule allows, and forced at every
+    // r ≤ 32) and by cuBLAS before it.
+    for fused in [FusedDown::Auto, FusedDown::Force, FusedDown::Never] {
+        let tuning = Tuning {
+            fused_down: fused,
+            ..require
+        };
         for (i, &(t, k, n, r)) in shapes.iter().enumerate() {
             let c = Case {
                 shape: LoraShape::new(t, k, n, r),
                 bias: i % 2 == 0,
                 dropout: false,
             };
-            check_case_with::<bf16>(gpu, &c, 6000 + i as u64, true);
-            check_case_with::<f16>(gpu, &c, 6100 + i as u64, true);
+            for (_, bwd) in [
+                check_case_with::<bf16>(gpu, &c, 6000 + i as u64, Tuning::AUTO, tuning),
+                check_case_with::<f16>(gpu, &c, 6100 + i as u64, Tuning::AUTO, tuning),
+            ] {
+                let what = format!("{:?} {fused:?}: {bwd:?}", c.shape);
+                assert_eq!(bwd.path, Path::Core, "{what}");
+                match fused {
+                    FusedDown::Auto => assert!(r <= 32 || !bwd.fused_down, "{what}"),
+                    FusedDown::Force => assert_eq!(bwd.fused_down, r <= 32, "{what}"),
+                    FusedDown::Never => assert!(!bwd.fused_down, "{what}"),
+                }
+            }
         }
     }
-    cuda::set_fused_down(true);
     // dX 2-byte aligned on a shape the core takes: `backward` falls back to cuBLAS (no
-    // error), with the same dX up to rounding.
+    // error), with the same dX as the core's (required, dX aligned) up to rounding; the
+    // core required on the misaligned dX is an error.
     {
         let s = LoraShape::new(700, 1000, 88, 12);
         let mut rng = Rng::new(6300);
@@ -506,16 +574,20 @@ fn gpu_lora_backward_core_f16_bf16() {
         let mut da_buf = gpu.zeros::<bf16>(s.a_len()).unwrap();
         let mut db_buf = gpu.zeros::<bf16>(s.b_len()).unwrap();
         let mut got = Vec::new();
-        for off in [0usize, 1] {
+        for (off, tuning, path) in [
+            (0usize, require, Path::Core),
+            (1, Tuning::AUTO, Path::Cublas),
+            (1, require, Path::Core),
+        ] {
             let (mut dx, mut da, mut db) = (
                 dx_buf.slice_mut(off..off + s.x_len()),
                 da_buf.slice_mut(..),
                 db_buf.slice_mut(..),
             );
-            cuda::backward(
+            let plan = cuda::backward(
                 gpu,
                 &s,
-                &opts,
+                &opts.with_tuning(tuning),
                 &x,
                 weights(&w, &a, &b, None),
                 &h,
@@ -525,8 +597,13 @@ fn gpu_lora_backward_core_f16_bf16() {
                     da: &mut da,
                     db: &mut db,
                 },
-            )
-            .unwrap();
+            );
+            if off == 1 && tuning.core == CorePolicy::Require {
+                let e = plan.unwrap_err();
+                assert!(matches!(e, Error::Misaligned { name: "dx", .. }), "{e}");
+                continue;
+            }
+            assert_eq!(plan.unwrap().path, path, "dX offset {off}, {tuning:?}");
             got.push(gpu.download(&dx_buf.slice(off..off + s.x_len())).unwrap());
         }
         let (aligned, shifted) = (&got[0], &got[1]);
@@ -540,17 +617,21 @@ fn gpu_lora_backward_core_f16_bf16() {
         }
     }
     // More tile-row pairs (79) than clusters: several G jobs per cluster, forced.
-    lora_kernels::cuda::gemm::force_fused_down(true);
     let c = Case {
         shape: LoraShape::new(20000, 64, 72, 16),
         bias: false,
         dropout: false,
     };
-    check_case_with::<bf16>(gpu, &c, 6200, true);
-    lora_kernels::cuda::gemm::force_fused_down(false);
+    let forced = Tuning {
+        fused_down: FusedDown::Force,
+        ..require
+    };
+    let (_, bwd) = check_case_with::<bf16>(gpu, &c, 6200, Tuning::AUTO, forced);
+    assert!(bwd.path == Path::Core && bwd.fused_down, "{bwd:?}");
 }
 
-/// `cuda::backward_core` on zeroed buffers of shape `s`; its error (it must fail).
+/// `cuda::backward` with the core required (`CorePolicy::Require`) on zeroed buffers of
+/// shape `s`; its error (it must fail).
 fn backward_core_err<T: Element>(gpu: &Gpu, s: LoraShape, opts: &LoraOptions) -> Error {
     let z = |n: usize| gpu.zeros::<T>(n).unwrap();
     let (x, w, a, b, h, dy) = (
@@ -562,10 +643,14 @@ fn backward_core_err<T: Element>(gpu: &Gpu, s: LoraShape, opts: &LoraOptions) ->
         z(s.y_len()),
     );
     let (mut dx, mut da, mut db) = (z(s.x_len()), z(s.a_len()), z(s.b_len()));
-    cuda::backward_core(
+    let opts = opts.with_tuning(Tuning {
+        core: CorePolicy::Require,
+        ..opts.tuning
+    });
+    cuda::backward(
         gpu,
         &s,
-        opts,
+        &opts,
         &x,
         weights(&w, &a, &b, None),
         &h,
@@ -579,13 +664,22 @@ fn backward_core_err<T: Element>(gpu: &Gpu, s: LoraShape, opts: &LoraOptions) ->
     .unwrap_err()
 }
 
-/// `cuda::backward_core`'s refusals: active dropout, N % 8 != 0, f32.
+/// The required core backward's refusals: active dropout, N % 8 != 0, f32.
 #[test]
 fn gpu_lora_backward_core_errors() {
     let Some(gpu) = gpu() else { return };
     let plain = LoraOptions::new(1.0);
     let e = backward_core_err::<f32>(gpu, LoraShape::new(129, 64, 64, 8), &plain);
-    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::Unsupported {
+                op: "lora::backward",
+                ..
+            }
+        ),
+        "{e}"
+    );
     if !lora_kernels::cuda::gemm::supported(gpu) {
         return;
     }
@@ -602,7 +696,16 @@ fn gpu_lora_backward_core_errors() {
     );
     let dropped = plain.with_dropout(Dropout::new(0.25, 1, 2));
     let e = backward_core_err::<bf16>(gpu, LoraShape::new(129, 64, 64, 8), &dropped);
-    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::Unsupported {
+                op: "lora::backward",
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -639,6 +742,22 @@ fn gpu_bad_arguments_are_errors() {
     let mut short_h = z(3);
     let e = cuda::forward(gpu, &s, &opts, &x, ok, &mut y, Some(&mut short_h)).unwrap_err();
     assert!(matches!(e, Error::Length { name: "h", .. }), "{e}");
+    // A tuning outside what the kernels take: refused before any launch.
+    let bad_tile = opts.with_tuning(Tuning {
+        tile_n: Some(64),
+        ..Tuning::AUTO
+    });
+    let e = cuda::forward(gpu, &s, &bad_tile, &x, ok, &mut y, None).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Dim {
+                name: "tuning.tile_n",
+                ..
+            }
+        ),
+        "{e}"
+    );
     let (mut dx, mut da, mut db) = (z(16), z(16), z(7));
     let h = z(4);
     let e = cuda::backward(

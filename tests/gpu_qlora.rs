@@ -6,19 +6,14 @@
 
 mod common;
 
-use std::sync::Mutex;
-
-use common::{abs, assert_close, gpu, poison, Rng};
+use common::{abs, assert_close, core_fills, gpu, poison, Rng};
 use lora_kernels::cpu::{lora as cpu_lora, qlora as cpu};
 use lora_kernels::cuda::nf4::Nf4Device;
-use lora_kernels::cuda::{qlora as cuda, Gpu};
+use lora_kernels::cuda::{gemm, qlora as cuda, Gpu, Path, Plan};
 use lora_kernels::{
     bf16, f16, Dropout, Element, Error, LoraGrads, LoraOptions, LoraShape, LoraWeights, Nf4Weight,
-    QloraWeights,
+    QloraWeights, Tuning,
 };
-
-/// The panel size is a process-wide setting: tests that change it hold this lock.
-static PANEL: Mutex<()> = Mutex::new(());
 
 #[derive(Debug, Clone, Copy)]
 struct Case {
@@ -27,6 +22,8 @@ struct Case {
     dq: bool,
     bias: bool,
     dropout: bool,
+    /// The path tuning of both calls.
+    tuning: Tuning,
 }
 
 fn cases() -> Vec<Case> {
@@ -52,13 +49,14 @@ fn cases() -> Vec<Case> {
             dq: i % 2 == 0,
             bias: i % 3 != 1,
             dropout: i % 3 == 2,
+            tuning: Tuning::AUTO,
         });
     }
     v
 }
 
 fn opts_for(c: &Case, seed: u64) -> LoraOptions {
-    let o = LoraOptions::new(1.75);
+    let o = LoraOptions::new(1.75).with_tuning(c.tuning);
     if c.dropout {
         o.with_dropout(Dropout::new(0.25, seed, 12))
     } else {
@@ -70,7 +68,8 @@ fn lw<'a, S: ?Sized>(w: &'a S, a: &'a S, b: &'a S, bias: Option<&'a S>) -> LoraW
     LoraWeights { w, a, b, bias }
 }
 
-fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
+/// The forward and the backward against the oracle; returns their plans.
+fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) -> (Plan, Plan) {
     let s = c.shape;
     let (t, k, n) = (s.tokens, s.in_features, s.out_features);
     let what = format!(
@@ -141,7 +140,7 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
         b: &bd,
         bias,
     };
-    cuda::forward(
+    let fwd_plan = cuda::forward(
         gpu,
         &s,
         &opts,
@@ -199,7 +198,7 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
     let mut dx = up(&poison::<T>(s.x_len()));
     let mut da = up(&poison::<T>(s.a_len()));
     let mut db = up(&poison::<T>(s.b_len()));
-    cuda::backward(
+    let bwd_plan = cuda::backward(
         gpu,
         &s,
         &opts,
@@ -224,14 +223,22 @@ fn check_case<T: Element>(gpu: &Gpu, c: &Case, seed: u64) {
     );
     assert_close(&format!("{what}: dA"), &dl(&da), &da_ref, &da_mag, t + n);
     assert_close(&format!("{what}: dB"), &dl(&db), &db_ref, &db_mag, t);
+    (fwd_plan, bwd_plan)
 }
 
+/// Every case with the default tuning: the fused small-T pass where it applies (T ≤ 32,
+/// K % 32 == 0), the NF4 core never (it is off by default).
 fn run_all<T: Element>(seed0: u64) {
     let Some(gpu) = gpu() else { return };
-    let _lock = PANEL.lock().unwrap_or_else(|e| e.into_inner());
-    cuda::set_panel_elems(0);
     for (i, c) in cases().iter().enumerate() {
-        check_case::<T>(gpu, c, seed0 + i as u64);
+        let (fwd, bwd) = check_case::<T>(gpu, c, seed0 + i as u64);
+        let s = c.shape;
+        let small = s.tokens <= lora_kernels::cuda::nf4::SMALL_T_MAX && s.in_features % 32 == 0;
+        assert_eq!(fwd.path == Path::SmallFused, small, "{c:?}: {fwd:?}");
+        assert!(
+            !fwd.nf4_in_core && !bwd.nf4_in_core,
+            "{c:?}: {fwd:?} {bwd:?}"
+        );
     }
 }
 
@@ -249,21 +256,22 @@ fn gpu_qlora_bf16() {
 }
 
 /// Shapes the GEMM core's NF4 kernel takes on an H100 (T ≥ 129 and enough 128 × 128
-/// output tiles for the SMs; f16/bf16, K % 32 == 0), with `set_nf4_core(true)`: the
+/// output tiles for the SMs; f16/bf16, K % 32 == 0), with `Tuning::nf4_core`: the
 /// forward's y comes from the producer warpgroup's shared-memory dequantize, with the
 /// low-rank K-slice, bias and dropout (U from the down kernel on the dropped x); then the
 /// same cases on the default panel path. Blocks cross rows (K % blocksize != 0), K is not
 /// a multiple of 64, tile-row counts are odd, N both not a multiple of 8 (direct stores)
 /// and a multiple of 8 (TMA stores). The last three shapes (enough [T, K] tiles, N % 8
-/// == 0, no dropout) take the backward's NF4 NN core with `set_nf4_core(true)`: dX from
+/// == 0, no dropout) take the backward's NF4 NN core with `Tuning::nf4_core`: dX from
 /// W's [64-row × tile] pieces dequantized in shared memory, N not a multiple of 64
-/// (zero-filled rows), blocks crossing rows, ranks 12, 16, 64. On other GPUs both runs
-/// take the panel path.
+/// (zero-filled rows), blocks crossing rows, ranks 12, 16, 64. The plans must say so
+/// wherever the tiles fill the GPU (`common::core_fills`: the first three forwards and
+/// the last three backwards with 132 SMs). On other GPUs both runs take the panel path.
 #[test]
 fn gpu_qlora_core_sized() {
     let Some(gpu) = gpu() else { return };
-    let _lock = PANEL.lock().unwrap_or_else(|e| e.into_inner());
-    cuda::set_panel_elems(0);
+    let sm90 = gemm::supported(gpu);
+    let (mut fwd_core, mut bwd_core) = (0, 0);
     let cases = [
         (LoraShape::new(300, 96, 2900, 8), 32, false, true, true),
         (LoraShape::new(257, 320, 2816, 64), 128, true, false, false),
@@ -279,42 +287,84 @@ fn gpu_qlora_core_sized() {
         (LoraShape::new(520, 1792, 776, 12), 256, true, true, false),
     ];
     for (i, &(shape, bs, dq, bias, dropout)) in cases.iter().enumerate() {
-        let c = Case {
-            shape,
-            bs,
-            dq,
-            bias,
-            dropout,
-        };
-        for core in [true, false] {
-            cuda::set_nf4_core(core);
-            check_case::<bf16>(gpu, &c, 700 + i as u64);
-            check_case::<f16>(gpu, &c, 710 + i as u64);
+        for nf4_core in [true, false] {
+            let c = Case {
+                shape,
+                bs,
+                dq,
+                bias,
+                dropout,
+                tuning: Tuning {
+                    nf4_core,
+                    ..Tuning::AUTO
+                },
+            };
+            for (fwd, bwd) in [
+                check_case::<bf16>(gpu, &c, 700 + i as u64),
+                check_case::<f16>(gpu, &c, 710 + i as u64),
+            ] {
+                let what = format!("{c:?}: {fwd:?} {bwd:?}");
+                let (t, k, n) = (shape.tokens, shape.in_features, shape.out_features);
+                // The NF4 core where the tiles fill the GPU (the rest of its rule holds
+                // for every case here), else dense panels (into the core or cuBLAS).
+                let fwd_nf4 = nf4_core && sm90 && core_fills(gpu, t, n);
+                let bwd_nf4 = nf4_core && sm90 && core_fills(gpu, t, k) && !dropout && n % 8 == 0;
+                assert_eq!(fwd.nf4_in_core, fwd_nf4, "{what}");
+                assert_eq!(fwd.path == Path::Core, fwd_nf4, "{what}");
+                assert_eq!(bwd.nf4_in_core, bwd_nf4, "{what}");
+                assert_eq!(bwd.path == Path::Core, bwd_nf4, "{what}");
+                fwd_core += fwd_nf4 as usize;
+                bwd_core += bwd_nf4 as usize;
+            }
         }
+    }
+    if sm90 {
+        assert!(
+            fwd_core > 0 && bwd_core > 0,
+            "the NF4 core ran {fwd_core} forwards and {bwd_core} backwards"
+        );
     }
 }
 
 /// The core-sized cases on the mma.sync kernels (the sm_80 .. sm_89 path, forced on
-/// sm_90): the panel path's dense core over each dequantized panel, storing into y's
-/// columns (row stride N), with 1000-row panels and one panel.
+/// sm_90 by `Tuning::mma_path`): the panel path's dense core over each dequantized
+/// panel, storing into y's columns (row stride N), with 1000-row panels and one panel
+/// (N = 2904); N = 2900 (not a multiple of 8: no TMA stores into y's columns) takes
+/// cuBLAS over the panel instead. The backward on cuBLAS (the NN core is wgmma-only).
 #[test]
 fn gpu_qlora_mma_path() {
     let Some(gpu) = gpu() else { return };
-    let _lock = PANEL.lock().unwrap_or_else(|e| e.into_inner());
-    lora_kernels::cuda::gemm::force_mma_path(true);
+    let mut on_core = 0;
     for (i, (cap_rows, shape)) in [
         (1000, LoraShape::new(257, 320, 2816, 16)),
         (0, LoraShape::new(300, 96, 2900, 8)),
+        (0, LoraShape::new(300, 96, 2904, 8)),
     ]
     .into_iter()
     .enumerate()
     {
-        let c = panel_case(cap_rows, shape, i == 0, i == 1);
-        check_case::<bf16>(gpu, &c, 800 + i as u64);
-        check_case::<f16>(gpu, &c, 810 + i as u64);
+        let mut c = panel_case(cap_rows, shape, i == 0, i == 1);
+        c.tuning.mma_path = true;
+        for (fwd, bwd) in [
+            check_case::<bf16>(gpu, &c, 800 + i as u64),
+            check_case::<f16>(gpu, &c, 810 + i as u64),
+        ] {
+            let what = format!("{c:?}: {fwd:?} {bwd:?}");
+            let core =
+                shape.out_features % 8 == 0 && core_fills(gpu, shape.tokens, shape.out_features);
+            if core {
+                assert!(fwd.path == Path::CorePanels && fwd.mma, "{what}");
+                on_core += 1;
+            } else {
+                assert_eq!(fwd.path, Path::CublasPanels, "{what}");
+            }
+            assert_eq!(bwd.path, Path::CublasPanels, "{what}");
+        }
     }
-    cuda::set_panel_elems(0);
-    lora_kernels::cuda::gemm::force_mma_path(false);
+    assert!(
+        on_core > 0,
+        "no forward took the mma.sync core over the panels"
+    );
 }
 
 /// Many panels: 8-row panels, a 13-row cap (8-row panels, the last ragged), 3-row
@@ -327,7 +377,6 @@ fn gpu_qlora_mma_path() {
 #[test]
 fn gpu_qlora_many_panels() {
     let Some(gpu) = gpu() else { return };
-    let _lock = PANEL.lock().unwrap_or_else(|e| e.into_inner());
     for (i, (cap_rows, shape)) in [
         (8, LoraShape::new(40, 96, 61, 8)),
         (13, LoraShape::new(70, 64, 45, 4)),
@@ -341,26 +390,47 @@ fn gpu_qlora_many_panels() {
     .enumerate()
     {
         let c = panel_case(cap_rows, shape, i % 2 == 0, i == 1);
-        check_case::<bf16>(gpu, &c, 500 + i as u64);
+        let mut plans = vec![check_case::<bf16>(gpu, &c, 500 + i as u64)];
         if i >= 3 {
-            check_case::<f16>(gpu, &c, 650 + i as u64);
+            plans.push(check_case::<f16>(gpu, &c, 650 + i as u64));
         } else {
-            check_case::<f32>(gpu, &c, 600 + i as u64);
+            plans.push(check_case::<f32>(gpu, &c, 600 + i as u64));
+        }
+        for (j, (fwd, bwd)) in plans.into_iter().enumerate() {
+            let what = format!("{c:?}: {fwd:?} {bwd:?}");
+            // Dense panels everywhere: into the core where it takes them (bf16 and f16 on
+            // sm_90, the tiles filling the GPU: the forward's 1000-row panels of the fourth
+            // layer, the backward's column panels of the fifth), else cuBLAS.
+            let core = (j == 0 || i >= 3) && gemm::supported(gpu);
+            let (t, k, n) = (shape.tokens, shape.in_features, shape.out_features);
+            let fwd_core = core && i == 3 && core_fills(gpu, t, n);
+            let bwd_core = core && i == 4 && core_fills(gpu, t, k);
+            let panels = |core| {
+                if core {
+                    Path::CorePanels
+                } else {
+                    Path::CublasPanels
+                }
+            };
+            assert_eq!(fwd.path, panels(fwd_core), "{what}");
+            assert_eq!(bwd.path, panels(bwd_core), "{what}");
         }
     }
-    cuda::set_panel_elems(0);
 }
 
-/// Caps the panels at `cap_rows` rows of `shape`'s W (0: the default cap) and returns
-/// the blocksize-64 case with bias over it.
+/// The blocksize-64 case with bias over `shape`, its panels capped at `cap_rows` rows of
+/// W (0: the default cap).
 fn panel_case(cap_rows: usize, shape: LoraShape, dq: bool, dropout: bool) -> Case {
-    cuda::set_panel_elems(cap_rows * shape.in_features);
     Case {
         shape,
         bs: 64,
         dq,
         bias: true,
         dropout,
+        tuning: Tuning {
+            panel_elems: (cap_rows > 0).then_some(cap_rows * shape.in_features),
+            ..Tuning::AUTO
+        },
     }
 }
 

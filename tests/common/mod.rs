@@ -189,6 +189,16 @@ pub fn poison<T: Element>(n: usize) -> Vec<T> {
     vec![T::from_f64(f64::NAN); n]
 }
 
+/// Whether a [tokens, n] output has enough tiles for the GEMM core's path rule
+/// (`lora_kernels::cuda::plan`, rule 2): T ≥ 129 and ceil(T/128) · ceil(n/128) ≥ SMs/2
+/// (the forward's n is N, the backward's dX takes K). Tests use it to know which path a
+/// call with the default tuning must report on this GPU.
+pub fn core_fills(gpu: &Gpu, tokens: usize, n: usize) -> bool {
+    use lora_kernels::cuda::gemm::{TILE_M, TILE_N_NARROW};
+    let tiles_m = tokens.div_ceil(TILE_M);
+    tiles_m >= 2 && 2 * tiles_m * n.div_ceil(TILE_N_NARROW) >= gpu.sm_count() as usize
+}
+
 pub fn dtype_name<T: Element>() -> &'static str {
     match T::DTYPE {
         DType::F32 => "f32",
