@@ -23,7 +23,9 @@ pub enum CorePolicy {
     /// Never the GEMM core: the cuBLAS (or small-T) path, as on GPUs without the core.
     Never,
     /// The GEMM core or an error that names why it cannot run (before any launch),
-    /// whatever T is. Small T included: the fused small-T kernel is not taken.
+    /// whatever T is: the rule that the output tiles fill the GPU is waived, and small T
+    /// does not take the fused small-T kernel. The core's other conditions (dtype, GPU,
+    /// rank, alignment, no dropout where the core cannot take it) still hold.
     Require,
 }
 

@@ -197,7 +197,8 @@ fn check_core_alignment(shape: &LoraShape, p: &FwdPtrs) -> Result<()> {
 }
 
 /// Whether the GEMM core path can take this large-T forward (see [`forward`]'s paths),
-/// and the tuning lets it ([`CorePolicy::Never`] does not).
+/// and the tuning lets it ([`CorePolicy::Never`] does not; [`CorePolicy::Require`] waives
+/// the rule that the tiles fill the GPU, as for every op).
 pub(crate) fn core_takes<T: Element>(
     gpu: &Gpu,
     tuning: &Tuning,
@@ -205,7 +206,8 @@ pub(crate) fn core_takes<T: Element>(
     p: &FwdPtrs,
 ) -> bool {
     tuning.core != CorePolicy::Never
-        && core_fills_gpu(shape.tokens, shape.out_features, gpu.sm_count() as usize)
+        && (tuning.core == CorePolicy::Require
+            || core_fills_gpu(shape.tokens, shape.out_features, gpu.sm_count() as usize))
         && T::DTYPE != crate::DType::F32
         && shape.rank <= super::gemm::MAX_RANK
         && shape.in_features % 8 == 0
@@ -837,7 +839,8 @@ pub(crate) fn dx_core_takes<T: Element>(
     };
     weight_ok
         && tuning.core != CorePolicy::Never
-        && core_fills_gpu(tokens, shape.in_features, gpu.sm_count() as usize)
+        && (tuning.core == CorePolicy::Require
+            || core_fills_gpu(tokens, shape.in_features, gpu.sm_count() as usize))
         && T::DTYPE != crate::DType::F32
         && shape.rank <= super::gemm::MAX_RANK
         && shape.in_features % 8 == 0
