@@ -1,4 +1,5 @@
-// Device helpers shared by every kernel family: element types, vector loads, Philox.
+// Device helpers shared by every kernel family: element types, vector loads, Philox,
+// shared-memory addresses and gpu-scope flags.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -147,6 +148,21 @@ __device__ __forceinline__ void dropout_mul8(const LkDropout &d, uint64_t e0, fl
 #pragma unroll
     for (int i = 0; i < 4; ++i) m[4 * g + i] = (r.v[i] >> 8) < d.threshold ? 0.0f : d.keep_scale;
   }
+}
+
+// The shared-window address (for ldmatrix, cp.async, mbarriers, TMA) of a generic
+// pointer to shared memory.
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// A flag word that other blocks set, read with acquire semantics at gpu scope: what its
+// writer did before its release (a fence then an atomic, or st.release.gpu) is visible
+// after this load sees the value.
+__device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t *p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

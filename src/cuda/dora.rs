@@ -120,7 +120,7 @@ pub(crate) fn launch_norm_g<T: Element>(
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let name = format!("lk_lora_dora_norm_mma_{}_k{rk}", T::DTYPE.suffix());
+        let name = format!("lk_dora_norm_mma_{}_k{rk}", T::DTYPE.suffix());
         return gpu.launch(&name, cfg, &params);
     }
     let cfg = LaunchConfig {

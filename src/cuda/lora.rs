@@ -379,7 +379,7 @@ pub(crate) fn forward_small<T: Element>(
         };
         let name = match &p.dora {
             Some(d) => format!(
-                "lk_lora_dora_small_{}_n{nt}_k{}",
+                "lk_dora_small_{}_n{nt}_k{}",
                 T::DTYPE.suffix(),
                 d.rank_steps
             ),

@@ -188,6 +188,7 @@ impl Gpu {
             ("nf4", load_module(&ctx, "nf4")?),
             ("dora", load_module(&ctx, "dora")?),
             ("gemm", load_module(&ctx, "gemm")?),
+            ("gemm_mma", load_module(&ctx, "gemm_mma")?),
         ];
         let dev = Arc::new(Device {
             ctx,
@@ -382,6 +383,8 @@ impl Gpu {
             "nf4"
         } else if name.starts_with("lk_dora_") {
             "dora"
+        } else if name.starts_with("lk_gemm_mma_") {
+            "gemm_mma"
         } else if name.starts_with("lk_gemm_") {
             "gemm"
         } else {
