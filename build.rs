@@ -15,9 +15,23 @@
 //! - `LORA_KERNELS_CHECK_BINDINGS=1`: regenerate the bindings with bindgen (needs
 //!   libclang) and fail if they differ from the checked-in `src/cuda/bindings.rs`.
 //!   `LORA_KERNELS_WRITE_BINDINGS=1` overwrites the checked-in file instead.
+//! - `LORA_KERNELS_CHECK_ENTRIES=1` (or `LORA_KERNELS_CHECK_BINDINGS=1`): fail if the
+//!   kernel entry list of the sources differs from the checked-in `src/cuda/entries.rs`
+//!   (needs nvcc). `LORA_KERNELS_WRITE_ENTRIES=1` (or `LORA_KERNELS_WRITE_BINDINGS=1`)
+//!   overwrites the checked-in file instead. Without either, a difference is a warning.
 //! - `LORA_KERNELS_CACHE_DIR`: where compiled fatbinaries are cached by content hash
 //!   (default: `<target>/lora-kernels-nvcc-cache`), so a `cargo clippy` after a
 //!   `cargo test` does not compile the kernels again.
+//!
+//! Kernel entries: every `extern "C" __global__` function of `kernels/<module>.cu` (found
+//! in nvcc's preprocessed output, so entries that macros make count) becomes a typed
+//! constant, `LK_DORA_NORM_BF16: Kernel = Kernel { module: Module::Dora, name:
+//! "lk_dora_norm_bf16" }`, plus one `ByDType` table per family of entries whose names
+//! differ only in `f32` / `f16` / `bf16` (`LK_DORA_NORM`). The crate names kernels only
+//! through these, so a misspelt kernel or a wrong module does not compile. With nvcc the
+//! crate compiles against the list made from the sources (`$OUT_DIR/entries.rs`);
+//! without it, against the checked-in copy `src/cuda/entries.rs`, which CI keeps equal
+//! to the sources.
 
 use std::env;
 use std::fs;
@@ -42,6 +56,8 @@ fn main() {
         "LORA_KERNELS_REQUIRE_NVCC",
         "LORA_KERNELS_CHECK_BINDINGS",
         "LORA_KERNELS_WRITE_BINDINGS",
+        "LORA_KERNELS_CHECK_ENTRIES",
+        "LORA_KERNELS_WRITE_ENTRIES",
         "LORA_KERNELS_CACHE_DIR",
         "LIBCLANG_PATH",
     ] {
@@ -49,6 +65,7 @@ fn main() {
     }
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-changed={CHECKED_IN_ENTRIES}");
 
     let mut sources: Vec<PathBuf> = Vec::new();
     let mut headers: Vec<PathBuf> = Vec::new();
@@ -93,6 +110,7 @@ fn build_kernels(manifest: &Path, out_dir: &Path, sources: &[PathBuf], headers: 
         }
         println!("cargo:warning={msg}");
         write_generated(&generated, None, "", &[]);
+        use_checked_in_entries(manifest, out_dir);
         return;
     };
     let version = nvcc_version(&nvcc).unwrap_or_else(|e| {
@@ -110,6 +128,23 @@ fn build_kernels(manifest: &Path, out_dir: &Path, sources: &[PathBuf], headers: 
     }
     let cache_dir = cache_dir(out_dir);
     fs::create_dir_all(&cache_dir).ok();
+
+    // The entry list first: a stale checked-in list fails before minutes of compiling.
+    // (Cached by the sources and this script, whose code writes it.)
+    let mut entries_hash = hash.clone();
+    entries_hash.add(include_bytes!("build.rs"));
+    let cached_entries = cache_dir.join(format!("entries-{:016x}.rs", entries_hash.finish()));
+    let entries = match fs::read_to_string(&cached_entries) {
+        Ok(text) => text,
+        Err(_) => {
+            let text = entries_source(&kernel_entries(&nvcc, sources));
+            let tmp = cached_entries.with_extension(format!("tmp{}", std::process::id()));
+            fs::write(&tmp, &text).unwrap();
+            fs::rename(&tmp, &cached_entries).unwrap();
+            text
+        }
+    };
+    check_entries(manifest, out_dir, &entries);
 
     // Compile the files in parallel (each nvcc also runs its gencode targets in parallel).
     let results: Vec<(String, PathBuf)> = std::thread::scope(|scope| {
@@ -296,6 +331,339 @@ fn write_generated(path: &Path, version: Option<&str>, archs: &str, modules: &[(
     }
     s += "];\n";
     fs::write(path, s).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Kernel entries
+// ---------------------------------------------------------------------------------------
+
+const CHECKED_IN_ENTRIES: &str = "src/cuda/entries.rs";
+
+/// Without nvcc: the crate compiles against the checked-in entry list.
+fn use_checked_in_entries(manifest: &Path, out_dir: &Path) {
+    if env::var("LORA_KERNELS_CHECK_ENTRIES").is_ok_and(|v| v == "1") {
+        panic!("LORA_KERNELS_CHECK_ENTRIES=1 needs nvcc (the entries come from its preprocessor)");
+    }
+    if env::var("LORA_KERNELS_CHECK_BINDINGS").is_ok_and(|v| v == "1") {
+        println!("cargo:warning=no nvcc: {CHECKED_IN_ENTRIES} is not checked against kernels/");
+    }
+    let text = fs::read_to_string(manifest.join(CHECKED_IN_ENTRIES))
+        .unwrap_or_else(|e| panic!("{CHECKED_IN_ENTRIES}: {e}"));
+    fs::write(out_dir.join("entries.rs"), text).unwrap();
+}
+
+/// With nvcc: the crate compiles against `fresh` (made from the sources); the checked-in
+/// copy is compared with it, and rewritten or found stale as the environment asks.
+fn check_entries(manifest: &Path, out_dir: &Path, fresh: &str) {
+    let on = |var: &str| env::var(var).is_ok_and(|v| v == "1");
+    let check = on("LORA_KERNELS_CHECK_ENTRIES") || on("LORA_KERNELS_CHECK_BINDINGS");
+    let write = on("LORA_KERNELS_WRITE_ENTRIES") || on("LORA_KERNELS_WRITE_BINDINGS");
+    let generated = out_dir.join("entries.rs");
+    fs::write(&generated, fresh).unwrap();
+    let checked_in = manifest.join(CHECKED_IN_ENTRIES);
+    if fs::read_to_string(&checked_in).is_ok_and(|current| current == fresh) {
+        return;
+    }
+    if write {
+        fs::write(&checked_in, fresh).unwrap();
+        return;
+    }
+    let msg = format!(
+        "{CHECKED_IN_ENTRIES} is out of date with the kernel entries of kernels/*.cu; \
+         regenerate it with `LORA_KERNELS_WRITE_ENTRIES=1 cargo build` (fresh list: {})",
+        generated.display()
+    );
+    if check {
+        panic!("{msg}");
+    }
+    println!("cargo:warning={msg}");
+}
+
+/// The `extern "C" __global__` entries of each source, by module (file stem), sorted.
+fn kernel_entries(nvcc: &Path, sources: &[PathBuf]) -> Vec<(String, Vec<String>)> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = sources
+            .iter()
+            .map(|src| {
+                scope.spawn(move || {
+                    let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+                    let text = preprocess(nvcc, src);
+                    let dir = src.parent().unwrap().canonicalize().unwrap();
+                    let mut names = global_entries(&text, &dir)
+                        .unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+                    if names.is_empty() {
+                        panic!(
+                            "{}: no extern \"C\" __global__ entry found in nvcc's \
+                             preprocessed output",
+                            src.display()
+                        );
+                    }
+                    names.sort();
+                    names.dedup();
+                    (stem, names)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// nvcc's preprocessed host-side text of `src`, with line markers.
+fn preprocess(nvcc: &Path, src: &Path) -> String {
+    let mut cmd = Command::new(nvcc);
+    cmd.args(NVCC_FLAGS).arg("-E");
+    cmd.arg("-I").arg(src.parent().unwrap()).arg(src);
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("failed to run {}: {e}", nvcc.display()));
+    if !output.status.success() {
+        panic!(
+            "nvcc -E failed on {}:\n{:?}\n{}",
+            src.display(),
+            cmd,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The names of the `__global__` functions defined or declared in the files of `dir`
+/// (the line markers say which file each line comes from; the CUDA headers' are skipped),
+/// each required to be `extern "C"` (a C++ name is mangled: the crate could not load it).
+fn global_entries(text: &str, dir: &Path) -> Result<Vec<String>, String> {
+    // Tokens of our files: identifiers, literals, and single punctuation characters.
+    let mut toks: Vec<String> = Vec::new();
+    let mut ours = false;
+    let mut seen: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+    for line in text.lines() {
+        let t = line.trim_start();
+        if let Some(rest) = t.strip_prefix('#') {
+            // `# 12 "path" flags` or `#line 12 "path"`; other directives (#pragma) skipped.
+            let rest = rest.trim_start();
+            let rest = rest.strip_prefix("line").unwrap_or(rest).trim_start();
+            if rest.starts_with(|c: char| c.is_ascii_digit()) {
+                if let (Some(a), Some(b)) = (rest.find('"'), rest.rfind('"')) {
+                    if b > a {
+                        let file = &rest[a + 1..b];
+                        ours = *seen.entry(file.to_string()).or_insert_with(|| {
+                            Path::new(file)
+                                .parent()
+                                .and_then(|p| p.canonicalize().ok())
+                                .is_some_and(|p| p == dir)
+                        });
+                    }
+                }
+            }
+            continue;
+        }
+        if ours {
+            tokenize(line, &mut toks);
+        }
+    }
+    let balanced = |i: usize| -> Result<usize, String> {
+        // toks[i] == "(": the index after its matching ")".
+        let mut depth = 0;
+        for (j, t) in toks.iter().enumerate().skip(i) {
+            match t.as_str() {
+                "(" => depth += 1,
+                ")" => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return Ok(j + 1);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Err("unbalanced parentheses".into())
+    };
+    let is_ident = |t: &str| t.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_');
+    let mut names = Vec::new();
+    let mut i = 0;
+    while i < toks.len() {
+        // A declaration's specifiers: from a token that may start one to the declarator.
+        let start = i;
+        let mut global = false;
+        let mut j = i;
+        let name = loop {
+            let Some(t) = toks.get(j) else { break None };
+            match t.as_str() {
+                "__global__" => {
+                    global = true;
+                    j += 1;
+                }
+                "__attribute__" | "__launch_bounds__" | "__cluster_dims__" | "__declspec"
+                    if toks.get(j + 1).is_some_and(|t| t == "(") =>
+                {
+                    let end = balanced(j + 1)?;
+                    if toks[j + 1..end]
+                        .iter()
+                        .any(|t| t == "global" || t == "__global__")
+                    {
+                        global = true;
+                    }
+                    j = end;
+                }
+                t if is_ident(t) && toks.get(j + 1).is_some_and(|t| t == "(") => {
+                    break Some(j);
+                }
+                t if is_ident(t) || t == "\"C\"" || t == "*" || t == "&" || t == "::" => {
+                    j += 1;
+                }
+                _ => break None,
+            }
+        };
+        match name {
+            Some(n) if global => {
+                let extern_c = toks[start..n]
+                    .windows(2)
+                    .any(|w| w[0] == "extern" && w[1] == "\"C\"");
+                if !extern_c {
+                    return Err(format!(
+                        "__global__ {} is not extern \"C\" (its name would be mangled)",
+                        toks[n]
+                    ));
+                }
+                names.push(toks[n].clone());
+                i = n + 1;
+            }
+            _ => i = j.max(start + 1),
+        }
+    }
+    Ok(names)
+}
+
+/// Appends the tokens of one line of preprocessed C++ (no comments are left by then).
+fn tokenize(line: &str, toks: &mut Vec<String>) {
+    let b = line.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c.is_ascii_whitespace() {
+            i += 1;
+        } else if c.is_ascii_alphanumeric() || c == b'_' {
+            // An identifier, or a number (with its '.', suffixes and exponent letters).
+            let number = c.is_ascii_digit();
+            let s = i;
+            while i < b.len()
+                && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || (number && b[i] == b'.'))
+            {
+                i += 1;
+            }
+            toks.push(line[s..i].to_string());
+        } else if c == b'"' || c == b'\'' {
+            let s = i;
+            i += 1;
+            while i < b.len() && b[i] != c {
+                i += if b[i] == b'\\' { 2 } else { 1 };
+            }
+            i = (i + 1).min(b.len());
+            toks.push(line[s..i].to_string());
+        } else if c == b':' && b.get(i + 1) == Some(&b':') {
+            toks.push("::".into());
+            i += 2;
+        } else {
+            // One punctuation character (a UTF-8 sequence whole, though none is expected).
+            let s = i;
+            i += 1;
+            while i < b.len() && (b[i] & 0xC0) == 0x80 {
+                i += 1;
+            }
+            toks.push(line[s..i].to_string());
+        }
+    }
+}
+
+/// `gemm_mma` -> `GemmMma`.
+fn camel(stem: &str) -> String {
+    stem.split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The Rust source of the entry list (the checked-in src/cuda/entries.rs).
+fn entries_source(modules: &[(String, Vec<String>)]) -> String {
+    use std::collections::BTreeMap;
+    let mut s = String::from(
+        "// @generated by build.rs from the `extern \"C\" __global__` entries of kernels/*.cu (after\n\
+         // nvcc's preprocessor), included by src/cuda/kernel.rs: do not edit by hand.\n\
+         // Regenerate: LORA_KERNELS_WRITE_ENTRIES=1 cargo build\n\
+         \n\
+         /// A kernel module: the kernels of one `kernels/*.cu` file, one embedded fatbinary.\n\
+         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]\n\
+         pub(crate) enum Module {\n",
+    );
+    for (stem, _) in modules {
+        s += &format!("    /// kernels/{stem}.cu\n    {},\n", camel(stem));
+    }
+    s += "}\n\nimpl Module {\n    /// Every module.\n";
+    s += &format!(
+        "    pub(crate) const ALL: [Module; {}] = [\n",
+        modules.len()
+    );
+    for (stem, _) in modules {
+        s += &format!("        Module::{},\n", camel(stem));
+    }
+    s += "    ];\n\n    /// The file stem: `kernels/<name>.cu`, the fatbinary `<name>`.\n";
+    s += "    pub(crate) const fn name(self) -> &'static str {\n        match self {\n";
+    for (stem, _) in modules {
+        s += &format!("            Module::{} => {stem:?},\n", camel(stem));
+    }
+    s += "        }\n    }\n}\n";
+
+    // Every entry, and the families of entries that differ only in the element type.
+    let mut all: BTreeMap<String, String> = BTreeMap::new();
+    let mut families: BTreeMap<String, [Option<String>; 3]> = BTreeMap::new();
+    for (stem, names) in modules {
+        s += &format!("\n// kernels/{stem}.cu\n");
+        for name in names {
+            let konst = name.to_ascii_uppercase();
+            if let Some(other) = all.insert(konst.clone(), stem.clone()) {
+                panic!("kernel entry {name} in both kernels/{other}.cu and kernels/{stem}.cu");
+            }
+            s += &format!(
+                "pub(crate) const {konst}: Kernel = Kernel {{\n    module: Module::{},\n    name: {name:?},\n}};\n",
+                camel(stem)
+            );
+            let parts: Vec<&str> = name.split('_').collect();
+            let dts: Vec<usize> = (0..parts.len())
+                .filter(|&i| matches!(parts[i], "f32" | "f16" | "bf16"))
+                .collect();
+            if let [i] = dts[..] {
+                let mut fam = parts.clone();
+                let slot = ["f32", "f16", "bf16"]
+                    .iter()
+                    .position(|d| *d == parts[i])
+                    .unwrap();
+                fam[i] = "*";
+                let fam = fam.join("_");
+                families.entry(fam).or_default()[slot] = Some(konst);
+            }
+        }
+    }
+    s += "\n// One kernel per element type: the entries whose names differ only in f32 / f16 / bf16.\n";
+    for (fam, kernels) in &families {
+        let konst = fam.replace("_*", "").to_ascii_uppercase();
+        if all.contains_key(&konst) {
+            panic!(
+                "the family {fam} and the entry {} have one constant name",
+                konst.to_lowercase()
+            );
+        }
+        let opt = |k: &Option<String>| k.as_ref().map_or("None".into(), |k| format!("Some({k})"));
+        s += &format!(
+            "pub(crate) const {konst}: ByDType = ByDType {{\n    family: {fam:?},\n    f32: {},\n    f16: {},\n    bf16: {},\n}};\n",
+            opt(&kernels[0]),
+            opt(&kernels[1]),
+            opt(&kernels[2])
+        );
+    }
+    s
 }
 
 // ---------------------------------------------------------------------------------------

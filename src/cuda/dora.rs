@@ -37,6 +37,7 @@
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, SyncOnDrop};
 
 use super::base::for_each_panel;
+use super::kernel::*;
 use super::lora::{
     core_takes, dora_fused_small, dx_core_takes, forward_core_launch, forward_large, forward_small,
     launch_down, launch_dx_core, launch_g, launch_merge, launch_tn, DoraPtrs, DxWeight, FwdPtrs,
@@ -109,26 +110,26 @@ pub(crate) fn launch_norm_g<T: Element>(
     let mma =
         T::DTYPE != crate::DType::F32 && shape.in_features % 8 == 0 && w % 16 == 0 && a % 16 == 0;
     if mma {
-        let rk = match shape.rank {
-            0..=16 => 1,
-            17..=32 => 2,
-            33..=64 => 4,
-            _ => 16,
+        // Rank steps of 16: k1, k2, k4 or k16.
+        let kernel = match shape.rank {
+            0..=16 => LK_DORA_NORM_MMA_K1,
+            17..=32 => LK_DORA_NORM_MMA_K2,
+            33..=64 => LK_DORA_NORM_MMA_K4,
+            _ => LK_DORA_NORM_MMA_K16,
         };
         let cfg = LaunchConfig {
             grid_dim: (shape.out_features.div_ceil(16) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let name = format!("lk_dora_norm_mma_{}_k{rk}", T::DTYPE.suffix());
-        return gpu.launch(&name, cfg, &params);
+        return gpu.launch(kernel.of::<T>()?, cfg, &params);
     }
     let cfg = LaunchConfig {
         grid_dim: (shape.out_features.div_ceil(NORM_ROWS) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: (NORM_ROWS * shape.rank * 4) as u32,
     };
-    gpu.launch(&format!("lk_dora_norm_{}", T::DTYPE.suffix()), cfg, &params)
+    gpu.launch(LK_DORA_NORM.of::<T>()?, cfg, &params)
 }
 
 /// `y = (m/norm − minus_one) ⊙ y + bias` over [t, n], saving y into `z` first if given.
@@ -155,7 +156,7 @@ pub(crate) fn launch_scale<T: Element>(
         minus_one,
     };
     gpu.launch(
-        &format!("lk_dora_scale_{}", T::DTYPE.suffix()),
+        LK_DORA_SCALE.of::<T>()?,
         grid_1d(t * n, 256, gpu.sm_count() * 8),
         &params,
     )
@@ -179,7 +180,7 @@ fn launch_rowscale<T: Element>(
         r: shape.rank as i32,
     };
     gpu.launch(
-        &format!("lk_dora_rowscale_{}", T::DTYPE.suffix()),
+        LK_DORA_ROWSCALE.of::<T>()?,
         grid_1d(shape.b_len(), 256, gpu.sm_count() * 8),
         &params,
     )
@@ -205,7 +206,7 @@ fn launch_drop<T: Element>(
         dropout: lk_dropout(Some(dropout)),
     };
     gpu.launch(
-        &format!("lk_dora_drop_{}", T::DTYPE.suffix()),
+        LK_DORA_DROP.of::<T>()?,
         grid_1d(t * cols, 256, gpu.sm_count() * 8),
         &params,
     )
@@ -895,7 +896,7 @@ pub(crate) fn backward_impl<T: Element>(
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        gpu.launch(&format!("lk_dora_dyz_{}", T::DTYPE.suffix()), cfg, &params)?;
+        gpu.launch(LK_DORA_DYZ.of::<T>()?, cfg, &params)?;
         split0 += splits;
         let glc = offset::<T>(glp, t0 * ldg);
         match dropout {
@@ -971,11 +972,7 @@ pub(crate) fn backward_impl<T: Element>(
         splits: total_splits as i32,
         n: n as i32,
     };
-    gpu.launch(
-        &format!("lk_dora_dm_{}", T::DTYPE.suffix()),
-        grid_1d(n, 256, u32::MAX),
-        &params,
-    )?;
+    gpu.launch(LK_DORA_DM.of::<T>()?, grid_1d(n, 256, u32::MAX), &params)?;
     let nf4 = matches!(base, Base::Nf4(..));
     Ok(Plan {
         path: match (core_dx, nf4) {

@@ -55,6 +55,7 @@
 use cudarc::driver::sys as dsys;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
+use super::kernel::*;
 use super::nf4::Nf4Device;
 use super::{
     dptr, dptr_mut, Gpu, LkGemmMmaParams, LkGemmPadParams, LkGemmParams, LkNf4,
@@ -576,8 +577,8 @@ pub(crate) fn fused_down_fits_for<T: Element>(
         return Ok(true);
     }
     let tile_n = tile_n(tuning, tokens, n, gpu.sm_count() as usize);
-    let name = kernel_name::<T>(false, w_kn, tile_n);
-    let max_clusters = prepare(gpu, &name, &gpu.function(&name)?, DYN_SMEM)?;
+    let kernel = core_kernel::<T>(false, w_kn, tile_n)?;
+    let max_clusters = prepare(gpu, kernel, &gpu.function(kernel)?, DYN_SMEM)?;
     // As the kernel's jobs_of: the grid's clusters, and those with the fewest tiles.
     let pairs = pairs_m * n.div_ceil(tile_n);
     let clusters = (pairs + pairs_m).min(max_clusters);
@@ -604,18 +605,19 @@ pub(crate) fn fused_down_fits_for<T: Element>(
 pub const FUSED_DOWN_MAX_JOBS: usize = 2;
 
 /// The entry point for an operand type, W's format and layout and a tile width.
-fn kernel_name<T: Element>(nf4: bool, w_kn: bool, tile_n: usize) -> String {
-    let family = match (nf4, w_kn) {
-        (true, false) => "nf4",
-        (true, true) => "nf4nn",
-        (false, true) => "nn",
-        (false, false) => "nt",
+fn core_kernel<T: Element>(nf4: bool, w_kn: bool, tile_n: usize) -> Result<Kernel> {
+    let wide = tile_n == TILE_N;
+    let family = match (nf4, w_kn, wide) {
+        (true, false, true) => LK_GEMM_NF4,
+        (true, false, false) => LK_GEMM_NF4_N128,
+        (true, true, true) => LK_GEMM_NF4NN,
+        (true, true, false) => LK_GEMM_NF4NN_N128,
+        (false, true, true) => LK_GEMM_NN,
+        (false, true, false) => LK_GEMM_NN_N128,
+        (false, false, true) => LK_GEMM_NT,
+        (false, false, false) => LK_GEMM_NT_N128,
     };
-    if tile_n == TILE_N {
-        format!("lk_gemm_{family}_{}", T::DTYPE.suffix())
-    } else {
-        format!("lk_gemm_{family}_n128_{}", T::DTYPE.suffix())
-    }
+    family.of::<T>()
 }
 
 /// [`matmul_nt`] after the length checks: alignment, dtype and GPU checks, then the
@@ -840,14 +842,14 @@ pub(crate) fn launch_core<T: Element>(
         u_rn: u_rn as i32,
         rank: low_rank.map_or(0, |(_, _, r)| r) as i32,
     };
-    let name = kernel_name::<T>(p.nf4.is_some(), p.w_kn, tile_n);
-    let func = gpu.function(&name)?;
+    let kernel = core_kernel::<T>(p.nf4.is_some(), p.w_kn, tile_n)?;
+    let func = gpu.function(kernel)?;
     let smem = if p.nf4.is_some() {
         DYN_SMEM_NF4
     } else {
         DYN_SMEM
     };
-    let max_clusters = prepare(gpu, &name, &func, smem)?;
+    let max_clusters = prepare(gpu, kernel, &func, smem)?;
     // Persistent clusters of 2 CTAs (compiled in), each pair of CTAs walking pairs of
     // tile rows; no more clusters than fit on the GPU at once (one CTA per SM).
     let pairs = tiles_m.div_ceil(2) * tiles_n;
@@ -981,11 +983,7 @@ fn launch_mma<T: Element>(
     // padded copies with zero columns when r % 8 != 0, alive until the launch is queued)
     // only inside those bounds, and writes y ([T, ldy], ldy ≥ N: a caller's strided
     // view) and z (when set, [T, N]), 4-byte aligned, at rows < T and columns < N.
-    gpu.launch(
-        &format!("lk_gemm_mma_nt_{}", T::DTYPE.suffix()),
-        cfg,
-        &params,
-    )
+    gpu.launch(LK_GEMM_MMA_NT.of::<T>()?, cfg, &params)
 }
 
 /// The mma.sync kernels' square tile (rows of y and columns of y per CTA).
@@ -1076,8 +1074,13 @@ fn no_nf4() -> LkNf4 {
 
 /// Per loaded kernel: its dynamic shared memory limit raised to `smem` (once), and
 /// how many of its 2-CTA clusters fit on the GPU at once (asked once, then cached).
-fn prepare(gpu: &Gpu, name: &str, func: &cudarc::driver::CudaFunction, smem: u32) -> Result<usize> {
-    if let Some(&c) = gpu.cluster_grid().lock().unwrap().get(name) {
+fn prepare(
+    gpu: &Gpu,
+    kernel: Kernel,
+    func: &cudarc::driver::CudaFunction,
+    smem: u32,
+) -> Result<usize> {
+    if let Some(&c) = gpu.cluster_grid().lock().unwrap().get(&kernel) {
         return Ok(c);
     }
     func.set_attribute(
@@ -1108,10 +1111,7 @@ fn prepare(gpu: &Gpu, name: &str, func: &cudarc::driver::CudaFunction, smem: u32
     } else {
         fallback
     };
-    gpu.cluster_grid()
-        .lock()
-        .unwrap()
-        .insert(name.to_string(), clusters);
+    gpu.cluster_grid().lock().unwrap().insert(kernel, clusters);
     Ok(clusters)
 }
 
@@ -1204,7 +1204,7 @@ fn core_scales(gpu: &Gpu, w: &LkNf4, k_steps: usize, n_pad: usize) -> Result<Cud
         n_pad: n_pad as i32,
     };
     let cfg = super::grid_1d(len, 256, 8 * gpu.sm_count());
-    gpu.launch("lk_nf4_core_scales", cfg, &params)?;
+    gpu.launch(LK_NF4_CORE_SCALES, cfg, &params)?;
     Ok(out)
 }
 
@@ -1224,7 +1224,7 @@ pub(crate) fn transpose<T: Element>(
         cols: cols as i32,
     };
     let cfg = super::grid_1d(rows * cols, 256, 8 * gpu.sm_count());
-    gpu.launch("lk_gemm_transpose", cfg, &params)?;
+    gpu.launch(LK_GEMM_TRANSPOSE, cfg, &params)?;
     Ok(out)
 }
 
@@ -1246,7 +1246,7 @@ fn pad_cols<T: Element>(
         rp: rp as i32,
     };
     let cfg = super::grid_1d(rows * rp, 256, 8 * gpu.sm_count());
-    gpu.launch("lk_gemm_pad_cols", cfg, &params)?;
+    gpu.launch(LK_GEMM_PAD_COLS, cfg, &params)?;
     Ok(out)
 }
 

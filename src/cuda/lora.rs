@@ -23,6 +23,7 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 pub(crate) use super::base::DxWeight;
 use super::base::{col_panels_fit, for_each_col_panel, panel_limit};
 use super::grid_1d;
+use super::kernel::*;
 use super::plan::{Path, Plan};
 use super::{dptr, dptr_mut, gemm_rm, gemm_rm_ld, lk_dropout, Gpu};
 use super::{
@@ -370,33 +371,53 @@ pub(crate) fn forward_small<T: Element>(
     let aligned = [p.x, p.w, p.a].iter().all(|&a| a % 16 == 0);
     let vec = shape.in_features % 8 == 0 && aligned;
     let mma = vec && T::DTYPE != crate::DType::F32;
-    let (name, tasks, smem) = if mma {
+    let (kernel, tasks, smem) = if mma {
         // Tensor-core kernel: one block per 16 rows of A or W.
         let nt = match shape.tokens {
             0..=8 => 1,
             9..=16 => 2,
             _ => 4,
         };
-        let name = match &p.dora {
-            Some(d) => format!(
-                "lk_dora_small_{}_n{nt}_k{}",
-                T::DTYPE.suffix(),
-                d.rank_steps
-            ),
-            None => format!("lk_lora_small_mma_{}_n{nt}", T::DTYPE.suffix()),
+        let family = match (&p.dora, nt) {
+            (None, 1) => LK_LORA_SMALL_MMA_N1,
+            (None, 2) => LK_LORA_SMALL_MMA_N2,
+            (None, _) => LK_LORA_SMALL_MMA_N4,
+            (Some(d), _) => match (nt, d.rank_steps) {
+                (1, 1) => LK_DORA_SMALL_N1_K1,
+                (2, 1) => LK_DORA_SMALL_N2_K1,
+                (_, 1) => LK_DORA_SMALL_N4_K1,
+                (1, 2) => LK_DORA_SMALL_N1_K2,
+                (2, 2) => LK_DORA_SMALL_N2_K2,
+                (_, 2) => LK_DORA_SMALL_N4_K2,
+                (_, k) => return Err(no_variant("lk_dora_small_*", "rank steps", k)),
+            },
         };
         let tasks = shape.rank.div_ceil(16) + shape.out_features.div_ceil(16);
-        (name, tasks, 0)
+        (family.of::<T>()?, tasks, 0)
     } else {
         // SIMT kernel (f32, or inputs not 16-byte aligned): one warp per `rows` rows.
         let (tb, rows) = small_variant(shape.tokens);
-        let name = format!(
-            "lk_lora_small_fwd_{}_t{tb}_{}",
-            T::DTYPE.suffix(),
-            if vec { "v" } else { "s" }
-        );
+        let family = match (tb, vec) {
+            (1, true) => LK_LORA_SMALL_FWD_T1_V,
+            (2, true) => LK_LORA_SMALL_FWD_T2_V,
+            (4, true) => LK_LORA_SMALL_FWD_T4_V,
+            (8, true) => LK_LORA_SMALL_FWD_T8_V,
+            (16, true) => LK_LORA_SMALL_FWD_T16_V,
+            (32, true) => LK_LORA_SMALL_FWD_T32_V,
+            (1, false) => LK_LORA_SMALL_FWD_T1_S,
+            (2, false) => LK_LORA_SMALL_FWD_T2_S,
+            (4, false) => LK_LORA_SMALL_FWD_T4_S,
+            (8, false) => LK_LORA_SMALL_FWD_T8_S,
+            (16, false) => LK_LORA_SMALL_FWD_T16_S,
+            (32, false) => LK_LORA_SMALL_FWD_T32_S,
+            (tb, _) => return Err(no_variant("lk_lora_small_fwd_*", "token block", tb)),
+        };
         let warps = shape.rank.div_ceil(rows) + shape.out_features.div_ceil(rows);
-        (name, warps.div_ceil((SMALL_BLOCK / 32) as usize), 0)
+        (
+            family.of::<T>()?,
+            warps.div_ceil((SMALL_BLOCK / 32) as usize),
+            0,
+        )
     };
     // SAFETY of the scratch: the kernel's A-tasks write all T·r entries of h_ws before
     // any W-task reads them (the counter in `gpu.sync` orders the two).
@@ -423,8 +444,8 @@ pub(crate) fn forward_small<T: Element>(
         norm: p.dora.as_ref().map_or(0, |d| d.norm) as *mut f32,
         z: p.dora.as_ref().map_or(0, |d| d.z) as *mut _,
     };
-    let func = gpu.function(&name)?;
-    let max_grid = gpu.cooperative_grid(&name, &func, SMALL_BLOCK, smem)?;
+    let func = gpu.function(kernel)?;
+    let max_grid = gpu.cooperative_grid(kernel, &func, SMALL_BLOCK, smem)?;
     let mut cfg = grid_1d(tasks * SMALL_BLOCK as usize, SMALL_BLOCK, max_grid);
     cfg.shared_mem_bytes = smem;
     gpu.launch_cooperative(&func, cfg, &params)
@@ -475,7 +496,7 @@ pub(crate) fn forward_large<T: Element>(
             n: n as i32,
         };
         gpu.launch(
-            &format!("lk_bias_fill_{}", T::DTYPE.suffix()),
+            LK_BIAS_FILL.of::<T>()?,
             grid_1d(t * n, 256, gpu.sm_count() * 8),
             &params,
         )?;
@@ -536,21 +557,18 @@ pub(crate) fn launch_down2<T: Element>(
         && v_sj % 8 == 0
         && x % 16 == 0
         && v % 16 == 0;
-    let (name, tile_t, tile_r) = if mma {
-        let nt = match r {
-            0..=8 => 1,
-            9..=16 => 2,
-            17..=32 => 4,
-            _ => 8,
+    let (family, tile_t, tile_r) = if mma {
+        let (family, nt) = match r {
+            0..=8 => (LK_DOWN_MMA_N1, 1),
+            9..=16 => (LK_DOWN_MMA_N2, 2),
+            17..=32 => (LK_DOWN_MMA_N4, 4),
+            _ => (LK_DOWN_MMA_N8, 8),
         };
-        (
-            format!("lk_down_mma_{}_n{nt}", T::DTYPE.suffix()),
-            16,
-            8 * nt,
-        )
+        (family, 16, 8 * nt)
+    } else if r <= 16 {
+        (LK_DOWN_R16, 64, 16)
     } else {
-        let br = if r <= 16 { 16 } else { 64 };
-        (format!("lk_down_r{br}_{}", T::DTYPE.suffix()), 64, br)
+        (LK_DOWN_R64, 64, 64)
     };
     let tiles = t.div_ceil(tile_t) * r.div_ceil(tile_r);
     // Split the columns only when the tiles alone cannot fill the GPU; one split writes
@@ -600,7 +618,7 @@ pub(crate) fn launch_down2<T: Element>(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    gpu.launch(&name, cfg, &params)?;
+    gpu.launch(family.of::<T>()?, cfg, &params)?;
     if splits > 1 {
         launch_reduce::<T>(gpu, part_p, splits, t * r, alpha, out, (alpha2, out2))?;
     }
@@ -628,7 +646,7 @@ fn launch_reduce<T: Element>(
         alpha2: second.0,
     };
     gpu.launch(
-        &format!("lk_reduce_{}", T::DTYPE.suffix()),
+        LK_REDUCE.of::<T>()?,
         grid_1d(count, 256, gpu.sm_count() * 8),
         &reduce,
     )
@@ -650,7 +668,11 @@ pub(crate) fn launch_tn<T: Element>(
     out: u64,
     dropout: Option<crate::Dropout>,
 ) -> Result<()> {
-    let br = if r <= 16 { 16 } else { 64 };
+    let (family, br) = if r <= 16 {
+        (LK_TN_R16, 16)
+    } else {
+        (LK_TN_R64, 64)
+    };
     let tiles = cols.div_ceil(64) * r.div_ceil(br);
     let want = (2 * gpu.sm_count() as usize).div_ceil(tiles).max(1);
     let t_chunk = t.div_ceil(want).div_ceil(32) * 32;
@@ -681,7 +703,7 @@ pub(crate) fn launch_tn<T: Element>(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    gpu.launch(&format!("lk_tn_r{br}_{}", T::DTYPE.suffix()), cfg, &params)?;
+    gpu.launch(family.of::<T>()?, cfg, &params)?;
     launch_reduce::<T>(gpu, part_p, splits, cols * r, alpha, out, (0.0, 0))
 }
 
@@ -1075,7 +1097,7 @@ pub(crate) fn backward_with<T: Element>(
                 dropout: lk_dropout(Some(d)),
             };
             gpu.launch(
-                &format!("lk_dropout_zero_{}", T::DTYPE.suffix()),
+                LK_DROPOUT_ZERO.of::<T>()?,
                 grid_1d((t * k).div_ceil(4), 256, gpu.sm_count() * 8),
                 &params,
             )?;
@@ -1151,7 +1173,7 @@ pub(crate) fn launch_merge<T: Element>(
         block_dim: (256, 1, 1),
         shared_mem_bytes: (shape.rank * 4) as u32,
     };
-    gpu.launch(&format!("lk_merge_{}", T::DTYPE.suffix()), cfg, &params)
+    gpu.launch(LK_MERGE.of::<T>()?, cfg, &params)
 }
 
 /// Unmerge in place: `W -= s · B A` (the inverse of [`merge`] up to rounding in W's type).

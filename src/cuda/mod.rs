@@ -22,8 +22,11 @@ mod bindings;
 mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
+#[allow(dead_code)]
+pub(crate) mod kernel;
 
 pub(crate) use bindings::*;
+pub(crate) use kernel::{Kernel, Module};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -91,11 +94,11 @@ const STATUS_WORDS: usize = 8;
 /// configurations found once per kernel (cooperative grid sizes, cluster counts).
 struct Device {
     ctx: Arc<CudaContext>,
-    modules: Vec<(&'static str, Arc<CudaModule>)>,
-    functions: Mutex<HashMap<String, CudaFunction>>,
-    coop_grid: Mutex<HashMap<String, u32>>,
-    /// Per GEMM-core kernel name: its co-resident 2-CTA clusters (set up once).
-    cluster_grid: Mutex<HashMap<String, usize>>,
+    modules: Vec<(Module, Arc<CudaModule>)>,
+    functions: Mutex<HashMap<Kernel, CudaFunction>>,
+    coop_grid: Mutex<HashMap<Kernel, u32>>,
+    /// Per GEMM-core kernel: its co-resident 2-CTA clusters (set up once).
+    cluster_grid: Mutex<HashMap<Kernel, usize>>,
     name: String,
     compute_capability: (i32, i32),
     sm_count: u32,
@@ -182,14 +185,10 @@ impl Gpu {
         }
         let sm_count =
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
-        let modules = vec![
-            ("lora", load_module(&ctx, "lora")?),
-            ("neftune", load_module(&ctx, "neftune")?),
-            ("nf4", load_module(&ctx, "nf4")?),
-            ("dora", load_module(&ctx, "dora")?),
-            ("gemm", load_module(&ctx, "gemm")?),
-            ("gemm_mma", load_module(&ctx, "gemm_mma")?),
-        ];
+        let modules = Module::ALL
+            .iter()
+            .map(|&m| Ok((m, load_module(&ctx, m.name())?)))
+            .collect::<Result<Vec<_>>>()?;
         let dev = Arc::new(Device {
             ctx,
             modules,
@@ -338,7 +337,7 @@ impl Gpu {
     }
 
     /// The per-kernel cluster counts of the GEMM core, shared by the device's `Gpu`s.
-    pub(crate) fn cluster_grid(&self) -> &Mutex<HashMap<String, usize>> {
+    pub(crate) fn cluster_grid(&self) -> &Mutex<HashMap<Kernel, usize>> {
         &self.dev.cluster_grid
     }
 
@@ -371,32 +370,22 @@ impl Gpu {
         Ok(unsafe { self.stream.alloc::<T>(len.max(1)) }?)
     }
 
-    pub(crate) fn function(&self, name: &str) -> Result<CudaFunction> {
+    /// The loaded function of `kernel` (looked up in its module once, then cached).
+    pub(crate) fn function(&self, kernel: Kernel) -> Result<CudaFunction> {
         let mut map = self.dev.functions.lock().unwrap();
-        if let Some(f) = map.get(name) {
+        if let Some(f) = map.get(&kernel) {
             return Ok(f.clone());
         }
-        // Entry points are prefixed by family: lk_neft_* live in neftune.cu.
-        let module = if name.starts_with("lk_neft_") {
-            "neftune"
-        } else if name.starts_with("lk_nf4_") {
-            "nf4"
-        } else if name.starts_with("lk_dora_") {
-            "dora"
-        } else if name.starts_with("lk_gemm_mma_") {
-            "gemm_mma"
-        } else if name.starts_with("lk_gemm_") {
-            "gemm"
-        } else {
-            "lora"
-        };
+        let module = kernel.module();
         let (_, m) = self.dev.modules.iter().find(|(n, _)| *n == module).unwrap();
-        let f = m.load_function(name).map_err(|e| Error::ModuleLoad {
-            module: module.into(),
-            archs: kernels::ARCHS.into(),
-            detail: format!("kernel {name}: {e}"),
-        })?;
-        map.insert(name.to_string(), f.clone());
+        let f = m
+            .load_function(kernel.name())
+            .map_err(|e| Error::ModuleLoad {
+                module: module.name().into(),
+                archs: kernels::ARCHS.into(),
+                detail: format!("kernel {}: {e}", kernel.name()),
+            })?;
+        map.insert(kernel, f.clone());
         Ok(f)
     }
 
@@ -442,13 +431,13 @@ impl Gpu {
     /// shared-memory limit first when `smem` is above the default 48 KiB.
     pub(crate) fn cooperative_grid(
         &self,
-        name: &str,
+        kernel: Kernel,
         func: &CudaFunction,
         block: u32,
         smem: u32,
     ) -> Result<u32> {
         let mut map = self.dev.coop_grid.lock().unwrap();
-        if let Some(&g) = map.get(name) {
+        if let Some(&g) = map.get(&kernel) {
             return Ok(g);
         }
         if smem > 48 * 1024 {
@@ -461,22 +450,23 @@ impl Gpu {
             func.occupancy_max_active_blocks_per_multiprocessor(block, smem as usize, None)?;
         if per_sm == 0 {
             return Err(Error::Driver(format!(
-                "kernel {name} cannot be resident on this GPU"
+                "kernel {} cannot be resident on this GPU",
+                kernel.name()
             )));
         }
         let g = per_sm * self.dev.sm_count;
-        map.insert(name.to_string(), g);
+        map.insert(kernel, g);
         Ok(g)
     }
 
-    /// Launches `name` with one parameter struct.
+    /// Launches `kernel` with one parameter struct.
     pub(crate) fn launch<P: DeviceRepr>(
         &self,
-        name: &str,
+        kernel: Kernel,
         cfg: LaunchConfig,
         params: &P,
     ) -> Result<()> {
-        let func = self.function(name)?;
+        let func = self.function(kernel)?;
         let mut b = self.stream.launch_builder(&func);
         b.arg(params);
         // SAFETY: every launcher validates shapes, lengths and alignment of all buffers
@@ -486,7 +476,7 @@ impl Gpu {
         Ok(())
     }
 
-    /// Launches `name` cooperatively (all blocks co-resident), grid given by the caller
+    /// Launches `func` cooperatively (all blocks co-resident), grid given by the caller
     /// (at most [`Gpu::cooperative_grid`]).
     pub(crate) fn launch_cooperative<P: DeviceRepr>(
         &self,

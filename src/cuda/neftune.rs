@@ -20,6 +20,7 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
+use super::kernel::*;
 use super::{dptr, dptr_mut, Gpu};
 use super::{
     LkNeftKeysParams, LkNeftParams, LkNeftScatterParams, LkNeftSegsumParams, LkNeftSortParams,
@@ -58,7 +59,7 @@ fn launch_embed<T: Element, M: Index, L: DevicePtr<M>>(
         }
     };
     let (stp, _gs) = gpu.status.device_ptr(gpu.stream());
-    let name = format!("lk_neft_embed_{}", T::DTYPE.suffix());
+    let kernel = LK_NEFT_EMBED.of::<T>()?;
     let rows = rows_per_block::<T>(shape.dim);
     let blocks = shape.batch * shape.seq.div_ceil(rows);
     if blocks > i32::MAX as usize {
@@ -92,7 +93,7 @@ fn launch_embed<T: Element, M: Index, L: DevicePtr<M>>(
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
-    gpu.launch(&name, cfg, &params)
+    gpu.launch(kernel, cfg, &params)
 }
 
 /// Plain gather: `out[p, :] = table[ids[p], :]` (an out-of-range id gives a zero row and
@@ -216,7 +217,6 @@ where
     let (tp, _gt) = dptr_mut(gpu, "d_table", d_table)?;
     let (stp, _gs) = gpu.status.device_ptr(gpu.stream());
     let (tokens, dim) = (shape.tokens(), shape.dim);
-    let sfx = T::DTYPE.suffix();
     if !opts.deterministic {
         let params = LkNeftScatterParams {
             ids: ip as *const _,
@@ -234,7 +234,7 @@ where
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        return gpu.launch(&format!("lk_neft_scatter_{sfx}"), cfg, &params);
+        return gpu.launch(LK_NEFT_SCATTER.of::<T>()?, cfg, &params);
     }
     if dim.div_ceil(BLOCK as usize) > 65535 {
         // The deterministic path's grid is [positions, dim / 256].
@@ -270,7 +270,7 @@ where
         n2: n2 as i32,
         id_kind: I::KIND,
     };
-    gpu.launch("lk_neft_keys", grid(n2, BLOCK), &kparams)?;
+    gpu.launch(LK_NEFT_KEYS, grid(n2, BLOCK), &kparams)?;
     const LOCAL: usize = 2048;
     let sort = |k_lo: usize, k: usize, j: usize| LkNeftSortParams {
         keys: kp as *mut u64,
@@ -286,15 +286,15 @@ where
         block_dim: (LOCAL as u32 / 2, 1, 1),
         shared_mem_bytes: 0,
     };
-    gpu.launch("lk_neft_sort_local", local, &sort(2, n2.min(LOCAL), 0))?;
+    gpu.launch(LK_NEFT_SORT_LOCAL, local, &sort(2, n2.min(LOCAL), 0))?;
     let mut k = LOCAL * 2;
     while k <= n2 {
         let mut j = k / 2;
         while j >= LOCAL {
-            gpu.launch("lk_neft_sort_global", grid(n2, BLOCK), &sort(k, k, j))?;
+            gpu.launch(LK_NEFT_SORT_GLOBAL, grid(n2, BLOCK), &sort(k, k, j))?;
             j /= 2;
         }
-        gpu.launch("lk_neft_sort_local", local, &sort(k, k, 0))?;
+        gpu.launch(LK_NEFT_SORT_LOCAL, local, &sort(k, k, 0))?;
         k *= 2;
     }
     let sparams = LkNeftSegsumParams {
@@ -309,5 +309,5 @@ where
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
-    gpu.launch(&format!("lk_neft_segsum_{sfx}"), cfg, &sparams)
+    gpu.launch(LK_NEFT_SEGSUM.of::<T>()?, cfg, &sparams)
 }

@@ -15,6 +15,7 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 
+use super::kernel::*;
 use super::{dptr, dptr_mut, Gpu, LkNf4, LkNf4DequantParams, LkNf4MmParams};
 use super::{LkNf4DoubleQuantParams, LkNf4QuantParams};
 use crate::lora::check_len;
@@ -225,11 +226,7 @@ pub(crate) fn launch_dequant<T: Element>(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    gpu.launch(
-        &format!("lk_nf4_dequant_{}", T::DTYPE.suffix()),
-        cfg,
-        &params,
-    )
+    gpu.launch(LK_NF4_DEQUANT.of::<T>()?, cfg, &params)
 }
 
 /// `y[t, n] = Σ_k x[t, k] · W[n, k] (+ bias[n])` for `tokens` ≤ [`SMALL_T_MAX`], W in
@@ -327,21 +324,21 @@ pub(crate) fn launch_mm<T: Element>(
             9..=16 => 2,
             _ => 4,
         };
-        let variant = if desc.cols % 64 == 0 && desc.log2_blocksize >= 6 {
-            "sa"
-        } else {
-            "mma"
+        let sa = desc.cols % 64 == 0 && desc.log2_blocksize >= 6;
+        let family = match (sa, nt) {
+            (true, 1) => LK_NF4_MM_SA_N1,
+            (true, 2) => LK_NF4_MM_SA_N2,
+            (true, _) => LK_NF4_MM_SA_N4,
+            (false, 1) => LK_NF4_MM_MMA_N1,
+            (false, 2) => LK_NF4_MM_MMA_N2,
+            (false, _) => LK_NF4_MM_MMA_N4,
         };
         let cfg = LaunchConfig {
             grid_dim: ((desc.rows as usize).div_ceil(16) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        return gpu.launch(
-            &format!("lk_nf4_mm_{variant}_{}_n{nt}", T::DTYPE.suffix()),
-            cfg,
-            &params,
-        );
+        return gpu.launch(family.of::<T>()?, cfg, &params);
     }
     // SIMT (f32): one warp per 2 rows (1 at T > 16).
     let nt = tokens.next_power_of_two();
@@ -355,11 +352,16 @@ pub(crate) fn launch_mm<T: Element>(
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
-    gpu.launch(
-        &format!("lk_nf4_mm_{}_t{nt}", T::DTYPE.suffix()),
-        cfg,
-        &params,
-    )
+    let family = match nt {
+        1 => LK_NF4_MM_T1,
+        2 => LK_NF4_MM_T2,
+        4 => LK_NF4_MM_T4,
+        8 => LK_NF4_MM_T8,
+        16 => LK_NF4_MM_T16,
+        32 => LK_NF4_MM_T32,
+        nt => return Err(no_variant("lk_nf4_mm_*", "token block", nt)),
+    };
+    gpu.launch(family.of::<T>()?, cfg, &params)
 }
 
 /// Quantizes `w` [rows, cols] on the GPU to NF4, as
@@ -412,7 +414,7 @@ pub fn quantize<T: Element, I: DevicePtr<T>>(
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        gpu.launch(&format!("lk_nf4_quant_{}", T::DTYPE.suffix()), cfg, &params)?;
+        gpu.launch(LK_NF4_QUANT.of::<T>()?, cfg, &params)?;
     }
     let absmax = if double_quant {
         let groups = blocks.div_ceil(NESTED_BLOCKSIZE);
@@ -443,9 +445,9 @@ pub fn quantize<T: Element, I: DevicePtr<T>>(
                 block_dim: (block, 1, 1),
                 shared_mem_bytes: 0,
             };
-            gpu.launch("lk_nf4_dq_sum", one(groups.div_ceil(256), 256), &params)?;
-            gpu.launch("lk_nf4_dq_offset", one(1, 32), &params)?;
-            gpu.launch("lk_nf4_dq_quant", one(groups, 256), &params)?;
+            gpu.launch(LK_NF4_DQ_SUM, one(groups.div_ceil(256), 256), &params)?;
+            gpu.launch(LK_NF4_DQ_OFFSET, one(1, 32), &params)?;
+            gpu.launch(LK_NF4_DQ_QUANT, one(groups, 256), &params)?;
         }
         let offset = s.clone_dtoh(&offset)?[0];
         DeviceAbsmax::Double {
