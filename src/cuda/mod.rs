@@ -119,7 +119,7 @@ struct Device {
 /// Ops are asynchronous on [`Gpu::stream`] and never synchronize the host, except the
 /// functions whose docs say so ([`Gpu::download`], [`Gpu::synchronize`],
 /// [`Gpu::take_index_errors`], the NF4 quantize with double quantization and
-/// [`nf4::Nf4Device::to_host`]). Every path of the LoRA, DoRA, QLoRA and QDoRA ops can be
+/// [`nf4::Nf4Device::download`]). Every path of the LoRA, DoRA, QLoRA and QDoRA ops can be
 /// captured in a CUDA graph on that stream (capture mode global or thread-local; with
 /// cudarc's event tracking off or every buffer used on this one stream, as for any
 /// capture through cudarc) and replayed.

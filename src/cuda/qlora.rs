@@ -41,6 +41,8 @@
 //! most 16 MiB in bf16) plus the LoRA path's O(T·r) buffers; the core paths hold no
 //! dense W at all (their extra memory is U or G, O(T·r), and the core's scale table, one
 //! f32 per 32 weights: N·K/8 bytes).
+//!
+//! [`Tuning::nf4_core`]: crate::Tuning::nf4_core
 
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
