@@ -7,6 +7,9 @@
 //!     [--vocab V] [--dim D] [--hidden F] [--layers L] [--batch B] [--seq S]
 //!     [--seed S] [--out DIR]
 //! ```
+//! (`--help` gives each option's meaning, range and default). Every argument is checked
+//! before any work: ranges by the parser, the sizes against an estimate of the memory
+//! they need (refused above 16 GiB), and `--out` by writing a probe file there.
 //!
 //! The model (every linear layer frozen in NF4, double-quantized, blocksize 64, with a
 //! LoRA or DoRA adapter that is the only thing trained):
@@ -35,11 +38,13 @@
 //!   rebuilds the model in torch, loads the adapter with peft and compares its logits
 //!   with `eval.safetensors` (an evaluation batch and this program's logits for it).
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use clap::builder::RangedU64ValueParser;
+use clap::Parser;
 use cudarc::driver::CudaSlice;
+use indicatif::{ProgressBar, ProgressStyle};
 use lora_kernels::cuda::nf4::Nf4Device;
 use lora_kernels::cuda::Gpu;
 use lora_kernels::peft::{Adapter, AdapterConfig, AdapterModule};
@@ -54,6 +59,125 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
+/// The options as given (clap); the sizes left out get the device's default in
+/// [`Cli::resolve`].
+#[derive(Parser, Debug)]
+#[command(
+    name = "finetune",
+    about = "An end-to-end QLoRA / QDoRA fine-tune of a small model with the crate's kernels, ending in a peft adapter",
+    after_help = AFTER_HELP,
+    // As the hand-written parser did: a repeated option takes its last value, and a
+    // negative number is a value (so that its range check names it).
+    args_override_self = true,
+    allow_negative_numbers = true
+)]
+struct Cli {
+    /// Train a DoRA adapter (QDoRA over the NF4 base) instead of LoRA
+    #[arg(long)]
+    dora: bool,
+    /// Run on the CPU oracle (f32) even when a GPU is present
+    #[arg(long)]
+    cpu: bool,
+    /// Training steps, 1..=10^9 [default: 300 on a GPU, 150 on the CPU]
+    #[arg(long, value_name = "N", value_parser = RangedU64ValueParser::<usize>::new().range(1..=1_000_000_000))]
+    steps: Option<usize>,
+    /// AdamW learning rate (finite, > 0)
+    #[arg(long, value_name = "LR", default_value_t = 5e-3, value_parser = positive_f32)]
+    lr: f32,
+    /// LoRA+: B's learning rate is this times A's (finite, > 0; 1 = plain LoRA)
+    #[arg(long, value_name = "R", default_value_t = 1.0, value_parser = positive_f32)]
+    loraplus_ratio: f32,
+    /// Adapter rank, 1..=256
+    #[arg(long, value_name = "R", default_value_t = 16, value_parser = RangedU64ValueParser::<usize>::new().range(1..=lora::MAX_RANK as u64))]
+    rank: usize,
+    /// LoRA alpha: the scale is alpha / rank (finite, > 0)
+    #[arg(long, value_name = "A", default_value_t = 32.0, value_parser = positive_f32)]
+    alpha: f32,
+    /// Dropout probability on the adapters' input, in [0, 1)
+    #[arg(long, value_name = "P", default_value_t = 0.05, value_parser = probability)]
+    dropout: f32,
+    /// NEFTune noise alpha on the embeddings while training (finite, >= 0; 0 = off)
+    #[arg(long, value_name = "A", default_value_t = 5.0, value_parser = non_negative_f32)]
+    neftune_alpha: f32,
+    /// Vocabulary size, 2..=2^24 [default: 256 on a GPU, 64 on the CPU]
+    #[arg(long, value_name = "V", value_parser = RangedU64ValueParser::<usize>::new().range(2..=1 << 24))]
+    vocab: Option<usize>,
+    /// Model width, 1..=2^20 [default: 512 on a GPU, 128 on the CPU]
+    #[arg(long, value_name = "D", value_parser = RangedU64ValueParser::<usize>::new().range(1..=1 << 20))]
+    dim: Option<usize>,
+    /// Hidden width of each layer's up/down pair, 1..=2^20 [default: 1024 on a GPU, 256 on the CPU]
+    #[arg(long, value_name = "F", value_parser = RangedU64ValueParser::<usize>::new().range(1..=1 << 20))]
+    hidden: Option<usize>,
+    /// Number of layers, 0..=256
+    #[arg(long, value_name = "L", default_value_t = 2, value_parser = RangedU64ValueParser::<usize>::new().range(0..=256))]
+    layers: usize,
+    /// Sequences per step, 1..=2^24 [default: 32 on a GPU, 8 on the CPU]
+    #[arg(long, value_name = "B", value_parser = RangedU64ValueParser::<usize>::new().range(1..=1 << 24))]
+    batch: Option<usize>,
+    /// Tokens per sequence, 2..=2^24 [default: 128 on a GPU, 32 on the CPU]
+    #[arg(long, value_name = "S", value_parser = RangedU64ValueParser::<usize>::new().range(2..=1 << 24))]
+    seq: Option<usize>,
+    /// Seed of the weights, the task and the noise
+    #[arg(long, value_name = "S", default_value_t = 1)]
+    seed: u64,
+    /// Output folder (created; checked writable before training)
+    #[arg(long, value_name = "DIR", default_value_os_t = default_out())]
+    out: PathBuf,
+}
+
+const AFTER_HELP: &str = "\
+Before any work the sizes are checked against a memory estimate (the f32 weights and \
+their copies, the adapters with their AdamW state and one training step's activations, \
+with the CPU oracle's f64 temporaries): above 16 GiB the run is refused. The output \
+folder is created and a probe file written to it and removed before training.";
+
+/// The largest estimated peak memory a run may need.
+const MEMORY_LIMIT: u64 = 16 << 30;
+
+fn default_out() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/finetune")
+}
+
+fn parse_f32(s: &str) -> Res<f32> {
+    let v: f32 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("{s} is not finite"))
+    }
+}
+
+fn positive_f32(s: &str) -> Res<f32> {
+    let v = parse_f32(s)?;
+    if v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("{s} is not > 0"))
+    }
+}
+
+fn non_negative_f32(s: &str) -> Res<f32> {
+    let v = parse_f32(s)?;
+    if v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("{s} is negative"))
+    }
+}
+
+fn probability(s: &str) -> Res<f32> {
+    let v = parse_f32(s)?;
+    if (0.0..1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s} is not in [0, 1)"))
+    }
+}
+
+/// The run's settings, every size resolved.
 #[derive(Clone, Debug)]
 struct Args {
     dora: bool,
@@ -74,71 +198,109 @@ struct Args {
     out: PathBuf,
 }
 
-const USAGE: &str = "usage: finetune [--dora] [--cpu] [--steps N] [--lr LR] [--loraplus-ratio R] \
-[--rank R] [--alpha A] [--dropout P] [--neftune-alpha A] [--vocab V] [--dim D] [--hidden F] \
-[--layers L] [--batch B] [--seq S] [--seed S] [--out DIR]";
+impl Cli {
+    /// The settings, with the defaults of a GPU-sized model or of one that finishes in a
+    /// few seconds on 2 cores, checked against [`MEMORY_LIMIT`].
+    fn resolve(&self, gpu: bool) -> Res<Args> {
+        let pick = |v: Option<usize>, on_gpu: usize, on_cpu: usize| {
+            v.unwrap_or(if gpu { on_gpu } else { on_cpu })
+        };
+        let a = Args {
+            dora: self.dora,
+            steps: pick(self.steps, 300, 150),
+            lr: self.lr,
+            loraplus_ratio: self.loraplus_ratio,
+            rank: self.rank,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            neftune_alpha: self.neftune_alpha,
+            vocab: pick(self.vocab, 256, 64),
+            dim: pick(self.dim, 512, 128),
+            hidden: pick(self.hidden, 1024, 256),
+            layers: self.layers,
+            batch: pick(self.batch, 32, 8),
+            seq: pick(self.seq, 128, 32),
+            seed: self.seed,
+            out: self.out.clone(),
+        };
+        match a.memory_estimate() {
+            Some(bytes) if bytes <= MEMORY_LIMIT => Ok(a),
+            est => Err(format!(
+                "the model is too large: about {} needed (vocab {}, dim {}, hidden {}, {} layers, \
+                 rank {}, batch {} × seq {}); the limit is {} GiB",
+                est.map_or("more than 2^64 bytes".into(), |b| format!(
+                    "{:.1} GiB",
+                    b as f64 / (1u64 << 30) as f64
+                )),
+                a.vocab,
+                a.dim,
+                a.hidden,
+                a.layers,
+                a.rank,
+                a.batch,
+                a.seq,
+                MEMORY_LIMIT >> 30
+            )),
+        }
+    }
+}
 
-fn parse_args(gpu: bool) -> Res<Args> {
-    // Defaults: a GPU-sized model, or one that finishes in a few minutes on 2 cores.
-    let mut a = Args {
-        dora: false,
-        steps: if gpu { 300 } else { 150 },
-        lr: 5e-3,
-        loraplus_ratio: 1.0,
-        rank: 16,
-        alpha: 32.0,
-        dropout: 0.05,
-        neftune_alpha: 5.0,
-        vocab: if gpu { 256 } else { 64 },
-        dim: if gpu { 512 } else { 128 },
-        hidden: if gpu { 1024 } else { 256 },
-        layers: 2,
-        batch: if gpu { 32 } else { 8 },
-        seq: if gpu { 128 } else { 32 },
-        seed: 1,
-        out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/finetune"),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
-        macro_rules! num {
-            ($field:ident) => {
-                a.$field = value()?.parse().map_err(|e| format!("{flag}: {e}"))?
-            };
-        }
-        match flag.as_str() {
-            "--dora" => a.dora = true,
-            // Read before the device is chosen (see `run`).
-            "--cpu" => {}
-            "--steps" => num!(steps),
-            "--lr" => num!(lr),
-            "--loraplus-ratio" => num!(loraplus_ratio),
-            "--rank" => num!(rank),
-            "--alpha" => num!(alpha),
-            "--dropout" => num!(dropout),
-            "--neftune-alpha" => num!(neftune_alpha),
-            "--vocab" => num!(vocab),
-            "--dim" => num!(dim),
-            "--hidden" => num!(hidden),
-            "--layers" => num!(layers),
-            "--batch" => num!(batch),
-            "--seq" => num!(seq),
-            "--seed" => num!(seed),
-            "--out" => a.out = PathBuf::from(value()?),
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-        }
+impl Args {
+    /// An upper estimate of the run's peak memory in bytes (`None`: it overflows u64).
+    /// Elements are counted with checked arithmetic: the frozen weights (f32 at
+    /// construction, NF4, and the three f32 copies written into base_model.safetensors),
+    /// the adapters (parameters, gradients, AdamW's two moments and the saved copies),
+    /// and one training step's activations (logits and their gradient, each layer's
+    /// saved inputs and outputs, and the CPU oracle's f64 copies of one layer's operands).
+    fn memory_estimate(&self) -> Option<u64> {
+        let u = |v: usize| v as u64;
+        let (v, d, h, l, r) = (
+            u(self.vocab),
+            u(self.dim),
+            u(self.hidden),
+            u(self.layers),
+            u(self.rank),
+        );
+        let t = u(self.batch).checked_mul(u(self.seq))?;
+        // Every linear layer as (n, k): per layer up [H, D] and down [D, H]; head [V, D].
+        let hd = h.checked_mul(d)?;
+        let vd = v.checked_mul(d)?;
+        let w_sum = l.checked_mul(hd)?.checked_mul(2)?.checked_add(vd)?;
+        let w_max = hd.max(vd);
+        // Adapter elements: A [r, k], B [n, r], m [n].
+        let per_pair = r.checked_mul(d.checked_add(h)?)?.checked_mul(2)?;
+        let pairs = l.checked_mul(per_pair.checked_add(d)?.checked_add(h)?)?;
+        let head = r.checked_mul(d.checked_add(v)?)?.checked_add(v)?;
+        let adapter = pairs.checked_add(head)?;
+        // Per token: logits, their gradient and f64 copies; per layer the saved
+        // activations; the widest layer's f64 temporaries.
+        let widest = d.max(h).max(v);
+        let per_layer = d
+            .checked_mul(24)?
+            .checked_add(h.checked_mul(16)?)?
+            .checked_add(r.checked_mul(8)?)?;
+        let per_token = v
+            .checked_mul(28)?
+            .checked_add(l.checked_mul(per_layer)?)?
+            .checked_add(widest.checked_mul(24)?)?
+            .checked_add(d.checked_mul(16)?)?;
+        let weights = vd
+            .checked_mul(4)?
+            .checked_add(w_sum.checked_mul(14)?)?
+            .checked_add(w_max.checked_mul(16)?)?;
+        weights
+            .checked_add(adapter.checked_mul(28)?)?
+            .checked_add(t.checked_mul(per_token)?)
     }
-    if a.vocab < 2 || a.dim == 0 || a.hidden == 0 || a.batch == 0 || a.seq < 2 || a.steps == 0 {
-        return Err("vocab ≥ 2, seq ≥ 2 and every size ≥ 1 are needed".into());
-    }
-    if !(a.lr > 0.0 && a.loraplus_ratio > 0.0) {
-        return Err("--lr and --loraplus-ratio must be positive".into());
-    }
-    Ok(a)
+}
+
+/// Creates `dir` and checks that a file can be written there (written, then removed).
+fn check_writable(dir: &std::path::Path) -> Res<()> {
+    let fail = |e: std::io::Error| format!("--out {}: {e}", dir.display());
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let probe = dir.join(format!(".finetune-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"probe").map_err(fail)?;
+    std::fs::remove_file(&probe).map_err(fail)
 }
 
 /// SplitMix64.
@@ -848,18 +1010,6 @@ fn batch_ids(perm: &[u32], batch: usize, seq: usize, rng: &mut Rng) -> Vec<u32> 
     ids
 }
 
-fn progress(step: usize, total: usize, loss: f32, tok_s: f64) {
-    let width = 30;
-    let filled = step * width / total;
-    eprint!(
-        "\r[{}{}] {step:>5}/{total} loss {loss:7.4} | {:>8.0} tok/s ",
-        "#".repeat(filled),
-        "-".repeat(width - filled),
-        tok_s
-    );
-    let _ = std::io::stderr().flush();
-}
-
 /// safetensors with f32 and u32 tensors and a JSON metadata entry.
 fn write_tensors(
     path: &std::path::Path,
@@ -881,9 +1031,8 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn run() -> Res<()> {
-    let force_cpu = std::env::args().any(|a| a == "--cpu");
-    let gpu = if force_cpu {
+fn run(cli: Cli) -> Res<()> {
+    let gpu = if cli.cpu {
         None
     } else {
         match Gpu::new(0) {
@@ -896,7 +1045,8 @@ fn run() -> Res<()> {
             }
         }
     };
-    let args = parse_args(gpu.is_some())?;
+    let args = cli.resolve(gpu.is_some())?;
+    check_writable(&args.out)?;
     let dev = match gpu {
         Some(g) => {
             let (ma, mi) = g.compute_capability();
@@ -910,9 +1060,10 @@ fn run() -> Res<()> {
     };
     let a = args.clone();
     println!(
-        "model: vocab {} · dim {} · hidden {} · {} layers, NF4 base (bs 64, double-quantized); {} r={} alpha={} dropout={} LoRA+ ratio {}; NEFTune alpha {}; batch {}×{} tokens, {} steps, lr {}",
+        "model: vocab {} · dim {} · hidden {} · {} layers, NF4 base (bs 64, double-quantized); {} r={} alpha={} dropout={} LoRA+ ratio {}; NEFTune alpha {}; batch {}×{} tokens, {} steps, lr {}; memory estimate {:.0} MiB",
         a.vocab, a.dim, a.hidden, a.layers, if a.dora { "DoRA" } else { "LoRA" }, a.rank, a.alpha, a.dropout,
-        a.loraplus_ratio, a.neftune_alpha, a.batch, a.seq, a.steps, a.lr
+        a.loraplus_ratio, a.neftune_alpha, a.batch, a.seq, a.steps, a.lr,
+        a.memory_estimate().unwrap_or(u64::MAX) as f64 / (1u64 << 20) as f64
     );
     let mut model = Model::new(&dev, &args)?;
     let mut rng = Rng(args.seed);
@@ -937,12 +1088,18 @@ fn run() -> Res<()> {
     let tokens = (args.batch * args.seq) as f64;
     let start = Instant::now();
     let log_every = (args.steps / 10).max(1);
+    let bar = ProgressBar::new(args.steps as u64).with_style(
+        ProgressStyle::with_template("[{bar:30}] {pos:>5}/{len} {msg} [{elapsed_precise}]")
+            .map_err(err)?
+            .progress_chars("#>-"),
+    );
     let mut ema = None;
     for step in 1..=args.steps {
         let ids = batch_ids(&perm, args.batch, args.seq, &mut rng);
         let (logits, tape) = model.forward(&dev, &ids, args.batch, Some(step as u64))?;
         let (loss, dlogits) = cross_entropy(&logits, &ids, args.batch, args.seq, args.vocab);
         if !loss.is_finite() {
+            bar.abandon();
             return Err(format!("the loss is {loss} at step {step}"));
         }
         model.backward(&dev, &dlogits, tape, args.batch, step as u64)?;
@@ -952,11 +1109,20 @@ fn run() -> Res<()> {
         let e = ema.map_or(loss, |m: f32| 0.9 * m + 0.1 * loss);
         ema = Some(e);
         let tok_s = step as f64 * tokens / start.elapsed().as_secs_f64();
-        progress(step, args.steps, e, tok_s);
+        let msg = format!("loss {e:7.4} | {tok_s:>8.0} tok/s");
+        bar.set_position(step as u64);
+        // A log line every tenth of the run, also where the bar is hidden (no terminal).
         if step % log_every == 0 {
-            eprintln!();
+            let line = format!("{step:>5}/{} {msg}", args.steps);
+            if bar.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
         }
+        bar.set_message(msg);
     }
+    bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     let loss1 = eval(&mut model)?;
     println!(
@@ -1055,8 +1221,103 @@ fn clone_linear(l: &Linear) -> Linear {
 }
 
 fn main() {
-    if let Err(e) = run() {
+    // Bad arguments: clap prints what is wrong and exits with status 2.
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
         eprintln!("\nfinetune: {e}");
         std::process::exit(1);
+    }
+}
+
+// Run by `cargo test` (Cargo.toml sets `test = true` for this example).
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("finetune").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_fit_the_memory_limit() {
+        for gpu in [false, true] {
+            for dora in [&[][..], &["--dora"][..]] {
+                let a = parse(dora).unwrap().resolve(gpu).unwrap();
+                assert!(a.memory_estimate().unwrap() < 1 << 30, "{a:?}");
+            }
+        }
+        let a = parse(&[]).unwrap().resolve(false).unwrap();
+        assert_eq!(
+            (a.steps, a.vocab, a.dim, a.hidden, a.batch, a.seq),
+            (150, 64, 128, 256, 8, 32)
+        );
+        assert_eq!(
+            (a.rank, a.layers, a.seed, a.out.clone()),
+            (16, 2, 1, default_out())
+        );
+        assert_eq!(
+            (a.lr, a.alpha, a.dropout, a.neftune_alpha, a.loraplus_ratio),
+            (5e-3, 32.0, 0.05, 5.0, 1.0)
+        );
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_by_the_parser() {
+        let bad: &[&[&str]] = &[
+            &["--batch", "1000000000"],
+            &["--vocab", "100000000000"],
+            &["--vocab", "1"],
+            &["--dropout", "-0.1"],
+            &["--dropout", "1"],
+            &["--dropout", "NaN"],
+            &["--lr", "0"],
+            &["--lr", "-1e-3"],
+            &["--lr", "inf"],
+            &["--alpha", "0"],
+            &["--loraplus-ratio", "-2"],
+            &["--neftune-alpha", "-1"],
+            &["--rank", "0"],
+            &["--rank", "257"],
+            &["--seq", "1"],
+            &["--steps", "0"],
+            &["--steps", "-5"],
+            &["--layers", "257"],
+            &["--dim", "x"],
+            &["--steps"],
+            &["--no-such-option"],
+        ];
+        for args in bad {
+            let e = parse(args).expect_err(&format!("{args:?} was accepted"));
+            assert_ne!(e.exit_code(), 0, "{args:?}");
+        }
+        // Repeats take the last value, as before.
+        let a = parse(&["--cpu", "--cpu", "--steps", "3", "--steps", "4"]).unwrap();
+        assert_eq!((a.cpu, a.steps), (true, Some(4)));
+    }
+
+    #[test]
+    fn oversized_models_are_refused_before_any_work() {
+        for args in [
+            &["--batch", "16777216", "--seq", "16777216"][..],
+            &["--batch", "4096", "--seq", "4096"],
+            &["--vocab", "16777216", "--dim", "1048576"],
+            &["--dim", "1048576", "--hidden", "1048576", "--layers", "256"],
+        ] {
+            let e = parse(args).unwrap().resolve(false).expect_err("accepted");
+            assert!(e.contains("too large") && e.contains("16 GiB"), "{e}");
+        }
+    }
+
+    #[test]
+    fn an_unwritable_out_is_refused() {
+        let file = std::env::temp_dir().join(format!("finetune-args-test-{}", std::process::id()));
+        std::fs::write(&file, b"x").unwrap();
+        assert!(check_writable(&file).is_err());
+        assert!(check_writable(&file.join("sub")).is_err());
+        std::fs::remove_file(&file).unwrap();
+        let dir = std::env::temp_dir().join(format!("finetune-args-dir-{}", std::process::id()));
+        check_writable(&dir.join("a/b")).unwrap();
+        assert_eq!(std::fs::read_dir(dir.join("a/b")).unwrap().count(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
