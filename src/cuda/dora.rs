@@ -25,7 +25,7 @@
 //!   recomputed), one pass writing `dy⊙g` (or `dy⊙(g−1)` under dropout) and the chunk's
 //!   deterministic partial sums of `dy⊙z`, and the chunk's dX by cuBLAS. Where the NN
 //!   GEMM core can take dX (sm_90, f16/bf16, dense W, no dropout, K and N multiples of 8,
-//!   enough tiles; see `lora::backward_core`), each chunk's `dX = (dy⊙g) W + G A` is one
+//!   enough tiles; see `lora::backward`), each chunk's `dX = (dy⊙g) W + G A` is one
 //!   core launch instead, with `G = s·gl = s·(dy⊙g) B` for the chunk computed inside it
 //!   (or by cuBLAS just before), and `dA = Gᵀ x` after the chunks. dm is the sum of the
 //!   partials over the norm. No [N, K] temporary is ever formed.
