@@ -366,7 +366,16 @@ pub(crate) fn launch_mm<T: Element>(
 
 /// Quantizes `w` [rows, cols] on the GPU to NF4, as
 /// `quantize_4bit(w, blocksize, quant_type="nf4", compress_statistics=double_quant)`: the
-/// same bytes, scales, nested scales and offset as [`Nf4Weight::quantize`] on the host.
+/// same bytes, scales, nested scales and offset as [`Nf4Weight::quantize`] on the host,
+/// for finite input.
+///
+/// Non-finite input: the weight is on the device, so this does not scan it (that would
+/// cost a read of W and a host synchronization); it behaves as bitsandbytes does (a NaN
+/// is skipped by the block's absmax and gets code 0; a ±Inf makes its block's scale
+/// infinite, and with double quantization every nested scale), where
+/// [`Nf4Weight::quantize`] refuses such input. The result then fails
+/// [`Nf4Weight::validate`], so [`Nf4Device::download`] reports it. Double quantization
+/// synchronizes the stream once (the absmax mean is read back for the offset).
 pub fn quantize<T: Element, I: DevicePtr<T>>(
     gpu: &Gpu,
     w: &I,
