@@ -479,20 +479,12 @@ where
     let tuning = &opts.tuning;
     let core_ok = core_takes::<T>(gpu, tuning, shape, &lora_ptrs) && (zptr == 0 || zptr % 4 == 0);
     if tuning.core == CorePolicy::Require && (!core_ok || opts.active_dropout().is_some()) {
-        return Err(crate::Error::Unsupported {
-            op: "dora::forward",
-            reason: format!(
-                "the tuning requires the GEMM core, whose rule this call fails ({:?} on {}, \
-                 T = {t}, N = {n}, r = {r}, dropout {}; see cuda::plan)",
-                T::DTYPE,
-                gpu.name(),
-                if opts.active_dropout().is_some() {
-                    "on"
-                } else {
-                    "off"
-                }
-            ),
-        });
+        return Err(super::plan::core_required_error::<T>(
+            "dora::forward",
+            gpu,
+            shape,
+            opts,
+        ));
     }
     match opts.active_dropout() {
         None if shape.tokens <= super::lora::SMALL_T_MAX && tuning.core != CorePolicy::Require => {
@@ -784,16 +776,12 @@ pub(crate) fn backward_impl<T: Element>(
     };
     let core_dx = dropout.is_none() && dx_core_takes::<T>(gpu, tuning, shape, t, 0, dx_w, ap, dxp);
     if tuning.core == CorePolicy::Require && !core_dx {
-        return Err(crate::Error::Unsupported {
-            op: "dora::backward",
-            reason: format!(
-                "the tuning requires the GEMM core, whose rule this call's dX fails ({:?} on \
-                 {}, T = {t}, K = {k}, N = {n}, dropout {}; see cuda::plan)",
-                T::DTYPE,
-                gpu.name(),
-                if dropout.is_some() { "on" } else { "off" }
-            ),
-        });
+        return Err(super::plan::core_required_error::<T>(
+            "dora::backward",
+            gpu,
+            shape,
+            opts,
+        ));
     }
     let mut any_fused = false;
     let ldg = if core_dx { r.next_multiple_of(8) } else { r };

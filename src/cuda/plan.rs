@@ -72,3 +72,29 @@ impl Plan {
         }
     }
 }
+
+/// The error of an op whose tuning says [`crate::tuning::CorePolicy::Require`] where the
+/// core's rule fails for the call (`op` names the op): the dtype, GPU, shape and dropout
+/// it was given, so the caller can see which condition of the rules above it missed.
+pub(crate) fn core_required_error<T: crate::Element>(
+    op: &'static str,
+    gpu: &super::Gpu,
+    shape: &crate::LoraShape,
+    opts: &crate::LoraOptions,
+) -> crate::Error {
+    let (t, k, n, r) = shape.dims();
+    crate::Error::Unsupported {
+        op,
+        reason: format!(
+            "the tuning requires the GEMM core, whose rule this call fails ({:?} on {}, \
+             T = {t}, K = {k}, N = {n}, r = {r}, dropout {}; see cuda::plan)",
+            T::DTYPE,
+            gpu.name(),
+            if opts.active_dropout().is_some() {
+                "on"
+            } else {
+                "off"
+            }
+        ),
+    }
+}

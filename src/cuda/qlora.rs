@@ -215,15 +215,12 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         });
     }
     if tuning.core == CorePolicy::Require {
-        return Err(crate::Error::Unsupported {
-            op: "qlora::forward",
-            reason: format!(
-                "the tuning requires the GEMM core, whose rule this call fails ({:?} on {}, \
-                 T = {t}, K = {k}, N = {n}, r = {r}; see cuda::plan)",
-                T::DTYPE,
-                gpu.name()
-            ),
-        });
+        return Err(super::plan::core_required_error::<T>(
+            "qlora::forward",
+            gpu,
+            shape,
+            opts,
+        ));
     }
     forward_large::<T>(gpu, shape, opts, &ptrs, || {
         // y[:, panel] += x · deq(W[panel])ᵀ
@@ -317,20 +314,12 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         }
     }
     if tuning.core == CorePolicy::Require {
-        return Err(crate::Error::Unsupported {
-            op: "qlora::backward",
-            reason: format!(
-                "the tuning requires the GEMM core, whose rule this call fails ({:?} on {}, \
-                 T = {t}, K = {k}, N = {n}, dropout {}; see cuda::plan)",
-                T::DTYPE,
-                gpu.name(),
-                if opts.active_dropout().is_some() {
-                    "on"
-                } else {
-                    "off"
-                }
-            ),
-        });
+        return Err(super::plan::core_required_error::<T>(
+            "qlora::backward",
+            gpu,
+            shape,
+            opts,
+        ));
     }
     let size = std::mem::size_of::<T>() as u64;
     backward_with::<T>(gpu, shape, opts, &p, |beta| {
