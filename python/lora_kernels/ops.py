@@ -1,0 +1,724 @@
+"""The kernels as PyTorch custom ops (``torch.ops.lora_kernels.*``).
+
+Every op takes 2-D activations ``x`` [T, K] and the layer's tensors as they sit in
+memory, allocates its outputs with torch (the caching allocator), and runs on torch's
+current CUDA stream (CPU tensors run the crate's CPU oracle, in float64 internally).
+Scratch buffers of the CUDA paths come from CUDA's stream-ordered allocator (the
+device's default memory pool) on that same stream; :func:`scratch_pool_usage` reads it.
+
+Each op has a fake (meta) implementation, so ``torch.compile``, FSDP and meta-device
+tracing see shapes without running anything, and the forward ops are differentiable
+(``torch.library.register_autograd``) with respect to ``x``, ``a``, ``b``, ``bias`` and,
+for DoRA, the magnitude ``m``. The frozen base ``w`` gets no gradient: asking for one is
+an error.
+
+Inputs are checked before anything runs; a wrong dtype raises ``TypeError``, a wrong
+device, layout or shape ``ValueError``, each naming the tensor.
+
+Dropout is applied to the LoRA branch's input with the crate's Philox generator keyed
+by ``seed``: the backward regenerates the same mask, nothing is stored.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _lib
+
+_DTYPES = {
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float32: "float32",
+}
+
+__all__ = [
+    "lora_forward",
+    "lora_backward",
+    "qlora_forward",
+    "qlora_backward",
+    "dora_forward",
+    "dora_backward",
+    "qdora_forward",
+    "qdora_backward",
+    "lora_merge",
+    "nf4_quantize",
+    "nf4_dequantize",
+    "scratch_pool_usage",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Checks and raw arguments
+# --------------------------------------------------------------------------------------
+
+
+def _dtype_name(op: str, x: Tensor) -> str:
+    try:
+        return _DTYPES[x.dtype]
+    except KeyError:
+        raise TypeError(
+            f"{op}: x has dtype {x.dtype}; supported: bfloat16, float16, float32"
+        ) from None
+
+
+def _check(op: str, name: str, t: Tensor, *, like: Tensor, shape, dtype=None) -> None:
+    dtype = like.dtype if dtype is None else dtype
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected {dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{op}: {name} is on {t.device}, x on {like.device}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous (call .contiguous())")
+
+
+def _check_x(op: str, x: Tensor) -> Tuple[int, int]:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: x must be a tensor, got {type(x).__name__}")
+    _dtype_name(op, x)
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [tokens, in_features], got shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(f"{op}: x must be contiguous (call .contiguous())")
+    if x.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"{op}: x is on {x.device}; only cuda and cpu tensors are supported")
+    return x.shape[0], x.shape[1]
+
+
+def _check_rank(op: str, a: Tensor, b: Tensor, k: int) -> Tuple[int, int]:
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(
+            f"{op}: a must be [r, in_features] and b [out_features, r], "
+            f"got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    r, n = a.shape[0], b.shape[0]
+    if r == 0:
+        raise ValueError(f"{op}: rank 0 (a has no rows)")
+    return r, n
+
+
+def _check_dropout(op: str, p: float) -> None:
+    if not (0.0 <= p < 1.0):
+        raise ValueError(f"{op}: dropout p = {p} must be in [0, 1)")
+
+
+def _where(x: Tensor) -> Tuple[int, int]:
+    """(device ordinal or -1 for the CPU, raw stream of torch's current stream)."""
+    if x.device.type == "cuda":
+        idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        return idx, torch.cuda.current_stream(x.device).cuda_stream
+    return -1, 0
+
+
+def _buf(t: Optional[Tensor]):
+    if t is None:
+        return None
+    return (t.data_ptr(), t.numel())
+
+
+def _seed(seed: int) -> int:
+    return seed & ((1 << 64) - 1)
+
+
+class _Nf4:
+    """bitsandbytes' NF4 tensors of one weight, checked: packed codes (uint8, any shape,
+    (N·K+1)//2 bytes; other storage dtypes are viewed as bytes), absmax (float32, or
+    uint8 codes under double quantization with absmax2 float32 and code2 float32[256])."""
+
+    def __init__(self, op, x, n, k, blocksize, packed, absmax, absmax2, code2):
+        if packed.dtype != torch.uint8:
+            packed = packed.view(torch.uint8)
+        numel = n * k
+        blocks = -(-numel // blocksize) if blocksize > 0 else 0
+        _check(op, "packed", packed, like=x, shape=packed.shape, dtype=torch.uint8)
+        if packed.numel() != (numel + 1) // 2:
+            raise ValueError(
+                f"{op}: packed has {packed.numel()} bytes, a {n}x{k} NF4 weight has {(numel + 1) // 2}"
+            )
+        nested = absmax2 is not None or code2 is not None
+        if nested:
+            if absmax2 is None or code2 is None:
+                raise ValueError(f"{op}: absmax2 and code2 come together (double quantization)")
+            _check(op, "absmax", absmax, like=x, shape=(blocks,), dtype=torch.uint8)
+            _check(op, "absmax2", absmax2, like=x, shape=absmax2.shape, dtype=torch.float32)
+            _check(op, "code2", code2, like=x, shape=(256,), dtype=torch.float32)
+        else:
+            _check(op, "absmax", absmax, like=x, shape=(blocks,), dtype=torch.float32)
+        self.packed, self.absmax, self.absmax2, self.code2 = packed, absmax, absmax2, code2
+        self.blocksize = blocksize
+
+    def args(self, offset: float):
+        return (
+            self.blocksize,
+            _buf(self.packed),
+            _buf(self.absmax),
+            _buf(self.absmax2),
+            _buf(self.code2),
+            float(offset),
+        )
+
+
+# --------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lora_kernels::lora_forward", mutates_args=())
+def lora_forward(
+    x: Tensor,
+    w: Tensor,
+    a: Tensor,
+    b: Tensor,
+    bias: Optional[Tensor],
+    scale: float,
+    p: float,
+    seed: int,
+) -> Tuple[Tensor, Tensor]:
+    """``y = x wᵀ + bias + scale · drop(x) aᵀ bᵀ`` and ``h = drop(x) aᵀ`` (saved for the
+    backward). x [T, K], w [N, K], a [r, K], b [N, r], bias [N] or None."""
+    op = "lora_forward"
+    t, k = _check_x(op, x)
+    r, n = _check_rank(op, a, b, k)
+    _check(op, "w", w, like=x, shape=(n, k))
+    _check(op, "a", a, like=x, shape=(r, k))
+    _check(op, "b", b, like=x, shape=(n, r))
+    if bias is not None:
+        _check(op, "bias", bias, like=x, shape=(n,))
+    _check_dropout(op, p)
+    y = x.new_empty((t, n))
+    h = x.new_empty((t, r))
+    if t > 0:
+        dev, stream = _where(x)
+        _lib.lora_forward(
+            dev, stream, _dtype_name(op, x), t, k, n, r, scale, p, _seed(seed), 0,
+            _buf(x), _buf(w), _buf(a), _buf(b), _buf(bias), _buf(y), _buf(h),
+        )
+    return y, h
+
+
+@lora_forward.register_fake
+def _(x, w, a, b, bias, scale, p, seed):
+    return x.new_empty((x.shape[0], w.shape[0])), x.new_empty((x.shape[0], a.shape[0]))
+
+
+@torch.library.custom_op("lora_kernels::lora_backward", mutates_args=())
+def lora_backward(
+    x: Tensor,
+    w: Tensor,
+    a: Tensor,
+    b: Tensor,
+    h: Tensor,
+    dy: Tensor,
+    scale: float,
+    p: float,
+    seed: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, da, db) of :func:`lora_forward` from ``dy`` [T, N]; ``h`` and ``seed`` as the
+    forward used them."""
+    op = "lora_backward"
+    t, k = _check_x(op, x)
+    r, n = _check_rank(op, a, b, k)
+    _check(op, "w", w, like=x, shape=(n, k))
+    _check(op, "a", a, like=x, shape=(r, k))
+    _check(op, "b", b, like=x, shape=(n, r))
+    _check(op, "h", h, like=x, shape=(t, r))
+    _check(op, "dy", dy, like=x, shape=(t, n))
+    _check_dropout(op, p)
+    dx = torch.empty_like(x)
+    if t == 0:
+        return dx, torch.zeros_like(a), torch.zeros_like(b)
+    da = torch.empty_like(a)
+    db = torch.empty_like(b)
+    dev, stream = _where(x)
+    _lib.lora_backward(
+        dev, stream, _dtype_name(op, x), t, k, n, r, scale, p, _seed(seed), 0,
+        _buf(x), _buf(w), _buf(a), _buf(b), _buf(h), _buf(dy), _buf(dx), _buf(da), _buf(db),
+    )
+    return dx, da, db
+
+
+@lora_backward.register_fake
+def _(x, w, a, b, h, dy, scale, p, seed):
+    return torch.empty_like(x), torch.empty_like(a), torch.empty_like(b)
+
+
+def _no_base_grad(ctx, op: str) -> None:
+    if ctx.needs_input_grad[1]:
+        raise RuntimeError(
+            f"{op}: the base weight w requires grad; the LoRA ops treat it as frozen "
+            "(set w.requires_grad_(False))"
+        )
+
+
+def _bias_grad(ctx, dy: Tensor, idx: int):
+    return dy.sum(0) if ctx.needs_input_grad[idx] else None
+
+
+def _lora_setup(ctx, inputs, output):
+    x, w, a, b, bias, scale, p, seed = inputs
+    ctx.save_for_backward(x, w, a, b, output[1])
+    ctx.args = (scale, p, seed)
+
+
+def _lora_bwd(ctx, dy, _dh):
+    _no_base_grad(ctx, "lora_forward")
+    x, w, a, b, h = ctx.saved_tensors
+    dx, da, db = torch.ops.lora_kernels.lora_backward(x, w, a, b, h, dy.contiguous(), *ctx.args)
+    return dx, None, da, db, _bias_grad(ctx, dy, 4), None, None, None
+
+
+torch.library.register_autograd("lora_kernels::lora_forward", _lora_bwd, setup_context=_lora_setup)
+
+
+@torch.library.custom_op("lora_kernels::lora_merge", mutates_args=("w",))
+def lora_merge(w: Tensor, a: Tensor, b: Tensor, scale: float, unmerge: bool) -> None:
+    """In place: ``w += scale · b a`` (``unmerge``: ``-=``), in w's dtype."""
+    op = "lora_merge"
+    if w.dim() != 2:
+        raise ValueError(f"{op}: w must be 2-D [out_features, in_features]")
+    _dtype_name(op, w)
+    n, k = w.shape
+    r = a.shape[0] if a.dim() == 2 else -1
+    _check(op, "w", w, like=w, shape=(n, k))
+    _check(op, "a", a, like=w, shape=(r, k))
+    _check(op, "b", b, like=w, shape=(n, r))
+    dev, stream = _where(w)
+    _lib.lora_merge(dev, stream, _dtype_name(op, w), k, n, r, scale, unmerge, _buf(w), _buf(a), _buf(b))
+
+
+@lora_merge.register_fake
+def _(w, a, b, scale, unmerge):
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# QLoRA: an NF4 base in bitsandbytes' layout
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lora_kernels::qlora_forward", mutates_args=())
+def qlora_forward(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    absmax2: Optional[Tensor],
+    code2: Optional[Tensor],
+    nf4_offset: float,
+    blocksize: int,
+    out_features: int,
+    a: Tensor,
+    b: Tensor,
+    bias: Optional[Tensor],
+    scale: float,
+    p: float,
+    seed: int,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`lora_forward` with ``w`` = the NF4 weight [out_features, K] given by
+    bitsandbytes' tensors: ``packed`` (``Params4bit`` data), ``absmax``, and under double
+    quantization ``absmax2`` = ``quant_state.state2.absmax``, ``code2`` =
+    ``quant_state.state2.code`` and ``nf4_offset`` = ``quant_state.offset``."""
+    op = "qlora_forward"
+    t, k = _check_x(op, x)
+    r, n = _check_rank(op, a, b, k)
+    if n != out_features:
+        raise ValueError(f"{op}: b has {n} rows, out_features is {out_features}")
+    nf = _Nf4(op, x, n, k, blocksize, packed, absmax, absmax2, code2)
+    _check(op, "a", a, like=x, shape=(r, k))
+    _check(op, "b", b, like=x, shape=(n, r))
+    if bias is not None:
+        _check(op, "bias", bias, like=x, shape=(n,))
+    _check_dropout(op, p)
+    y = x.new_empty((t, n))
+    h = x.new_empty((t, r))
+    if t > 0:
+        dev, stream = _where(x)
+        (bs, pk, am, a2, c2, off) = nf.args(nf4_offset)
+        _lib.qlora_forward(
+            dev, stream, _dtype_name(op, x), t, k, n, r, scale, p, _seed(seed), 0,
+            _buf(x), bs, pk, am, a2, c2, off, _buf(a), _buf(b), _buf(bias), _buf(y), _buf(h),
+        )
+    return y, h
+
+
+@qlora_forward.register_fake
+def _(x, packed, absmax, absmax2, code2, nf4_offset, blocksize, out_features, a, b, bias, scale, p, seed):
+    return x.new_empty((x.shape[0], out_features)), x.new_empty((x.shape[0], a.shape[0]))
+
+
+@torch.library.custom_op("lora_kernels::qlora_backward", mutates_args=())
+def qlora_backward(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    absmax2: Optional[Tensor],
+    code2: Optional[Tensor],
+    nf4_offset: float,
+    blocksize: int,
+    out_features: int,
+    a: Tensor,
+    b: Tensor,
+    h: Tensor,
+    dy: Tensor,
+    scale: float,
+    p: float,
+    seed: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, da, db) of :func:`qlora_forward` (dx through the dequantized W)."""
+    op = "qlora_backward"
+    t, k = _check_x(op, x)
+    r, n = _check_rank(op, a, b, k)
+    if n != out_features:
+        raise ValueError(f"{op}: b has {n} rows, out_features is {out_features}")
+    nf = _Nf4(op, x, n, k, blocksize, packed, absmax, absmax2, code2)
+    _check(op, "a", a, like=x, shape=(r, k))
+    _check(op, "b", b, like=x, shape=(n, r))
+    _check(op, "h", h, like=x, shape=(t, r))
+    _check(op, "dy", dy, like=x, shape=(t, n))
+    _check_dropout(op, p)
+    dx = torch.empty_like(x)
+    if t == 0:
+        return dx, torch.zeros_like(a), torch.zeros_like(b)
+    da = torch.empty_like(a)
+    db = torch.empty_like(b)
+    dev, stream = _where(x)
+    (bs, pk, am, a2, c2, off) = nf.args(nf4_offset)
+    _lib.qlora_backward(
+        dev, stream, _dtype_name(op, x), t, k, n, r, scale, p, _seed(seed), 0,
+        _buf(x), bs, pk, am, a2, c2, off, _buf(a), _buf(b), _buf(h), _buf(dy),
+        _buf(dx), _buf(da), _buf(db),
+    )
+    return dx, da, db
+
+
+@qlora_backward.register_fake
+def _(x, packed, absmax, absmax2, code2, nf4_offset, blocksize, out_features, a, b, h, dy, scale, p, seed):
+    return torch.empty_like(x), torch.empty_like(a), torch.empty_like(b)
+
+
+def _qlora_setup(ctx, inputs, output):
+    (x, packed, absmax, absmax2, code2, nf4_offset, blocksize, n, a, b, bias, scale, p, seed) = inputs
+    ctx.save_for_backward(x, packed, absmax, absmax2, code2, a, b, output[1])
+    ctx.args = (nf4_offset, blocksize, n, scale, p, seed)
+
+
+def _qlora_bwd(ctx, dy, _dh):
+    if any(ctx.needs_input_grad[1:5]):
+        raise RuntimeError("qlora_forward: the NF4 base tensors are frozen and get no gradient")
+    x, packed, absmax, absmax2, code2, a, b, h = ctx.saved_tensors
+    nf4_offset, blocksize, n, scale, p, seed = ctx.args
+    dx, da, db = torch.ops.lora_kernels.qlora_backward(
+        x, packed, absmax, absmax2, code2, nf4_offset, blocksize, n, a, b, h, dy.contiguous(),
+        scale, p, seed,
+    )
+    return (dx, None, None, None, None, None, None, None, da, db, _bias_grad(ctx, dy, 10),
+            None, None, None)
+
+
+torch.library.register_autograd("lora_kernels::qlora_forward", _qlora_bwd, setup_context=_qlora_setup)
+
+
+# --------------------------------------------------------------------------------------
+# DoRA and QDoRA
+# --------------------------------------------------------------------------------------
+
+
+def _dora_outputs(x, n, r):
+    t = x.shape[0]
+    return (
+        x.new_empty((t, n)),
+        x.new_empty((t, r)),
+        torch.empty((n,), dtype=torch.float32, device=x.device),
+        x.new_empty((t, n)),
+    )
+
+
+@torch.library.custom_op("lora_kernels::dora_forward", mutates_args=())
+def dora_forward(
+    x: Tensor,
+    w: Tensor,
+    a: Tensor,
+    b: Tensor,
+    bias: Optional[Tensor],
+    m: Tensor,
+    scale: float,
+    p: float,
+    seed: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """DoRA (peft's): ``y = m/‖w + s·b a‖_row ⊙ (x wᵀ + s·drop(x) aᵀ bᵀ) + bias`` with the
+    norm detached, as peft does. Returns (y, h, norm (float32 [N]), z), the last three
+    saved for the backward."""
+    op = "dora_forward"
+    t, k = _check_x(op, x)
+    r, n = _check_rank(op, a, b, k)
+    _check(op, "w", w, like=x, shape=(n, k))
+    _check(op, "a", a, like=x, shape=(r, k))
+    _check(op, "b", b, like=x, shape=(n, r))
+    _check(op, "m", m, like=x, shape=(n,))
+    if bias is not None:
+        _check(op, "bias", bias, like=x, shape=(n,))
+    _check_dropout(op, p)
+    y, h, norm, z = _dora_outputs(x, n, r)
+    if t > 0:
+        dev, stream = _where(x)
+        _lib.dora_forward(
+            dev, stream, _dtype_name(op, x), t, k, n, r, scale, p, _seed(seed), 0,
+            _buf(x), _buf(w), None, _buf(a), _buf(b), _buf(bias), _buf(m),
+            _buf(y), _buf(h), _buf(norm), _buf(z),
+        )
+    return y, h, norm, z
+
+
+@dora_forward.register_fake
+def _(x, w, a, b, bias, m, scale, p, seed):
+    return _dora_outputs(x, w.shape[0], a.shape[0])
+
+
+@torch.library.custom_op("lora_kernels::dora_backward", mutates_args=())
+def dora_backward(
+    x: Tensor,
+    w: Tensor,
+    a: Tensor,
+    b: Tensor,
+    m: Tensor,
+    h: Tensor,
+    norm: Tensor,
+    z: Tensor,
+    dy: Tensor,
+    scale: float,
+    p: float,
+    seed: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, da, db, dm) of :func:`dora_forward` from what it saved."""
+    op = "dora_backward"
+    t, k = _check_x(op, x)
+    r, n = _check_rank(op, a, b, k)
+    _check(op, "w", w, like=x, shape=(n, k))
+    _check(op, "a", a, like=x, shape=(r, k))
+    _check(op, "b", b, like=x, shape=(n, r))
+    _check(op, "m", m, like=x, shape=(n,))
+    _check(op, "h", h, like=x, shape=(t, r))
+    _check(op, "norm", norm, like=x, shape=(n,), dtype=torch.float32)
+    _check(op, "z", z, like=x, shape=(t, n))
+    _check(op, "dy", dy, like=x, shape=(t, n))
+    _check_dropout(op, p)
+    dx = torch.empty_like(x)
+    if t == 0:
+        return dx, torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(m)
+    da, db, dm = torch.empty_like(a), torch.empty_like(b), torch.empty_like(m)
+    dev, stream = _where(x)
+    _lib.dora_backward(
+        dev, stream, _dtype_name(op, x), t, k, n, r, scale, p, _seed(seed), 0,
+        _buf(x), _buf(w), None, _buf(a), _buf(b), _buf(m), _buf(h), _buf(norm), _buf(z),
+        _buf(dy), _buf(dx), _buf(da), _buf(db), _buf(dm),
+    )
+    return dx, da, db, dm
+
+
+@dora_backward.register_fake
+def _(x, w, a, b, m, h, norm, z, dy, scale, p, seed):
+    return torch.empty_like(x), torch.empty_like(a), torch.empty_like(b), torch.empty_like(m)
+
+
+def _dora_setup(ctx, inputs, output):
+    x, w, a, b, bias, m, scale, p, seed = inputs
+    _y, h, norm, z = output
+    ctx.save_for_backward(x, w, a, b, m, h, norm, z)
+    ctx.args = (scale, p, seed)
+
+
+def _dora_bwd(ctx, dy, _dh, _dnorm, _dz):
+    _no_base_grad(ctx, "dora_forward")
+    x, w, a, b, m, h, norm, z = ctx.saved_tensors
+    dx, da, db, dm = torch.ops.lora_kernels.dora_backward(
+        x, w, a, b, m, h, norm, z, dy.contiguous(), *ctx.args
+    )
+    return dx, None, da, db, _bias_grad(ctx, dy, 4), dm, None, None, None
+
+
+torch.library.register_autograd("lora_kernels::dora_forward", _dora_bwd, setup_context=_dora_setup)
+
+
+@torch.library.custom_op("lora_kernels::qdora_forward", mutates_args=())
+def qdora_forward(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    absmax2: Optional[Tensor],
+    code2: Optional[Tensor],
+    nf4_offset: float,
+    blocksize: int,
+    out_features: int,
+    a: Tensor,
+    b: Tensor,
+    bias: Optional[Tensor],
+    m: Tensor,
+    scale: float,
+    p: float,
+    seed: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`dora_forward` over an NF4 base (as :func:`qlora_forward` takes it)."""
+    op = "qdora_forward"
+    t, k = _check_x(op, x)
+    r, n = _check_rank(op, a, b, k)
+    if n != out_features:
+        raise ValueError(f"{op}: b has {n} rows, out_features is {out_features}")
+    nf = _Nf4(op, x, n, k, blocksize, packed, absmax, absmax2, code2)
+    _check(op, "a", a, like=x, shape=(r, k))
+    _check(op, "b", b, like=x, shape=(n, r))
+    _check(op, "m", m, like=x, shape=(n,))
+    if bias is not None:
+        _check(op, "bias", bias, like=x, shape=(n,))
+    _check_dropout(op, p)
+    y, h, norm, z = _dora_outputs(x, n, r)
+    if t > 0:
+        dev, stream = _where(x)
+        _lib.dora_forward(
+            dev, stream, _dtype_name(op, x), t, k, n, r, scale, p, _seed(seed), 0,
+            _buf(x), None, nf.args(nf4_offset), _buf(a), _buf(b), _buf(bias), _buf(m),
+            _buf(y), _buf(h), _buf(norm), _buf(z),
+        )
+    return y, h, norm, z
+
+
+@qdora_forward.register_fake
+def _(x, packed, absmax, absmax2, code2, nf4_offset, blocksize, out_features, a, b, bias, m, scale, p, seed):
+    return _dora_outputs(x, out_features, a.shape[0])
+
+
+@torch.library.custom_op("lora_kernels::qdora_backward", mutates_args=())
+def qdora_backward(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    absmax2: Optional[Tensor],
+    code2: Optional[Tensor],
+    nf4_offset: float,
+    blocksize: int,
+    out_features: int,
+    a: Tensor,
+    b: Tensor,
+    m: Tensor,
+    h: Tensor,
+    norm: Tensor,
+    z: Tensor,
+    dy: Tensor,
+    scale: float,
+    p: float,
+    seed: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, da, db, dm) of :func:`qdora_forward`."""
+    op = "qdora_backward"
+    t, k = _check_x(op, x)
+    r, n = _check_rank(op, a, b, k)
+    if n != out_features:
+        raise ValueError(f"{op}: b has {n} rows, out_features is {out_features}")
+    nf = _Nf4(op, x, n, k, blocksize, packed, absmax, absmax2, code2)
+    _check(op, "a", a, like=x, shape=(r, k))
+    _check(op, "b", b, like=x, shape=(n, r))
+    _check(op, "m", m, like=x, shape=(n,))
+    _check(op, "h", h, like=x, shape=(t, r))
+    _check(op, "norm", norm, like=x, shape=(n,), dtype=torch.float32)
+    _check(op, "z", z, like=x, shape=(t, n))
+    _check(op, "dy", dy, like=x, shape=(t, n))
+    _check_dropout(op, p)
+    dx = torch.empty_like(x)
+    if t == 0:
+        return dx, torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(m)
+    da, db, dm = torch.empty_like(a), torch.empty_like(b), torch.empty_like(m)
+    dev, stream = _where(x)
+    _lib.dora_backward(
+        dev, stream, _dtype_name(op, x), t, k, n, r, scale, p, _seed(seed), 0,
+        _buf(x), None, nf.args(nf4_offset), _buf(a), _buf(b), _buf(m), _buf(h), _buf(norm),
+        _buf(z), _buf(dy), _buf(dx), _buf(da), _buf(db), _buf(dm),
+    )
+    return dx, da, db, dm
+
+
+@qdora_backward.register_fake
+def _(x, packed, absmax, absmax2, code2, nf4_offset, blocksize, out_features, a, b, m, h, norm, z, dy, scale, p, seed):
+    return torch.empty_like(x), torch.empty_like(a), torch.empty_like(b), torch.empty_like(m)
+
+
+def _qdora_setup(ctx, inputs, output):
+    (x, packed, absmax, absmax2, code2, nf4_offset, blocksize, n, a, b, bias, m, scale, p, seed) = inputs
+    _y, h, norm, z = output
+    ctx.save_for_backward(x, packed, absmax, absmax2, code2, a, b, m, h, norm, z)
+    ctx.args = (nf4_offset, blocksize, n, scale, p, seed)
+
+
+def _qdora_bwd(ctx, dy, _dh, _dnorm, _dz):
+    if any(ctx.needs_input_grad[1:5]):
+        raise RuntimeError("qdora_forward: the NF4 base tensors are frozen and get no gradient")
+    x, packed, absmax, absmax2, code2, a, b, m, h, norm, z = ctx.saved_tensors
+    nf4_offset, blocksize, n, scale, p, seed = ctx.args
+    dx, da, db, dm = torch.ops.lora_kernels.qdora_backward(
+        x, packed, absmax, absmax2, code2, nf4_offset, blocksize, n, a, b, m, h, norm, z,
+        dy.contiguous(), scale, p, seed,
+    )
+    return (dx, None, None, None, None, None, None, None, da, db, _bias_grad(ctx, dy, 10), dm,
+            None, None, None)
+
+
+torch.library.register_autograd("lora_kernels::qdora_forward", _qdora_bwd, setup_context=_qdora_setup)
+
+
+# --------------------------------------------------------------------------------------
+# NF4 helpers (host) and the scratch pool
+# --------------------------------------------------------------------------------------
+
+
+def nf4_quantize(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> dict:
+    """Quantizes a CPU weight [N, K] to NF4 with the bytes bitsandbytes'
+    ``quantize_4bit(quant_type="nf4", compress_statistics=double_quant)`` gives.
+    Returns a dict of CPU tensors: ``packed`` (uint8), ``absmax`` (float32, or uint8
+    codes), and under double quantization ``absmax2``, ``code2`` and ``offset`` (float)."""
+    op = "nf4_quantize"
+    if w.device.type != "cpu" or w.dim() != 2:
+        raise ValueError(f"{op}: w must be a 2-D CPU tensor, got {tuple(w.shape)} on {w.device}")
+    w = w.contiguous()
+    n, k = w.shape
+    packed, absmax, absmax2, code2, offset = _lib.nf4_quantize(
+        _dtype_name(op, w), n, k, blocksize, double_quant, _buf(w)
+    )
+
+    def f32(bs):
+        return torch.frombuffer(bytearray(bs), dtype=torch.float32).clone()
+
+    out = {"packed": torch.frombuffer(bytearray(packed), dtype=torch.uint8).clone()}
+    if absmax2 is None:
+        out.update(absmax=f32(absmax), absmax2=None, code2=None, offset=0.0)
+    else:
+        out.update(
+            absmax=torch.frombuffer(bytearray(absmax), dtype=torch.uint8).clone(),
+            absmax2=f32(absmax2),
+            code2=f32(code2),
+            offset=float(offset),
+        )
+    return out
+
+
+def nf4_dequantize(q: dict, shape, blocksize: int = 64, dtype=torch.bfloat16) -> Tensor:
+    """The dense CPU weight of an NF4 weight given as :func:`nf4_quantize` returns it."""
+    n, k = shape
+    out = torch.empty((n, k), dtype=dtype)
+    name = _dtype_name("nf4_dequantize", out)
+    _lib.nf4_dequantize(
+        name, n, k, blocksize, _buf(q["packed"].contiguous()), _buf(q["absmax"].contiguous()),
+        _buf(q.get("absmax2")), _buf(q.get("code2")), float(q.get("offset", 0.0)), _buf(out),
+    )
+    return out
+
+
+def scratch_pool_usage(device=None, reset: bool = False) -> Tuple[int, int]:
+    """(bytes in use, high-water mark) of the CUDA memory pool the ops' scratch comes
+    from (the device's default pool, not torch's caching allocator); ``reset`` first
+    sets the mark to the current use."""
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return _lib.pool_usage(idx, torch.cuda.current_stream(device).cuda_stream, reset)

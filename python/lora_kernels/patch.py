@@ -1,0 +1,244 @@
+"""``patch(model)``: peft's LoRA layers run on the fused ops.
+
+:func:`patch` replaces the ``forward`` of every peft LoRA ``Linear`` (over ``nn.Linear``)
+and LoRA ``Linear4bit`` (over bitsandbytes' NF4 ``Linear4bit``) in a model with one that
+calls :mod:`lora_kernels.ops`: LoRA, rsLoRA (peft folds it into ``scaling``), DoRA,
+QLoRA and QDoRA, with dropout. Nothing else changes: the parameters, their names and
+``state_dict``, so the model saves and loads with peft exactly as before.
+
+Each call checks that it is a configuration the ops cover; one that is not runs peft's
+own forward, with a warning (once per reason) that says why. Covered:
+
+- adapters enabled, not merged, exactly one active adapter, no ``adapter_names``
+  (mixed batch) and no extra arguments;
+- plain LoRA or DoRA (peft's ``use_dora``), ``lora_bias=False``, ``fan_in_fan_out=False``;
+- dropout ``nn.Dropout`` or none (the mask comes from the crate's Philox generator, a
+  seed drawn from torch's CPU generator each call, so ``torch.manual_seed`` makes runs
+  repeatable);
+- x in bfloat16, float16 or float32, the dense base weight in x's dtype, or an NF4 base
+  (``quant_type="nf4"``, nested blocksize 256) whose compute dtype is x's dtype; under
+  autocast only when x is already in the autocast dtype;
+- x on a CUDA device (sm_80 or newer) or on the CPU (the crate's CPU oracle: exact but
+  slow, for tests).
+
+The LoRA weights (and DoRA's magnitude) are used in x's dtype: peft keeps them in
+float32 by default (``autocast_adapter_dtype=True``); they are then cast to x's dtype in
+the autograd graph (a copy of r·(K+N) values a call), and their gradients flow back to
+the float32 parameters through that cast. The products accumulate in float32.
+
+:func:`unpatch` puts peft's forwards back.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import ops  # noqa: F401  (registers torch.ops.lora_kernels)
+
+_ORIG = "_lora_kernels_orig_forward"
+_WARNED: set = set()
+_SEED_MAX = (1 << 62) - 1
+
+
+def _peft_classes():
+    classes = []
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        classes.append(LoraLinear)
+    except ImportError:  # pragma: no cover - peft is optional at import time
+        pass
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+        classes.append(LoraLinear4bit)
+    except (ImportError, AttributeError):
+        pass
+    return tuple(classes)
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(
+            f"lora_kernels: falling back to peft's forward: {reason}", RuntimeWarning, stacklevel=3
+        )
+
+
+def _is_nf4_base(base) -> bool:
+    w = getattr(base, "weight", None)
+    return getattr(w, "quant_state", None) is not None or type(w).__name__ == "Params4bit"
+
+
+def _variant(layer, adapter) -> Optional[str]:
+    """'lora', 'dora', or None for another variant."""
+    variants = getattr(layer, "lora_variant", None)
+    if variants is not None:
+        v = variants.get(adapter)
+        if v is None:
+            return "lora"
+        return "dora" if "Dora" in type(v).__name__ else None
+    return "dora" if getattr(layer, "use_dora", {}).get(adapter, False) else "lora"
+
+
+def _why_not(layer, x, args, kwargs) -> Optional[str]:
+    """Why the fused forward cannot take this call, or None."""
+    if args or kwargs:
+        names = sorted(kwargs) if kwargs else ["positional arguments"]
+        return f"extra forward arguments ({', '.join(names)})"
+    if layer.disable_adapters:
+        return "adapters are disabled"
+    if layer.merged:
+        return "the adapter is merged"
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return f"{len(active)} active adapters (the ops take exactly one)"
+    adapter = active[0]
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True"
+    if getattr(layer, "lora_bias", {}).get(adapter, False):
+        return "lora_bias=True"
+    if _variant(layer, adapter) is None:
+        return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}"
+    drop = layer.lora_dropout[adapter]
+    if not isinstance(drop, (nn.Dropout, nn.Identity)):
+        return f"dropout module {type(drop).__name__}"
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"input dtype {getattr(x, 'dtype', type(x).__name__)}"
+    if x.device.type not in ("cuda", "cpu"):
+        return f"input on {x.device}"
+    if x.shape[-1] != layer.in_features:
+        return f"input has {x.shape[-1]} features, the layer {layer.in_features}"
+    if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
+        return "autocast to another dtype than the input's"
+    base = layer.get_base_layer()
+    if _is_nf4_base(base):
+        qs = getattr(base.weight, "quant_state", None)
+        if qs is None:
+            return "NF4 weight without a quant_state"
+        if qs.quant_type != "nf4":
+            return f"4-bit quant_type {qs.quant_type!r} (only nf4)"
+        if qs.nested and qs.state2.blocksize != 256:
+            return f"nested blocksize {qs.state2.blocksize} (only 256)"
+        cd = getattr(base, "compute_dtype", None)
+        if cd is not None and cd != x.dtype:
+            return f"compute_dtype {cd} differs from the input's {x.dtype}"
+        if base.weight.device != x.device:
+            return "the weight is on another device than the input"
+    elif isinstance(base, nn.Linear):
+        if base.weight.dtype != x.dtype:
+            return f"base weight dtype {base.weight.dtype} differs from the input's {x.dtype}"
+        if base.weight.requires_grad:
+            return "the base weight requires grad"
+        if base.weight.device != x.device:
+            return "the weight is on another device than the input"
+    else:
+        return f"base layer {type(base).__name__}"
+    return None
+
+
+def _nf4_args(layer, base):
+    """bitsandbytes' tensors of the NF4 weight, as the ops take them (cached offset)."""
+    w = base.weight
+    qs = w.quant_state
+    cache = getattr(layer, "_lora_kernels_nf4", None)
+    if cache is None or cache[0] is not qs:
+        # One host read of the offset (a 0-d tensor) per quant_state, not per step.
+        offset = float(qs.offset) if qs.nested else 0.0
+        cache = (qs, offset)
+        layer._lora_kernels_nf4 = cache
+    offset = cache[1]
+    packed = w.data if w.data.dtype == torch.uint8 else w.data.view(torch.uint8)
+    n, k = qs.shape
+    if qs.nested:
+        return (packed, qs.absmax, qs.state2.absmax, qs.state2.code, offset, qs.blocksize, n), k
+    return (packed, qs.absmax, None, None, 0.0, qs.blocksize, n), k
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    orig = getattr(self, _ORIG)
+    reason = _why_not(self, x, args, kwargs)
+    if reason is not None:
+        _warn_once(reason)
+        return orig(x, *args, **kwargs)
+
+    adapter = [a for a in self.active_adapters if a in self.lora_A][0]
+    dt = x.dtype
+    a = self.lora_A[adapter].weight.to(dt)
+    b = self.lora_B[adapter].weight.to(dt)
+    scale = float(self.scaling[adapter])
+    drop = self.lora_dropout[adapter]
+    p = float(drop.p) if (isinstance(drop, nn.Dropout) and self.training) else 0.0
+    seed = int(torch.randint(0, _SEED_MAX, ())) if p > 0.0 else 0
+    base = self.get_base_layer()
+    bias = base.bias
+    if bias is not None and bias.dtype != dt:
+        bias = bias.to(dt)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    dora = _variant(self, adapter) == "dora"
+    L = torch.ops.lora_kernels
+    if _is_nf4_base(base):
+        (packed, absmax, absmax2, code2, offset, blocksize, n), _k = _nf4_args(self, base)
+        if dora:
+            m = self.lora_magnitude_vector[adapter].weight.to(dt)
+            y = L.qdora_forward(x2, packed, absmax, absmax2, code2, offset, blocksize, n,
+                                a, b, bias, m, scale, p, seed)[0]
+        else:
+            y = L.qlora_forward(x2, packed, absmax, absmax2, code2, offset, blocksize, n,
+                                a, b, bias, scale, p, seed)[0]
+    else:
+        w = base.weight
+        if dora:
+            m = self.lora_magnitude_vector[adapter].weight.to(dt)
+            y = L.dora_forward(x2, w, a, b, bias, m, scale, p, seed)[0]
+        else:
+            y = L.lora_forward(x2, w, a, b, bias, scale, p, seed)[0]
+    return y.view(*lead, y.shape[-1])
+
+
+def patch(model: nn.Module) -> int:
+    """Routes the forward of every peft LoRA ``Linear`` / ``Linear4bit`` in ``model``
+    through the fused ops. Returns how many layers were patched (already patched layers
+    are left as they are). Undo with :func:`unpatch`."""
+    classes = _peft_classes()
+    if not classes:
+        raise ImportError("lora_kernels.patch needs peft (pip install peft)")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, classes) and not hasattr(module, _ORIG):
+            # The forward peft (or a hook that wrapped it) would have called.
+            setattr(module, _ORIG, module.forward)
+            module.forward = types.MethodType(_fused_forward, module)
+            count += 1
+    return count
+
+
+def unpatch(model: nn.Module) -> int:
+    """Puts back the forwards :func:`patch` replaced. Returns how many were restored."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, _ORIG):
+            orig = getattr(module, _ORIG)
+            delattr(module, _ORIG)
+            if getattr(orig, "__self__", None) is module and orig.__func__ is type(module).forward:
+                # It was the class's own forward: drop the instance attribute.
+                del module.forward
+            else:
+                module.forward = orig
+            if hasattr(module, "_lora_kernels_nf4"):
+                del module._lora_kernels_nf4
+            count += 1
+    return count
+
+
+def is_patched(module: nn.Module) -> bool:
+    """Whether :func:`patch` replaced this module's forward."""
+    return hasattr(module, _ORIG)
