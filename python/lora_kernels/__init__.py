@@ -13,9 +13,9 @@ extension module ``lora_kernels._lib``.
 
 from . import ops
 from ._lib import build_info as _build_info
-from .patch import is_patched, patch, unpatch
+from .peft_patch import fallbacks, is_patched, patch, reset_warnings, unpatch
 
-__all__ = ["ops", "patch", "unpatch", "is_patched", "build_info"]
+__all__ = ["ops", "patch", "unpatch", "is_patched", "fallbacks", "reset_warnings", "build_info"]
 __version__ = "0.1.0"
 
 

@@ -21,7 +21,8 @@ by ``seed``: the backward regenerates the same mask, nothing is stored.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -47,7 +48,28 @@ __all__ = [
     "nf4_quantize",
     "nf4_dequantize",
     "scratch_pool_usage",
+    "record_plans",
 ]
+
+_PLANS: Optional[List[Tuple[str, str]]] = None
+
+
+@contextlib.contextmanager
+def record_plans() -> Iterator[List[Tuple[str, str]]]:
+    """Collects ``(op, plan)`` for every op run inside the block: the path the crate's
+    planner took (its ``Plan`` as text; ``"cpu"`` for the oracle). For logging and
+    tests; it never changes a path."""
+    global _PLANS
+    outer, _PLANS = _PLANS, []
+    try:
+        yield _PLANS
+    finally:
+        _PLANS = outer
+
+
+def _note(op: str, plan: str) -> None:
+    if _PLANS is not None:
+        _PLANS.append((op, plan))
 
 
 # --------------------------------------------------------------------------------------
@@ -108,11 +130,16 @@ def _check_dropout(op: str, p: float) -> None:
         raise ValueError(f"{op}: dropout p = {p} must be in [0, 1)")
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _where(x: Tensor) -> Tuple[int, int]:
-    """(device ordinal or -1 for the CPU, raw stream of torch's current stream)."""
+    """(device ordinal or -1 for the CPU, raw handle of torch's current stream there)."""
     if x.device.type == "cuda":
         idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        return idx, torch.cuda.current_stream(x.device).cuda_stream
+        if _raw_stream is not None:
+            return idx, _raw_stream(idx)
+        return idx, torch.cuda.current_stream(idx).cuda_stream
     return -1, 0
 
 
@@ -169,8 +196,7 @@ class _Nf4:
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("lora_kernels::lora_forward", mutates_args=())
-def lora_forward(
+def _lora_forward_impl(
     x: Tensor,
     w: Tensor,
     a: Tensor,
@@ -195,11 +221,14 @@ def lora_forward(
     h = x.new_empty((t, r))
     if t > 0:
         dev, stream = _where(x)
-        _lib.lora_forward(
+        _note(op, _lib.lora_forward(
             dev, stream, _dtype_name(op, x), t, k, n, r, scale, p, _seed(seed), 0,
             _buf(x), _buf(w), _buf(a), _buf(b), _buf(bias), _buf(y), _buf(h),
-        )
+        ))
     return y, h
+
+
+lora_forward = torch.library.custom_op("lora_kernels::lora_forward", mutates_args=())(_lora_forward_impl)
 
 
 @lora_forward.register_fake
@@ -207,8 +236,7 @@ def _(x, w, a, b, bias, scale, p, seed):
     return x.new_empty((x.shape[0], w.shape[0])), x.new_empty((x.shape[0], a.shape[0]))
 
 
-@torch.library.custom_op("lora_kernels::lora_backward", mutates_args=())
-def lora_backward(
+def _lora_backward_impl(
     x: Tensor,
     w: Tensor,
     a: Tensor,
@@ -236,11 +264,14 @@ def lora_backward(
     da = torch.empty_like(a)
     db = torch.empty_like(b)
     dev, stream = _where(x)
-    _lib.lora_backward(
+    _note(op, _lib.lora_backward(
         dev, stream, _dtype_name(op, x), t, k, n, r, scale, p, _seed(seed), 0,
         _buf(x), _buf(w), _buf(a), _buf(b), _buf(h), _buf(dy), _buf(dx), _buf(da), _buf(db),
-    )
+    ))
     return dx, da, db
+
+
+lora_backward = torch.library.custom_op("lora_kernels::lora_backward", mutates_args=())(_lora_backward_impl)
 
 
 @lora_backward.register_fake
@@ -276,8 +307,7 @@ def _lora_bwd(ctx, dy, _dh):
 torch.library.register_autograd("lora_kernels::lora_forward", _lora_bwd, setup_context=_lora_setup)
 
 
-@torch.library.custom_op("lora_kernels::lora_merge", mutates_args=("w",))
-def lora_merge(w: Tensor, a: Tensor, b: Tensor, scale: float, unmerge: bool) -> None:
+def _lora_merge_impl(w: Tensor, a: Tensor, b: Tensor, scale: float, unmerge: bool) -> None:
     """In place: ``w += scale · b a`` (``unmerge``: ``-=``), in w's dtype."""
     op = "lora_merge"
     if w.dim() != 2:
@@ -292,6 +322,9 @@ def lora_merge(w: Tensor, a: Tensor, b: Tensor, scale: float, unmerge: bool) -> 
     _lib.lora_merge(dev, stream, _dtype_name(op, w), k, n, r, scale, unmerge, _buf(w), _buf(a), _buf(b))
 
 
+lora_merge = torch.library.custom_op("lora_kernels::lora_merge", mutates_args=("w",))(_lora_merge_impl)
+
+
 @lora_merge.register_fake
 def _(w, a, b, scale, unmerge):
     return None
@@ -302,8 +335,7 @@ def _(w, a, b, scale, unmerge):
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("lora_kernels::qlora_forward", mutates_args=())
-def qlora_forward(
+def _qlora_forward_impl(
     x: Tensor,
     packed: Tensor,
     absmax: Tensor,
@@ -339,11 +371,14 @@ def qlora_forward(
     if t > 0:
         dev, stream = _where(x)
         (bs, pk, am, a2, c2, off) = nf.args(nf4_offset)
-        _lib.qlora_forward(
+        _note(op, _lib.qlora_forward(
             dev, stream, _dtype_name(op, x), t, k, n, r, scale, p, _seed(seed), 0,
             _buf(x), bs, pk, am, a2, c2, off, _buf(a), _buf(b), _buf(bias), _buf(y), _buf(h),
-        )
+        ))
     return y, h
+
+
+qlora_forward = torch.library.custom_op("lora_kernels::qlora_forward", mutates_args=())(_qlora_forward_impl)
 
 
 @qlora_forward.register_fake
@@ -351,8 +386,7 @@ def _(x, packed, absmax, absmax2, code2, nf4_offset, blocksize, out_features, a,
     return x.new_empty((x.shape[0], out_features)), x.new_empty((x.shape[0], a.shape[0]))
 
 
-@torch.library.custom_op("lora_kernels::qlora_backward", mutates_args=())
-def qlora_backward(
+def _qlora_backward_impl(
     x: Tensor,
     packed: Tensor,
     absmax: Tensor,
@@ -388,12 +422,15 @@ def qlora_backward(
     db = torch.empty_like(b)
     dev, stream = _where(x)
     (bs, pk, am, a2, c2, off) = nf.args(nf4_offset)
-    _lib.qlora_backward(
+    _note(op, _lib.qlora_backward(
         dev, stream, _dtype_name(op, x), t, k, n, r, scale, p, _seed(seed), 0,
         _buf(x), bs, pk, am, a2, c2, off, _buf(a), _buf(b), _buf(h), _buf(dy),
         _buf(dx), _buf(da), _buf(db),
-    )
+    ))
     return dx, da, db
+
+
+qlora_backward = torch.library.custom_op("lora_kernels::qlora_backward", mutates_args=())(_qlora_backward_impl)
 
 
 @qlora_backward.register_fake
@@ -438,8 +475,7 @@ def _dora_outputs(x, n, r):
     )
 
 
-@torch.library.custom_op("lora_kernels::dora_forward", mutates_args=())
-def dora_forward(
+def _dora_forward_impl(
     x: Tensor,
     w: Tensor,
     a: Tensor,
@@ -466,12 +502,15 @@ def dora_forward(
     y, h, norm, z = _dora_outputs(x, n, r)
     if t > 0:
         dev, stream = _where(x)
-        _lib.dora_forward(
+        _note(op, _lib.dora_forward(
             dev, stream, _dtype_name(op, x), t, k, n, r, scale, p, _seed(seed), 0,
             _buf(x), _buf(w), None, _buf(a), _buf(b), _buf(bias), _buf(m),
             _buf(y), _buf(h), _buf(norm), _buf(z),
-        )
+        ))
     return y, h, norm, z
+
+
+dora_forward = torch.library.custom_op("lora_kernels::dora_forward", mutates_args=())(_dora_forward_impl)
 
 
 @dora_forward.register_fake
@@ -479,8 +518,7 @@ def _(x, w, a, b, bias, m, scale, p, seed):
     return _dora_outputs(x, w.shape[0], a.shape[0])
 
 
-@torch.library.custom_op("lora_kernels::dora_backward", mutates_args=())
-def dora_backward(
+def _dora_backward_impl(
     x: Tensor,
     w: Tensor,
     a: Tensor,
@@ -512,12 +550,15 @@ def dora_backward(
         return dx, torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(m)
     da, db, dm = torch.empty_like(a), torch.empty_like(b), torch.empty_like(m)
     dev, stream = _where(x)
-    _lib.dora_backward(
+    _note(op, _lib.dora_backward(
         dev, stream, _dtype_name(op, x), t, k, n, r, scale, p, _seed(seed), 0,
         _buf(x), _buf(w), None, _buf(a), _buf(b), _buf(m), _buf(h), _buf(norm), _buf(z),
         _buf(dy), _buf(dx), _buf(da), _buf(db), _buf(dm),
-    )
+    ))
     return dx, da, db, dm
+
+
+dora_backward = torch.library.custom_op("lora_kernels::dora_backward", mutates_args=())(_dora_backward_impl)
 
 
 @dora_backward.register_fake
@@ -544,8 +585,7 @@ def _dora_bwd(ctx, dy, _dh, _dnorm, _dz):
 torch.library.register_autograd("lora_kernels::dora_forward", _dora_bwd, setup_context=_dora_setup)
 
 
-@torch.library.custom_op("lora_kernels::qdora_forward", mutates_args=())
-def qdora_forward(
+def _qdora_forward_impl(
     x: Tensor,
     packed: Tensor,
     absmax: Tensor,
@@ -578,12 +618,15 @@ def qdora_forward(
     y, h, norm, z = _dora_outputs(x, n, r)
     if t > 0:
         dev, stream = _where(x)
-        _lib.dora_forward(
+        _note(op, _lib.dora_forward(
             dev, stream, _dtype_name(op, x), t, k, n, r, scale, p, _seed(seed), 0,
             _buf(x), None, nf.args(nf4_offset), _buf(a), _buf(b), _buf(bias), _buf(m),
             _buf(y), _buf(h), _buf(norm), _buf(z),
-        )
+        ))
     return y, h, norm, z
+
+
+qdora_forward = torch.library.custom_op("lora_kernels::qdora_forward", mutates_args=())(_qdora_forward_impl)
 
 
 @qdora_forward.register_fake
@@ -591,8 +634,7 @@ def _(x, packed, absmax, absmax2, code2, nf4_offset, blocksize, out_features, a,
     return _dora_outputs(x, out_features, a.shape[0])
 
 
-@torch.library.custom_op("lora_kernels::qdora_backward", mutates_args=())
-def qdora_backward(
+def _qdora_backward_impl(
     x: Tensor,
     packed: Tensor,
     absmax: Tensor,
@@ -632,12 +674,15 @@ def qdora_backward(
         return dx, torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(m)
     da, db, dm = torch.empty_like(a), torch.empty_like(b), torch.empty_like(m)
     dev, stream = _where(x)
-    _lib.dora_backward(
+    _note(op, _lib.dora_backward(
         dev, stream, _dtype_name(op, x), t, k, n, r, scale, p, _seed(seed), 0,
         _buf(x), None, nf.args(nf4_offset), _buf(a), _buf(b), _buf(m), _buf(h), _buf(norm),
         _buf(z), _buf(dy), _buf(dx), _buf(da), _buf(db), _buf(dm),
-    )
+    ))
     return dx, da, db, dm
+
+
+qdora_backward = torch.library.custom_op("lora_kernels::qdora_backward", mutates_args=())(_qdora_backward_impl)
 
 
 @qdora_backward.register_fake

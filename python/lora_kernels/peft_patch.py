@@ -62,7 +62,9 @@ def _peft_classes():
     return tuple(classes)
 
 
-def _warn_once(reason: str) -> None:
+def _fell_back(layer, reason: str) -> None:
+    counts = layer.__dict__.setdefault("_lora_kernels_fallbacks", {})
+    counts[reason] = counts.get(reason, 0) + 1
     if reason not in _WARNED:
         _WARNED.add(reason)
         warnings.warn(
@@ -160,17 +162,72 @@ def _nf4_args(layer, base):
     return (packed, qs.absmax, None, None, 0.0, qs.blocksize, n), k
 
 
+class _Lora(torch.autograd.Function):
+    """The eager path of a patched layer: the ops' implementations called directly
+    (no dispatcher round trip), the adapters cast to x's dtype inside (their gradients
+    cast back to the parameters' dtypes), one autograd node a layer."""
+
+    @staticmethod
+    def forward(ctx, x, w, a, b, bias, m, nf4, scale, p, seed):
+        dt = x.dtype
+        ac, bc = a.to(dt), b.to(dt)
+        mc = m.to(dt) if m is not None else None
+        if nf4 is None:
+            if mc is None:
+                y, h = ops._lora_forward_impl(x, w, ac, bc, bias, scale, p, seed)
+                saved = (h,)
+            else:
+                y, h, norm, z = ops._dora_forward_impl(x, w, ac, bc, bias, mc, scale, p, seed)
+                saved = (h, norm, z)
+        else:
+            if mc is None:
+                y, h = ops._qlora_forward_impl(x, *nf4, ac, bc, bias, scale, p, seed)
+                saved = (h,)
+            else:
+                y, h, norm, z = ops._qdora_forward_impl(x, *nf4, ac, bc, bias, mc, scale, p, seed)
+                saved = (h, norm, z)
+        ctx.save_for_backward(x, w, ac, bc, mc, *saved)
+        ctx.nf4 = nf4
+        ctx.args = (scale, p, seed)
+        ctx.dtypes = (a.dtype, b.dtype, m.dtype if m is not None else None)
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, a, b, m, *saved = ctx.saved_tensors
+        dy = dy.contiguous()
+        nf4 = ctx.nf4
+        dm = None
+        if m is None:
+            (h,) = saved
+            if nf4 is None:
+                dx, da, db = ops._lora_backward_impl(x, w, a, b, h, dy, *ctx.args)
+            else:
+                dx, da, db = ops._qlora_backward_impl(x, *nf4, a, b, h, dy, *ctx.args)
+        else:
+            h, norm, z = saved
+            if nf4 is None:
+                dx, da, db, dm = ops._dora_backward_impl(x, w, a, b, m, h, norm, z, dy, *ctx.args)
+            else:
+                dx, da, db, dm = ops._qdora_backward_impl(x, *nf4, a, b, m, h, norm, z, dy, *ctx.args)
+            dm = dm.to(ctx.dtypes[2])
+        dbias = dy.sum(0) if ctx.bias_grad else None
+        return (dx, None, da.to(ctx.dtypes[0]), db.to(ctx.dtypes[1]), dbias, dm,
+                None, None, None, None)
+
+
 def _fused_forward(self, x, *args, **kwargs):
     orig = getattr(self, _ORIG)
     reason = _why_not(self, x, args, kwargs)
     if reason is not None:
-        _warn_once(reason)
+        _fell_back(self, reason)
         return orig(x, *args, **kwargs)
 
     adapter = [a for a in self.active_adapters if a in self.lora_A][0]
     dt = x.dtype
-    a = self.lora_A[adapter].weight.to(dt)
-    b = self.lora_B[adapter].weight.to(dt)
+    a = self.lora_A[adapter].weight
+    b = self.lora_B[adapter].weight
     scale = float(self.scaling[adapter])
     drop = self.lora_dropout[adapter]
     p = float(drop.p) if (isinstance(drop, nn.Dropout) and self.training) else 0.0
@@ -183,25 +240,31 @@ def _fused_forward(self, x, *args, **kwargs):
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    dora = _variant(self, adapter) == "dora"
-    L = torch.ops.lora_kernels
+    m = self.lora_magnitude_vector[adapter].weight if _variant(self, adapter) == "dora" else None
+    nf4 = None
+    w = None
     if _is_nf4_base(base):
         (packed, absmax, absmax2, code2, offset, blocksize, n), _k = _nf4_args(self, base)
-        if dora:
-            m = self.lora_magnitude_vector[adapter].weight.to(dt)
-            y = L.qdora_forward(x2, packed, absmax, absmax2, code2, offset, blocksize, n,
-                                a, b, bias, m, scale, p, seed)[0]
-        else:
-            y = L.qlora_forward(x2, packed, absmax, absmax2, code2, offset, blocksize, n,
-                                a, b, bias, scale, p, seed)[0]
+        nf4 = (packed, absmax, absmax2, code2, offset, blocksize, n)
     else:
         w = base.weight
-        if dora:
-            m = self.lora_magnitude_vector[adapter].weight.to(dt)
-            y = L.dora_forward(x2, w, a, b, bias, m, scale, p, seed)[0]
-        else:
-            y = L.lora_forward(x2, w, a, b, bias, scale, p, seed)[0]
+    if torch.compiler.is_compiling():
+        # Under torch.compile: the registered custom ops (fake kernels, autograd).
+        y = _traced(x2, w, a.to(dt), b.to(dt), bias, None if m is None else m.to(dt), nf4, scale, p, seed)
+    else:
+        y = _Lora.apply(x2, w, a, b, bias, m, nf4, scale, p, seed)
     return y.view(*lead, y.shape[-1])
+
+
+def _traced(x, w, a, b, bias, m, nf4, scale, p, seed):
+    L = torch.ops.lora_kernels
+    if nf4 is None:
+        if m is None:
+            return L.lora_forward(x, w, a, b, bias, scale, p, seed)[0]
+        return L.dora_forward(x, w, a, b, bias, m, scale, p, seed)[0]
+    if m is None:
+        return L.qlora_forward(x, *nf4, a, b, bias, scale, p, seed)[0]
+    return L.qdora_forward(x, *nf4, a, b, bias, m, scale, p, seed)[0]
 
 
 def patch(model: nn.Module) -> int:
@@ -217,6 +280,7 @@ def patch(model: nn.Module) -> int:
             # The forward peft (or a hook that wrapped it) would have called.
             setattr(module, _ORIG, module.forward)
             module.forward = types.MethodType(_fused_forward, module)
+            module.__dict__.pop("_lora_kernels_fallbacks", None)
             count += 1
     return count
 
@@ -233,10 +297,25 @@ def unpatch(model: nn.Module) -> int:
                 del module.forward
             else:
                 module.forward = orig
-            if hasattr(module, "_lora_kernels_nf4"):
-                del module._lora_kernels_nf4
+            module.__dict__.pop("_lora_kernels_nf4", None)
+            module.__dict__.pop("_lora_kernels_fallbacks", None)
             count += 1
     return count
+
+
+def fallbacks(model: nn.Module) -> dict:
+    """How many calls of the patched layers in ``model`` ran peft's own forward since
+    :func:`patch`, by reason (empty: every call took the fused ops)."""
+    total: dict = {}
+    for module in model.modules():
+        for reason, n in module.__dict__.get("_lora_kernels_fallbacks", {}).items():
+            total[reason] = total.get(reason, 0) + n
+    return total
+
+
+def reset_warnings() -> None:
+    """Warn again for reasons already warned about (each reason warns once a process)."""
+    _WARNED.clear()
 
 
 def is_patched(module: nn.Module) -> bool:
