@@ -358,7 +358,7 @@ def run_config(name: str, args, ckpt: str, device: torch.device, batches: torch.
     res["step_ms"] = 1000.0 * elapsed / timed
     res["losses"] = [float(v) for v in torch.stack(losses).float().cpu()]
     if args.profile and device.type == "cuda":
-        profile_steps(model, opt, batches, os.path.join(args.out, f"profile_{name}.txt"))
+        profile_steps(model, opt, batches, os.path.join(args.out, f"profile_{name.replace('+', '_')}.txt"))
     if patched:
         # Calls that ran peft's forward instead of the fused ops, by reason.
         res["fallback_calls"] = lk.fallbacks(model)
