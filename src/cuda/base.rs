@@ -21,8 +21,11 @@ pub(crate) enum DxWeight {
     Nf4ColPanels(LkNf4),
 }
 
-/// The most elements of one dequantized panel of W (2²³: 16 MiB in bf16).
-pub const PANEL_ELEMS: usize = 1 << 23;
+/// The most elements of one dequantized panel of W (2²⁵: 64 MiB in bf16). Every W of a
+/// 1B–3B Llama fits one panel (W dequantized once, one core launch); larger ones take
+/// two or more. A bigger bound costs memory; a smaller one leaves the core launches of
+/// the panels with fewer tiles than the GPU has SMs.
+pub const PANEL_ELEMS: usize = 1 << 25;
 
 /// The panel bound of a call: its tuning's [`Tuning::panel_elems`], else
 /// [`PANEL_ELEMS`].

@@ -57,8 +57,10 @@ use crate::lora::check_len;
 use crate::tuning::CorePolicy;
 use crate::{Element, LoraOptions, LoraShape, Result};
 
-/// The most elements of one backward chunk buffer ([chunk, N] or [chunk, K]).
-pub const BACKWARD_CHUNK_ELEMS: usize = 1 << 23;
+/// The most elements of one backward chunk buffer ([chunk, N] or [chunk, K]): 2²⁵, 64 MiB
+/// in bf16 (8192 tokens of a 4096-wide layer in one chunk). Smaller chunks give each
+/// chunk's dX launch too few tiles to fill the GPU.
+pub const BACKWARD_CHUNK_ELEMS: usize = 1 << 25;
 
 const NORM_ROWS: usize = 8;
 const DYZ_ROWS: usize = 32;

@@ -20,10 +20,11 @@
 //!    ([`Plan::fused_down`]) when r ≤ 32, dropout is off and the jobs fit the idle
 //!    clusters ([`crate::cuda::gemm::fused_down_fits`], or [`FusedDown`]).
 //! 3. **NF4 bases at large T**: the dense core over dequantized panels
-//!    ([`Path::CorePanels`]: row panels of ≤ 2²³ elements in the forward, column panels
-//!    of ≥ 1024 columns in the backward) where the core's rule holds and y (dX) is
-//!    16-byte aligned with N % 8 == 0; with [`Tuning::nf4_core`] the NF4 core kernels
-//!    instead ([`Plan::nf4_in_core`]); else cuBLAS over row panels
+//!    ([`Path::CorePanels`]: row panels of ≤
+//!    [`PANEL_ELEMS`](crate::cuda::qlora::PANEL_ELEMS) elements in the forward,
+//!    column panels of ≥ 1024 columns in the backward) where the core's rule holds and
+//!    y (dX) is 16-byte aligned with N % 8 == 0; with [`Tuning::nf4_core`] the NF4 core
+//!    kernels instead ([`Plan::nf4_in_core`]); else cuBLAS over row panels
 //!    ([`Path::CublasPanels`]).
 //! 4. Otherwise **cuBLAS** and the crate's skinny kernels ([`Path::Cublas`]).
 //!

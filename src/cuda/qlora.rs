@@ -22,7 +22,7 @@
 //! - backward on sm_90, no active dropout, where the dense LoRA backward's core rule
 //!   holds (f16/bf16, r ≤ 64, K and N multiples of 8, enough [T, K] output tiles, dY and
 //!   A 16-byte aligned), dX is 16-byte aligned and a column panel of at most
-//!   [`PANEL_ELEMS`] elements holds all of W or at least 1024 columns (N ≤ 8192 at the
+//!   [`PANEL_ELEMS`] elements holds all of W or at least 1024 columns (N ≤ 32768 at the
 //!   default cap): `G = s · dY B` by cuBLAS, then W dequantized one column panel at a
 //!   time (a multiple of 64 columns) and per panel one launch of the dense NN GEMM core,
 //!   `dX[:, panel] = dY deq(W[:, panel]) + G A[:, panel]`, storing into dX's columns
@@ -38,7 +38,7 @@
 //!   row panels (`dX += dY[:, panel] · deq(W[panel])`) by cuBLAS.
 //!
 //! The whole dense W never exists in device memory: the panel paths hold one panel (at
-//! most 16 MiB in bf16) plus the LoRA path's O(T·r) buffers; the core paths hold no
+//! most 64 MiB in bf16) plus the LoRA path's O(T·r) buffers; the core paths hold no
 //! dense W at all (their extra memory is U or G, O(T·r), and the core's scale table, one
 //! f32 per 32 weights: N·K/8 bytes).
 //!
@@ -303,8 +303,8 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
             return backward_core_launch::<T>(gpu, shape, opts, &p, DxWeight::Nf4(desc));
         }
         // Panels narrower than COL_PANEL_MIN columns leave the core's clusters idle in
-        // their one round of tiles (measured slower than the row panels at N = 11008,
-        // whose 16 MiB panels hold 704 columns), so those take the row panels.
+        // their one round of tiles (measured slower than the row panels at N = 11008 with
+        // 16 MiB panels, 704 columns), so those take the row panels.
         let w = DxWeight::Nf4ColPanels(desc);
         if dx_core_takes::<T>(gpu, tuning, shape, t, dyp, w, ap, dxp) {
             // G = s · dY B by cuBLAS, then per column panel of W one dense NN core launch
