@@ -79,7 +79,7 @@ def _is_nf4_base(base) -> bool:
 
 def _variant(layer, adapter) -> Optional[str]:
     """'lora', 'dora', or None for another variant."""
-    variants = getattr(layer, "lora_variant", None)
+    variants = layer.__dict__.get("lora_variant")
     if variants is not None:
         v = variants.get(adapter)
         if v is None:
@@ -88,8 +88,14 @@ def _variant(layer, adapter) -> Optional[str]:
     return "dora" if getattr(layer, "use_dora", {}).get(adapter, False) else "lora"
 
 
-def _why_not(layer, x, args, kwargs) -> Optional[str]:
-    """Why the fused forward cannot take this call, or None."""
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _prepare(layer, x, args, kwargs):
+    """Why the fused forward cannot take this call (a str), or what it needs:
+    (adapter, lora_A, lora_B, dropout module, base layer, NF4 base?, DoRA?). One pass
+    over the layer's state, reading submodules from ``_modules`` (nn.Module's
+    ``__getattr__`` is slow, and this runs on every call of every layer)."""
     if args or kwargs:
         names = sorted(kwargs) if kwargs else ["positional arguments"]
         return f"extra forward arguments ({', '.join(names)})"
@@ -97,56 +103,65 @@ def _why_not(layer, x, args, kwargs) -> Optional[str]:
         return "adapters are disabled"
     if layer.merged:
         return "the adapter is merged"
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    mods = layer._modules
+    lora_a = mods["lora_A"]
+    active = [a for a in layer.active_adapters if a in lora_a]
     if len(active) != 1:
         return f"{len(active)} active adapters (the ops take exactly one)"
     adapter = active[0]
-    if getattr(layer, "fan_in_fan_out", False):
+    d = layer.__dict__
+    if d.get("fan_in_fan_out", False):
         return "fan_in_fan_out=True"
-    if getattr(layer, "lora_bias", {}).get(adapter, False):
+    if d.get("lora_bias", {}).get(adapter, False):
         return "lora_bias=True"
-    if _variant(layer, adapter) is None:
+    variant = _variant(layer, adapter)
+    if variant is None:
         return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}"
-    drop = layer.lora_dropout[adapter]
+    drop = mods["lora_dropout"][adapter]
     if not isinstance(drop, (nn.Dropout, nn.Identity)):
         return f"dropout module {type(drop).__name__}"
-    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
         return f"input dtype {getattr(x, 'dtype', type(x).__name__)}"
-    if x.device.type not in ("cuda", "cpu"):
-        return f"input on {x.device}"
-    if x.shape[-1] != layer.in_features:
-        return f"input has {x.shape[-1]} features, the layer {layer.in_features}"
-    if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
+    dev = x.device
+    if dev.type not in ("cuda", "cpu"):
+        return f"input on {dev}"
+    if x.shape[-1] != d.get("in_features", x.shape[-1]):
+        return f"input has {x.shape[-1]} features, the layer {d['in_features']}"
+    if torch.is_autocast_enabled(dev.type) and torch.get_autocast_dtype(dev.type) != x.dtype:
         return "autocast to another dtype than the input's"
-    base = layer.get_base_layer()
-    if _is_nf4_base(base):
-        qs = getattr(base.weight, "quant_state", None)
+    base = mods["base_layer"]
+    while "base_layer" in base._modules:  # peft's get_base_layer, without __getattr__
+        base = base._modules["base_layer"]
+    weight = base._parameters.get("weight")
+    if weight is None:
+        return f"base layer {type(base).__name__} without a weight parameter"
+    nf4 = _is_nf4_base(base)
+    if nf4:
+        qs = getattr(weight, "quant_state", None)
         if qs is None:
             return "NF4 weight without a quant_state"
         if qs.quant_type != "nf4":
             return f"4-bit quant_type {qs.quant_type!r} (only nf4)"
         if qs.nested and qs.state2.blocksize != 256:
             return f"nested blocksize {qs.state2.blocksize} (only 256)"
-        cd = getattr(base, "compute_dtype", None)
+        cd = base.__dict__.get("compute_dtype")
         if cd is not None and cd != x.dtype:
             return f"compute_dtype {cd} differs from the input's {x.dtype}"
-        if base.weight.device != x.device:
-            return "the weight is on another device than the input"
     elif isinstance(base, nn.Linear):
-        if base.weight.dtype != x.dtype:
-            return f"base weight dtype {base.weight.dtype} differs from the input's {x.dtype}"
-        if base.weight.requires_grad:
+        if weight.dtype != x.dtype:
+            return f"base weight dtype {weight.dtype} differs from the input's {x.dtype}"
+        if weight.requires_grad:
             return "the base weight requires grad"
-        if base.weight.device != x.device:
-            return "the weight is on another device than the input"
     else:
         return f"base layer {type(base).__name__}"
-    return None
+    if weight.device != dev:
+        return "the weight is on another device than the input"
+    return adapter, lora_a[adapter], mods["lora_B"][adapter], drop, base, nf4, variant == "dora"
 
 
 def _nf4_args(layer, base):
     """bitsandbytes' tensors of the NF4 weight, as the ops take them (cached offset)."""
-    w = base.weight
+    w = base._parameters["weight"]
     qs = w.quant_state
     cache = getattr(layer, "_lora_kernels_nf4", None)
     if cache is None or cache[0] is not qs:
@@ -218,36 +233,30 @@ class _Lora(torch.autograd.Function):
 
 
 def _fused_forward(self, x, *args, **kwargs):
-    orig = getattr(self, _ORIG)
-    reason = _why_not(self, x, args, kwargs)
-    if reason is not None:
-        _fell_back(self, reason)
-        return orig(x, *args, **kwargs)
-
-    adapter = [a for a in self.active_adapters if a in self.lora_A][0]
+    prep = _prepare(self, x, args, kwargs)
+    if isinstance(prep, str):
+        _fell_back(self, prep)
+        return getattr(self, _ORIG)(x, *args, **kwargs)
+    adapter, lora_a, lora_b, drop, base, is_nf4, dora = prep
     dt = x.dtype
-    a = self.lora_A[adapter].weight
-    b = self.lora_B[adapter].weight
+    a = lora_a._parameters["weight"]
+    b = lora_b._parameters["weight"]
     scale = float(self.scaling[adapter])
-    drop = self.lora_dropout[adapter]
-    p = float(drop.p) if (isinstance(drop, nn.Dropout) and self.training) else 0.0
+    p = float(drop.p) if (self.training and isinstance(drop, nn.Dropout)) else 0.0
     seed = int(torch.randint(0, _SEED_MAX, ())) if p > 0.0 else 0
-    base = self.get_base_layer()
-    bias = base.bias
+    bias = base._parameters.get("bias")
     if bias is not None and bias.dtype != dt:
         bias = bias.to(dt)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    m = self.lora_magnitude_vector[adapter].weight if _variant(self, adapter) == "dora" else None
-    nf4 = None
-    w = None
-    if _is_nf4_base(base):
+    m = self._modules["lora_magnitude_vector"][adapter]._parameters["weight"] if dora else None
+    if is_nf4:
         (packed, absmax, absmax2, code2, offset, blocksize, n), _k = _nf4_args(self, base)
-        nf4 = (packed, absmax, absmax2, code2, offset, blocksize, n)
+        nf4, w = (packed, absmax, absmax2, code2, offset, blocksize, n), None
     else:
-        w = base.weight
+        nf4, w = None, base._parameters["weight"]
     if torch.compiler.is_compiling():
         # Under torch.compile: the registered custom ops (fake kernels, autograd).
         y = _traced(x2, w, a.to(dt), b.to(dt), bias, None if m is None else m.to(dt), nf4, scale, p, seed)
