@@ -776,6 +776,33 @@ fn gpu_qdora_bf16() {
     run_qdora::<bf16>(17000);
 }
 
+/// QDoRA forward where all of W fits one panel and the core takes the call: W
+/// dequantized once, the scale in the core's epilogue (sm_90; cuBLAS panels elsewhere).
+#[test]
+fn gpu_qdora_one_panel_core() {
+    let Some(gpu) = gpu() else { return };
+    for (i, (bias, save_z, blocksize)) in [(true, true, 64), (false, false, 128), (true, false, 64)]
+        .into_iter()
+        .enumerate()
+    {
+        let c = Case {
+            shape: LoraShape::new(600, 256, 2048, 16),
+            bias,
+            dropout: false,
+            save_z,
+            nf4: Some((blocksize, i % 2 == 0)),
+        };
+        let (fwd, _) = if i == 1 {
+            check_case::<f16>(gpu, &c, 900 + i as u64)
+        } else {
+            check_case::<bf16>(gpu, &c, 900 + i as u64)
+        };
+        if gpu.compute_capability().0 == 9 {
+            assert_eq!(fwd.path, Path::CorePanels, "case {i}: {fwd:?}");
+        }
+    }
+}
+
 /// QDoRA over many row panels (8-row, a ragged 13-row cap, 3-row; the forward's norms
 /// too) and backward chunks, all on cuBLAS over the panels (T < 129: no core; T = 3 with
 /// K % 32 != 0: no fused small-T pass); and its magnitude init and norms (over their

@@ -2,13 +2,17 @@
 //! Same arguments as [`crate::cpu::qdora`], the oracle: DoRA over W dequantized to the
 //! activation type, as peft computes DoRA over a bitsandbytes `Linear4bit`.
 //!
-//! Paths (every product with W goes through the NF4 weight; the dense W never exists in
-//! device memory):
+//! Paths (every product with W goes through the NF4 weight; the dense W exists in device
+//! memory only as a bounded panel of scratch):
 //! - the row norms: W dequantized one row panel at a time (at most
 //!   [`crate::cuda::qlora::PANEL_ELEMS`] elements of scratch), each panel's norms by the
 //!   DoRA norm kernel (`‖W + s·BA‖` from the elements, no expansion of the square);
-//! - forward without dropout: the norms, the QLoRA linear's forward without bias (T ≤
-//!   32: one pass over the 4-bit weight; else row panels into cuBLAS), then the DoRA
+//! - forward without dropout, T > 32, where all of W fits one panel and the dense DoRA
+//!   forward's core rule holds: W dequantized once into the panel, the norms and
+//!   `g = m/‖·‖` from it in one launch, then one GEMM-core launch whose epilogue writes
+//!   `y = g ⊙ acc + bias` (and `z`): no scale pass, no second dequantization;
+//! - other forwards without dropout: the norms, the QLoRA linear's forward without bias
+//!   (T ≤ 32: one pass over the 4-bit weight; else its row panels), then the DoRA
 //!   scale-and-bias pass;
 //! - forward under dropout and backward: the dense DoRA composition
 //!   ([`crate::cuda::dora`]) with every `x Wᵀ` and `dy W` done over dequantized row
@@ -23,10 +27,11 @@
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 use super::base::{panel_limit, PANEL_ELEMS};
-use super::dora::{backward_over, forward_dropout, launch_scale, Base, DropFwdPtrs};
-use super::nf4::Nf4Device;
+use super::dora::{backward_over, forward_dropout, launch_norm_g, launch_scale, Base, DropFwdPtrs};
+use super::lora::{core_takes, forward_core_launch, FwdPtrs};
+use super::nf4::{launch_dequant, Nf4Device, SMALL_T_MAX};
 use super::plan::{Path, Plan};
-use super::{dptr, dptr_mut, Gpu};
+use super::{dptr, dptr_mut, Gpu, LkNf4};
 use crate::dora::{
     check_forward, check_weight_op, DoraGrads, DoraOutputs, DoraSaved, DoraWeights, ForwardLens,
 };
@@ -144,7 +149,7 @@ where
     let biasp = bias.as_ref().map_or(0, |b| b.0);
     let DoraOutputs {
         y,
-        h,
+        mut h,
         norm,
         z: z_out,
     } = out;
@@ -168,6 +173,29 @@ where
     let zptr = zp.as_ref().map_or(0, |z| z.0);
     match opts.active_dropout() {
         None => {
+            {
+                let (yp, _gy) = dptr_mut(gpu, "y", &mut *y)?;
+                let hd = match h.as_mut() {
+                    Some(hb) => Some(dptr_mut(gpu, "h", &mut **hb)?),
+                    None => None,
+                };
+                let p = FwdPtrs {
+                    x: xp,
+                    w: 0,
+                    a: ap,
+                    b: bp,
+                    bias: biasp,
+                    y: yp,
+                    h: hd.as_ref().map_or(0, |h| h.0),
+                    dora: None,
+                    nf4: None,
+                };
+                if let Some(plan) =
+                    forward_one_panel::<T>(gpu, shape, opts, &desc, &p, mp, np, zptr)?
+                {
+                    return Ok(plan);
+                }
+            }
             // y = z = x deq(W)ᵀ + s·h Bᵀ by the QLoRA linear (no bias), then the scale.
             let qw = QloraWeights {
                 w: weights.w,
@@ -204,6 +232,56 @@ where
             Ok(Plan::of(Path::CublasPanels))
         }
     }
+}
+
+/// The forward without dropout where all of W fits one panel (N·K ≤ the panel bound),
+/// T > [`SMALL_T_MAX`] and the dense DoRA forward's core rule holds: W dequantized once
+/// into the panel, the norms and `g = m/‖·‖` from it in one launch, then one GEMM-core
+/// launch whose epilogue writes `y = g ⊙ acc + bias` and `z = acc` (as the dense DoRA
+/// forward). `None`, with nothing launched, where it does not apply.
+#[allow(clippy::too_many_arguments)]
+fn forward_one_panel<T: Element>(
+    gpu: &Gpu,
+    shape: &LoraShape,
+    opts: &LoraOptions,
+    desc: &LkNf4,
+    p: &FwdPtrs,
+    mp: u64,
+    np: u64,
+    zptr: u64,
+) -> Result<Option<Plan>> {
+    let (t, k, n) = (shape.tokens, shape.in_features, shape.out_features);
+    let fits = n
+        .checked_mul(k)
+        .is_some_and(|e| e <= panel_limit(&opts.tuning));
+    // The panel scratch is 16-byte aligned: 16 stands in for its address.
+    let dense = FwdPtrs {
+        w: 16,
+        dora: None,
+        nf4: None,
+        ..*p
+    };
+    if t <= SMALL_T_MAX
+        || !fits
+        || zptr % 4 != 0
+        || !core_takes::<T>(gpu, &opts.tuning, shape, &dense)
+    {
+        return Ok(None);
+    }
+    // SAFETY of the scratch: the dequantize kernel writes all N·K elements before the
+    // norm and GEMM launches (stream order) read them; g is written in full by the norm
+    // kernel before the GEMM reads it.
+    let panel = gpu.scratch::<T>(n * k)?;
+    let (wp, _gw) = dptr(gpu, "panel", &panel)?;
+    launch_dequant::<T>(gpu, desc, (0, 0), n * k, wp, false)?;
+    let g = gpu.scratch::<f32>(n)?;
+    let (gp, _gg) = dptr(gpu, "g", &g)?;
+    launch_norm_g::<T>(gpu, shape, opts.scale, wp, p.a, p.b, np, 0, Some((mp, gp)))?;
+    let plan = forward_core_launch::<T>(gpu, shape, opts, &FwdPtrs { w: wp, ..dense }, gp, zptr)?;
+    Ok(Some(Plan {
+        path: Path::CorePanels,
+        ..plan
+    }))
 }
 
 /// Backward from `dy` [T, N]: dX (through deq(W)), dA, dB and dm, from what forward
