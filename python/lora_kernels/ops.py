@@ -49,6 +49,8 @@ __all__ = [
     "nf4_dequantize",
     "scratch_pool_usage",
     "record_plans",
+    "neftune_embedding",
+    "take_index_errors",
 ]
 
 _PLANS: Optional[List[Tuple[str, str]]] = None
@@ -711,6 +713,95 @@ def _qdora_bwd(ctx, dy, _dh, _dnorm, _dz):
 
 
 torch.library.register_autograd("lora_kernels::qdora_forward", _qdora_bwd, setup_context=_qdora_setup)
+
+
+# --------------------------------------------------------------------------------------
+# NEFTune
+# --------------------------------------------------------------------------------------
+
+_ID_DTYPES = {torch.int64: "int64", torch.int32: "int32"}
+
+
+def _neftune_embedding_impl(ids: Tensor, table: Tensor, alpha: float, seed: int) -> Tensor:
+    """``table[ids]`` [B, S, D] for ids [B, S] (int64 or int32), plus NEFTune's noise
+    ``uniform(-1, 1) · alpha / sqrt(S · D)`` when ``alpha`` > 0 (transformers' NEFTune
+    hook's magnitude, the padded length), in one pass; the noise comes from the crate's
+    Philox generator keyed by ``seed``. On the GPU an id outside ``0..V`` gives a zero
+    row and is reported by :func:`take_index_errors`; on the CPU it is an error."""
+    op = "neftune_embedding"
+    if not isinstance(ids, Tensor) or ids.dtype not in _ID_DTYPES:
+        raise TypeError(f"{op}: ids must be an int64 or int32 tensor, got {getattr(ids, 'dtype', type(ids))}")
+    if ids.dim() != 2:
+        raise ValueError(f"{op}: ids must be [batch, seq], got shape {tuple(ids.shape)}")
+    if not isinstance(table, Tensor) or table.dim() != 2:
+        raise ValueError(f"{op}: table must be a 2-D [vocab, dim] tensor")
+    name = _dtype_name(op, table)
+    _check(op, "table", table, like=table, shape=table.shape)
+    _check(op, "ids", ids, like=table, shape=ids.shape, dtype=ids.dtype)
+    if not (alpha >= 0.0) or alpha == float("inf"):
+        raise ValueError(f"{op}: alpha = {alpha} must be finite and >= 0")
+    (batch, seq), (vocab, dim) = ids.shape, table.shape
+    out = table.new_empty((batch, seq, dim))
+    if out.numel() > 0:
+        dev, stream = _where(table)
+        _lib.neftune_embed(
+            dev, stream, name, _ID_DTYPES[ids.dtype], batch, seq, vocab, dim, alpha, _seed(seed), 0,
+            _buf(table), _buf(ids), _buf(out),
+        )
+    return out
+
+
+neftune_embedding = torch.library.custom_op("lora_kernels::neftune_embedding", mutates_args=())(
+    _neftune_embedding_impl
+)
+
+
+@neftune_embedding.register_fake
+def _(ids, table, alpha, seed):
+    return table.new_empty((ids.shape[0], ids.shape[1], table.shape[1]))
+
+
+def _embedding_table_grad(ids: Tensor, d_out: Tensor, vocab: int) -> Tensor:
+    """The table's gradient [vocab, dim] in float32 from the output's gradient
+    [B, S, dim], summed in position order (deterministic)."""
+    (batch, seq), dim = ids.shape, d_out.shape[-1]
+    d_out = d_out.contiguous()
+    d_table = torch.zeros((vocab, dim), dtype=torch.float32, device=d_out.device)
+    dev, stream = _where(d_out)
+    _lib.neftune_embedding_backward(
+        dev, stream, _DTYPES[d_out.dtype], _ID_DTYPES[ids.dtype], batch, seq, vocab, dim, None,
+        _buf(ids), _buf(d_out), _buf(d_table),
+    )
+    return d_table
+
+
+def _neftune_setup(ctx, inputs, output):
+    ids, table, _alpha, _seed = inputs
+    ctx.save_for_backward(ids)
+    ctx.table_meta = (table.shape[0], table.dtype)
+
+
+def _neftune_bwd(ctx, d_out):
+    (ids,) = ctx.saved_tensors
+    d_table = None
+    if ctx.needs_input_grad[1]:
+        vocab, dtype = ctx.table_meta
+        d_table = _embedding_table_grad(ids, d_out.to(dtype), vocab).to(dtype)
+    return None, d_table, None, None
+
+
+torch.library.register_autograd(
+    "lora_kernels::neftune_embedding", _neftune_bwd, setup_context=_neftune_setup
+)
+
+
+def take_index_errors(device=None) -> None:
+    """Raises ``ValueError`` naming the first out-of-range id (and how many) that the
+    NEFTune kernels met on ``device`` since the last call, and clears the record.
+    Synchronizes torch's current stream: call it once per step, or while debugging."""
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    _lib.take_index_errors(idx, _where(torch.empty(0, device=torch.device("cuda", idx)))[1])
 
 
 # --------------------------------------------------------------------------------------

@@ -276,13 +276,75 @@ def _traced(x, w, a, b, bias, m, nf4, scale, p, seed):
     return L.qdora_forward(x, *nf4, a, b, bias, m, scale, p, seed)[0]
 
 
-def patch(model: nn.Module) -> int:
+_NEFT = "_lora_kernels_neftune_alpha"
+
+
+def _neftune_forward(self, ids, *args, **kwargs):
+    """nn.Embedding's forward with NEFTune's noise in training, one pass."""
+    orig = getattr(self, _ORIG)
+    alpha = getattr(self, _NEFT)
+    reason = None
+    if args or kwargs:
+        reason = "embedding called with extra arguments"
+    elif not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        reason = "embedding ids are not a 2-D int64/int32 tensor"
+    elif self.weight.dtype not in _DTYPES or self.weight.device.type not in ("cuda", "cpu"):
+        reason = f"embedding table of dtype {self.weight.dtype} on {self.weight.device}"
+    elif self.max_norm is not None or self.scale_grad_by_freq or self.sparse:
+        reason = "embedding with max_norm, scale_grad_by_freq or sparse"
+    elif self.weight.requires_grad and self.padding_idx is not None:
+        reason = "trainable embedding with a padding_idx"
+    elif ids.device != self.weight.device:
+        reason = "ids on another device than the table"
+    if reason is not None:
+        _fell_back(self, reason)
+        out = orig(ids, *args, **kwargs)
+        if self.training and alpha > 0:
+            # transformers' NEFTune hook, so that the fallback still adds the noise.
+            mag = alpha / float(out.size(1) * out.size(2)) ** 0.5
+            out = out + torch.zeros_like(out).uniform_(-mag, mag)
+        return out
+    if not self.training or alpha == 0:
+        return orig(ids)
+    seed = int(torch.randint(0, _SEED_MAX, ()))
+    ids = ids if ids.is_contiguous() else ids.contiguous()
+    if torch.compiler.is_compiling():
+        return torch.ops.lora_kernels.neftune_embedding(ids, self.weight, float(alpha), seed)
+    return _Neftune.apply(ids, self.weight, float(alpha), seed)
+
+
+class _Neftune(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids, table, alpha, seed):
+        ctx.save_for_backward(ids)
+        ctx.vocab = table.shape[0]
+        ctx.dtype = table.dtype
+        return ops._neftune_embedding_impl(ids, table, alpha, seed)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        (ids,) = ctx.saved_tensors
+        d_table = None
+        if ctx.needs_input_grad[1]:
+            d_table = ops._embedding_table_grad(ids, d_out.to(ctx.dtype), ctx.vocab).to(ctx.dtype)
+        return None, d_table, None, None
+
+
+def patch(model: nn.Module, neftune_alpha: Optional[float] = None) -> int:
     """Routes the forward of every peft LoRA ``Linear`` / ``Linear4bit`` in ``model``
     through the fused ops. Returns how many layers were patched (already patched layers
-    are left as they are). Undo with :func:`unpatch`."""
+    are left as they are). Undo with :func:`unpatch`.
+
+    ``neftune_alpha``: also replace the input embedding's forward
+    (``model.get_input_embeddings()``, an ``nn.Embedding``) by one fused pass that adds
+    NEFTune's noise in training (transformers' ``neftune_noise_alpha``: uniform noise of
+    magnitude ``alpha / sqrt(seq · dim)``; the same distribution, not the same draws);
+    in eval mode the embedding is unchanged. Counted in the returned number."""
     classes = _peft_classes()
     if not classes:
         raise ImportError("lora_kernels.patch needs peft (pip install peft)")
+    if neftune_alpha is not None and not (0.0 <= float(neftune_alpha) < float("inf")):
+        raise ValueError(f"neftune_alpha = {neftune_alpha} must be finite and >= 0")
     count = 0
     for module in model.modules():
         if isinstance(module, classes) and not hasattr(module, _ORIG):
@@ -291,6 +353,15 @@ def patch(model: nn.Module) -> int:
             module.forward = types.MethodType(_fused_forward, module)
             module.__dict__.pop("_lora_kernels_fallbacks", None)
             count += 1
+    if neftune_alpha is not None:
+        emb = model.get_input_embeddings()
+        if not isinstance(emb, nn.Embedding):
+            raise TypeError(f"neftune_alpha: the input embedding is a {type(emb).__name__}, not nn.Embedding")
+        if not hasattr(emb, _ORIG):
+            setattr(emb, _ORIG, emb.forward)
+            emb.forward = types.MethodType(_neftune_forward, emb)
+            count += 1
+        setattr(emb, _NEFT, float(neftune_alpha))
     return count
 
 
@@ -307,6 +378,7 @@ def unpatch(model: nn.Module) -> int:
             else:
                 module.forward = orig
             module.__dict__.pop("_lora_kernels_nf4", None)
+            module.__dict__.pop(_NEFT, None)
             module.__dict__.pop("_lora_kernels_fallbacks", None)
             count += 1
     return count

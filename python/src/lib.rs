@@ -21,10 +21,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{sys::CUstream, CudaContext, CudaSlice};
 use half::{bf16, f16};
 use lora_kernels::cuda::{self, nf4::DeviceAbsmax, nf4::Nf4Device, Gpu};
+use lora_kernels::neftune::BackwardOptions;
 use lora_kernels::nf4::{Absmax, DoubleQuant};
 use lora_kernels::{cpu, DType, Dropout, Element, Error, LoraOptions, LoraShape, Nf4Weight};
 use lora_kernels::{DoraGrads, DoraOutputs, DoraSaved, DoraWeights};
-use lora_kernels::{LoraGrads, LoraWeights, QloraWeights};
+use lora_kernels::{EmbedShape, LoraGrads, LoraWeights, Noise, QloraWeights, SeqLen};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -770,6 +771,131 @@ fn dora_backward(
 }
 
 // ---------------------------------------------------------------------------------------
+// NEFTune
+// ---------------------------------------------------------------------------------------
+
+/// Runs `$body` with `$I` bound to the id type named by `$ids`.
+macro_rules! by_id_type {
+    ($ids:expr, $I:ident => $body:expr) => {
+        match $ids {
+            "int64" => {
+                type $I = i64;
+                $body
+            }
+            "int32" => {
+                type $I = i32;
+                $body
+            }
+            other => Err(PyTypeError::new_err(format!(
+                "ids dtype {other} is not supported (int64 or int32)"
+            ))),
+        }
+    };
+}
+
+/// The embedding rows of `ids` [batch, seq], plus NEFTune's uniform noise of strength
+/// `alpha / sqrt(seq · dim)` when `alpha` > 0 (the padded length, as transformers'
+/// NEFTune hook): one pass. Out-of-range ids give zero rows on the GPU (reported by
+/// `take_index_errors`) and an error on the CPU.
+#[pyfunction]
+#[pyo3(signature = (device, stream, dtype, id_dtype, batch, seq, vocab, dim, alpha, seed, offset, table, ids, out))]
+#[allow(clippy::too_many_arguments)]
+fn neftune_embed(
+    py: Python<'_>,
+    device: i64,
+    stream: u64,
+    dtype: &str,
+    id_dtype: &str,
+    batch: usize,
+    seq: usize,
+    vocab: usize,
+    dim: usize,
+    alpha: f32,
+    seed: u64,
+    offset: u64,
+    table: Buf,
+    ids: Buf,
+    out: Buf,
+) -> PyResult<()> {
+    let shape = EmbedShape::new(batch, seq, vocab, dim);
+    let noise = Noise::new(alpha, seed, offset);
+    by_dtype!(dtype, T => by_id_type!(id_dtype, I => {
+        if device < 0 {
+            py.detach(|| {
+                let (table, ids, out) = (host::<T>(table), host::<I>(ids), host_mut::<T>(out));
+                res(if alpha > 0.0 {
+                    cpu::neftune::embed::<T, I, u8>(&shape, table, ids, &noise, SeqLen::Padded, out)
+                } else {
+                    cpu::neftune::gather::<T, I>(&shape, table, ids, out)
+                })
+            })
+        } else {
+            let gpu = gpu_for(device as usize, stream)?;
+            let (table, ids) = (dev::<T>(&gpu, table), dev::<I>(&gpu, ids));
+            let mut out = dev::<T>(&gpu, out);
+            res(if alpha > 0.0 {
+                cuda::neftune::embed::<T, I, u8, _, _, CudaSlice<u8>, _>(
+                    &gpu, &shape, &*table, &*ids, &noise, SeqLen::Padded, &mut *out,
+                )
+            } else {
+                cuda::neftune::gather::<T, I, _, _, _>(&gpu, &shape, &*table, &*ids, &mut *out)
+            })
+        }
+    }))
+}
+
+/// The table's gradient added into `d_table` (f32 [vocab, dim]) from the output's gradient,
+/// summed in position order (deterministic, as the CPU oracle).
+#[pyfunction]
+#[pyo3(signature = (device, stream, dtype, id_dtype, batch, seq, vocab, dim, padding_idx, ids, d_out, d_table))]
+#[allow(clippy::too_many_arguments)]
+fn neftune_embedding_backward(
+    py: Python<'_>,
+    device: i64,
+    stream: u64,
+    dtype: &str,
+    id_dtype: &str,
+    batch: usize,
+    seq: usize,
+    vocab: usize,
+    dim: usize,
+    padding_idx: Option<usize>,
+    ids: Buf,
+    d_out: Buf,
+    d_table: Buf,
+) -> PyResult<()> {
+    let shape = EmbedShape::new(batch, seq, vocab, dim);
+    let opts = BackwardOptions {
+        deterministic: true,
+        padding_idx,
+    };
+    by_dtype!(dtype, T => by_id_type!(id_dtype, I => {
+        if device < 0 {
+            py.detach(|| {
+                res(cpu::neftune::embedding_backward::<T, I>(
+                    &shape, host::<I>(ids), host::<T>(d_out), host_mut::<f32>(d_table), &opts,
+                ))
+            })
+        } else {
+            let gpu = gpu_for(device as usize, stream)?;
+            let (ids, d_out) = (dev::<I>(&gpu, ids), dev::<T>(&gpu, d_out));
+            let mut d_table = dev::<f32>(&gpu, d_table);
+            res(cuda::neftune::embedding_backward::<T, I, _, _, _>(
+                &gpu, &shape, &*ids, &*d_out, &mut *d_table, &opts,
+            ))
+        }
+    }))
+}
+
+/// Reports (and clears) the out-of-range ids or lengths the NEFTune kernels met on this
+/// device and stream since the last call, as an error. Synchronizes the stream.
+#[pyfunction]
+fn take_index_errors(device: usize, stream: u64) -> PyResult<()> {
+    let gpu = gpu_for(device, stream)?;
+    res(gpu.take_index_errors())
+}
+
+// ---------------------------------------------------------------------------------------
 // NF4 on the host (bitsandbytes' bytes)
 // ---------------------------------------------------------------------------------------
 
@@ -880,6 +1006,9 @@ fn _lib(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(qlora_backward, m)?)?;
     m.add_function(wrap_pyfunction!(dora_forward, m)?)?;
     m.add_function(wrap_pyfunction!(dora_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(neftune_embed, m)?)?;
+    m.add_function(wrap_pyfunction!(neftune_embedding_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(take_index_errors, m)?)?;
     m.add_function(wrap_pyfunction!(nf4_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(nf4_dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(pool_usage, m)?)?;

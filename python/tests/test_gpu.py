@@ -76,6 +76,31 @@ def test_dropout_matches_the_cpu_oracle_bit_for_bit_in_f32():
     torch.testing.assert_close(y_g.cpu(), y_c, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_neftune_embedding_equals_the_cpu_oracle_bit_for_bit(dtype):
+    b, s, v, d = 4, 300, 1000, 256
+    table = torch.randn(v, d).to(dtype)
+    ids = torch.randint(0, v, (b, s))
+    cpu = L.neftune_embedding(ids, table, 5.0, 11)
+    gpu = L.neftune_embedding(ids.to(DEV), table.to(DEV), 5.0, 11)
+    assert torch.equal(gpu.cpu(), cpu)
+    tg = table.to(DEV).requires_grad_()
+    dout = torch.randn(b, s, d).to(dtype)
+    L.neftune_embedding(ids.to(DEV), tg, 5.0, 11).backward(dout.to(DEV))
+    tc = table.clone().requires_grad_()
+    L.neftune_embedding(ids, tc, 5.0, 11).backward(dout)
+    assert torch.equal(tg.grad.cpu(), tc.grad)
+
+
+def test_neftune_bad_id_is_reported():
+    table = torch.randn(10, 8, device=DEV)
+    out = L.neftune_embedding(torch.tensor([[1, 12, 3]], device=DEV), table, 0.0, 0)
+    assert torch.equal(out[0, 1], torch.zeros(8, device=DEV))
+    with pytest.raises(ValueError, match="12"):
+        lora_kernels.ops.take_index_errors()
+    lora_kernels.ops.take_index_errors()  # cleared
+
+
 def bnb_weight(w):
     bnb = pytest.importorskip("bitsandbytes")
     p = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True,

@@ -232,3 +232,41 @@ def test_compile_traces_the_op():
 
     got = torch.compile(f, backend="eager", fullgraph=True)(x)
     torch.testing.assert_close(got, f(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_neftune_embedding(dtype, id_dtype):
+    b, s, v, d = 3, 17, 50, 24
+    table = torch.randn(v, d).to(dtype)
+    ids = torch.randint(0, v, (b, s), dtype=id_dtype)
+    plain = L.neftune_embedding(ids, table, 0.0, 0)
+    assert torch.equal(plain, table[ids.long()])
+    alpha = 5.0
+    noisy = L.neftune_embedding(ids, table, alpha, 7)
+    mag = alpha / (s * d) ** 0.5
+    noise = noisy.double() - plain.double()
+    # Within the magnitude (plus one rounding of the sum), centred, and spread out.
+    assert noise.abs().max() <= mag * (1 + 1e-6) + 2 * EPS[dtype] * plain.double().abs().max()
+    assert abs(noise.mean().item()) < 0.1 * mag
+    assert noise.std().item() > 0.4 * mag  # uniform(-mag, mag) has std mag/sqrt(3)
+    assert torch.equal(L.neftune_embedding(ids, table, alpha, 7), noisy)
+    assert not torch.equal(L.neftune_embedding(ids, table, alpha, 8), noisy)
+
+    tg = table.clone().requires_grad_()
+    dout = torch.randn(b, s, d).to(dtype)
+    L.neftune_embedding(ids, tg, alpha, 7).backward(dout)
+    ref = torch.zeros(v, d, dtype=torch.float64).index_add_(0, ids.long().flatten(), dout.double().reshape(-1, d))
+    assert_close(tg.grad, ref, dtype, b * s, "d_table")
+
+
+def test_neftune_bad_inputs():
+    table = torch.randn(10, 4)
+    with pytest.raises(TypeError, match="ids must be an int64 or int32"):
+        L.neftune_embedding(torch.zeros(2, 3), table, 1.0, 0)
+    with pytest.raises(ValueError, match=r"ids must be \[batch, seq\]"):
+        L.neftune_embedding(torch.zeros(6, dtype=torch.long), table, 1.0, 0)
+    with pytest.raises(ValueError, match="alpha = -1.0"):
+        L.neftune_embedding(torch.zeros(2, 3, dtype=torch.long), table, -1.0, 0)
+    with pytest.raises(ValueError, match="10"):
+        L.neftune_embedding(torch.full((2, 3), 10, dtype=torch.long), table, 1.0, 0)

@@ -171,3 +171,31 @@ def test_patched_model_under_torch_compile():
     assert g1.keys() == g0.keys()
     for name in g0:
         assert rel_err(g1[name], g0[name]) <= 1e-4, name
+
+
+def test_neftune_patch():
+    pm = peft_model(torch.float32)
+    emb = pm.get_input_embeddings()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        plain = emb(ids)
+    n = lora_kernels.patch(pm, neftune_alpha=5.0)
+    assert n == 2 * len(TARGETS) + 1
+    pm.train()
+    with torch.no_grad():
+        noisy = emb(ids)
+    mag = 5.0 / (9 * 64) ** 0.5
+    diff = (noisy - plain).abs()
+    assert 0 < diff.max().item() <= mag * (1 + 1e-5)
+    pm.eval()
+    with torch.no_grad():
+        assert torch.equal(emb(ids), plain)
+    pm.train()
+    loss, grads = loss_and_grads(pm, ids)  # trains through the noisy embedding
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+    assert lora_kernels.fallbacks(pm) == {}
+    lora_kernels.unpatch(pm)
+    with torch.no_grad():
+        assert torch.equal(emb(ids), plain)
+    with pytest.raises(ValueError, match="neftune_alpha"):
+        lora_kernels.patch(pm, neftune_alpha=float("nan"))
