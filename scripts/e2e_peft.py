@@ -22,7 +22,8 @@ Every configuration has the embedding *output* require grad
 (``enable_input_require_grads``), so all of them run the same full backward chain and
 the floor is the base's cost alone. Each one is seeded identically (``torch.manual_seed``)
 so a configuration and its ``+patch`` twin start from the same adapters, and all see the
-same fixed-seed token stream (labels = inputs). Dropout masks differ between peft
+same fixed-seed batches (labels = inputs): each sequence repeats a random pattern of 8
+to 64 tokens (``make_batches``), a copy task a model can learn from its context. Dropout masks differ between peft
 (torch's RNG) and the patch (the crate's Philox), so the ``qlora_drop`` pair agrees only
 statistically.
 

@@ -45,6 +45,7 @@ __all__ = [
     "qdora_forward",
     "qdora_backward",
     "lora_merge",
+    "dora_merge",
     "nf4_quantize",
     "nf4_dequantize",
     "scratch_pool_usage",
@@ -329,6 +330,34 @@ lora_merge = torch.library.custom_op("lora_kernels::lora_merge", mutates_args=("
 
 @lora_merge.register_fake
 def _(w, a, b, scale, unmerge):
+    return None
+
+
+def _dora_merge_impl(w: Tensor, a: Tensor, b: Tensor, m: Tensor, norm: Tensor, scale: float, unmerge: bool) -> None:
+    """In place, DoRA's merge: ``w ← m/‖w + scale·b a‖ ⊙ (w + scale·b a)`` (row norms),
+    writing the float32 norms [N] into ``norm``; ``unmerge`` takes them back:
+    ``w ← w ⊙ norm/m − scale·b a``."""
+    op = "dora_merge"
+    if w.dim() != 2:
+        raise ValueError(f"{op}: w must be 2-D [out_features, in_features]")
+    _dtype_name(op, w)
+    n, k = w.shape
+    r = a.shape[0] if a.dim() == 2 else -1
+    _check(op, "w", w, like=w, shape=(n, k))
+    _check(op, "a", a, like=w, shape=(r, k))
+    _check(op, "b", b, like=w, shape=(n, r))
+    _check(op, "m", m, like=w, shape=(n,))
+    _check(op, "norm", norm, like=w, shape=(n,), dtype=torch.float32)
+    dev, stream = _where(w)
+    _lib.dora_merge(dev, stream, _dtype_name(op, w), k, n, r, scale, unmerge,
+                    _buf(w), _buf(a), _buf(b), _buf(m), _buf(norm))
+
+
+dora_merge = torch.library.custom_op("lora_kernels::dora_merge", mutates_args=("w", "norm"))(_dora_merge_impl)
+
+
+@dora_merge.register_fake
+def _(w, a, b, m, norm, scale, unmerge):
     return None
 
 

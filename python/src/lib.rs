@@ -462,6 +462,51 @@ fn lora_merge(
     })
 }
 
+/// DoRA merge in place, `W ← m/‖W + s·B A‖ ⊙ (W + s·B A)`, writing the norms (f32 [N],
+/// what unmerge needs); unmerge: `W ← W ⊙ norm/m − s·B A`.
+#[pyfunction]
+#[pyo3(signature = (device, stream, dtype, k, n, r, scale, unmerge, w, a, b, m, norm))]
+#[allow(clippy::too_many_arguments)]
+fn dora_merge(
+    py: Python<'_>,
+    device: i64,
+    stream: u64,
+    dtype: &str,
+    k: usize,
+    n: usize,
+    r: usize,
+    scale: f32,
+    unmerge: bool,
+    w: Buf,
+    a: Buf,
+    b: Buf,
+    m: Buf,
+    norm: Buf,
+) -> PyResult<()> {
+    let sh = shape(0, k, n, r);
+    by_dtype!(dtype, T => {
+        if device < 0 {
+            py.detach(|| {
+                let (wm, a, b, m) = (host_mut::<T>(w), host::<T>(a), host::<T>(b), host::<T>(m));
+                res(if unmerge {
+                    cpu::dora::unmerge::<T>(&sh, scale, wm, a, b, m, host::<f32>(norm))
+                } else {
+                    cpu::dora::merge::<T>(&sh, scale, wm, a, b, m, host_mut::<f32>(norm))
+                })
+            })
+        } else {
+            let gpu = gpu_for(device as usize, stream)?;
+            let (mut wd, a, b, m) = (dev::<T>(&gpu, w), dev::<T>(&gpu, a), dev::<T>(&gpu, b), dev::<T>(&gpu, m));
+            let mut nd = dev::<f32>(&gpu, norm);
+            res(if unmerge {
+                cuda::dora::unmerge::<T, _, _, _>(&gpu, &sh, scale, &mut *wd, &*a, &*b, &*m, &*nd)
+            } else {
+                cuda::dora::merge::<T, _, _, _>(&gpu, &sh, scale, &mut *wd, &*a, &*b, &*m, &mut *nd)
+            })
+        }
+    })
+}
+
 // ---------------------------------------------------------------------------------------
 // QLoRA (NF4 base)
 // ---------------------------------------------------------------------------------------
@@ -1002,6 +1047,7 @@ fn _lib(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lora_forward, m)?)?;
     m.add_function(wrap_pyfunction!(lora_backward, m)?)?;
     m.add_function(wrap_pyfunction!(lora_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(dora_merge, m)?)?;
     m.add_function(wrap_pyfunction!(qlora_forward, m)?)?;
     m.add_function(wrap_pyfunction!(qlora_backward, m)?)?;
     m.add_function(wrap_pyfunction!(dora_forward, m)?)?;

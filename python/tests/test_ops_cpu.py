@@ -270,3 +270,18 @@ def test_neftune_bad_inputs():
         L.neftune_embedding(torch.zeros(2, 3, dtype=torch.long), table, -1.0, 0)
     with pytest.raises(ValueError, match="10"):
         L.neftune_embedding(torch.full((2, 3), 10, dtype=torch.long), table, 1.0, 0)
+
+
+def test_dora_merge_unmerge():
+    k, n, r, s = 37, 23, 5, 0.75
+    _, w, a, b, _ = layer(1, k, n, r, torch.float32)
+    m = torch.rand(n) + 0.5
+    w0 = w.clone()
+    norm = torch.empty(n)
+    L.dora_merge(w, a, b, m, norm, s, False)
+    v = w0.double() + s * b.double() @ a.double()
+    ref_norm = v.norm(dim=1)
+    torch.testing.assert_close(norm.double(), ref_norm, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.double(), (m.double() / ref_norm)[:, None] * v, rtol=1e-5, atol=1e-6)
+    L.dora_merge(w, a, b, m, norm, s, True)
+    torch.testing.assert_close(w, w0, rtol=1e-5, atol=1e-5)
