@@ -101,6 +101,26 @@ def test_neftune_bad_id_is_reported():
     lora_kernels.ops.take_index_errors()  # cleared
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_merges_match_the_cpu_oracle(dtype):
+    k, n, r, s = 520, 300, 16, 2.0
+    _, w, a, b, _ = layer(1, k, n, r, dtype)
+    m = (torch.rand(n) + 0.5).to(dtype)
+    wg = w.to(DEV)
+    L.lora_merge(wg, a.to(DEV), b.to(DEV), s, False)
+    wc = w.clone()
+    L.lora_merge(wc, a, b, s, False)
+    assert_close(wg.cpu(), wc.float(), dtype, r, "lora merge")
+    wg, ng = w.to(DEV), torch.empty(n, device=DEV)
+    L.dora_merge(wg, a.to(DEV), b.to(DEV), m.to(DEV), ng, s, False)
+    wc, nc = w.clone(), torch.empty(n)
+    L.dora_merge(wc, a, b, m, nc, s, False)
+    assert_close(ng.cpu(), nc, torch.float32, k, "dora norms")
+    assert_close(wg.cpu(), wc.float(), dtype, k, "dora merge")
+    L.dora_merge(wg, a.to(DEV), b.to(DEV), m.to(DEV), ng, s, True)
+    assert_close(wg.cpu(), w.float(), dtype, k, "dora unmerge")
+
+
 def bnb_weight(w):
     bnb = pytest.importorskip("bitsandbytes")
     p = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True,
