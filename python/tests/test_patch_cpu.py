@@ -199,3 +199,44 @@ def test_neftune_patch():
         assert torch.equal(emb(ids), plain)
     with pytest.raises(ValueError, match="neftune_alpha"):
         lora_kernels.patch(pm, neftune_alpha=float("nan"))
+
+
+def quantize_linears(model, compute_dtype):
+    """Every decoder linear of ``model`` replaced by bitsandbytes' NF4 ``Linear4bit``
+    (double quantization), quantized on the CPU."""
+    bnb = pytest.importorskip("bitsandbytes")
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear) and name in TARGETS:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data.float(), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+                setattr(mod, name, q.to("cpu"))
+    return model
+
+
+@pytest.mark.parametrize("variant", ["qlora", "qdora"])
+def test_patched_4bit_model_matches_peft(variant):
+    """QLoRA / QDoRA over bitsandbytes' Linear4bit on the CPU (bitsandbytes' CPU
+    backend; compute dtype float32): the patched model against peft's."""
+    model = quantize_linears(tiny_llama(torch.float32), torch.float32)
+    torch.manual_seed(1)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
+                          use_dora=variant == "qdora")
+    pm = peft.get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+    ids = torch.randint(0, 128, (2, 11))
+    loss0, g0 = loss_and_grads(pm, ids)
+    assert lora_kernels.patch(pm) == 2 * len(TARGETS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss1, g1 = loss_and_grads(pm, ids)
+    assert lora_kernels.fallbacks(pm) == {}
+    assert abs(loss1.item() - loss0.item()) <= 1e-5 * abs(loss0.item())
+    for name in g0:
+        err = rel_err(g1[name], g0[name])
+        assert err <= 1e-4, f"{name}: gradient relative error {err:.2e}"
