@@ -3,7 +3,9 @@
 the GPU, against the frozen base layer alone (forward + dX), all in one process.
 
 For each (T, K, N) and method (LoRA, DoRA, QLoRA, QDoRA with r = 16, alpha = 32), CUDA
-events time 20 repetitions after 5 warm-ups of ``y = layer(x); y.backward(dy)``:
+events time 20 repetitions after 5 warm-ups of ``y = layer(x); y.backward(dy)``, eagerly
+(host time included where it is the longer) and replayed from a CUDA graph (GPU time
+only):
 
 - ``base``: the frozen ``nn.Linear`` (or bitsandbytes ``Linear4bit`` for the 4-bit rows)
   with ``x.requires_grad``: what the step costs if the adapter were free;
@@ -64,6 +66,37 @@ def time_fwd_bwd(fn, x, dy, reps=20, warmup=5) -> float:
     return start.elapsed_time(end) * 1000.0 / reps  # µs
 
 
+def graph_us(fn, x, dy, reps=20) -> float:
+    """GPU time of one forward + backward, µs: the call captured once in a CUDA graph
+    (after warm-up calls on the capture stream) and replayed, so host time is out."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn(x).backward(dy)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        fn(x).backward(dy)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000.0 / reps
+
+
+def try_graph_us(fn, x, dy):
+    try:
+        return graph_us(fn, x, dy)
+    except Exception as e:  # a path that cannot be captured: say so, keep going
+        print(f"  (no CUDA graph: {type(e).__name__}: {str(e)[:120]})")
+        return float("nan")
+
+
 def host_us_per_call(fn, x, dy, reps=200) -> float:
     fn(x).backward(dy)
     torch.cuda.synchronize()
@@ -82,27 +115,32 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| method | T | K | N | base µs | peft µs | patch µs | patch / base | peft / patch |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("eager: CUDA events around 20 eager calls (host time included where it is longer);")
+    print("graph: the same call replayed from a CUDA graph (GPU time only)")
+    print("| method | T | K | N | base µs | peft µs | patch µs | patch / base | peft / patch "
+          "| graph: base | peft | patch | patch / base | peft / patch |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for method in METHODS:
         for t, k, n in SHAPES:
             base, model = make_layer(method, k, n)
             x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             dy = torch.randn(t, n, device="cuda", dtype=torch.bfloat16)
-            us_base = time_fwd_bwd(base, x, dy)
-            us_peft = time_fwd_bwd(model, x, dy)
+            us_base, g_base = time_fwd_bwd(base, x, dy), try_graph_us(base, x, dy)
+            us_peft, g_peft = time_fwd_bwd(model, x, dy), try_graph_us(model, x, dy)
             lora_kernels.patch(model)
-            us_patch = time_fwd_bwd(model, x, dy)
+            us_patch, g_patch = time_fwd_bwd(model, x, dy), try_graph_us(model, x, dy)
             fb = lora_kernels.fallbacks(model)
             row = dict(method=method, T=t, K=k, N=n, base_us=us_base, peft_us=us_peft, patch_us=us_patch,
-                       fallbacks=fb)
+                       graph_base_us=g_base, graph_peft_us=g_peft, graph_patch_us=g_patch, fallbacks=fb)
             if t == 1:
                 row["patch_host_us"] = host_us_per_call(model, x, dy)
                 lora_kernels.unpatch(model)
                 row["peft_host_us"] = host_us_per_call(model, x, dy)
             rows.append(row)
             print(f"| {method} | {t} | {k} | {n} | {us_base:.1f} | {us_peft:.1f} | {us_patch:.1f} | "
-                  f"{us_patch / us_base:.3f} | {us_peft / us_patch:.2f} |" + (f" fell back: {fb}" if fb else ""))
+                  f"{us_patch / us_base:.3f} | {us_peft / us_patch:.2f} | {g_base:.1f} | {g_peft:.1f} | "
+                  f"{g_patch:.1f} | {g_patch / g_base:.3f} | {g_peft / g_patch:.2f} |"
+                  + (f" fell back: {fb}" if fb else ""))
             del base, model, x, dy
             torch.cuda.empty_cache()
     for r in rows:
