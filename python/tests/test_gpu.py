@@ -275,3 +275,26 @@ def test_patched_model_matches_peft(variant):
         assert eo <= 2 * ep + 8 * eps, f"{name}: {eo:.2e} vs peft's {ep:.2e}"
     print(f"{variant}: worst gradient error ratio ours/peft against the float32 truth {worst:.2f}")
     lora_kernels.unpatch(pm)
+
+
+def test_bad_device_is_refused():
+    x, w, a, b, bias = layer(4, 16, 8, 2, torch.bfloat16, device=DEV)
+    with pytest.raises(ValueError, match="w is on cpu, x on cuda"):
+        L.lora_forward(x, w.cpu(), a, b, bias, 1.0, 0.0, 0)
+
+
+def test_patched_model_under_inductor():
+    model = small_llama().to(DEV)
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(model, lora_cfg())
+    lora_kernels.patch(pm)
+    ids = torch.randint(0, 512, (2, 128), device=DEV)
+    l0, g0 = loss_and_grads(pm, ids)
+    compiled = torch.compile(pm)
+    with lora_kernels.ops.record_plans() as plans:
+        l1, g1 = loss_and_grads(compiled, ids)
+    assert plans, "the compiled model ran no lora_kernels op"
+    assert abs(l1.item() - l0.item()) <= 1e-2 * abs(l0.item())
+    g1 = {n.removeprefix("_orig_mod."): g for n, g in g1.items()}
+    for name in g0:
+        assert rel_err(g1[name], g0[name]) <= 0.1, name
