@@ -52,6 +52,7 @@ pub mod neftune;
 pub mod nf4;
 pub mod peft;
 mod philox;
+pub mod pissa;
 pub mod qlora;
 pub mod tuning;
 
