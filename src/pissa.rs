@@ -11,6 +11,13 @@
 //!
 //! [`init`] is the exact variant (peft's `"pissa"`), a full SVD in f64 on the host: the
 //! CPU oracle, meant for tests and small layers (a 4096 × 11008 weight takes minutes).
+//! [`init_randomized`] is peft's `"pissa_niter_<k>"`: randomized subspace iteration
+//! (Halko et al., as `torch.svd_lowrank(W, q=r, niter=k)`) from a seeded Gaussian start,
+//! then the small SVD; on the host in f64 too.
+//!
+//! QPiSSA quantizes the residual instead of W: [`quantize_residual`] gives the NF4
+//! residual (bitsandbytes' format) and the quantization error of both schemes,
+//! `‖W − deq(Q(W))‖` for plain QLoRA against `‖W − deq(Q(W_res)) − s·B A‖`.
 //! Singular vectors are defined up to sign: `A`'s row j and `B`'s column j may both be
 //! negated against another implementation's, and `B A` and `W_res` do not change.
 //!
@@ -24,6 +31,7 @@
 use nalgebra::DMatrix;
 
 use crate::check::check_len;
+use crate::nf4::Nf4Weight;
 use crate::peft::{Adapter, AdapterModule};
 use crate::{Element, Error, Result};
 
@@ -51,7 +59,77 @@ pub fn init<T: Element>(
     rank: usize,
     scale: f32,
 ) -> Result<PissaInit<T>> {
+    let wf = check_init(w, out_features, in_features, rank, scale)?;
     let (n, k) = (out_features, in_features);
+    let svd = DMatrix::from_row_slice(n, k, &wf).svd(true, true);
+    let (u, v_t) = match (svd.u, svd.v_t) {
+        (Some(u), Some(v_t)) => (u, v_t),
+        _ => unreachable!("both factors were asked for"),
+    };
+    Ok(assemble(
+        &wf,
+        n,
+        k,
+        rank,
+        scale,
+        &u,
+        &svd.singular_values,
+        &v_t,
+    ))
+}
+
+/// peft's `"pissa_niter_<niter>"`: as [`init`], with W's top-r singular triplets from
+/// randomized subspace iteration (`torch.svd_lowrank(W, q=r, niter)`'s algorithm: a
+/// Gaussian [K, r] start from `seed`, `niter` rounds of `Q ← orth(W orth(Wᵀ Q))`, then
+/// the SVD of `Qᵀ W` [r, K]). Close to [`init`] where W's spectrum has a gap after the
+/// r-th value; the same checks as [`init`].
+pub fn init_randomized<T: Element>(
+    w: &[T],
+    out_features: usize,
+    in_features: usize,
+    rank: usize,
+    scale: f32,
+    niter: usize,
+    seed: u64,
+) -> Result<PissaInit<T>> {
+    let wf = check_init(w, out_features, in_features, rank, scale)?;
+    let (n, k) = (out_features, in_features);
+    let wm = DMatrix::from_row_slice(n, k, &wf);
+    let mut rng = crate::philox::SplitMix(seed);
+    let omega = DMatrix::from_fn(k, rank, |_, _| rng.gaussian());
+    let orth = |m: DMatrix<f64>| m.qr().q();
+    let mut q = orth(&wm * omega);
+    for _ in 0..niter {
+        q = orth(wm.transpose() * &q);
+        q = orth(&wm * &q);
+    }
+    let small = q.transpose() * &wm; // [r, K]
+    let svd = small.svd(true, true);
+    let (ub, v_t) = match (svd.u, svd.v_t) {
+        (Some(u), Some(v_t)) => (u, v_t),
+        _ => unreachable!("both factors were asked for"),
+    };
+    let u = q * ub;
+    Ok(assemble(
+        &wf,
+        n,
+        k,
+        rank,
+        scale,
+        &u,
+        &svd.singular_values,
+        &v_t,
+    ))
+}
+
+/// The argument checks of [`init`]; W in f64.
+fn check_init<T: Element>(
+    w: &[T],
+    n: usize,
+    k: usize,
+    rank: usize,
+    scale: f32,
+) -> Result<Vec<f64>> {
     let numel = n.checked_mul(k).ok_or(Error::Dim {
         name: "out_features · in_features",
         value: n,
@@ -79,13 +157,22 @@ pub fn init<T: Element>(
             reason: "holds a NaN or infinite value at this index",
         });
     }
-    let wf: Vec<f64> = w.iter().map(|v| v.to_f64()).collect();
-    let svd = DMatrix::from_row_slice(n, k, &wf).svd(true, true);
-    let (u, v_t) = match (svd.u, svd.v_t) {
-        (Some(u), Some(v_t)) => (u, v_t),
-        _ => unreachable!("both factors were asked for"),
-    };
-    let s = &svd.singular_values;
+    Ok(w.iter().map(|v| v.to_f64()).collect())
+}
+
+/// A, B and W_res from singular triplets (`u` [N, m], `s` [m], `v_t` [m, K], any order):
+/// the r largest.
+#[allow(clippy::too_many_arguments)]
+fn assemble<T: Element>(
+    wf: &[f64],
+    n: usize,
+    k: usize,
+    rank: usize,
+    scale: f32,
+    u: &DMatrix<f64>,
+    s: &nalgebra::DVector<f64>,
+    v_t: &DMatrix<f64>,
+) -> PissaInit<T> {
     let mut order: Vec<usize> = (0..s.len()).collect();
     order.sort_by(|&i, &j| s[j].total_cmp(&s[i]));
     let top = &order[..rank];
@@ -102,7 +189,7 @@ pub fn init<T: Element>(
         }
     }
     // W_res from the rounded A and B, as the model will see them: W_res + s·B A ≈ W.
-    let mut w_res = Vec::with_capacity(numel);
+    let mut w_res = Vec::with_capacity(n * k);
     for row in 0..n {
         for c in 0..k {
             let ba: f64 = (0..rank)
@@ -111,11 +198,76 @@ pub fn init<T: Element>(
             w_res.push(T::from_f64(wf[row * k + c] - sc * ba));
         }
     }
-    Ok(PissaInit {
+    PissaInit {
         a,
         b,
         w_res,
         singular_values: top.iter().map(|&i| s[i]).collect(),
+    }
+}
+
+/// QPiSSA: the PiSSA adapter `init` computed for W, its residual quantized to NF4
+/// (bitsandbytes' format: `blocksize`, double quantization or not), and the relative
+/// quantization errors of both schemes.
+#[derive(Debug, Clone)]
+pub struct QpissaInit<T> {
+    /// The adapter (and the dense residual it was quantized from).
+    pub init: PissaInit<T>,
+    /// `W_res` in NF4: the frozen base QPiSSA trains over.
+    pub w_res_nf4: Nf4Weight,
+    /// Plain QLoRA's error, `‖W − deq(Q(W))‖_F / ‖W‖_F`.
+    pub qlora_error: f64,
+    /// QPiSSA's, `‖W − deq(Q(W_res)) − s·B A‖_F / ‖W‖_F`.
+    pub qpissa_error: f64,
+}
+
+/// QPiSSA's initialisation from an [`init`] or [`init_randomized`] result `init` of `w`
+/// [N, K]: the residual quantized as [`Nf4Weight::quantize`] does, and both schemes'
+/// errors (see [`QpissaInit`]). Errors as [`Nf4Weight::quantize`], and if `init` does
+/// not belong to an N × K weight.
+pub fn quantize_residual<T: Element>(
+    w: &[T],
+    out_features: usize,
+    in_features: usize,
+    scale: f32,
+    init: PissaInit<T>,
+    blocksize: usize,
+    double_quant: bool,
+) -> Result<QpissaInit<T>> {
+    let (n, k) = (out_features, in_features);
+    let numel = n.checked_mul(k).ok_or(Error::Dim {
+        name: "out_features · in_features",
+        value: n,
+        reason: "overflows usize",
+    })?;
+    check_len("w", w.len(), numel)?;
+    check_len("init.w_res", init.w_res.len(), numel)?;
+    let r = init.singular_values.len();
+    check_len("init.a", init.a.len(), r.saturating_mul(k))?;
+    check_len("init.b", init.b.len(), n.saturating_mul(r))?;
+    let q_w = Nf4Weight::quantize(w, n, k, blocksize, double_quant)?;
+    let q_res = Nf4Weight::quantize(&init.w_res, n, k, blocksize, double_quant)?;
+    let (deq_w, deq_res) = (q_w.dequantize::<f32>()?, q_res.dequantize::<f32>()?);
+    let sc = scale as f64;
+    let (mut norm, mut e_lora, mut e_pissa) = (0f64, 0f64, 0f64);
+    for row in 0..n {
+        for c in 0..k {
+            let i = row * k + c;
+            let wv = w[i].to_f64();
+            let ba: f64 = (0..r)
+                .map(|j| init.b[row * r + j].to_f64() * init.a[j * k + c].to_f64())
+                .sum();
+            norm += wv * wv;
+            e_lora += (wv - deq_w[i] as f64).powi(2);
+            e_pissa += (wv - deq_res[i] as f64 - sc * ba).powi(2);
+        }
+    }
+    let norm = norm.sqrt().max(f64::MIN_POSITIVE);
+    Ok(QpissaInit {
+        init,
+        w_res_nf4: q_res,
+        qlora_error: e_lora.sqrt() / norm,
+        qpissa_error: e_pissa.sqrt() / norm,
     })
 }
 

@@ -209,3 +209,104 @@ fn adapter_conversion_refuses_mismatched_modules() {
         Err(Error::Checkpoint(msg)) if msg.contains("proj")
     ));
 }
+
+/// W = X Yᵀ (rank 8, strong) + small noise: a clear gap after the 8th singular value.
+fn gapped(n: usize, k: usize, seed: u64) -> Vec<f32> {
+    let mut rng = common::Rng::new(seed);
+    let x: Vec<f32> = rng.vec(n * 8, 1.0);
+    let y: Vec<f32> = rng.vec(k * 8, 1.0);
+    let noise: Vec<f32> = rng.vec(n * k, 1e-3);
+    (0..n * k)
+        .map(|i| {
+            let (row, c) = (i / k, i % k);
+            (0..8).map(|j| x[row * 8 + j] * y[c * 8 + j]).sum::<f32>() + noise[i]
+        })
+        .collect()
+}
+
+fn frob(v: &[f32]) -> f64 {
+    v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+#[test]
+fn randomized_init_finds_the_principal_subspace() {
+    let (n, k, r, s) = (60, 90, 8, 2.0);
+    let w = gapped(n, k, 7);
+    let exact = pissa::init(&w, n, k, r, s).unwrap();
+    let fast = pissa::init_randomized(&w, n, k, r, s, 2, 42).unwrap();
+    let p_exact = product(s as f64, &exact.a, &exact.b, n, k, r);
+    let p_fast = product(s as f64, &fast.a, &fast.b, n, k, r);
+    assert!(
+        rel_err(&p_fast, &p_exact) < 1e-5,
+        "s·BA {}",
+        rel_err(&p_fast, &p_exact)
+    );
+    for (a, b) in fast.singular_values.iter().zip(&exact.singular_values) {
+        assert!((a - b).abs() < 1e-6 * b, "singular values {a} vs {b}");
+    }
+    // Seeded: the same seed gives the same bits; another seed other bits, the same subspace.
+    assert_eq!(pissa::init_randomized(&w, n, k, r, s, 2, 42).unwrap(), fast);
+    let other = pissa::init_randomized(&w, n, k, r, s, 2, 43).unwrap();
+    assert_ne!(other.a, fast.a);
+    let p_other = product(s as f64, &other.a, &other.b, n, k, r);
+    assert!(rel_err(&p_other, &p_exact) < 1e-5);
+}
+
+#[test]
+fn randomized_init_on_a_flat_spectrum_nears_the_optimal_residual() {
+    // peft's random nn.Linear weight: no gap, so more iterations are needed; the residual
+    // can be no smaller than the exact one (Eckart–Young).
+    let f = Fixture::open("peft_pissa_48x80_r8.safetensors");
+    let (n, k, r, s) = (48, 80, 8, f.meta_f32("scaling"));
+    let w = f.f32("W");
+    let best = frob(&pissa::init(&w, n, k, r, s).unwrap().w_res);
+    let few = frob(&pissa::init_randomized(&w, n, k, r, s, 1, 5).unwrap().w_res);
+    let many = frob(&pissa::init_randomized(&w, n, k, r, s, 16, 5).unwrap().w_res);
+    assert!(
+        best <= many * (1.0 + 1e-6) && many <= few * (1.0 + 1e-6),
+        "{best} {many} {few}"
+    );
+    assert!(
+        many < best * 1.01,
+        "16 iterations: {many} against the optimum {best}"
+    );
+}
+
+#[test]
+fn qpissa_quantizes_the_residual_with_less_error_than_qlora() {
+    for (name, w, n, k, factor) in [
+        ("gapped", gapped(64, 128, 9), 64, 128, 0.2),
+        (
+            "peft's random weight",
+            Fixture::open("peft_pissa_48x80_r8.safetensors").f32("W"),
+            48,
+            80,
+            1.0,
+        ),
+    ] {
+        let (r, s) = (8, 2.0);
+        let init = pissa::init(&w, n, k, r, s).unwrap();
+        let q = pissa::quantize_residual(&w, n, k, s, init.clone(), 64, true).unwrap();
+        eprintln!(
+            "{name}: relative NF4 error, QLoRA {:.5}, QPiSSA {:.5}",
+            q.qlora_error, q.qpissa_error
+        );
+        assert!(
+            q.qpissa_error < factor * q.qlora_error,
+            "{name}: QPiSSA {} vs QLoRA {}",
+            q.qpissa_error,
+            q.qlora_error
+        );
+        // The reported error is the reconstruction's: deq(W_res) + s·B A against W.
+        let deq = q.w_res_nf4.dequantize::<f32>().unwrap();
+        let ba = product(s as f64, &init.a, &init.b, n, k, r);
+        let recon: Vec<f32> = deq.iter().zip(&ba).map(|(d, p)| d + p).collect();
+        let err = rel_err(&recon, &w);
+        assert!(
+            (err - q.qpissa_error).abs() < 1e-4 * q.qpissa_error.max(1e-12) + 1e-7,
+            "{name}: {err} vs {}",
+            q.qpissa_error
+        );
+        assert_eq!(q.init, init);
+    }
+}
