@@ -47,6 +47,7 @@ use cudarc::driver::CudaSlice;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_kernels::cuda::nf4::Nf4Device;
 use lora_kernels::cuda::Gpu;
+use lora_kernels::loraplus::{LoraPlus, Role};
 use lora_kernels::peft::{Adapter, AdapterConfig, AdapterModule};
 use lora_kernels::{
     bf16, cpu, cuda, lora, DoraGrads, DoraOutputs, DoraSaved, DoraWeights, Dropout, EmbedShape,
@@ -682,14 +683,15 @@ impl Linear {
         }
     }
 
-    /// AdamW on A, B (LoRA+: B's rate times `ratio`) and m.
-    fn update(&mut self, lr: f32, ratio: f32, t: i32) {
+    /// AdamW on A, B and m at LoRA+'s rates (`lora_kernels::loraplus`: B and m at
+    /// `ratio` times A's, as peft's LoRA+ optimizer).
+    fn update(&mut self, rates: &LoraPlus, t: i32) {
         let [ga, gb, gm] = &self.grads;
         let [oa, ob, om] = &mut self.opt;
-        oa.step(&mut self.a, ga, lr, t);
-        ob.step(&mut self.b, gb, lr * ratio, t);
+        oa.step(&mut self.a, ga, rates.lr(Role::A), t);
+        ob.step(&mut self.b, gb, rates.lr(Role::B), t);
         if let Some(m) = &mut self.m {
-            om.step(m, gm, lr, t);
+            om.step(m, gm, rates.lr(Role::Magnitude), t);
         }
     }
 
@@ -1066,6 +1068,7 @@ fn run(cli: Cli) -> Res<()> {
         a.memory_estimate().unwrap_or(u64::MAX) as f64 / (1u64 << 20) as f64
     );
     let mut model = Model::new(&dev, &args)?;
+    let rates = LoraPlus::new(args.lr, args.loraplus_ratio).map_err(|e| e.to_string())?;
     let mut rng = Rng(args.seed);
     // The task: a random permutation of the vocabulary.
     let mut perm: Vec<u32> = (0..args.vocab as u32).collect();
@@ -1104,7 +1107,7 @@ fn run(cli: Cli) -> Res<()> {
         }
         model.backward(&dev, &dlogits, tape, args.batch, step as u64)?;
         for l in model.linears_mut() {
-            l.update(args.lr, args.loraplus_ratio, step as i32);
+            l.update(&rates, step as i32);
         }
         let e = ema.map_or(loss, |m: f32| 0.9 * m + 0.1 * loss);
         ema = Some(e);

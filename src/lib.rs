@@ -48,6 +48,7 @@ pub mod dora;
 mod dtype;
 mod error;
 pub mod lora;
+pub mod loraplus;
 pub mod neftune;
 pub mod nf4;
 pub mod peft;
