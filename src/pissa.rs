@@ -130,11 +130,7 @@ fn check_init<T: Element>(
     rank: usize,
     scale: f32,
 ) -> Result<Vec<f64>> {
-    let numel = n.checked_mul(k).ok_or(Error::Dim {
-        name: "out_features · in_features",
-        value: n,
-        reason: "overflows usize",
-    })?;
+    let numel = elems("out_features · in_features", n, k)?;
     check_len("w", w.len(), numel)?;
     if rank == 0 || rank > n.min(k) {
         return Err(Error::Dim {
@@ -192,9 +188,7 @@ fn assemble<T: Element>(
     let mut w_res = Vec::with_capacity(n * k);
     for row in 0..n {
         for c in 0..k {
-            let ba: f64 = (0..rank)
-                .map(|j| b[row * rank + j].to_f64() * a[j * k + c].to_f64())
-                .sum();
+            let ba = ba_at(&a, &b, rank, k, row, c);
             w_res.push(T::from_f64(wf[row * k + c] - sc * ba));
         }
     }
@@ -235,11 +229,7 @@ pub fn quantize_residual<T: Element>(
     double_quant: bool,
 ) -> Result<QpissaInit<T>> {
     let (n, k) = (out_features, in_features);
-    let numel = n.checked_mul(k).ok_or(Error::Dim {
-        name: "out_features · in_features",
-        value: n,
-        reason: "overflows usize",
-    })?;
+    let numel = elems("out_features · in_features", n, k)?;
     check_len("w", w.len(), numel)?;
     check_len("init.w_res", init.w_res.len(), numel)?;
     let r = init.singular_values.len();
@@ -254,9 +244,7 @@ pub fn quantize_residual<T: Element>(
         for c in 0..k {
             let i = row * k + c;
             let wv = w[i].to_f64();
-            let ba: f64 = (0..r)
-                .map(|j| init.b[row * r + j].to_f64() * init.a[j * k + c].to_f64())
-                .sum();
+            let ba = ba_at(&init.a, &init.b, r, k, row, c);
             norm += wv * wv;
             e_lora += (wv - deq_w[i] as f64).powi(2);
             e_pissa += (wv - deq_res[i] as f64 - sc * ba).powi(2);
@@ -271,6 +259,22 @@ pub fn quantize_residual<T: Element>(
     })
 }
 
+/// `(B A)[row, c]` in f64 for A [r, K] and B [N, r].
+fn ba_at<T: Element>(a: &[T], b: &[T], r: usize, k: usize, row: usize, c: usize) -> f64 {
+    (0..r)
+        .map(|j| b[row * r + j].to_f64() * a[j * k + c].to_f64())
+        .sum()
+}
+
+/// `a · b`, or an [`Error::Dim`] naming the product when it overflows usize.
+fn elems(name: &'static str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b).ok_or(Error::Dim {
+        name,
+        value: a,
+        reason: "overflows usize",
+    })
+}
+
 /// A trained PiSSA module `(a, b)` and its initial `(a0, b0)` (each [r, K] and [N, r])
 /// as plain LoRA over the original W: `A' = [a ; a0]` [2r, K], `B' = [b | −b0]` [N, 2r],
 /// the same scale.
@@ -282,16 +286,8 @@ pub fn to_lora<T: Element>(
     (a0, b0): (&[T], &[T]),
 ) -> Result<(Vec<T>, Vec<T>)> {
     let (r, k, n) = (rank, in_features, out_features);
-    let a_len = r.checked_mul(k).ok_or(Error::Dim {
-        name: "rank · in_features",
-        value: r,
-        reason: "overflows usize",
-    })?;
-    let b_len = n.checked_mul(r).ok_or(Error::Dim {
-        name: "out_features · rank",
-        value: n,
-        reason: "overflows usize",
-    })?;
+    let a_len = elems("rank · in_features", r, k)?;
+    let b_len = elems("out_features · rank", n, r)?;
     check_len("a", a.len(), a_len)?;
     check_len("a0", a0.len(), a_len)?;
     check_len("b", b.len(), b_len)?;

@@ -133,16 +133,47 @@ def _check_dropout(op: str, p: float) -> None:
         raise ValueError(f"{op}: dropout p = {p} must be in [0, 1)")
 
 
+def _args(op: str, x: Tensor, a: Tensor, b: Tensor, *, w=None, out_features=None, bias=None,
+          m=None, h=None, norm=None, z=None, dy=None, p: float = 0.0) -> Tuple[int, int, int, int]:
+    """The checks every LoRA-family op makes, in one place: x [T, K], a [r, K], b [N, r],
+    and those of w [N, K], bias and m [N], h [T, r], norm (float32 [N]), z and dy [T, N]
+    that are given; N equal to ``out_features`` when given (an NF4 base's); dropout p.
+    Returns (T, K, N, r)."""
+    t, k = _check_x(op, x)
+    r, n = _check_rank(op, a, b, k)
+    if out_features is not None and n != out_features:
+        raise ValueError(f"{op}: b has {n} rows, out_features is {out_features}")
+    for name, tensor, shape in (("w", w, (n, k)), ("a", a, (r, k)), ("b", b, (n, r)), ("m", m, (n,)),
+                                ("bias", bias, (n,)), ("h", h, (t, r)), ("z", z, (t, n)),
+                                ("dy", dy, (t, n))):
+        if tensor is not None:
+            _check(op, name, tensor, like=x, shape=shape)
+    if norm is not None:
+        _check(op, "norm", norm, like=x, shape=(n,), dtype=torch.float32)
+    _check_dropout(op, p)
+    return t, k, n, r
+
+
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _cuda_stream(device) -> Tuple[int, int]:
+    """(ordinal, raw handle of torch's current stream there) of a CUDA device (None: the
+    current one)."""
+    if device is None or (isinstance(device, torch.device) and device.index is None):
+        idx = torch.cuda.current_device()
+    else:
+        idx = torch.device(device).index
+        idx = torch.cuda.current_device() if idx is None else idx
+    if _raw_stream is not None:
+        return idx, _raw_stream(idx)
+    return idx, torch.cuda.current_stream(idx).cuda_stream
 
 
 def _where(x: Tensor) -> Tuple[int, int]:
     """(device ordinal or -1 for the CPU, raw handle of torch's current stream there)."""
     if x.device.type == "cuda":
-        idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        if _raw_stream is not None:
-            return idx, _raw_stream(idx)
-        return idx, torch.cuda.current_stream(idx).cuda_stream
+        return _cuda_stream(x.device)
     return -1, 0
 
 
@@ -212,14 +243,7 @@ def _lora_forward_impl(
     """``y = x wᵀ + bias + scale · drop(x) aᵀ bᵀ`` and ``h = drop(x) aᵀ`` (saved for the
     backward). x [T, K], w [N, K], a [r, K], b [N, r], bias [N] or None."""
     op = "lora_forward"
-    t, k = _check_x(op, x)
-    r, n = _check_rank(op, a, b, k)
-    _check(op, "w", w, like=x, shape=(n, k))
-    _check(op, "a", a, like=x, shape=(r, k))
-    _check(op, "b", b, like=x, shape=(n, r))
-    if bias is not None:
-        _check(op, "bias", bias, like=x, shape=(n,))
-    _check_dropout(op, p)
+    t, k, n, r = _args(op, x, a, b, w=w, bias=bias, p=p)
     y = x.new_empty((t, n))
     h = x.new_empty((t, r))
     if t > 0:
@@ -253,14 +277,7 @@ def _lora_backward_impl(
     """(dx, da, db) of :func:`lora_forward` from ``dy`` [T, N]; ``h`` and ``seed`` as the
     forward used them."""
     op = "lora_backward"
-    t, k = _check_x(op, x)
-    r, n = _check_rank(op, a, b, k)
-    _check(op, "w", w, like=x, shape=(n, k))
-    _check(op, "a", a, like=x, shape=(r, k))
-    _check(op, "b", b, like=x, shape=(n, r))
-    _check(op, "h", h, like=x, shape=(t, r))
-    _check(op, "dy", dy, like=x, shape=(t, n))
-    _check_dropout(op, p)
+    t, k, n, r = _args(op, x, a, b, w=w, h=h, dy=dy, p=p)
     dx = torch.empty_like(x)
     if t == 0:
         return dx, torch.zeros_like(a), torch.zeros_like(b)
@@ -387,16 +404,8 @@ def _qlora_forward_impl(
     quantization ``absmax2`` = ``quant_state.state2.absmax``, ``code2`` =
     ``quant_state.state2.code`` and ``nf4_offset`` = ``quant_state.offset``."""
     op = "qlora_forward"
-    t, k = _check_x(op, x)
-    r, n = _check_rank(op, a, b, k)
-    if n != out_features:
-        raise ValueError(f"{op}: b has {n} rows, out_features is {out_features}")
+    t, k, n, r = _args(op, x, a, b, out_features=out_features, bias=bias, p=p)
     nf = _Nf4(op, x, n, k, blocksize, packed, absmax, absmax2, code2)
-    _check(op, "a", a, like=x, shape=(r, k))
-    _check(op, "b", b, like=x, shape=(n, r))
-    if bias is not None:
-        _check(op, "bias", bias, like=x, shape=(n,))
-    _check_dropout(op, p)
     y = x.new_empty((t, n))
     h = x.new_empty((t, r))
     if t > 0:
@@ -436,16 +445,8 @@ def _qlora_backward_impl(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dx, da, db) of :func:`qlora_forward` (dx through the dequantized W)."""
     op = "qlora_backward"
-    t, k = _check_x(op, x)
-    r, n = _check_rank(op, a, b, k)
-    if n != out_features:
-        raise ValueError(f"{op}: b has {n} rows, out_features is {out_features}")
+    t, k, n, r = _args(op, x, a, b, out_features=out_features, h=h, dy=dy, p=p)
     nf = _Nf4(op, x, n, k, blocksize, packed, absmax, absmax2, code2)
-    _check(op, "a", a, like=x, shape=(r, k))
-    _check(op, "b", b, like=x, shape=(n, r))
-    _check(op, "h", h, like=x, shape=(t, r))
-    _check(op, "dy", dy, like=x, shape=(t, n))
-    _check_dropout(op, p)
     dx = torch.empty_like(x)
     if t == 0:
         return dx, torch.zeros_like(a), torch.zeros_like(b)
@@ -521,15 +522,7 @@ def _dora_forward_impl(
     norm detached, as peft does. Returns (y, h, norm (float32 [N]), z), the last three
     saved for the backward."""
     op = "dora_forward"
-    t, k = _check_x(op, x)
-    r, n = _check_rank(op, a, b, k)
-    _check(op, "w", w, like=x, shape=(n, k))
-    _check(op, "a", a, like=x, shape=(r, k))
-    _check(op, "b", b, like=x, shape=(n, r))
-    _check(op, "m", m, like=x, shape=(n,))
-    if bias is not None:
-        _check(op, "bias", bias, like=x, shape=(n,))
-    _check_dropout(op, p)
+    t, k, n, r = _args(op, x, a, b, w=w, m=m, bias=bias, p=p)
     y, h, norm, z = _dora_outputs(x, n, r)
     if t > 0:
         dev, stream = _where(x)
@@ -565,17 +558,7 @@ def _dora_backward_impl(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, da, db, dm) of :func:`dora_forward` from what it saved."""
     op = "dora_backward"
-    t, k = _check_x(op, x)
-    r, n = _check_rank(op, a, b, k)
-    _check(op, "w", w, like=x, shape=(n, k))
-    _check(op, "a", a, like=x, shape=(r, k))
-    _check(op, "b", b, like=x, shape=(n, r))
-    _check(op, "m", m, like=x, shape=(n,))
-    _check(op, "h", h, like=x, shape=(t, r))
-    _check(op, "norm", norm, like=x, shape=(n,), dtype=torch.float32)
-    _check(op, "z", z, like=x, shape=(t, n))
-    _check(op, "dy", dy, like=x, shape=(t, n))
-    _check_dropout(op, p)
+    t, k, n, r = _args(op, x, a, b, w=w, m=m, h=h, norm=norm, z=z, dy=dy, p=p)
     dx = torch.empty_like(x)
     if t == 0:
         return dx, torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(m)
@@ -635,17 +618,8 @@ def _qdora_forward_impl(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`dora_forward` over an NF4 base (as :func:`qlora_forward` takes it)."""
     op = "qdora_forward"
-    t, k = _check_x(op, x)
-    r, n = _check_rank(op, a, b, k)
-    if n != out_features:
-        raise ValueError(f"{op}: b has {n} rows, out_features is {out_features}")
+    t, k, n, r = _args(op, x, a, b, out_features=out_features, m=m, bias=bias, p=p)
     nf = _Nf4(op, x, n, k, blocksize, packed, absmax, absmax2, code2)
-    _check(op, "a", a, like=x, shape=(r, k))
-    _check(op, "b", b, like=x, shape=(n, r))
-    _check(op, "m", m, like=x, shape=(n,))
-    if bias is not None:
-        _check(op, "bias", bias, like=x, shape=(n,))
-    _check_dropout(op, p)
     y, h, norm, z = _dora_outputs(x, n, r)
     if t > 0:
         dev, stream = _where(x)
@@ -687,19 +661,8 @@ def _qdora_backward_impl(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, da, db, dm) of :func:`qdora_forward`."""
     op = "qdora_backward"
-    t, k = _check_x(op, x)
-    r, n = _check_rank(op, a, b, k)
-    if n != out_features:
-        raise ValueError(f"{op}: b has {n} rows, out_features is {out_features}")
+    t, k, n, r = _args(op, x, a, b, out_features=out_features, m=m, h=h, norm=norm, z=z, dy=dy, p=p)
     nf = _Nf4(op, x, n, k, blocksize, packed, absmax, absmax2, code2)
-    _check(op, "a", a, like=x, shape=(r, k))
-    _check(op, "b", b, like=x, shape=(n, r))
-    _check(op, "m", m, like=x, shape=(n,))
-    _check(op, "h", h, like=x, shape=(t, r))
-    _check(op, "norm", norm, like=x, shape=(n,), dtype=torch.float32)
-    _check(op, "z", z, like=x, shape=(t, n))
-    _check(op, "dy", dy, like=x, shape=(t, n))
-    _check_dropout(op, p)
     dx = torch.empty_like(x)
     if t == 0:
         return dx, torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(m)
@@ -828,9 +791,7 @@ def take_index_errors(device=None) -> None:
     """Raises ``ValueError`` naming the first out-of-range id (and how many) that the
     NEFTune kernels met on ``device`` since the last call, and clears the record.
     Synchronizes torch's current stream: call it once per step, or while debugging."""
-    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    _lib.take_index_errors(idx, _where(torch.empty(0, device=torch.device("cuda", idx)))[1])
+    _lib.take_index_errors(*_cuda_stream(device))
 
 
 # --------------------------------------------------------------------------------------
@@ -884,6 +845,4 @@ def scratch_pool_usage(device=None, reset: bool = False) -> Tuple[int, int]:
     """(bytes in use, high-water mark) of the CUDA memory pool the ops' scratch comes
     from (the device's default pool, not torch's caching allocator); ``reset`` first
     sets the mark to the current use."""
-    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    return _lib.pool_usage(idx, torch.cuda.current_stream(device).cuda_stream, reset)
+    return _lib.pool_usage(*_cuda_stream(device), reset)

@@ -88,7 +88,7 @@ def _variant(layer, adapter) -> Optional[str]:
     return "dora" if getattr(layer, "use_dora", {}).get(adapter, False) else "lora"
 
 
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_DTYPES = tuple(ops._DTYPES)  # the dtypes the ops take
 
 
 def _prepare(layer, x, args, kwargs):
@@ -163,7 +163,7 @@ def _nf4_args(layer, base):
     """bitsandbytes' tensors of the NF4 weight, as the ops take them (cached offset)."""
     w = base._parameters["weight"]
     qs = w.quant_state
-    cache = getattr(layer, "_lora_kernels_nf4", None)
+    cache = layer.__dict__.get("_lora_kernels_nf4")
     if cache is None or cache[0] is not qs:
         # One host read of the offset (a 0-d tensor) per quant_state, not per step.
         offset = float(qs.offset) if qs.nested else 0.0
@@ -171,10 +171,10 @@ def _nf4_args(layer, base):
         layer._lora_kernels_nf4 = cache
     offset = cache[1]
     packed = w.data if w.data.dtype == torch.uint8 else w.data.view(torch.uint8)
-    n, k = qs.shape
+    n = qs.shape[0]
     if qs.nested:
-        return (packed, qs.absmax, qs.state2.absmax, qs.state2.code, offset, qs.blocksize, n), k
-    return (packed, qs.absmax, None, None, 0.0, qs.blocksize, n), k
+        return (packed, qs.absmax, qs.state2.absmax, qs.state2.code, offset, qs.blocksize, n)
+    return (packed, qs.absmax, None, None, 0.0, qs.blocksize, n)
 
 
 class _Lora(torch.autograd.Function):
@@ -253,8 +253,7 @@ def _fused_forward(self, x, *args, **kwargs):
         x2 = x2.contiguous()
     m = self._modules["lora_magnitude_vector"][adapter]._parameters["weight"] if dora else None
     if is_nf4:
-        (packed, absmax, absmax2, code2, offset, blocksize, n), _k = _nf4_args(self, base)
-        nf4, w = (packed, absmax, absmax2, code2, offset, blocksize, n), None
+        nf4, w = _nf4_args(self, base), None
     else:
         nf4, w = None, base._parameters["weight"]
     if torch.compiler.is_compiling():

@@ -222,6 +222,26 @@ fn nf4_args(
     })
 }
 
+/// A DoRA base given as exactly one of a dense `w` (`w_given`) or an NF4 tuple: `None`
+/// for the dense one, else the NF4 arguments.
+fn dense_or_nf4(
+    op: &str,
+    n: usize,
+    k: usize,
+    w_given: bool,
+    nf4: Option<Nf4Tuple>,
+) -> PyResult<Option<Nf4Args>> {
+    match (w_given, nf4) {
+        (true, None) => Ok(None),
+        (false, Some((bs, pk, am, a2, c2, off))) => {
+            Ok(Some(nf4_args(n, k, bs, pk, am, a2, c2, off)?))
+        }
+        _ => Err(PyValueError::new_err(format!(
+            "{op}: exactly one of w and nf4"
+        ))),
+    }
+}
+
 /// The NF4 base over torch's device memory (nothing copied). The buffers must be
 /// leaked, not freed: `BorrowedNf4` does it.
 struct BorrowedNf4(ManuallyDrop<Nf4Device>);
@@ -661,15 +681,7 @@ fn dora_forward(
 ) -> PyResult<String> {
     let sh = shape(t, k, n, r);
     let o = options(scale, p, seed, offset);
-    let nf = match (w, nf4) {
-        (Some(_), None) => None,
-        (None, Some((bs, pk, am, a2, c2, off))) => Some(nf4_args(n, k, bs, pk, am, a2, c2, off)?),
-        _ => {
-            return Err(PyValueError::new_err(
-                "dora_forward: exactly one of w and nf4",
-            ))
-        }
-    };
+    let nf = dense_or_nf4("dora_forward", n, k, w.is_some(), nf4)?;
     by_dtype!(dtype, T => {
         if device < 0 {
             py.detach(|| {
@@ -754,15 +766,7 @@ fn dora_backward(
 ) -> PyResult<String> {
     let sh = shape(t, k, n, r);
     let o = options(scale, p, seed, offset);
-    let nf = match (w, nf4) {
-        (Some(_), None) => None,
-        (None, Some((bs, pk, am, a2, c2, off))) => Some(nf4_args(n, k, bs, pk, am, a2, c2, off)?),
-        _ => {
-            return Err(PyValueError::new_err(
-                "dora_backward: exactly one of w and nf4",
-            ))
-        }
-    };
+    let nf = dense_or_nf4("dora_backward", n, k, w.is_some(), nf4)?;
     by_dtype!(dtype, T => {
         if device < 0 {
             py.detach(|| {
