@@ -435,6 +435,51 @@ typedef struct LkTransposeParams {
   int32_t rows, cols;
 } LkTransposeParams;
 
+/* ---- AdamW (kernels/adamw.cu) ----------------------------------------------------
+ * One launch updates a list of tensors (src/adamw.rs has the math). Each tensor's
+ * elements are cut into chunks of LK_ADAMW_CHUNK; the chunks of all tensors are numbered
+ * in list order, and work[c] names the tensor of chunk c. Per element, f32, each
+ * operation rounded to nearest even (no fused multiply-add but the one of the lerp, no
+ * flush of subnormals):
+ *   p = p * decay
+ *   m = fma(lerp_coeff, g - m, lerp_base_m ? m : g)
+ *   v = v * beta2 + (c2 * g) * g
+ *   p = p + (neg_step * m) / (sqrt(v) / bc2_sqrt + eps)
+ *   copy = p rounded to copy_kind's type (when copy != NULL). */
+#define LK_ADAMW_CHUNK 4096
+#define LK_ADAMW_COPY_NONE 0
+#define LK_ADAMW_COPY_F32 1
+#define LK_ADAMW_COPY_F16 2
+#define LK_ADAMW_COPY_BF16 3
+
+/* One tensor of the list (a device table, uploaded per launch). */
+typedef struct LkAdamwTensor {
+  float *param;      /* [len] f32 master weights, updated in place */
+  float *m;          /* [len] first moment */
+  float *v;          /* [len] second moment */
+  const void *grad;  /* [len] in the entry point's type */
+  void *copy;        /* [len] in copy_kind's type, or NULL */
+  int64_t len;       /* >= 1 */
+  int64_t chunk0;    /* the tensor's first chunk */
+  float decay;       /* 1 - lr_i * weight_decay, or 1 (no decay) */
+  float neg_step;    /* -lr_i / (1 - beta1^t) */
+  int32_t copy_kind; /* LK_ADAMW_COPY_* */
+  int32_t vec;       /* 1: param, m, v, grad and copy aligned to 4 elements (vector path) */
+} LkAdamwTensor;
+
+/* The launch: constants shared by every tensor, and the tables. */
+typedef struct LkAdamwParams {
+  const LkAdamwTensor *tensors; /* [count] */
+  const uint32_t *work;         /* [chunks]: index of chunk c's tensor in tensors */
+  int64_t chunks;
+  float lerp_coeff;    /* w = 1 - beta1 if w < 0.5, else w - 1 */
+  int32_t lerp_base_m; /* 1 if w < 0.5 (m + w (g - m)), else 0 (g + (w - 1) (g - m)) */
+  float beta2;
+  float c2;            /* 1 - beta2 */
+  float bc2_sqrt;      /* sqrt(1 - beta2^t) */
+  float eps;
+} LkAdamwParams;
+
 #ifdef __cplusplus
 }
 #endif

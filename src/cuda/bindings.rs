@@ -1190,3 +1190,92 @@ impl Default for LkTransposeParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkAdamwTensor {
+    pub param: *mut f32,
+    pub m: *mut f32,
+    pub v: *mut f32,
+    pub grad: *const ::core::ffi::c_void,
+    pub copy: *mut ::core::ffi::c_void,
+    pub len: i64,
+    pub chunk0: i64,
+    pub decay: f32,
+    pub neg_step: f32,
+    pub copy_kind: i32,
+    pub vec: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkAdamwTensor"][::core::mem::size_of::<LkAdamwTensor>() - 72usize];
+    ["Alignment of LkAdamwTensor"][::core::mem::align_of::<LkAdamwTensor>() - 8usize];
+    ["Offset of field: LkAdamwTensor::param"]
+        [::core::mem::offset_of!(LkAdamwTensor, param) - 0usize];
+    ["Offset of field: LkAdamwTensor::m"][::core::mem::offset_of!(LkAdamwTensor, m) - 8usize];
+    ["Offset of field: LkAdamwTensor::v"][::core::mem::offset_of!(LkAdamwTensor, v) - 16usize];
+    ["Offset of field: LkAdamwTensor::grad"]
+        [::core::mem::offset_of!(LkAdamwTensor, grad) - 24usize];
+    ["Offset of field: LkAdamwTensor::copy"]
+        [::core::mem::offset_of!(LkAdamwTensor, copy) - 32usize];
+    ["Offset of field: LkAdamwTensor::len"][::core::mem::offset_of!(LkAdamwTensor, len) - 40usize];
+    ["Offset of field: LkAdamwTensor::chunk0"]
+        [::core::mem::offset_of!(LkAdamwTensor, chunk0) - 48usize];
+    ["Offset of field: LkAdamwTensor::decay"]
+        [::core::mem::offset_of!(LkAdamwTensor, decay) - 56usize];
+    ["Offset of field: LkAdamwTensor::neg_step"]
+        [::core::mem::offset_of!(LkAdamwTensor, neg_step) - 60usize];
+    ["Offset of field: LkAdamwTensor::copy_kind"]
+        [::core::mem::offset_of!(LkAdamwTensor, copy_kind) - 64usize];
+    ["Offset of field: LkAdamwTensor::vec"][::core::mem::offset_of!(LkAdamwTensor, vec) - 68usize];
+};
+impl Default for LkAdamwTensor {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkAdamwParams {
+    pub tensors: *const LkAdamwTensor,
+    pub work: *const u32,
+    pub chunks: i64,
+    pub lerp_coeff: f32,
+    pub lerp_base_m: i32,
+    pub beta2: f32,
+    pub c2: f32,
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkAdamwParams"][::core::mem::size_of::<LkAdamwParams>() - 48usize];
+    ["Alignment of LkAdamwParams"][::core::mem::align_of::<LkAdamwParams>() - 8usize];
+    ["Offset of field: LkAdamwParams::tensors"]
+        [::core::mem::offset_of!(LkAdamwParams, tensors) - 0usize];
+    ["Offset of field: LkAdamwParams::work"][::core::mem::offset_of!(LkAdamwParams, work) - 8usize];
+    ["Offset of field: LkAdamwParams::chunks"]
+        [::core::mem::offset_of!(LkAdamwParams, chunks) - 16usize];
+    ["Offset of field: LkAdamwParams::lerp_coeff"]
+        [::core::mem::offset_of!(LkAdamwParams, lerp_coeff) - 24usize];
+    ["Offset of field: LkAdamwParams::lerp_base_m"]
+        [::core::mem::offset_of!(LkAdamwParams, lerp_base_m) - 28usize];
+    ["Offset of field: LkAdamwParams::beta2"]
+        [::core::mem::offset_of!(LkAdamwParams, beta2) - 32usize];
+    ["Offset of field: LkAdamwParams::c2"][::core::mem::offset_of!(LkAdamwParams, c2) - 36usize];
+    ["Offset of field: LkAdamwParams::bc2_sqrt"]
+        [::core::mem::offset_of!(LkAdamwParams, bc2_sqrt) - 40usize];
+    ["Offset of field: LkAdamwParams::eps"][::core::mem::offset_of!(LkAdamwParams, eps) - 44usize];
+};
+impl Default for LkAdamwParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

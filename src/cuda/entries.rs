@@ -5,6 +5,8 @@
 /// A kernel module: the kernels of one `kernels/*.cu` file, one embedded fatbinary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Module {
+    /// kernels/adamw.cu
+    Adamw,
     /// kernels/dora.cu
     Dora,
     /// kernels/gemm.cu
@@ -21,7 +23,8 @@ pub(crate) enum Module {
 
 impl Module {
     /// Every module.
-    pub(crate) const ALL: [Module; 6] = [
+    pub(crate) const ALL: [Module; 7] = [
+        Module::Adamw,
         Module::Dora,
         Module::Gemm,
         Module::GemmMma,
@@ -33,6 +36,7 @@ impl Module {
     /// The file stem: `kernels/<name>.cu`, the fatbinary `<name>`.
     pub(crate) const fn name(self) -> &'static str {
         match self {
+            Module::Adamw => "adamw",
             Module::Dora => "dora",
             Module::Gemm => "gemm",
             Module::GemmMma => "gemm_mma",
@@ -42,6 +46,20 @@ impl Module {
         }
     }
 }
+
+// kernels/adamw.cu
+pub(crate) const LK_ADAMW_BF16: Kernel = Kernel {
+    module: Module::Adamw,
+    name: "lk_adamw_bf16",
+};
+pub(crate) const LK_ADAMW_F16: Kernel = Kernel {
+    module: Module::Adamw,
+    name: "lk_adamw_f16",
+};
+pub(crate) const LK_ADAMW_F32: Kernel = Kernel {
+    module: Module::Adamw,
+    name: "lk_adamw_f32",
+};
 
 // kernels/dora.cu
 pub(crate) const LK_DORA_DM_BF16: Kernel = Kernel {
@@ -744,6 +762,12 @@ pub(crate) const LK_NF4_QUANT_F32: Kernel = Kernel {
 };
 
 // One kernel per element type: the entries whose names differ only in f32 / f16 / bf16.
+pub(crate) const LK_ADAMW: ByDType = ByDType {
+    family: "lk_adamw_*",
+    f32: Some(LK_ADAMW_F32),
+    f16: Some(LK_ADAMW_F16),
+    bf16: Some(LK_ADAMW_BF16),
+};
 pub(crate) const LK_BIAS_FILL: ByDType = ByDType {
     family: "lk_bias_fill_*",
     f32: Some(LK_BIAS_FILL_F32),
