@@ -41,6 +41,7 @@
 //! # }
 //! ```
 
+pub mod adamw;
 mod check;
 pub mod cpu;
 pub mod cuda;

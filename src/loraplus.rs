@@ -109,6 +109,18 @@ impl LoraPlus {
     pub fn lr_for_name(&self, name: &str) -> Option<f32> {
         Role::of(name).map(|r| self.lr(r))
     }
+
+    /// A parameter's learning rate over A's, for an optimizer that takes A's rate and a
+    /// multiplier per tensor ([`crate::adamw::TensorOptions::lr_scale`], with
+    /// [`crate::adamw::AdamW::lr`] = `lr`): 1 for A, `ratio` for B and the magnitude,
+    /// `embedding_lr / lr` for embeddings (computed in f64).
+    pub fn lr_scale(&self, role: Role) -> f64 {
+        match role {
+            Role::A => 1.0,
+            Role::B | Role::Magnitude => self.ratio as f64,
+            Role::Embedding => self.embedding_lr as f64 / self.lr as f64,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -137,6 +149,21 @@ mod tests {
         );
         assert_eq!(lp.lr_for_name(&format!("{p}.base_layer.weight")), None);
         assert_eq!(LoraPlus::new(1e-3, 1.0).unwrap().lr(Role::B), 1e-3);
+    }
+
+    #[test]
+    fn lr_scales_give_the_rates() {
+        let lp = LoraPlus::new(2e-4, SUGGESTED_RATIO).unwrap();
+        for role in [Role::A, Role::B, Role::Magnitude, Role::Embedding] {
+            let rate = lp.lr as f64 * lp.lr_scale(role);
+            let want = lp.lr(role) as f64;
+            assert!(
+                (rate - want).abs() <= 1e-7 * want,
+                "{role:?}: {rate} vs {want}"
+            );
+        }
+        assert_eq!(lp.lr_scale(Role::A), 1.0);
+        assert_eq!(lp.lr_scale(Role::B), 16.0);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! GPU kernels and to run where there is no GPU. Inputs and outputs are in the same
 //! element types as the CUDA ops; every intermediate is f64, rounded once at the end.
 
+pub mod adamw;
 pub mod dora;
 pub mod lora;
 pub mod neftune;

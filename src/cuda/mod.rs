@@ -4,6 +4,7 @@
 //! All `unsafe` of the crate lives in this module's launch code, each block with a
 //! `// SAFETY:` note.
 
+pub mod adamw;
 mod base;
 pub mod dora;
 pub mod gemm;
