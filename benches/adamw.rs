@@ -1,0 +1,365 @@
+//! AdamW over the LoRA adapters of a Llama-1B-sized model: 16 layers × 7 target modules
+//! (q, k, v, o: 2048 → 2048; gate, up: 2048 → 8192; down: 8192 → 2048), rank 16, A [r, K]
+//! and B [N, r]: 224 tensors, 12.06 M parameters (f32 parameters and moments), B at 16 ×
+//! A's learning rate (LoRA+). In one process, on one device:
+//!
+//! - `copy`: a device-to-device copy of as many bytes as the f32-gradient step must move
+//!   (the copy bandwidth: read + write bytes / time);
+//! - `fused_f32`, `fused_bf16`: our step, one launch for all 224 tensors, with f32 or
+//!   bf16 gradients; `fused_bf16_copy`: bf16 gradients and a bf16 copy of the updated
+//!   parameters written too;
+//! - `per_tensor_f32`: the same kernel launched once per tensor (224 launches, each with
+//!   its own table upload);
+//! - `candle_f32` (with the crate feature `candle-cuda` only): `candle_nn::AdamW` (f32,
+//!   one learning rate; about a dozen tensor ops per tensor) on the same tensors.
+//!
+//! GB/s counts the fewest bytes each op must move: `param`, `m`, `v` read and written
+//! (24 B per element), the gradient read (4 or 2 B) and the copy written (2 B). Each
+//! figure is the median of CUDA-event-timed batches on the stream every op runs on
+//! (candle's when `candle-cuda` is on), so host work that leaves the GPU idle counts.
+//! The table is printed at the end (and written to `$LORA_KERNELS_BENCH_OUT`);
+//! criterion records each op too. `LORA_KERNELS_BENCH_QUICK=1`: fewer samples.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+mod common;
+
+use cudarc::driver::CudaSlice;
+use lora_kernels::adamw::{AdamW, TensorOptions};
+use lora_kernels::bf16;
+use lora_kernels::cuda::{adamw, Gpu};
+
+const OPS: [&str; 6] = [
+    "copy",
+    "fused_f32",
+    "fused_bf16",
+    "fused_bf16_copy",
+    "per_tensor_f32",
+    "candle_f32",
+];
+const LAYERS: usize = 16;
+const RANK: usize = 16;
+/// (module, K, N) of one layer.
+const MODULES: [(&str, usize, usize); 7] = [
+    ("q", 2048, 2048),
+    ("k", 2048, 2048),
+    ("v", 2048, 2048),
+    ("o", 2048, 2048),
+    ("gate", 2048, 8192),
+    ("up", 2048, 8192),
+    ("down", 8192, 2048),
+];
+const RATIO: f64 = 16.0;
+
+/// The adapter tensors: (length, LoRA+ options) of each A and B.
+fn tensors() -> Vec<(usize, TensorOptions)> {
+    let mut v = vec![];
+    for _ in 0..LAYERS {
+        for (_, k, n) in MODULES {
+            v.push((RANK * k, TensorOptions::new(1.0)));
+            v.push((n * RANK, TensorOptions::new(RATIO)));
+        }
+    }
+    v
+}
+
+fn random_f32(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    common::random_bf16(n, seed, scale)
+        .iter()
+        .map(|x| x.to_f32())
+        .collect()
+}
+
+struct Data {
+    opt: AdamW,
+    options: Vec<TensorOptions>,
+    p: Vec<CudaSlice<f32>>,
+    m: Vec<CudaSlice<f32>>,
+    v: Vec<CudaSlice<f32>>,
+    g32: Vec<CudaSlice<f32>>,
+    g16: Vec<CudaSlice<bf16>>,
+    copy: Vec<CudaSlice<bf16>>,
+    copy_src: CudaSlice<bf16>,
+    copy_dst: CudaSlice<bf16>,
+    #[cfg(feature = "candle-cuda")]
+    candle: Option<candle_side::Candle>,
+}
+
+fn fused_f32(gpu: &Gpu, d: &mut Data, t: u64) {
+    let mut list: Vec<adamw::Tensor<'_, f32>> =
+        d.p.iter_mut()
+            .zip(&mut d.m)
+            .zip(&mut d.v)
+            .zip(&d.g32)
+            .zip(&d.options)
+            .map(|((((p, m), v), g), o)| adamw::Tensor::new(p, m, v, g).with_options(*o))
+            .collect();
+    adamw::step(gpu, &d.opt, t, &mut list).unwrap();
+}
+
+fn fused_bf16(gpu: &Gpu, d: &mut Data, t: u64, with_copy: bool) {
+    let mut list: Vec<adamw::Tensor<'_, bf16>> =
+        d.p.iter_mut()
+            .zip(&mut d.m)
+            .zip(&mut d.v)
+            .zip(&d.g16)
+            .zip(&d.options)
+            .zip(&mut d.copy)
+            .map(|(((((p, m), v), g), o), c)| {
+                let x = adamw::Tensor::new(p, m, v, g).with_options(*o);
+                if with_copy {
+                    x.with_copy(adamw::ParamCopy::Bf16(c))
+                } else {
+                    x
+                }
+            })
+            .collect();
+    adamw::step(gpu, &d.opt, t, &mut list).unwrap();
+}
+
+fn per_tensor_f32(gpu: &Gpu, d: &mut Data, t: u64) {
+    for i in 0..d.p.len() {
+        let x = adamw::Tensor::new(&mut d.p[i], &mut d.m[i], &mut d.v[i], &d.g32[i])
+            .with_options(d.options[i]);
+        adamw::step(gpu, &d.opt, t, &mut [x]).unwrap();
+    }
+}
+
+fn run(gpu: &Gpu, d: &mut Data, op: usize, i: usize) {
+    let t = i as u64 + 1;
+    match OPS[op] {
+        "copy" => gpu
+            .stream()
+            .memcpy_dtod(&d.copy_src, &mut d.copy_dst)
+            .unwrap(),
+        "fused_f32" => fused_f32(gpu, d, t),
+        "fused_bf16" => fused_bf16(gpu, d, t, false),
+        "fused_bf16_copy" => fused_bf16(gpu, d, t, true),
+        "per_tensor_f32" => per_tensor_f32(gpu, d, t),
+        "candle_f32" => candle_step(d),
+        _ => unreachable!(),
+    }
+}
+
+fn available(d: &Data, op: usize) -> bool {
+    common::op_selected(OPS[op]) && (OPS[op] != "candle_f32" || has_candle(d))
+}
+
+#[cfg(feature = "candle-cuda")]
+fn has_candle(d: &Data) -> bool {
+    d.candle.is_some()
+}
+
+#[cfg(not(feature = "candle-cuda"))]
+fn has_candle(_: &Data) -> bool {
+    false
+}
+
+#[cfg(feature = "candle-cuda")]
+fn candle_step(d: &mut Data) {
+    if let Some(c) = &mut d.candle {
+        c.step();
+    }
+}
+
+#[cfg(not(feature = "candle-cuda"))]
+fn candle_step(_: &mut Data) {}
+
+/// candle-nn's AdamW on candle's CUDA device, whose stream our ops share.
+#[cfg(feature = "candle-cuda")]
+mod candle_side {
+    use candle_core::backprop::GradStore;
+    use candle_core::{Device, Tensor, Var};
+    use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+
+    pub struct Candle {
+        opt: AdamW,
+        grads: GradStore,
+    }
+
+    impl Candle {
+        pub fn new(dev: &Device, sizes: &[usize]) -> candle_core::Result<Candle> {
+            let mut grads = GradStore::default();
+            let mut vars = vec![];
+            for (i, &n) in sizes.iter().enumerate() {
+                let var = Var::from_slice(&super::random_f32(n, 100 + i as u64, 0.02), n, dev)?;
+                let g = Tensor::from_slice(&super::random_f32(n, 900 + i as u64, 1e-3), n, dev)?;
+                grads.insert(var.as_tensor(), g);
+                vars.push(var);
+            }
+            let opt = AdamW::new(vars, ParamsAdamW::default())?;
+            Ok(Candle { opt, grads })
+        }
+
+        pub fn step(&mut self) {
+            self.opt.step(&self.grads).unwrap();
+        }
+    }
+
+    /// candle's CUDA device and a `Gpu` on its stream, or `None` after a note.
+    pub fn device() -> Option<(Device, super::Gpu)> {
+        let dev = match Device::new_cuda(0) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("\n*** adamw bench: candle's CUDA device is unavailable ({e}) ***\n");
+                return None;
+            }
+        };
+        let stream = dev.as_cuda_device().ok()?.cuda_stream();
+        match super::Gpu::from_stream(stream) {
+            Ok(g) => Some((dev, g)),
+            Err(e) => {
+                eprintln!("\n*** adamw bench SKIPPED: no usable GPU ({e}) ***\n");
+                None
+            }
+        }
+    }
+}
+
+fn main() {
+    #[cfg(feature = "candle-cuda")]
+    let Some((candle_dev, gpu)) = candle_side::device() else {
+        return;
+    };
+    #[cfg(not(feature = "candle-cuda"))]
+    let Some(gpu) = common::gpu_or_skip("adamw") else {
+        return;
+    };
+    let rec = common::Recorder::new(&gpu, "adamw");
+    let samples = common::samples();
+    let mut criterion = common::criterion();
+
+    let list = tensors();
+    let sizes: Vec<usize> = list.iter().map(|t| t.0).collect();
+    let total: usize = sizes.iter().sum();
+    let up = |v: Vec<f32>| gpu.upload(&v).unwrap();
+    let up16 = |v: Vec<bf16>| gpu.upload(&v).unwrap();
+    let mut d = Data {
+        opt: AdamW::default(),
+        options: list.iter().map(|t| t.1).collect(),
+        p: (0..list.len())
+            .map(|i| up(random_f32(sizes[i], 100 + i as u64, 0.02)))
+            .collect(),
+        m: sizes.iter().map(|&n| gpu.zeros(n).unwrap()).collect(),
+        v: sizes.iter().map(|&n| gpu.zeros(n).unwrap()).collect(),
+        g32: (0..list.len())
+            .map(|i| up(random_f32(sizes[i], 900 + i as u64, 1e-3)))
+            .collect(),
+        g16: (0..list.len())
+            .map(|i| up16(common::random_bf16(sizes[i], 900 + i as u64, 1e-3)))
+            .collect(),
+        copy: sizes.iter().map(|&n| gpu.zeros(n).unwrap()).collect(),
+        // 28 bytes per element read and written: 14 B of bf16 each way.
+        copy_src: gpu.zeros(7 * total).unwrap(),
+        copy_dst: gpu.zeros(7 * total).unwrap(),
+        #[cfg(feature = "candle-cuda")]
+        candle: candle_side::Candle::new(&candle_dev, &sizes)
+            .map_err(|e| eprintln!("adamw bench: candle's AdamW unavailable: {e}"))
+            .ok(),
+    };
+
+    let us: Vec<f64> = (0..OPS.len())
+        .map(|op| {
+            if available(&d, op) {
+                common::median_us(&gpu, samples, |i| run(&gpu, &mut d, op, i))
+            } else {
+                f64::NAN
+            }
+        })
+        .collect();
+    gpu.synchronize().unwrap();
+
+    let e = total as f64;
+    let bytes = [28.0 * e, 28.0 * e, 26.0 * e, 28.0 * e, 28.0 * e, 28.0 * e];
+    let mut table = String::new();
+    writeln!(table, "{}", common::device_line(&gpu)).unwrap();
+    writeln!(
+        table,
+        "AdamW, {} tensors ({LAYERS} layers x {} modules, r = {RANK}), {:.2} M f32 parameters; \
+         median µs of {samples} CUDA-event batches; GB/s = fewest bytes / time",
+        sizes.len(),
+        MODULES.len(),
+        e * 1e-6
+    )
+    .unwrap();
+    writeln!(
+        table,
+        "{:<16} {:>9} {:>8} {:>10} {:>8}",
+        "op", "µs", "GB/s", "/fused_f32", "% copy"
+    )
+    .unwrap();
+    for (i, op) in OPS.iter().enumerate() {
+        let t = us[i];
+        writeln!(
+            table,
+            "{:<16} {:>9.1} {:>8.0} {:>10.2} {:>7.1}%",
+            op,
+            t,
+            bytes[i] / t * 1e-3,
+            t / us[1],
+            100.0 * us[0] / t * bytes[i] / bytes[0]
+        )
+        .unwrap();
+    }
+    eprint!("{table}");
+
+    let shape = format!(
+        "{} tensors, {LAYERS} layers x {} modules, r={RANK}, {total} params",
+        sizes.len(),
+        MODULES.len()
+    );
+    let f32_grads = "f32 params/moments, f32 grads";
+    let bf16_grads = "f32 params/moments, bf16 grads";
+    // (kernel, index of our figure, dtype, baseline)
+    type Record<'a> = (&'a str, usize, &'a str, Option<(&'a str, f64)>);
+    let mut rows: Vec<Record<'_>> = vec![
+        (
+            "adamw, one launch",
+            1,
+            f32_grads,
+            Some(("a launch per tensor (ours)", us[4])).filter(|b| b.1.is_finite()),
+        ),
+        ("adamw, one launch", 2, bf16_grads, None),
+        ("adamw, one launch, bf16 copy", 3, bf16_grads, None),
+    ];
+    if us[5].is_finite() {
+        rows.push((
+            "adamw, one launch (vs candle-nn)",
+            1,
+            f32_grads,
+            Some(("candle_nn::AdamW", us[5])),
+        ));
+    }
+    for (kernel, i, dtype, baseline) in rows {
+        if !us[i].is_finite() {
+            continue;
+        }
+        rec.row(common::Row {
+            kernel,
+            shape: shape.clone(),
+            dtype,
+            ours_us: us[i],
+            baseline,
+            bytes: Some(bytes[i]),
+            flops: None,
+        });
+    }
+
+    let mut group = criterion.benchmark_group("adamw/llama1b_lora_r16");
+    group.throughput(criterion::Throughput::Bytes(bytes[1] as u64));
+    for (op, name) in OPS.iter().enumerate() {
+        if !available(&d, op) {
+            continue;
+        }
+        group.bench_function(*name, |b| {
+            b.iter_custom(|iters| {
+                Duration::from_secs_f64(common::time_iters(&gpu, iters, |i| {
+                    run(&gpu, &mut d, op, i)
+                }))
+            })
+        });
+    }
+    group.finish();
+    common::finish(&table);
+}
