@@ -52,6 +52,7 @@ for line in sys.stdin:
   cp "$exe" "$dir/bin/$kind/$name"
 done
 cp -r "$fixtures"/. "$dir/fixtures/"
+cp tests/fixtures/adamw_torch.safetensors "$dir/fixtures/"
 cp scripts/bench_report.py "$dir/bench_report.py"
 cp scripts/check_finetune.py "$dir/check_finetune.py"
 # The commit the executables were built from, for the report.

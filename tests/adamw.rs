@@ -162,14 +162,29 @@ struct TorchRun {
     tensors: std::collections::HashMap<String, Vec<f32>>,
 }
 
+/// The fixture: in `$LORA_KERNELS_FIXTURES` if it is there (the GPU bundle's folder,
+/// scripts/gpu-bundle.sh), else in the repository's tests/fixtures.
+fn fixture_bytes() -> Vec<u8> {
+    const NAME: &str = "adamw_torch.safetensors";
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let dirs: Vec<std::path::PathBuf> = std::env::var_os("LORA_KERNELS_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .into_iter()
+        .chain([repo])
+        .collect();
+    for d in &dirs {
+        if let Ok(b) = std::fs::read(d.join(NAME)) {
+            return b;
+        }
+    }
+    panic!(
+        "{NAME} is in none of {dirs:?} (made by scripts/make_adamw_fixture.py; shipped in \
+         the repository's tests/fixtures)"
+    )
+}
+
 fn torch_run() -> TorchRun {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/adamw_torch.safetensors"
-    );
-    let bytes = std::fs::read(path).unwrap_or_else(|e| {
-        panic!("{path}: {e} (made by scripts/make_adamw_fixture.py; shipped in the repository)")
-    });
+    let bytes = fixture_bytes();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta: serde_json::Value =
         serde_json::from_str(&meta.metadata().as_ref().unwrap()["meta"]).unwrap();
