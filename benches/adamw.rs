@@ -11,14 +11,20 @@
 //! - `per_tensor_f32`: the same kernel launched once per tensor (224 launches, each with
 //!   its own table upload);
 //! - `candle_f32` (with the crate feature `candle-cuda` only): `candle_nn::AdamW` (f32,
-//!   one learning rate; about a dozen tensor ops per tensor) on the same tensors.
+//!   one learning rate; about a dozen tensor ops per tensor) on the same tensors;
+//! - `fused_f32_untracked`: `fused_f32` on buffers allocated with cudarc's event tracking
+//!   off. With tracking on (cudarc's default once a context has a second stream, as
+//!   `Gpu::new` and candle's device make), every buffer an op touches costs the host a
+//!   `cuStreamWaitEvent` and a `cuEventRecord`: 900 of each for these 224 tensors.
 //!
 //! GB/s counts the fewest bytes each op must move: `param`, `m`, `v` read and written
 //! (24 B per element), the gradient read (4 or 2 B) and the copy written (2 B). Each
 //! figure is the median of CUDA-event-timed batches on the stream every op runs on
-//! (candle's when `candle-cuda` is on), so host work that leaves the GPU idle counts.
-//! The table is printed at the end (and written to `$LORA_KERNELS_BENCH_OUT`);
-//! criterion records each op too. `LORA_KERNELS_BENCH_QUICK=1`: fewer samples.
+//! (candle's when `candle-cuda` is on), so host work that leaves the GPU idle counts;
+//! "host µs" is the time one call takes to return (its submission alone, measured over
+//! 50 calls without waiting for the GPU). The table is printed at the end (and written to
+//! `$LORA_KERNELS_BENCH_OUT`); criterion records each op too.
+//! `LORA_KERNELS_BENCH_QUICK=1`: fewer samples.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -30,14 +36,17 @@ use lora_kernels::adamw::{AdamW, TensorOptions};
 use lora_kernels::bf16;
 use lora_kernels::cuda::{adamw, Gpu};
 
-const OPS: [&str; 6] = [
+const OPS: [&str; 7] = [
     "copy",
     "fused_f32",
     "fused_bf16",
     "fused_bf16_copy",
     "per_tensor_f32",
     "candle_f32",
+    "fused_f32_untracked",
 ];
+/// Fewest bytes per element of each op (same order as `OPS`).
+const BYTES: [f64; 7] = [28.0, 28.0, 26.0, 28.0, 28.0, 28.0, 28.0];
 const LAYERS: usize = 16;
 const RANK: usize = 16;
 /// (module, K, N) of one layer.
@@ -71,13 +80,16 @@ fn random_f32(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Parameters, moments and f32 gradients of every tensor: `[p, m, v, g]`.
+type Set = [Vec<CudaSlice<f32>>; 4];
+
 struct Data {
     opt: AdamW,
     options: Vec<TensorOptions>,
-    p: Vec<CudaSlice<f32>>,
-    m: Vec<CudaSlice<f32>>,
-    v: Vec<CudaSlice<f32>>,
-    g32: Vec<CudaSlice<f32>>,
+    /// Made as cudarc makes buffers by default (event tracking on).
+    tracked: Set,
+    /// The same, allocated with cudarc's event tracking off.
+    untracked: Set,
     g16: Vec<CudaSlice<bf16>>,
     copy: Vec<CudaSlice<bf16>>,
     copy_src: CudaSlice<bf16>,
@@ -86,42 +98,49 @@ struct Data {
     candle: Option<candle_side::Candle>,
 }
 
-fn fused_f32(gpu: &Gpu, d: &mut Data, t: u64) {
-    let mut list: Vec<adamw::Tensor<'_, f32>> =
-        d.p.iter_mut()
-            .zip(&mut d.m)
-            .zip(&mut d.v)
-            .zip(&d.g32)
-            .zip(&d.options)
-            .map(|((((p, m), v), g), o)| adamw::Tensor::new(p, m, v, g).with_options(*o))
-            .collect();
+fn fused_f32(gpu: &Gpu, d: &mut Data, t: u64, untracked: bool) {
+    let [p, m, v, g] = if untracked {
+        &mut d.untracked
+    } else {
+        &mut d.tracked
+    };
+    let mut list: Vec<adamw::Tensor<'_, f32>> = p
+        .iter_mut()
+        .zip(m.iter_mut())
+        .zip(v.iter_mut())
+        .zip(g.iter())
+        .zip(&d.options)
+        .map(|((((p, m), v), g), o)| adamw::Tensor::new(p, m, v, g).with_options(*o))
+        .collect();
     adamw::step(gpu, &d.opt, t, &mut list).unwrap();
 }
 
 fn fused_bf16(gpu: &Gpu, d: &mut Data, t: u64, with_copy: bool) {
-    let mut list: Vec<adamw::Tensor<'_, bf16>> =
-        d.p.iter_mut()
-            .zip(&mut d.m)
-            .zip(&mut d.v)
-            .zip(&d.g16)
-            .zip(&d.options)
-            .zip(&mut d.copy)
-            .map(|(((((p, m), v), g), o), c)| {
-                let x = adamw::Tensor::new(p, m, v, g).with_options(*o);
-                if with_copy {
-                    x.with_copy(adamw::ParamCopy::Bf16(c))
-                } else {
-                    x
-                }
-            })
-            .collect();
+    let [p, m, v, _] = &mut d.tracked;
+    let mut list: Vec<adamw::Tensor<'_, bf16>> = p
+        .iter_mut()
+        .zip(m.iter_mut())
+        .zip(v.iter_mut())
+        .zip(&d.g16)
+        .zip(&d.options)
+        .zip(&mut d.copy)
+        .map(|(((((p, m), v), g), o), c)| {
+            let x = adamw::Tensor::new(p, m, v, g).with_options(*o);
+            if with_copy {
+                x.with_copy(adamw::ParamCopy::Bf16(c))
+            } else {
+                x
+            }
+        })
+        .collect();
     adamw::step(gpu, &d.opt, t, &mut list).unwrap();
 }
 
 fn per_tensor_f32(gpu: &Gpu, d: &mut Data, t: u64) {
-    for i in 0..d.p.len() {
-        let x = adamw::Tensor::new(&mut d.p[i], &mut d.m[i], &mut d.v[i], &d.g32[i])
-            .with_options(d.options[i]);
+    let [p, m, v, g] = &mut d.tracked;
+    for i in 0..p.len() {
+        let x =
+            adamw::Tensor::new(&mut p[i], &mut m[i], &mut v[i], &g[i]).with_options(d.options[i]);
         adamw::step(gpu, &d.opt, t, &mut [x]).unwrap();
     }
 }
@@ -133,7 +152,8 @@ fn run(gpu: &Gpu, d: &mut Data, op: usize, i: usize) {
             .stream()
             .memcpy_dtod(&d.copy_src, &mut d.copy_dst)
             .unwrap(),
-        "fused_f32" => fused_f32(gpu, d, t),
+        "fused_f32" => fused_f32(gpu, d, t, false),
+        "fused_f32_untracked" => fused_f32(gpu, d, t, true),
         "fused_bf16" => fused_bf16(gpu, d, t, false),
         "fused_bf16_copy" => fused_bf16(gpu, d, t, true),
         "per_tensor_f32" => per_tensor_f32(gpu, d, t),
@@ -165,6 +185,23 @@ fn candle_step(d: &mut Data) {
 
 #[cfg(not(feature = "candle-cuda"))]
 fn candle_step(_: &mut Data) {}
+
+/// Host µs for one call of `op` to return: 50 calls without waiting for the GPU (after
+/// 3 of warm-up), then a synchronize outside the timing.
+fn host_us(gpu: &Gpu, d: &mut Data, op: usize) -> f64 {
+    for i in 0..3 {
+        run(gpu, d, op, i);
+    }
+    gpu.synchronize().unwrap();
+    let n = 50;
+    let t0 = std::time::Instant::now();
+    for i in 0..n {
+        run(gpu, d, op, i);
+    }
+    let us = t0.elapsed().as_secs_f64() * 1e6 / n as f64;
+    gpu.synchronize().unwrap();
+    us
+}
 
 /// candle-nn's AdamW on candle's CUDA device, whose stream our ops share.
 #[cfg(feature = "candle-cuda")]
@@ -234,20 +271,35 @@ fn main() {
     let sizes: Vec<usize> = list.iter().map(|t| t.0).collect();
     let total: usize = sizes.iter().sum();
     let up = |v: Vec<f32>| gpu.upload(&v).unwrap();
-    let up16 = |v: Vec<bf16>| gpu.upload(&v).unwrap();
+    let set = || -> Set {
+        [
+            (0..sizes.len())
+                .map(|i| up(random_f32(sizes[i], 100 + i as u64, 0.02)))
+                .collect(),
+            sizes.iter().map(|&n| gpu.zeros(n).unwrap()).collect(),
+            sizes.iter().map(|&n| gpu.zeros(n).unwrap()).collect(),
+            (0..sizes.len())
+                .map(|i| up(random_f32(sizes[i], 900 + i as u64, 1e-3)))
+                .collect(),
+        ]
+    };
+    let tracked = set();
+    // SAFETY: the buffers made while tracking is off are used on `gpu.stream()` alone,
+    // the stream they are allocated on, and freed at the end after a synchronize.
+    unsafe { gpu.context().disable_event_tracking() };
+    let untracked = set();
+    // SAFETY: turns tracking back on for later buffers (the tables of each call, candle's).
+    unsafe { gpu.context().enable_event_tracking() };
     let mut d = Data {
         opt: AdamW::default(),
         options: list.iter().map(|t| t.1).collect(),
-        p: (0..list.len())
-            .map(|i| up(random_f32(sizes[i], 100 + i as u64, 0.02)))
-            .collect(),
-        m: sizes.iter().map(|&n| gpu.zeros(n).unwrap()).collect(),
-        v: sizes.iter().map(|&n| gpu.zeros(n).unwrap()).collect(),
-        g32: (0..list.len())
-            .map(|i| up(random_f32(sizes[i], 900 + i as u64, 1e-3)))
-            .collect(),
+        tracked,
+        untracked,
         g16: (0..list.len())
-            .map(|i| up16(common::random_bf16(sizes[i], 900 + i as u64, 1e-3)))
+            .map(|i| {
+                gpu.upload(&common::random_bf16(sizes[i], 900 + i as u64, 1e-3))
+                    .unwrap()
+            })
             .collect(),
         copy: sizes.iter().map(|&n| gpu.zeros(n).unwrap()).collect(),
         // 28 bytes per element read and written: 14 B of bf16 each way.
@@ -268,10 +320,19 @@ fn main() {
             }
         })
         .collect();
+    let host: Vec<f64> = (0..OPS.len())
+        .map(|op| {
+            if available(&d, op) && OPS[op] != "copy" {
+                host_us(&gpu, &mut d, op)
+            } else {
+                f64::NAN
+            }
+        })
+        .collect();
     gpu.synchronize().unwrap();
 
     let e = total as f64;
-    let bytes = [28.0 * e, 28.0 * e, 26.0 * e, 28.0 * e, 28.0 * e, 28.0 * e];
+    let bytes = BYTES.map(|b| b * e);
     let mut table = String::new();
     writeln!(table, "{}", common::device_line(&gpu)).unwrap();
     writeln!(
@@ -285,20 +346,21 @@ fn main() {
     .unwrap();
     writeln!(
         table,
-        "{:<16} {:>9} {:>8} {:>10} {:>8}",
-        "op", "µs", "GB/s", "/fused_f32", "% copy"
+        "{:<20} {:>9} {:>8} {:>10} {:>8} {:>10}",
+        "op", "µs", "GB/s", "/fused_f32", "% copy", "host µs"
     )
     .unwrap();
     for (i, op) in OPS.iter().enumerate() {
         let t = us[i];
         writeln!(
             table,
-            "{:<16} {:>9.1} {:>8.0} {:>10.2} {:>7.1}%",
+            "{:<20} {:>9.1} {:>8.0} {:>10.2} {:>7.1}% {:>10.1}",
             op,
             t,
             bytes[i] / t * 1e-3,
             t / us[1],
-            100.0 * us[0] / t * bytes[i] / bytes[0]
+            100.0 * us[0] / t * bytes[i] / bytes[0],
+            host[i]
         )
         .unwrap();
     }
@@ -323,6 +385,14 @@ fn main() {
         ("adamw, one launch", 2, bf16_grads, None),
         ("adamw, one launch, bf16 copy", 3, bf16_grads, None),
     ];
+    if us[6].is_finite() {
+        rows.push((
+            "adamw, one launch, untracked buffers",
+            6,
+            f32_grads,
+            Some(("the same on tracked buffers (ours)", us[1])),
+        ));
+    }
     if us[5].is_finite() {
         rows.push((
             "adamw, one launch (vs candle-nn)",

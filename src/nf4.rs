@@ -364,7 +364,7 @@ impl Nf4Weight {
             for (j, v) in vals.iter().enumerate() {
                 let e: usize = first + j;
                 let c = nf4_code(v.to_f32() * inv);
-                packed[e / 2] |= if e % 2 == 0 { c << 4 } else { c };
+                packed[e / 2] |= if e.is_multiple_of(2) { c << 4 } else { c };
             }
         }
         let absmax = if double_quant {

@@ -109,8 +109,10 @@ pub(crate) fn launch_norm_g<T: Element>(
         scale,
     };
     // Tensor cores for f16/bf16 when W's and A's rows are 16-byte aligned.
-    let mma =
-        T::DTYPE != crate::DType::F32 && shape.in_features % 8 == 0 && w % 16 == 0 && a % 16 == 0;
+    let mma = T::DTYPE != crate::DType::F32
+        && shape.in_features.is_multiple_of(8)
+        && w.is_multiple_of(16)
+        && a.is_multiple_of(16);
     if mma {
         // Rank steps of 16: k1, k2, k4 or k16.
         let kernel = match shape.rank {

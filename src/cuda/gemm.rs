@@ -282,7 +282,7 @@ where
     S: DevicePtr<f32> + ?Sized,
     O: DevicePtrMut<T> + ?Sized,
 {
-    if n % 8 != 0 {
+    if !n.is_multiple_of(8) {
         return Err(Error::Dim {
             name: "n",
             value: n,
@@ -395,7 +395,7 @@ where
             });
         }
     }
-    if k % 8 != 0 {
+    if !k.is_multiple_of(8) {
         return Err(Error::Dim {
             name: "k",
             value: k,
@@ -584,7 +584,7 @@ pub(crate) fn fused_down_fits_for<T: Element>(
     let clusters = (pairs + pairs_m).min(max_clusters);
     let light0 = if clusters > pairs {
         pairs
-    } else if pairs % clusters == 0 {
+    } else if pairs.is_multiple_of(clusters) {
         0
     } else {
         pairs % clusters
@@ -661,7 +661,7 @@ pub(crate) fn launch_core<T: Element>(
             check_align_to("b", bp, 16)?;
         }
     }
-    if p.w_kn && n % 8 != 0 {
+    if p.w_kn && !n.is_multiple_of(8) {
         return Err(Error::Unsupported {
             op: "gemm core",
             reason: format!("W stored [K, N] needs N % 8 == 0 (N = {n})"),
@@ -790,7 +790,8 @@ pub(crate) fn launch_core<T: Element>(
     // The TMA-store epilogue: rows of y (and z) must be 16-byte multiples and the bases
     // 16-byte aligned; else the kernel stores directly. Boxes of 64 columns × 16 rows.
     let ldy = if p.ldy == 0 { n } else { p.ldy };
-    let tma_store = ldy % 8 == 0 && yp % 16 == 0 && (p.z == 0 || (p.z % 16 == 0 && ldy == n));
+    let tma_store =
+        ldy % 8 == 0 && yp % 16 == 0 && (p.z == 0 || (p.z.is_multiple_of(16) && ldy == n));
     if ldy != n && !tma_store {
         return Err(Error::Unsupported {
             op: "gemm core",
@@ -1258,7 +1259,7 @@ fn raw_addr<T>(gpu: &Gpu, s: &CudaSlice<T>) -> u64 {
 }
 
 fn check_align_to(name: &'static str, ptr: u64, align: usize) -> Result<()> {
-    if ptr % align as u64 != 0 {
+    if !ptr.is_multiple_of(align as u64) {
         return Err(Error::Misaligned {
             name,
             address: ptr,

@@ -187,7 +187,7 @@ fn check_core_alignment(shape: &LoraShape, p: &FwdPtrs) -> Result<()> {
             });
         }
     }
-    if shape.rank % 8 == 0 && p.b % 16 != 0 {
+    if shape.rank.is_multiple_of(8) && !p.b.is_multiple_of(16) {
         return Err(crate::Error::Misaligned {
             name: "b",
             address: p.b,
@@ -211,16 +211,19 @@ pub(crate) fn core_takes<T: Element>(
             || core_fills_gpu(shape.tokens, shape.out_features, gpu.sm_count() as usize))
         && T::DTYPE != crate::DType::F32
         && shape.rank <= super::gemm::MAX_RANK
-        && shape.in_features % 8 == 0
-        && p.x % 16 == 0
+        && shape.in_features.is_multiple_of(8)
+        && p.x.is_multiple_of(16)
         && match &p.nf4 {
-            None => p.w % 16 == 0,
+            None => p.w.is_multiple_of(16),
             Some(q) => {
-                shape.in_features % super::gemm::NF4_K_MULTIPLE == 0 && q.packed as u64 % 16 == 0
+                shape
+                    .in_features
+                    .is_multiple_of(super::gemm::NF4_K_MULTIPLE)
+                    && (q.packed as u64).is_multiple_of(16)
             }
         }
-        && p.y % 4 == 0
-        && (shape.rank % 8 != 0 || p.b % 16 == 0)
+        && p.y.is_multiple_of(4)
+        && (!shape.rank.is_multiple_of(8) || p.b.is_multiple_of(16))
         && super::gemm::core_runs(gpu, tuning, p.nf4.is_none())
 }
 
@@ -253,7 +256,7 @@ pub(crate) fn forward_core_launch<T: Element>(
     // and r ≤ 32; else the down kernel first.
     let fused = opts.active_dropout().is_none()
         && p.nf4.is_none()
-        && p.a % 16 == 0
+        && p.a.is_multiple_of(16)
         && gemm::fused_down_fits::<T>(gpu, &opts.tuning, t, n, r)?;
     // Fused: U is the core launch's own output ([T, r rounded up to 8], columns < r of
     // every row written before any tile reads them, the only ones its tensor map reads).
@@ -356,8 +359,8 @@ pub(crate) struct DoraPtrs {
 pub(crate) fn dora_fused_small<T: Element>(shape: &LoraShape, p: &FwdPtrs) -> bool {
     T::DTYPE != crate::DType::F32
         && shape.tokens <= SMALL_T_MAX
-        && shape.in_features % 8 == 0
-        && shape.rank % 8 == 0
+        && shape.in_features.is_multiple_of(8)
+        && shape.rank.is_multiple_of(8)
         && shape.rank <= 32
         && [p.x, p.w, p.a, p.b].iter().all(|&a| a % 16 == 0)
 }
@@ -369,7 +372,7 @@ pub(crate) fn forward_small<T: Element>(
     p: &FwdPtrs,
 ) -> Result<()> {
     let aligned = [p.x, p.w, p.a].iter().all(|&a| a % 16 == 0);
-    let vec = shape.in_features % 8 == 0 && aligned;
+    let vec = shape.in_features.is_multiple_of(8) && aligned;
     let mma = vec && T::DTYPE != crate::DType::F32;
     let (kernel, tasks, smem) = if mma {
         // Tensor-core kernel: one block per 16 rows of A or W.
@@ -551,12 +554,12 @@ pub(crate) fn launch_down2<T: Element>(
     let (alpha2, out2) = second.unwrap_or((0.0, 0));
     // Tensor cores for f16/bf16 when rows are 16-byte aligned and V is contiguous in c.
     let mma = T::DTYPE != crate::DType::F32
-        && cols % 8 == 0
+        && cols.is_multiple_of(8)
         && ldx % 8 == 0
         && v_sc == 1
         && v_sj % 8 == 0
-        && x % 16 == 0
-        && v % 16 == 0;
+        && x.is_multiple_of(16)
+        && v.is_multiple_of(16);
     let (family, tile_t, tile_r) = if mma {
         let (family, nt) = match r {
             0..=8 => (LK_DOWN_MMA_N1, 1),
@@ -748,7 +751,7 @@ pub fn backward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
     let core_only = opts.tuning.core == CorePolicy::Require;
     if core_only {
         check_core_args::<T>(gpu, &opts.tuning, shape, "lora::backward", false)?;
-        if shape.out_features % 8 != 0 {
+        if !shape.out_features.is_multiple_of(8) {
             return Err(crate::Error::Dim {
                 name: "out_features",
                 value: shape.out_features,
@@ -855,9 +858,13 @@ pub(crate) fn dx_core_takes<T: Element>(
 ) -> bool {
     let (k, n) = (shape.in_features, shape.out_features);
     let weight_ok = match w {
-        DxWeight::Dense(wp) => wp % 16 == 0 && dx % 4 == 0,
-        DxWeight::Nf4(q) => (q.packed as u64) % 16 == 0 && k % 32 == 0 && dx % 4 == 0,
-        DxWeight::Nf4ColPanels(_) => col_panels_fit(panel_limit(tuning), n, k) && dx % 16 == 0,
+        DxWeight::Dense(wp) => wp % 16 == 0 && dx.is_multiple_of(4),
+        DxWeight::Nf4(q) => {
+            (q.packed as u64).is_multiple_of(16) && k % 32 == 0 && dx.is_multiple_of(4)
+        }
+        DxWeight::Nf4ColPanels(_) => {
+            col_panels_fit(panel_limit(tuning), n, k) && dx.is_multiple_of(16)
+        }
     };
     weight_ok
         && tuning.core != CorePolicy::Never
@@ -865,10 +872,10 @@ pub(crate) fn dx_core_takes<T: Element>(
             || core_fills_gpu(tokens, shape.in_features, gpu.sm_count() as usize))
         && T::DTYPE != crate::DType::F32
         && shape.rank <= super::gemm::MAX_RANK
-        && shape.in_features % 8 == 0
-        && shape.out_features % 8 == 0
-        && d % 16 == 0
-        && a % 16 == 0
+        && shape.in_features.is_multiple_of(8)
+        && shape.out_features.is_multiple_of(8)
+        && d.is_multiple_of(16)
+        && a.is_multiple_of(16)
         && super::gemm::core_runs(gpu, tuning, false)
 }
 

@@ -199,7 +199,8 @@ pub(crate) fn launch_dequant<T: Element>(
     out: u64,
     streaming: bool,
 ) -> Result<()> {
-    if pcols > 0 && (count % pcols != 0 || count >= 1 << 32 || pcols > i32::MAX as usize) {
+    if pcols > 0 && (!count.is_multiple_of(pcols) || count >= 1 << 32 || pcols > i32::MAX as usize)
+    {
         return Err(Error::Dim {
             name: "column panel",
             value: count,
@@ -247,7 +248,7 @@ pub fn matmul<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
             reason: "the NF4 matmul takes 1..=32 tokens",
         });
     }
-    if w.cols % 32 != 0 {
+    if !w.cols.is_multiple_of(32) {
         return Err(Error::Dim {
             name: "cols (K)",
             value: w.cols,
@@ -314,7 +315,7 @@ pub(crate) fn launch_mm<T: Element>(
         t: tokens as i32,
         r: lora.as_ref().map_or(0, |l| l.r) as i32,
     };
-    if T::DTYPE != DType::F32 && (desc.packed as u64) % 8 == 0 {
+    if T::DTYPE != DType::F32 && (desc.packed as u64).is_multiple_of(8) {
         // Tensor cores: one block of 8 warps per 16 rows of W. Where every 64-column
         // chunk of a row lies in one NF4 block (K % 64 == 0, blocksize ≥ 64), the codes
         // enter the product as table values and the block scale multiplies each chunk's

@@ -263,7 +263,7 @@ fn forward_one_panel<T: Element>(
     };
     if t <= SMALL_T_MAX
         || !fits
-        || zptr % 4 != 0
+        || !zptr.is_multiple_of(4)
         || !core_takes::<T>(gpu, &opts.tuning, shape, &dense)
     {
         return Ok(None);

@@ -172,7 +172,7 @@ pub fn forward<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         ..ptrs
     };
     let pr = panel_rows(limit, n, k);
-    let aligned_panels = pr >= n || pr % 8 == 0; // every panel's y columns 16-byte aligned
+    let aligned_panels = pr >= n || pr.is_multiple_of(8); // every panel's y columns 16-byte aligned
     if n % 8 == 0
         && yp % 16 == 0
         && aligned_panels
