@@ -42,6 +42,8 @@
 //! ```
 
 pub mod adamw;
+#[cfg(feature = "candle")]
+pub mod candle;
 mod check;
 pub mod cpu;
 pub mod cuda;

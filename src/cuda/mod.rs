@@ -510,13 +510,18 @@ fn check_runtime() -> Result<()> {
     if !kernels::KERNELS_BUILT {
         return Err(Error::KernelsNotBuilt);
     }
-    // SAFETY: only tries to dlopen libcuda; no CUDA call is made.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(Error::NoDriver);
-    }
-    // SAFETY: as above, for libcublas.
-    if !unsafe { cublas_sys::is_culib_present() } {
-        return Err(Error::NoCublas);
+    // With `candle-cuda`, candle links the CUDA libraries at build time (cudarc's
+    // `dynamic-linking`): a binary that started has them, and cudarc has no probe.
+    #[cfg(not(feature = "candle-cuda"))]
+    {
+        // SAFETY: only tries to dlopen libcuda; no CUDA call is made.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::NoDriver);
+        }
+        // SAFETY: as above, for libcublas.
+        if !unsafe { cublas_sys::is_culib_present() } {
+            return Err(Error::NoCublas);
+        }
     }
     Ok(())
 }
@@ -564,7 +569,7 @@ pub(crate) fn dptr_mut<'a, T, S: DevicePtrMut<T> + ?Sized>(
 
 fn check_align<T>(name: &'static str, ptr: u64) -> Result<()> {
     let align = std::mem::size_of::<T>();
-    if ptr % align as u64 != 0 {
+    if !ptr.is_multiple_of(align as u64) {
         return Err(Error::Misaligned {
             name,
             address: ptr,
