@@ -54,9 +54,10 @@ def main():
         n = 0
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in targets:
-                w = mod.weight.data
+                # In the example's dtype (its base was quantized from that), on --device.
+                w = mod.weight.data.to(a.device, _torch_dtype(a.dir))
                 q, st = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-                mod.weight.data = F.dequantize_4bit(q, st).to(torch.float32)
+                mod.weight.data = F.dequantize_4bit(q, st).to("cpu", torch.float32)
                 n += 1
         print(f"base: {n} targeted weights through bitsandbytes NF4 (blocksize 64, double quant)")
 
@@ -95,6 +96,10 @@ def _was_quantized(d):
 
 def _dtype(d):
     return _meta(d).get("dtype", "f32")
+
+
+def _torch_dtype(d):
+    return torch.bfloat16 if _dtype(d) == "bf16" else torch.float32
 
 
 if __name__ == "__main__":
