@@ -18,7 +18,8 @@
 //! that. Every linear projection of every block gets an adapter (the crate's
 //! `LoraLinear` / `DoraLinear`; for QLoRA / QDoRA over its NF4 base, blocksize 64,
 //! double-quantized, quantized at load when the checkpoint is dense); the embedding
-//! adds NEFTune noise in training; AdamW (f32, LoRA+'s rate for B) trains the adapters.
+//! adds NEFTune noise in training; the crate's fused AdamW (f32 master weights, LoRA+'s
+//! rate for B, one launch a step on the GPU) trains the adapters.
 //!
 //! The task, generated from the seed: sequences that follow a fixed random permutation
 //! of the first `min(vocab, 256)` token ids (`next = perm[current]`), so the loss can
@@ -35,14 +36,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use clap::builder::RangedU64ValueParser;
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use lora_kernels::adamw::{AdamW, TensorOptions};
 use lora_kernels::candle::llama::{
     self, AdapterSpec, Checkpoint, Impl, Llama, LlamaConfig, Method, PROJECTIONS,
 };
-use lora_kernels::candle::LayerOptions;
+use lora_kernels::candle::{FusedAdamW, LayerOptions};
 use lora_kernels::loraplus::{LoraPlus, Role};
 
 type Res<T> = std::result::Result<T, String>;
@@ -434,29 +435,23 @@ fn run(cli: Cli) -> Res<()> {
         t0.elapsed().as_secs_f64()
     );
 
-    // AdamW per LoRA+ role (candle-nn's optimizer, one per learning rate).
+    // AdamW over every adapter tensor, one launch a step on the GPU; LoRA+ as each
+    // tensor's learning-rate multiplier.
     let rates = LoraPlus::new(cli.lr, cli.loraplus_ratio).map_err(err)?;
-    let mut groups: Vec<(f32, Vec<candle_core::Var>)> = Vec::new();
-    for (name, v) in model.named_vars() {
-        let role = Role::of(&name).unwrap_or(Role::A);
-        let lr = rates.lr(role);
-        match groups.iter_mut().find(|(l, _)| *l == lr) {
-            Some((_, vs)) => vs.push(v),
-            None => groups.push((lr, vec![v])),
-        }
-    }
-    let mut opts = groups
+    let params = model
+        .named_vars()
         .into_iter()
-        .map(|(lr, vars)| {
-            let p = ParamsAdamW {
-                lr: lr as f64,
-                weight_decay: cli.weight_decay as f64,
-                ..Default::default()
-            };
-            AdamW::new(vars, p)
+        .map(|(name, v)| {
+            let role = Role::of(&name).unwrap_or(Role::A);
+            (v, TensorOptions::new(rates.lr_scale(role)))
         })
-        .collect::<candle_core::Result<Vec<_>>>()
-        .map_err(err)?;
+        .collect();
+    let hyper = AdamW {
+        lr: cli.lr as f64,
+        weight_decay: cli.weight_decay as f64,
+        ..AdamW::default()
+    };
+    let mut opt = FusedAdamW::new(params, hyper).map_err(err)?;
 
     let mut rng = Rng(cli.seed ^ 0x7a5c);
     let task = c.vocab_size.min(256);
@@ -499,9 +494,7 @@ fn run(cli: Cli) -> Res<()> {
         let logits = model.forward_t(&ids, true).map_err(err)?;
         let loss = Llama::loss(&logits, &ids).map_err(err)?;
         let grads = loss.backward().map_err(err)?;
-        for o in opts.iter_mut() {
-            o.step(&grads).map_err(err)?;
-        }
+        opt.step(&grads).map_err(err)?;
         let l = loss.to_scalar::<f32>().map_err(err)?;
         if !l.is_finite() {
             bar.abandon();

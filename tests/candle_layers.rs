@@ -411,3 +411,91 @@ fn checkpoint_errors_name_the_problem() {
     assert!(llama::write_checkpoint(&dir, &c, 1, DType::F32).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The fused AdamW over candle Vars equals candle-nn's AdamW (same torch math, different
+/// rounding order: a few f32 ulps per step) with a per-tensor LoRA+ multiplier, and
+/// skips a parameter without a gradient.
+#[test]
+fn fused_adamw_matches_candle_nn_adamw() {
+    use candle_nn::Optimizer;
+    use lora_kernels::adamw::{AdamW, TensorOptions};
+    use lora_kernels::candle::FusedAdamW;
+    let shapes: [&[usize]; 3] = [&[7], &[13, 10], &[3, 33]];
+    let make = || -> Vec<Var> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Var::from_tensor(&tensor(s, 200 + i as u64, 1.0)).unwrap())
+            .collect()
+    };
+    let (ours, theirs) = (make(), make());
+    let scales = [1.0, 4.0, 1.0];
+    let hyper = AdamW {
+        lr: 1e-2,
+        weight_decay: 0.1,
+        ..AdamW::default()
+    };
+    let mut fused = FusedAdamW::new(
+        ours.iter()
+            .zip(scales)
+            .map(|(v, s)| (v.clone(), TensorOptions::new(s)))
+            .collect(),
+        hyper,
+    )
+    .unwrap();
+    let mut refs: Vec<candle_nn::AdamW> = theirs
+        .iter()
+        .zip(scales)
+        .map(|(v, s)| {
+            let p = candle_nn::ParamsAdamW {
+                lr: 1e-2 * s,
+                weight_decay: 0.1,
+                ..Default::default()
+            };
+            candle_nn::AdamW::new(vec![v.clone()], p).unwrap()
+        })
+        .collect();
+    for step in 0..4u64 {
+        // Loss Σ w ⊙ p² with fixed weights: the gradient 2 w ⊙ p.
+        let loss = |vs: &[Var], skip_last: bool| {
+            let mut l = Tensor::new(0f32, &Device::Cpu).unwrap();
+            for (i, v) in vs.iter().enumerate() {
+                if skip_last && i == 2 {
+                    continue;
+                }
+                let w = tensor(v.dims(), 300 + i as u64 + step, 1.0);
+                l = (l
+                    + (v.as_tensor().sqr().unwrap() * w)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap())
+                .unwrap();
+            }
+            l.backward().unwrap()
+        };
+        // The last step has no gradient for the third tensor: it must stay as it was.
+        let skip = step == 3;
+        let before = ours[2].as_tensor().copy().unwrap();
+        fused.step(&loss(&ours, skip)).unwrap();
+        if skip {
+            assert_eq!(max_abs_diff(ours[2].as_tensor(), &before), 0.0);
+        }
+        let g = loss(&theirs, skip);
+        for (i, o) in refs.iter_mut().enumerate() {
+            if !(skip && i == 2) {
+                o.step(&g).unwrap();
+            }
+        }
+        for (a, b) in ours.iter().zip(&theirs) {
+            let d = max_abs_diff(a.as_tensor(), b.as_tensor());
+            assert!(
+                d <= 1e-5 * max_abs(b.as_tensor()).max(1.0),
+                "step {step}: {d}"
+            );
+        }
+    }
+    assert_eq!(fused.steps(), 4);
+    // A bf16 parameter is refused.
+    let bad = Var::from_tensor(&tensor(&[4], 1, 1.0).to_dtype(DType::BF16).unwrap()).unwrap();
+    assert!(FusedAdamW::new(vec![(bad, TensorOptions::new(1.0))], hyper).is_err());
+}

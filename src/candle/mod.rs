@@ -42,6 +42,8 @@ mod ops;
 
 mod layers;
 
+mod optim;
+
 pub mod llama;
 
 #[cfg(feature = "candle-cuda")]
@@ -49,6 +51,7 @@ pub use gpu_cache::gpu;
 pub use layers::{
     DoraLinear, FrozenWeight, LayerOptions, LoraLinear, NeftuneEmbedding, QDoraLinear, QLoraLinear,
 };
+pub use optim::FusedAdamW;
 
 use candle_core::DType as CDType;
 
