@@ -446,7 +446,7 @@ impl std::fmt::Debug for LoraLinear {
 }
 
 impl LoraLinear {
-    /// A LoRA layer over `base` with an optional frozen `bias` [N], on the base's device
+    /// A LoRA layer over `base` with an optional frozen `bias` \[N\], on the base's device
     /// (`device` must be given for an NF4 base on CUDA: it is where A and B live).
     pub fn new(
         base: FrozenWeight,
@@ -570,7 +570,7 @@ impl Module for LoraLinear {
 // DoRA / QDoRA
 // ---------------------------------------------------------------------------------------
 
-/// A DoRA layer (peft's `use_dora`): LoRA plus a trainable magnitude m [N] that
+/// A DoRA layer (peft's `use_dora`): LoRA plus a trainable magnitude m \[N\] that
 /// rescales each output row of `W + s·BA` to norm m ([`crate::dora`] has the formula).
 /// m starts at the row norms of W (B = 0), as in peft.
 pub struct DoraLinear {
@@ -620,7 +620,7 @@ impl DoraLinear {
         &self.lora.b
     }
 
-    /// The magnitude m [N].
+    /// The magnitude m \[N\].
     pub fn magnitude(&self) -> &Var {
         &self.m
     }
