@@ -21,6 +21,17 @@
 //!   8-byte of 16-bit types, then computes and stores); other tensors, and the last
 //!   `len % 4` elements of a tensor, go element by element.
 //!
+//! ## Cost
+//! On an H200 (`benches/adamw.rs`: the 224 tensors of a 1B model's r = 16 adapters,
+//! 12.06 M elements, f32 gradients) the kernel takes 94 µs for the 28 bytes per element
+//! it must move (a device copy of as many bytes: 83 µs). With buffers allocated with
+//! cudarc's event tracking off, a call returns in 54 µs of host time and a step takes
+//! 107 µs end to end. With tracking on (cudarc's default once a context has a second
+//! stream, which [`Gpu::new`] and candle's device make), cudarc adds a
+//! `cuStreamWaitEvent` and a `cuEventRecord` for every buffer a call touches, about
+//! 0.85 µs per buffer on that host: 0.77 ms per call for these 900 buffers, which the GPU
+//! waits for only when the host does not run ahead of it. A launch per tensor: 5.2 ms.
+//!
 //! Queued on [`Gpu::stream`]; nothing here waits for the stream. The tables (72 bytes
 //! per tensor and 4 per chunk: 15 KiB for a 1B model's 224 adapter tensors) are copied
 //! from pageable host memory, which CUDA stages before the copy call returns. Not
@@ -74,8 +85,8 @@ unsafe impl DeviceRepr for LkAdamwTensor {}
 /// Elements per chunk, the unit of work of a block (`LK_ADAMW_CHUNK`).
 pub const CHUNK: usize = 4096;
 const BLOCK: u32 = 256;
-/// Resident blocks per SM the grid is sized for (the kernel's registers allow 2 at 256
-/// threads; more blocks than resident only queue).
+/// Blocks per SM the grid is sized for (the kernel is built for at least 2 resident
+/// blocks of 256 threads; more blocks than resident only queue).
 const BLOCKS_PER_SM: usize = 8;
 /// The most chunks one launch takes: tensor indices (at most one per chunk) fit the work
 /// list's u32, and the work list stays below 8 GiB.
