@@ -275,9 +275,12 @@ impl Cli {
 }
 
 /// An upper estimate of a generated run's peak memory in bytes (`None`: it overflows
-/// u64), counted in f32 with checked arithmetic: the weights twice (the checkpoint
-/// read, the model), the adapters with gradients and AdamW's moments, and per token
-/// each block's saved activations, the attention scores and the logits.
+/// u64), with checked arithmetic: the weights (f32, twice: the checkpoint read and the
+/// model), the adapters with gradients and AdamW's moments, and per token what candle's
+/// unfused ops keep for the backward: per block ~96 bytes per hidden unit, ~32 per MLP
+/// unit and ~40 per attention score (`seq · heads` of them: the scores, mask, softmax
+/// and their f32 copies), plus the logits. Calibrated on the H200: the GPU default
+/// (4 blocks, dim 1024, 8 × 512 tokens) peaked at 7.0 GiB; this gives 8.9 GiB.
 fn memory_estimate(c: &LlamaConfig, rank: usize, batch: usize, seq: usize) -> Option<u64> {
     let u = |v: usize| v as u64;
     let (v, d, f, l, h) = (
@@ -298,15 +301,18 @@ fn memory_estimate(c: &LlamaConfig, rank: usize, batch: usize, seq: usize) -> Op
         .checked_add(v.checked_mul(d)?.checked_mul(2)?)?;
     let adapters =
         l.checked_mul(r.checked_mul(d.checked_mul(11)?.checked_add(f.checked_mul(3)?)?)?)?;
-    let per_token_layer = d.checked_mul(16)?.checked_add(f.checked_mul(6)?)?;
-    let scores = u(seq).checked_mul(h)?.checked_mul(4)?;
+    let scores = u(seq).checked_mul(h)?.checked_mul(40)?;
+    let per_token_layer = d
+        .checked_mul(96)?
+        .checked_add(f.checked_mul(32)?)?
+        .checked_add(scores)?;
     let per_token = l
-        .checked_mul(per_token_layer.checked_add(scores)?)?
-        .checked_add(v.checked_mul(4)?)?;
+        .checked_mul(per_token_layer)?
+        .checked_add(v.checked_mul(16)?)?;
     weights
         .checked_mul(8)?
         .checked_add(adapters.checked_mul(16)?)?
-        .checked_add(t.checked_mul(per_token)?.checked_mul(4)?)
+        .checked_add(t.checked_mul(per_token)?)
 }
 
 /// Creates `dir` and checks that a file can be written there (written, then removed).
@@ -599,10 +605,13 @@ mod tests {
             for m in ["lora", "qlora", "dora", "qdora"] {
                 let a = parse(&["--method", m]).unwrap().resolve(gpu).unwrap();
                 let c = a.generate.as_ref().unwrap();
-                assert!(
-                    memory_estimate(c, 16, a.batch, a.seq).unwrap() < 4 << 30,
-                    "{a:?}"
-                );
+                let est = memory_estimate(c, 16, a.batch, a.seq).unwrap();
+                assert!(est <= MEMORY_LIMIT, "{a:?}");
+                // An upper estimate: at least what the GPU default measured on an H200
+                // (7 333 151 888 bytes, QLoRA; QDoRA 7.65 GB).
+                if gpu {
+                    assert!(est >= 7_700_000_000, "{est} for {a:?}");
+                }
             }
         }
         let a = parse(&[]).unwrap().resolve(false).unwrap();
