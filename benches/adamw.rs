@@ -36,7 +36,7 @@ use lora_kernels::adamw::{AdamW, TensorOptions};
 use lora_kernels::bf16;
 use lora_kernels::cuda::{adamw, Gpu};
 
-const OPS: [&str; 7] = [
+const OPS: [&str; 8] = [
     "copy",
     "fused_f32",
     "fused_bf16",
@@ -44,9 +44,10 @@ const OPS: [&str; 7] = [
     "per_tensor_f32",
     "candle_f32",
     "fused_f32_untracked",
+    "candle_fused_f32",
 ];
 /// Fewest bytes per element of each op (same order as `OPS`).
-const BYTES: [f64; 7] = [28.0, 28.0, 26.0, 28.0, 28.0, 28.0, 28.0];
+const BYTES: [f64; 8] = [28.0, 28.0, 26.0, 28.0, 28.0, 28.0, 28.0, 28.0];
 const LAYERS: usize = 16;
 const RANK: usize = 16;
 /// (module, K, N) of one layer.
@@ -157,13 +158,14 @@ fn run(gpu: &Gpu, d: &mut Data, op: usize, i: usize) {
         "fused_bf16" => fused_bf16(gpu, d, t, false),
         "fused_bf16_copy" => fused_bf16(gpu, d, t, true),
         "per_tensor_f32" => per_tensor_f32(gpu, d, t),
-        "candle_f32" => candle_step(d),
+        "candle_f32" => candle_step(d, false),
+        "candle_fused_f32" => candle_step(d, true),
         _ => unreachable!(),
     }
 }
 
 fn available(d: &Data, op: usize) -> bool {
-    common::op_selected(OPS[op]) && (OPS[op] != "candle_f32" || has_candle(d))
+    common::op_selected(OPS[op]) && (!OPS[op].starts_with("candle") || has_candle(d))
 }
 
 #[cfg(feature = "candle-cuda")]
@@ -177,14 +179,18 @@ fn has_candle(_: &Data) -> bool {
 }
 
 #[cfg(feature = "candle-cuda")]
-fn candle_step(d: &mut Data) {
+fn candle_step(d: &mut Data, fused: bool) {
     if let Some(c) = &mut d.candle {
-        c.step();
+        if fused {
+            c.step_fused();
+        } else {
+            c.step();
+        }
     }
 }
 
 #[cfg(not(feature = "candle-cuda"))]
-fn candle_step(_: &mut Data) {}
+fn candle_step(_: &mut Data, _: bool) {}
 
 /// Host µs for one call of `op` to return: 50 calls without waiting for the GPU (after
 /// 3 of warm-up), then a synchronize outside the timing.
@@ -213,6 +219,9 @@ mod candle_side {
     pub struct Candle {
         opt: AdamW,
         grads: GradStore,
+        /// The crate's `candle::FusedAdamW` over a second set of the same Vars.
+        fused: lora_kernels::candle::FusedAdamW,
+        fused_grads: GradStore,
     }
 
     impl Candle {
@@ -226,11 +235,32 @@ mod candle_side {
                 vars.push(var);
             }
             let opt = AdamW::new(vars, ParamsAdamW::default())?;
-            Ok(Candle { opt, grads })
+            let mut fused_grads = GradStore::default();
+            let mut fvars = vec![];
+            for (i, &n) in sizes.iter().enumerate() {
+                let var = Var::from_slice(&super::random_f32(n, 100 + i as u64, 0.02), n, dev)?;
+                let g = Tensor::from_slice(&super::random_f32(n, 900 + i as u64, 1e-3), n, dev)?;
+                fused_grads.insert(var.as_tensor(), g);
+                fvars.push((var, lora_kernels::adamw::TensorOptions::new(1.0)));
+            }
+            let fused = lora_kernels::candle::FusedAdamW::new(
+                fvars,
+                lora_kernels::adamw::AdamW::default(),
+            )?;
+            Ok(Candle {
+                opt,
+                grads,
+                fused,
+                fused_grads,
+            })
         }
 
         pub fn step(&mut self) {
             self.opt.step(&self.grads).unwrap();
+        }
+
+        pub fn step_fused(&mut self) {
+            self.fused.step(&self.fused_grads).unwrap();
         }
     }
 
