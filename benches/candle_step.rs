@@ -83,6 +83,9 @@ fn main() -> candle_core::Result<()> {
         gpu.compute_capability().0,
         gpu.compute_capability().1
     );
+    if std::env::args().any(|a| a == "--probe") {
+        return probe(&dev, batch, seq);
+    }
     let ids: Vec<u32> = (0..batch * seq)
         .map(|i| ((i * 7919) % c.vocab_size) as u32)
         .collect();
@@ -186,5 +189,74 @@ fn main() -> candle_core::Result<()> {
     let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/candle_step.json");
     let _ = std::fs::write(&p, serde_json::to_string_pretty(&out).unwrap_or_default());
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// `--probe`: forward + backward of the pieces of one block in isolation, at the bench's
+/// shapes, to show where the floor's time goes (ms per call, median of 5).
+fn probe(dev: &Device, batch: usize, seq: usize) -> candle_core::Result<()> {
+    let (h, nh, hd, f) = (2048usize, 32usize, 64usize, 5632usize);
+    let t = |dims: &[usize]| -> candle_core::Result<Var> {
+        Var::from_tensor(&Tensor::randn(0f32, 0.5, dims, dev)?.to_dtype(DType::BF16)?)
+    };
+    let time =
+        |name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| -> candle_core::Result<()> {
+            let mut v = Vec::new();
+            for i in 0..7 {
+                dev.synchronize()?;
+                let s = Instant::now();
+                let y = f()?;
+                let g = y.to_dtype(DType::F32)?.sum_all()?.backward()?;
+                dev.synchronize()?;
+                drop(g);
+                if i >= 2 {
+                    v.push(s.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            v.sort_by(|a, b| a.total_cmp(b));
+            println!("  {name:<40} {:>8.2} ms (fwd + bwd)", v[v.len() / 2]);
+            Ok(())
+        };
+    let x = t(&[batch, seq, h])?;
+    let w = t(&[h])?;
+    let q = t(&[batch, nh, seq, hd])?;
+    let k = t(&[batch, nh, seq, hd])?;
+    let vv = t(&[batch, nh, seq, hd])?;
+    let wq = t(&[h, h])?;
+    let wf = t(&[f, h])?;
+    let pos: Vec<f32> = (0..seq * hd / 2).map(|i| (i as f32 * 1e-3).sin()).collect();
+    let cos = Tensor::from_vec(pos.clone(), (seq, hd / 2), dev)?.to_dtype(DType::BF16)?;
+    let sin = Tensor::from_vec(pos, (seq, hd / 2), dev)?.to_dtype(DType::BF16)?;
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (seq, seq), dev)?;
+    println!("probe: one block's pieces at batch {batch} × {seq}, bf16");
+    time("rms_norm_slow", &|| {
+        candle_nn::ops::rms_norm_slow(x.as_tensor(), w.as_tensor(), 1e-5)
+    })?;
+    time("rope_slow (q)", &|| {
+        candle_nn::rotary_emb::rope_slow(q.as_tensor(), &cos, &sin)
+    })?;
+    time("scores q kᵀ / √d", &|| {
+        q.as_tensor().matmul(&k.as_tensor().t()?)? / 8.0
+    })?;
+    time("scores + mask + softmax (f32)", &|| {
+        let a = (q.as_tensor().matmul(&k.as_tensor().t()?)? / 8.0)?;
+        let a = a.to_dtype(DType::F32)?.broadcast_add(&mask)?;
+        candle_nn::ops::softmax(&a, candle_core::D::Minus1)?.to_dtype(DType::BF16)
+    })?;
+    time("attention (scores → softmax → · v)", &|| {
+        let a = (q.as_tensor().matmul(&k.as_tensor().t()?)? / 8.0)?;
+        let a = a.to_dtype(DType::F32)?.broadcast_add(&mask)?;
+        let a = candle_nn::ops::softmax(&a, candle_core::D::Minus1)?.to_dtype(DType::BF16)?;
+        a.matmul(vv.as_tensor())
+    })?;
+    time("projection x Wᵀ (2048 → 2048)", &|| {
+        x.as_tensor().broadcast_matmul(&wq.as_tensor().t()?)
+    })?;
+    time("projection x Wᵀ (2048 → 5632)", &|| {
+        x.as_tensor().broadcast_matmul(&wf.as_tensor().t()?)
+    })?;
     Ok(())
 }
