@@ -499,3 +499,90 @@ fn fused_adamw_matches_candle_nn_adamw() {
     let bad = Var::from_tensor(&tensor(&[4], 1, 1.0).to_dtype(DType::BF16).unwrap()).unwrap();
     assert!(FusedAdamW::new(vec![(bad, TensorOptions::new(1.0))], hyper).is_err());
 }
+
+/// A bitsandbytes 4-bit checkpoint (every projection stored as `Linear4bit`'s NF4 keys,
+/// sharded with an index, as transformers saves one) loads without dequantizing, and
+/// gives the same model as the dense checkpoint quantized at load.
+#[test]
+fn llama_loads_a_bitsandbytes_4bit_checkpoint() {
+    use std::collections::{BTreeMap, HashMap};
+    let root = std::env::temp_dir().join(format!("lk-candle-q4-{}", std::process::id()));
+    let (dense, q4) = (root.join("dense"), root.join("q4"));
+    llama::write_checkpoint(&dense, &tiny_config(), 8, DType::F32).unwrap();
+    let ck = Checkpoint::open(&dense).unwrap();
+    std::fs::create_dir_all(&q4).unwrap();
+    std::fs::copy(dense.join("config.json"), q4.join("config.json")).unwrap();
+    let mut weight_map = BTreeMap::new();
+    let mut plain: HashMap<String, Tensor> = HashMap::new();
+    let c = tiny_config();
+    for name in [
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ] {
+        plain.insert(
+            name.into(),
+            ck.tensor(name, DType::F32, &Device::Cpu).unwrap(),
+        );
+    }
+    for l in 0..c.num_hidden_layers {
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            let name = format!("model.layers.{l}.{n}.weight");
+            plain.insert(
+                name.clone(),
+                ck.tensor(&name, DType::F32, &Device::Cpu).unwrap(),
+            );
+        }
+        for p in PROJECTIONS {
+            let block = if matches!(p, "gate_proj" | "up_proj" | "down_proj") {
+                "mlp"
+            } else {
+                "self_attn"
+            };
+            let prefix = format!("model.layers.{l}.{block}.{p}.");
+            let w = ck
+                .tensor(&format!("{prefix}weight"), DType::F32, &Device::Cpu)
+                .unwrap();
+            let (n, k) = w.dims2().unwrap();
+            let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let q = Nf4Weight::quantize::<f32>(&v, n, k, 64, true).unwrap();
+            let bytes = q.save_linear4bit(&prefix).unwrap();
+            let file = format!("l{l}-{p}.safetensors");
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            for key in st.names() {
+                weight_map.insert(key.to_string(), file.clone());
+            }
+            std::fs::write(q4.join(&file), &bytes).unwrap();
+        }
+    }
+    for k in plain.keys() {
+        weight_map.insert(k.clone(), "model-plain.safetensors".into());
+    }
+    candle_core::safetensors::save(&plain, q4.join("model-plain.safetensors")).unwrap();
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(q4.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let ck4 = Checkpoint::open(&q4).unwrap();
+    let ids = Tensor::from_vec(
+        (0..16u32).map(|i| (i * 5) % 40).collect(),
+        (2, 8),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for method in [Method::QLora, Method::QDora] {
+        let a = Llama::new(&ck4, &spec(method, Impl::Fused), DType::F32, &Device::Cpu).unwrap();
+        let b = Llama::new(&ck, &spec(method, Impl::Fused), DType::F32, &Device::Cpu).unwrap();
+        for (va, vb) in a.vars().iter().zip(b.vars()) {
+            let t = tensor(va.dims(), 77, 0.2);
+            va.set(&t).unwrap();
+            vb.set(&t).unwrap();
+        }
+        let (la, lb) = (a.forward(&ids).unwrap(), b.forward(&ids).unwrap());
+        assert_eq!(max_abs_diff(&la, &lb), 0.0, "{method:?}");
+    }
+    // The shards are bitsandbytes' layout (its nf4 quant_state key is there).
+    let shard = std::fs::read(q4.join("l0-q_proj.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&shard).unwrap();
+    assert!(st.names().iter().any(|n| n.ends_with("bitsandbytes__nf4")));
+    std::fs::remove_dir_all(&root).unwrap();
+}
