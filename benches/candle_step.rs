@@ -232,6 +232,12 @@ fn probe(dev: &Device, batch: usize, seq: usize) -> candle_core::Result<()> {
         .collect();
     let mask = Tensor::from_vec(mask, (seq, seq), dev)?;
     println!("probe: one block's pieces at batch {batch} × {seq}, bf16");
+    // Each row's time includes the sum that seeds its backward (over the piece's
+    // output); this row is that cost alone for the largest output, the scores.
+    let scores = t(&[batch, nh, seq, seq])?;
+    time("(seed: sum over [B, H, S, S] alone)", &|| {
+        Ok(scores.as_tensor().clone())
+    })?;
     time("rms_norm_slow", &|| {
         candle_nn::ops::rms_norm_slow(x.as_tensor(), w.as_tensor(), 1e-5)
     })?;
