@@ -115,6 +115,11 @@ impl SplitMix {
         z ^ (z >> 31)
     }
 
+    /// Uniform in [−1, 1) (53 random bits).
+    pub(crate) fn symmetric(&mut self) -> f64 {
+        2.0 * ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) - 1.0
+    }
+
     /// Uniform in (0, 1].
     fn uniform(&mut self) -> f64 {
         ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64

@@ -13,6 +13,9 @@ use lora_kernels::candle::llama::{
 use lora_kernels::candle::{DoraLinear, FrozenWeight, LayerOptions, LoraLinear, NeftuneEmbedding};
 use lora_kernels::Nf4Weight;
 
+mod candle_common;
+use candle_common::tensor as host;
+
 fn cuda() -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
@@ -24,26 +27,6 @@ fn cuda() -> Option<Device> {
             None
         }
     }
-}
-
-fn vals(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn host(n: &[usize], seed: u64, scale: f32) -> Tensor {
-    let v: Vec<f32> = vals(n.iter().product(), seed)
-        .iter()
-        .map(|x| x * scale)
-        .collect();
-    Tensor::from_vec(v, n, &Device::Cpu).unwrap()
 }
 
 /// ‖a − b‖₂ / ‖b‖₂ over all elements, in f64 on the host.

@@ -11,26 +11,8 @@ use lora_kernels::candle::llama::{
 use lora_kernels::candle::{DoraLinear, FrozenWeight, LayerOptions, LoraLinear, NeftuneEmbedding};
 use lora_kernels::Nf4Weight;
 
-/// Deterministic values in [-1, 1).
-fn vals(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn tensor(n: &[usize], seed: u64, scale: f32) -> Tensor {
-    let v: Vec<f32> = vals(n.iter().product(), seed)
-        .iter()
-        .map(|x| x * scale)
-        .collect();
-    Tensor::from_vec(v, n, &Device::Cpu).unwrap()
-}
+mod candle_common;
+use candle_common::tensor;
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
@@ -534,12 +516,7 @@ fn llama_loads_a_bitsandbytes_4bit_checkpoint() {
             );
         }
         for p in PROJECTIONS {
-            let block = if matches!(p, "gate_proj" | "up_proj" | "down_proj") {
-                "mlp"
-            } else {
-                "self_attn"
-            };
-            let prefix = format!("model.layers.{l}.{block}.{p}.");
+            let prefix = format!("{}.", llama::proj_path(l, p));
             let w = ck
                 .tensor(&format!("{prefix}weight"), DType::F32, &Device::Cpu)
                 .unwrap();

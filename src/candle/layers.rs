@@ -313,10 +313,7 @@ fn init_a(r: usize, k: usize, seed: u64, device: &Device) -> Result<Var> {
     let mut rng = SplitMix(seed ^ 0x4c6f_5241_2d41_0001);
     let bound = 1.0 / (k as f64).sqrt();
     let v: Vec<f32> = (0..r * k)
-        .map(|_| {
-            let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-            ((2.0 * u - 1.0) * bound) as f32
-        })
+        .map(|_| (rng.symmetric() * bound) as f32)
         .collect();
     Var::from_tensor(&Tensor::from_vec(v, (r, k), device)?)
 }

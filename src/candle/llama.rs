@@ -253,7 +253,9 @@ pub const PROJECTIONS: [&str; 7] = [
     "down_proj",
 ];
 
-fn proj_path(layer: usize, name: &str) -> String {
+/// The module path of projection `name` in block `layer`, as transformers and peft name
+/// it (`model.layers.0.self_attn.q_proj`, `model.layers.0.mlp.up_proj`).
+pub fn proj_path(layer: usize, name: &str) -> String {
     let block = if matches!(name, "gate_proj" | "up_proj" | "down_proj") {
         "mlp"
     } else {
@@ -574,10 +576,7 @@ pub fn write_checkpoint(dir: &Path, config: &LlamaConfig, seed: u64, dtype: CDTy
         // cheaper to draw for a billion weights.
         let half_width = std * 3f64.sqrt();
         let v: Vec<f32> = (0..rows * cols)
-            .map(|_| {
-                let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-                ((2.0 * u - 1.0) * half_width) as f32
-            })
+            .map(|_| (rng.symmetric() * half_width) as f32)
             .collect();
         Tensor::from_vec(v, (rows, cols), &Device::Cpu)?.to_dtype(dtype)
     };
