@@ -115,7 +115,8 @@ impl SplitMix {
         z ^ (z >> 31)
     }
 
-    /// Uniform in [−1, 1) (53 random bits).
+    /// Uniform in [−1, 1) (53 random bits). Used by the candle layers.
+    #[cfg_attr(not(feature = "candle"), allow(dead_code))]
     pub(crate) fn symmetric(&mut self) -> f64 {
         2.0 * ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) - 1.0
     }
